@@ -1,0 +1,21 @@
+"""gpuce: softmax cross-entropy kernels for CuPy, with a NumPy fallback.
+
+One API over NumPy and CuPy arrays: NumPy in gives NumPy out (CPU), CuPy in gives
+CuPy out (GPU kernels).  ``import gpuce`` works without CuPy and without a GPU.
+"""
+
+from .information import cross_entropy, entropy, kl_div
+from .sce import softmax_cross_entropy
+from .softmax import log_softmax, logsumexp, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "entropy",
+    "cross_entropy",
+    "kl_div",
+    "softmax_cross_entropy",
+]

@@ -1,0 +1,60 @@
+"""The one backend chooser: NumPy or CuPy, decided by the array types passed in.
+
+CuPy is never imported here; a CuPy array is recognised by looking its class up
+in ``sys.modules`` (the array-api-compat trick), so ``import gpuce`` works with
+no CuPy installed and with CuPy but no GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+
+def is_cupy_array(x) -> bool:
+    cp = sys.modules.get("cupy")
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def array_module(*arrays):
+    """Return ``numpy`` or ``cupy`` for the given arrays (``None`` entries skipped).
+
+    Raises
+    ------
+    TypeError
+        If NumPy (or other host) arrays are mixed with CuPy arrays.
+    """
+    on_gpu, on_host = [], []
+    for a in arrays:
+        if a is None:
+            continue
+        (on_gpu if is_cupy_array(a) else on_host).append(a)
+    if on_gpu and on_host:
+        raise TypeError(
+            "cannot mix CuPy and NumPy arrays: got cupy.ndarray together with "
+            f"{type(on_host[0]).__module__}.{type(on_host[0]).__name__}; move both to the same device "
+            "(cupy.asarray / cupy.asnumpy)"
+        )
+    if on_gpu:
+        return sys.modules["cupy"]
+    return np
+
+
+def asarray(xp, a):
+    """``a`` as an array of module ``xp`` (lists and scalars become NumPy arrays)."""
+    if a is None:
+        return None
+    if xp is np:
+        return np.asarray(a)
+    return a
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one GPU."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False

@@ -1,0 +1,135 @@
+"""NumPy softmax cross-entropy: the CPU backend and the GPU tests' oracle.
+
+Vectorised and chunked over rows: the extra memory is a few chunk x C buffers
+(about 2**18 elements each), never an N x C temporary.  One pass per chunk
+computes the row max, exp, the loss terms and (optionally) the gradient.
+The maths and conventions are those of ``kernels/gpuce_rowstat.cuh``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import SceArgs, label_error
+
+CHUNK_ELEMENTS = 1 << 18
+
+
+def rows_per_chunk(c: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(c, 1))
+
+
+def check_labels(lbl, a: SceArgs):
+    bad = (lbl != a.ignore_index) & ((lbl < 0) | (lbl >= a.c))
+    if bad.any():
+        pos = int(np.argmax(bad.ravel()))
+        raise label_error(pos, lbl.ravel()[pos], a.lead_shape, a.c, a.ignore_index)
+
+
+def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
+    """Per-row loss (acc dtype) and, if ``grad_out`` is given, the gradient written into it.
+
+    ``x2`` is the (N, C) view of the logits; ``target`` is (N,) labels or (N, C)
+    probabilities; ``grad_out`` is an (N, C) array of the logits' dtype (it may be
+    ``x2`` itself for inplace=True).  Returns ``(loss_rows, total)`` where total is
+    the reduced loss for "sum"/"mean" (None for "none").
+    """
+    n, c = x2.shape
+    acc = a.acc
+    eps = a.label_smoothing
+    eps_c = eps / c
+    ome = 1.0 - eps
+    z = a.z_loss
+    w = None if weight is None else weight.astype(acc, copy=False)
+
+    if a.kind == "label":
+        lbl = target.astype(np.int64, copy=False)
+        check_labels(lbl, a)
+        active = lbl != a.ignore_index
+        safe = np.where(active, lbl, 0)
+        wk = np.where(active, w[safe] if w is not None else acc.type(1), acc.type(0)).astype(acc)
+        wl = (ome * wk).astype(acc)
+        denom = float(wk.sum(dtype=np.float64))
+        cw = None if eps == 0.0 else (np.full(c, eps_c, acc) if w is None else (eps_c * w).astype(acc))
+        a_row = acc.type(0) if cw is None else acc.type(cw.sum(dtype=np.float64))
+    else:
+        active = np.ones(n, bool)
+        denom = float(n)
+    if a.reduction == "mean":
+        scale = 0.0 if denom == 0 else 1.0 / denom
+    else:
+        scale = 1.0
+
+    loss = np.empty(n, acc)
+    r = rows_per_chunk(c)
+    e_buf = np.empty((min(r, n), c), acc)
+    if a.kind == "prob":
+        coef_buf = np.empty_like(e_buf)
+        prod_buf = np.empty_like(e_buf)
+    with np.errstate(all="ignore"):
+        for r0 in range(0, n, r):
+            r1 = min(n, r0 + r)
+            k = r1 - r0
+            e = e_buf[:k]
+            np.copyto(e, x2[r0:r1], casting="unsafe")
+            m = e.max(axis=1)
+            finite = np.isfinite(m)
+            ms = np.where(finite, m, 0).astype(acc)
+            e -= ms[:, None]  # x - m
+            if a.kind == "label":
+                act = active[r0:r1]
+                rows = np.arange(k)
+                t = e[rows, safe[r0:r1]]  # x_k - m
+                if cw is None:
+                    a_sum = np.zeros(k, acc)
+                    b = np.zeros(k, acc)
+                else:
+                    a_sum = np.where(act, a_row, 0).astype(acc)
+                    nz = cw != 0
+                    b = e[:, nz] @ cw[nz] if not nz.all() else e @ cw
+                    b = np.where(act, b, 0).astype(acc)
+                wl_c = wl[r0:r1]
+            else:
+                act = active[r0:r1]
+                coef = coef_buf[:k]
+                np.multiply(target[r0:r1], ome, out=coef, casting="unsafe")
+                coef += eps_c
+                if w is not None:
+                    coef *= w
+                a_sum = coef.sum(axis=1)
+                prod = prod_buf[:k]
+                prod.fill(0)
+                np.multiply(coef, e, out=prod, where=coef != 0)
+                b = prod.sum(axis=1)
+                wl_c = np.zeros(k, acc)
+                t = np.zeros(k, acc)
+            np.exp(e, out=e)
+            s = e.sum(axis=1)
+            ls = np.log(s)
+            lse = ms + ls
+            lab = np.where(wl_c != 0, wl_c * (ls - t), 0)
+            smooth = np.where(a_sum != 0, a_sum * ls - b, 0)
+            zt = z * lse * lse if z != 0 else 0
+            row_loss = lab + smooth + zt
+            row_loss = np.where(finite, row_loss, np.nan)
+            loss[r0:r1] = np.where(act, row_loss, 0)
+            if grad_out is not None:
+                g = wl_c + a_sum + 2.0 * z * lse
+                e /= s[:, None]  # softmax
+                e *= g[:, None]
+                if a.kind == "label":
+                    if cw is not None:
+                        e -= np.where(act[:, None], cw, 0)
+                    e[rows, safe[r0:r1]] -= wl_c
+                else:
+                    e -= coef
+                e *= scale
+                e[~finite] = np.nan
+                e[~act] = 0
+                grad_out[r0:r1] = e
+    if a.reduction == "none":
+        return loss, None
+    total = float(loss.sum(dtype=np.float64))
+    if a.reduction == "mean":
+        total = 0.0 if denom == 0 else total / denom
+    return loss, acc.type(total)

@@ -1,0 +1,75 @@
+"""Information measures of probability vectors: H(P), H(P,Q), KL(P||Q).
+
+Plain array code shared by NumPy and CuPy (no custom kernel is needed: each is
+one elementwise map and one sum).  Conventions follow scipy.special's
+``entr`` / ``rel_entr``: ``0 log 0 = 0``, ``p log(p/0) = +inf`` for ``p > 0``.
+Results are float64 for float64 inputs and float32 otherwise, with ``axis``
+removed, so that ``cross_entropy(p, q) == entropy(p) + kl_div(p, q)`` up to rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validation as V
+from ._backend import array_module, asarray
+
+
+def _prep(*arrays, axis):
+    xp = array_module(*arrays)
+    arrays = [asarray(xp, a) for a in arrays]
+    for name, a in zip("pq", arrays):
+        V.check_float(a, name)
+    if len(arrays) == 2:
+        V.check_same_shape(*arrays)
+    axis = V.check_axis(axis, arrays[0].ndim)
+    acc = V.acc_dtype(np.result_type(*[a.dtype for a in arrays]))
+    return xp, [a.astype(acc, copy=False) for a in arrays], axis
+
+
+def entropy(p, axis=-1):
+    """Entropy ``H(P) = -sum_x p(x) log p(x)`` per row, with ``0 log 0 = 0``.
+
+    See Also
+    --------
+    scipy.stats.entropy, scipy.special.entr
+    """
+    xp, (p,), axis = _prep(p, axis=axis)
+    pos = p > 0
+    terms = xp.where(pos, -p * xp.log(xp.where(pos, p, 1)), xp.where(p == 0, 0, -xp.inf))
+    return terms.sum(axis=axis)
+
+
+def cross_entropy(p, q, axis=-1):
+    """Cross-entropy ``H(P,Q) = -sum_x p(x) log q(x)`` per row.
+
+    Terms with ``p = 0`` are 0 (whatever q); a term with ``q = 0 < p`` is +inf.
+
+    See Also
+    --------
+    softmax_cross_entropy : the same quantity from logits, with a fused gradient.
+    """
+    xp, (p, q), axis = _prep(p, q, axis=axis)
+    zero_p = p == 0
+    logq = xp.log(xp.where(zero_p, 1, q))
+    terms = xp.where(zero_p, 0, -p * logq)
+    return terms.sum(axis=axis)
+
+
+def kl_div(p, q, axis=-1):
+    """Kullback-Leibler divergence ``KL(P||Q) = sum_x p(x) log(p(x)/q(x))`` per row.
+
+    The same as ``scipy.special.rel_entr(p, q).sum(axis)``: terms are
+    ``p log(p/q)`` for p, q > 0, 0 for p = 0 <= q, and +inf otherwise.
+
+    See Also
+    --------
+    scipy.special.rel_entr, torch.nn.functional.kl_div (which takes log q)
+    """
+    xp, (p, q), axis = _prep(p, q, axis=axis)
+    both = (p > 0) & (q > 0)
+    ps = xp.where(both, p, 1)
+    qs = xp.where(both, q, 1)
+    terms = xp.where(both, p * (xp.log(ps) - xp.log(qs)),
+                     xp.where((p == 0) & (q >= 0), 0, xp.inf))
+    return terms.sum(axis=axis)

@@ -1,0 +1,125 @@
+"""softmax_cross_entropy: per-sample softmax cross-entropy with its fused gradient.
+
+This module only checks arguments and picks the backend; the work is done by
+:mod:`gpuce._sce_numpy` (CPU) or :mod:`gpuce._sce_cupy` (GPU kernels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validation as V
+from ._backend import array_module, asarray
+
+
+def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, weight=None,
+                          label_smoothing=0.0, z_loss=0.0, return_grad=False, inplace=False):
+    r"""Softmax cross-entropy of logits against class labels or class probabilities.
+
+    For row i with logits f_i (C classes), ``lse_i = log sum_j exp(f_ij)`` and
+    ``log q_ij = f_ij - lse_i``.  With weight w (ones if None) and smoothing eps:
+
+    * integer labels k_i (non-ignored rows)::
+
+        L_i = (1-eps) w_{k_i} (lse_i - f_{i,k_i}) + (eps/C) sum_c w_c (lse_i - f_ic) + z lse_i^2
+
+      ignored rows (k_i == ignore_index) give L_i = 0 and a zero gradient.
+      ``mean`` divides sum_i L_i by sum_i w_{k_i} over non-ignored rows (as torch).
+    * probabilities P (same shape as logits), ``p'_ic = (1-eps) p_ic + eps/C``::
+
+        L_i = sum_c w_c p'_ic (lse_i - f_ic) + z lse_i^2
+
+      ``mean`` divides by the number of rows N (as torch).
+
+    The gradient is ``dL_i/df_ij = q_ij G_i - coef_ij - (1-eps) w_{k_i} [j = k_i]`` with
+    ``G_i = sum_c coef_ic + (1-eps) w_{k_i} + 2 z lse_i`` (the seed's ``ŷ - y`` for
+    eps = z = 0, unit weights), times the reduction's scale.
+
+    Parameters
+    ----------
+    logits : numpy.ndarray or cupy.ndarray, shape (..., C), float16/32/64
+        Class axis last; any strides.  float16 accumulates in float32.
+    target : array, shape (...) integer labels (int32/int64) or shape (..., C) float probabilities
+    reduction : {"mean", "sum", "none"}
+        "mean" over zero non-ignored rows is 0 (with a zero gradient), not NaN.
+    ignore_index : int, default -100
+        Label value whose rows are skipped (integer labels only; as torch, a
+        non-negative value is an error with probability targets).
+    weight : array of shape (C,), optional
+        Per-class weight (torch's ``weight``).
+    label_smoothing : float in [0, 1]
+    z_loss : float >= 0
+        Adds ``z_loss * lse_i**2`` per non-ignored row before the reduction (PaLM).
+    return_grad : bool
+        Also return ``grad = d loss / d logits`` (for reduction "none": the gradient
+        of ``sum_i L_i``), same shape and dtype as logits, from the same pass.
+    inplace : bool
+        Write ``grad`` into ``logits`` (needs return_grad=True); otherwise the
+        caller's arrays are never written.
+
+    Returns
+    -------
+    loss : array
+        float32 for float16/float32 logits, float64 for float64; shape (...) for
+        "none", 0-d for "sum"/"mean".
+    grad : array, only with return_grad=True
+
+    Notes
+    -----
+    A row whose logits contain NaN or +inf, or are all -inf, has a NaN loss and a
+    NaN gradient row (unless ignored).  A -inf logit whose target mass is 0 adds
+    nothing (finite loss); target mass on a -inf logit gives +inf.
+
+    Raises
+    ------
+    TypeError
+        Non-float logits, non-integer/non-float target, NumPy mixed with CuPy.
+    ValueError
+        Bad shapes, a label outside [0, C) other than ignore_index (naming the
+        first bad position), unknown reduction, weight of wrong length,
+        label_smoothing outside [0, 1], negative z_loss, inplace without return_grad.
+
+    See Also
+    --------
+    torch.nn.functional.cross_entropy
+    """
+    xp = array_module(logits, target, weight)
+    logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
+    a = V.sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
+                   label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
+                   inplace=inplace)
+    if xp is np:
+        from ._sce_numpy import softmax_cross_entropy as impl
+    else:
+        from ._sce_cupy import softmax_cross_entropy as impl
+
+    c = a.c
+    x2 = logits.reshape(a.n, c)
+    tgt = target.reshape(a.n) if a.kind == "label" else target.reshape(a.n, c)
+
+    grad_out = None
+    if a.return_grad:
+        if a.inplace and _shares_buffer(xp, x2, logits):
+            grad_out = x2
+        else:
+            grad_out = xp.empty((a.n, c), dtype=logits.dtype)
+    if a.n == 0:
+        rows = xp.zeros(0, a.acc)
+        total = None if a.reduction == "none" else xp.zeros((), a.acc)
+    else:
+        rows, total = impl(x2, tgt, weight, a, grad_out)
+    loss = rows.reshape(a.lead_shape) if a.reduction == "none" else xp.asarray(total, dtype=a.acc)
+    if not a.return_grad:
+        return loss
+    if a.inplace:
+        if grad_out is not x2:
+            logits[...] = grad_out.reshape(logits.shape)
+        return loss, logits
+    return loss, grad_out.reshape(logits.shape)
+
+
+def _shares_buffer(xp, view, base) -> bool:
+    """True if ``view`` (a reshape of ``base``) writes through to ``base``."""
+    if xp is np:
+        return np.may_share_memory(view, base)
+    return view.size == 0 or view.data.ptr == base.data.ptr

@@ -1,0 +1,145 @@
+// gpuce: per-row statistics for stable softmax / log-sum-exp / cross-entropy.
+//
+// These device helpers are pasted (never #included) into the preamble of the
+// CuPy ElementwiseKernel / ReductionKernel definitions in gpuce/_cupy_kernels.py,
+// so that CuPy's kernel cache key always sees the current text.
+//
+// Conventions (documented in the README):
+//   * A is the accumulation type: float for float16/float32 logits, double for
+//     float64 logits.
+//   * A row whose maximum is not finite (a NaN, a +inf, or all -inf) has a
+//     NaN loss and a NaN gradient; logsumexp of an all -inf row is -inf.
+//   * Terms whose coefficient is exactly zero are skipped, so a -inf logit
+//     with zero target mass contributes 0, not 0 * inf = NaN.
+
+namespace gpuce {
+
+// Special values without relying on <cmath> macros (NVRTC has no INFINITY / NAN).
+template <typename A> __device__ __forceinline__ A neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
+template <> __device__ __forceinline__ double neg_inf<double>() { return __longlong_as_double(0xfff0000000000000ULL); }
+template <typename A> __device__ __forceinline__ A quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fffffff); }
+template <> __device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7fffffffffffffffULL); }
+
+// exp(from - to), with exp(-inf - -inf) read as 1: the merge of two empty
+// (all -inf) partial rows keeps their counts instead of turning into NaN.
+template <typename A>
+__device__ __forceinline__ A rescale(A from, A to) {
+    return from == to ? A(1) : exp(from - to);
+}
+
+// NaN-propagating max.
+template <typename A>
+__device__ __forceinline__ A nanmax(A p, A q) {
+    return (p > q || isnan(p)) ? p : q;
+}
+
+// Online log-sum-exp state: m is the running max, s = sum exp(x - m).
+template <typename A>
+struct LseStat {
+    A m;
+    A s;
+    __device__ static LseStat identity() { LseStat r; r.m = neg_inf<A>(); r.s = A(0); return r; }
+    __device__ static LseStat element(A x) { LseStat r; r.m = x; r.s = A(1); return r; }
+    __device__ A lse() const { return m + log(s); }
+};
+
+template <typename A>
+__device__ __forceinline__ LseStat<A> merge(const LseStat<A>& p, const LseStat<A>& q) {
+    LseStat<A> r;
+    r.m = nanmax(p.m, q.m);
+    r.s = p.s * rescale(p.m, r.m) + q.s * rescale(q.m, r.m);
+    return r;
+}
+
+// Row state for the loss: the log-sum-exp state plus
+//   a = sum_c coef_c,   b = sum_c coef_c * (x_c - m)   (coef_c != 0 only),
+//   t = the logit at the label column (0 when there is none).
+// b is kept relative to the running max m, so the smoothing / soft-target
+// term a*lse - sum coef*x = a*log(s) - b has no cancellation for large logits.
+template <typename A>
+struct RowStat {
+    LseStat<A> e;
+    A a;
+    A b;
+    A t;
+    __device__ static RowStat identity() {
+        RowStat r; r.e = LseStat<A>::identity(); r.a = A(0); r.b = A(0); r.t = A(0); return r;
+    }
+    __device__ static RowStat element(A x, A coef, bool is_label) {
+        RowStat r; r.e = LseStat<A>::element(x); r.a = coef; r.b = A(0);
+        r.t = is_label ? x : A(0);
+        return r;
+    }
+};
+
+// coef * (m_from - m_to), read as 0 when coef == 0 (so 0 * inf is not NaN).
+template <typename A>
+__device__ __forceinline__ A shift(A coef, A from, A to) {
+    return (coef == A(0) || from == to) ? A(0) : coef * (from - to);
+}
+
+template <typename A>
+__device__ __forceinline__ RowStat<A> merge(const RowStat<A>& p, const RowStat<A>& q) {
+    RowStat<A> r;
+    r.e = merge(p.e, q.e);
+    r.a = p.a + q.a;
+    r.b = (p.b + shift(p.a, p.e.m, r.e.m)) + (q.b + shift(q.a, q.e.m, r.e.m));
+    r.t = p.t + q.t;
+    return r;
+}
+
+// Per-column coefficient of the loss, sum_c coef_c * (lse - x_c):
+//   integer labels:        coef_c = (eps / C) * w_c          (0 on ignored rows)
+//   probability targets:   coef_c = w_c * ((1 - eps) * y_c + eps / C)
+template <typename A>
+__device__ __forceinline__ A label_coef(bool active, A w, A eps_over_c) {
+    return active ? eps_over_c * w : A(0);
+}
+
+template <typename A>
+__device__ __forceinline__ A prob_coef(A y, A w, A one_minus_eps, A eps_over_c) {
+    return w * (one_minus_eps * y + eps_over_c);
+}
+
+// Writes the per-row reduction outputs.
+//   lse    = log sum_c exp(x_c)
+//   tlab   = lse - x_label, formed as (m - t) + log(s)
+//   smooth = sum_c coef_c * (lse - x_c) = a * log(s) - b
+//   asum   = sum_c coef_c
+template <typename A>
+__device__ __forceinline__ void finish_row(const RowStat<A>& r, A& lse, A& tlab, A& smooth, A& asum) {
+    A ls = log(r.e.s);
+    lse = r.e.m + ls;
+    tlab = (r.e.m - r.t) + ls;
+    smooth = (r.a == A(0)) ? A(0) : r.a * ls - r.b;
+    asum = r.a;
+}
+
+// Per-row loss and gradient coefficient from the reduction outputs.
+//   loss_i = wl * tlab + smooth + z * lse^2        (active rows, else 0)
+//   G_i    = wl + asum + 2 z lse                   (so grad_j = p_j G_i - coef_j - wl [j = k])
+// A row with a non-finite lse (NaN, +inf or all -inf logits) gets NaN for both.
+template <typename A>
+__device__ __forceinline__ void finish_loss(bool active, A lse, A tlab, A smooth, A asum, A wl, A z,
+                                            A& loss, A& g) {
+    if (!active) { loss = A(0); g = A(0); return; }
+    if (!isfinite(lse)) { loss = quiet_nan<A>(); g = quiet_nan<A>(); return; }
+    A lab = (wl == A(0)) ? A(0) : wl * tlab;
+    A zt = (z == A(0)) ? A(0) : z * lse * lse;
+    loss = lab + smooth + zt;
+    g = wl + asum + A(2) * z * lse;
+}
+
+// d loss / d x_j for one element, before the reduction scale.
+template <typename A>
+__device__ __forceinline__ A grad_element(bool active, A x, A lse, A g, A coef, A wl, bool is_label, A scale) {
+    if (!active) return A(0);
+    if (!isfinite(lse)) return quiet_nan<A>();
+    A p = exp(x - lse);
+    A d = p * g - coef - (is_label ? wl : A(0));
+    return d * scale;
+}
+
+}  // namespace gpuce
