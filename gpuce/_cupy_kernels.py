@@ -115,7 +115,7 @@ SPECS = {
             kind="elementwise",
             in_params="T x, A lse",
             out_params="T y",
-            operation="y = T(exp(A(x) - lse))",
+            operation="y = isfinite(lse) ? T(exp(A(x) - lse)) : T(gpuce::quiet_nan<A>())",
             specializations=_float_specs(),
         ),
         KernelSpec(
@@ -123,7 +123,7 @@ SPECS = {
             kind="elementwise",
             in_params="T x, A lse",
             out_params="T y",
-            operation="y = T(A(x) - lse)",
+            operation="y = isfinite(lse) ? T(A(x) - lse) : T(gpuce::quiet_nan<A>())",
             specializations=_float_specs(),
         ),
         KernelSpec(

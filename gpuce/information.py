@@ -51,7 +51,8 @@ def cross_entropy(p, q, axis=-1):
     """
     xp, (p, q), axis = _prep(p, q, axis=axis)
     zero_p = p == 0
-    logq = xp.log(xp.where(zero_p, 1, q))
+    with np.errstate(divide="ignore"):  # log(0) -> -inf is the intended +inf term
+        logq = xp.log(xp.where(zero_p, 1, q))
     terms = xp.where(zero_p, 0, -p * logq)
     return terms.sum(axis=axis)
 

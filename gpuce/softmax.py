@@ -82,7 +82,8 @@ def _map(x, axis, numpy_fn, kernel_name):
     if xp is np:
         lse = _lse_numpy(x, axis, acc)
         with np.errstate(all="ignore"):
-            return numpy_fn(x.astype(acc, copy=False) - lse).astype(x.dtype, copy=False)
+            y = numpy_fn(x.astype(acc, copy=False) - lse)
+            return np.where(np.isfinite(lse), y, np.nan).astype(x.dtype, copy=False)
     from ._cupy_kernels import get_kernel
 
     lse = _lse_cupy(x, axis, acc)
@@ -99,7 +100,8 @@ def softmax(x, axis=-1):
 
     Returns
     -------
-    array like ``x``.  Rows containing NaN or +inf, or only -inf, give NaN.
+    array like ``x``.  Rows containing NaN or +inf, or only -inf, give NaN (as
+    scipy.special.softmax).
 
     See Also
     --------
@@ -119,5 +121,7 @@ def log_softmax(x, axis=-1):
     See Also
     --------
     scipy.special.log_softmax, torch.log_softmax
+
+    Rows containing NaN or +inf, or only -inf, give NaN.
     """
     return _map(x, axis, lambda v: v, "gpuce_log_softmax")

@@ -1,0 +1,41 @@
+"""Shared fixtures: the backend (NumPy always, CuPy only with a GPU) and helpers."""
+
+import numpy as np
+import pytest
+
+from gpuce._backend import cupy_available
+
+_HAS_GPU = cupy_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU visible to CuPy")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    if request.param == "numpy":
+        return np
+    import cupy
+
+    return cupy
+
+
+def to_numpy(a):
+    """Host copy of a NumPy or CuPy array (or scalar)."""
+    if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
+
+
+# dtype-keyed tolerances (relative, absolute) against the float64 reference
+TOL = {
+    np.dtype(np.float64): (1e-10, 1e-12),
+    np.dtype(np.float32): (2e-5, 1e-6),
+    np.dtype(np.float16): (2e-3, 2e-3),
+}

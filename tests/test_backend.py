@@ -1,0 +1,46 @@
+"""Backend choice: array type in = array type out; imports without CuPy / without a GPU."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpuce
+from gpuce._backend import array_module
+
+
+def test_numpy_in_numpy_out():
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    assert type(gpuce.softmax(x)) is np.ndarray
+    loss, grad = gpuce.softmax_cross_entropy(x, np.array([0, 1, 2]), return_grad=True)
+    assert isinstance(loss, np.ndarray) and type(grad) is np.ndarray
+
+
+def test_lists_are_numpy():
+    assert array_module([1.0, 2.0]) is np
+    out = gpuce.softmax_cross_entropy(np.array([[1.0, 2.0]]), [1], reduction="none")
+    assert type(out) is np.ndarray and out.shape == (1,)
+
+
+def test_import_without_cupy():
+    code = (
+        "import sys; sys.modules['cupy'] = None\n"
+        "import gpuce, numpy as np\n"
+        "print(float(gpuce.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 1]))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert abs(float(out.stdout) - np.log(3)) < 1e-12
+
+
+def test_import_does_not_import_cupy():
+    code = "import sys, gpuce; print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cupy_without_gpu_still_imports():
+    pytest.importorskip("cupy")
+    code = "import cupy, gpuce; from gpuce._backend import cupy_available; print(cupy_available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() in ("True", "False")

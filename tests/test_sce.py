@@ -1,0 +1,273 @@
+"""softmax_cross_entropy against the slow float64 reference, on NumPy and (with a GPU) CuPy."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import gpuce
+import reference as R
+from conftest import TOL, to_numpy
+
+
+def make_inputs(rng, shape, kind, dtype, ignore_frac=0.2, ignore_index=-100):
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    if kind == "label":
+        t = rng.integers(0, c, size=shape[:-1]).astype(np.int64)
+        mask = rng.random(shape[:-1]) < ignore_frac
+        t[mask] = ignore_index
+    else:
+        t = rng.random(shape)
+        t /= t.sum(-1, keepdims=True)
+        t = t.astype(dtype)
+    return x, t
+
+
+def ref_for(x, t, kind, **kw):
+    c = x.shape[-1]
+    x2 = np.asarray(x, np.float64).reshape(-1, c)
+    t2 = t.reshape(-1) if kind == "label" else np.asarray(t, np.float64).reshape(-1, c)
+    loss, grad = R.sce(x2, t2, kind=kind, **kw)
+    if kw.get("reduction") == "none":
+        loss = loss.reshape(x.shape[:-1])
+    return loss, grad.reshape(x.shape)
+
+
+def check(xp, x, t, kind, dtype, *, weight=None, **kw):
+    rtol, atol = TOL[np.dtype(dtype)]
+    ref_loss, ref_grad = ref_for(x, t, kind, weight=weight, **kw)
+    w = None if weight is None else xp.asarray(weight)
+    x_dev, t_dev = xp.asarray(x), xp.asarray(t)
+    x_before = to_numpy(x_dev).copy()
+    loss, grad = gpuce.softmax_cross_entropy(x_dev, t_dev, weight=w, return_grad=True, **kw)
+    assert type(loss) is type(x_dev) and type(grad) is type(x_dev)
+    assert grad.shape == x.shape and grad.dtype == x.dtype
+    acc = np.float64 if dtype == np.float64 else np.float32
+    assert loss.dtype == acc
+    np.testing.assert_array_equal(to_numpy(x_dev), x_before)  # caller's logits untouched
+    scale = max(1.0, float(np.nanmax(np.abs(ref_grad))) if ref_grad.size else 1.0)
+    np.testing.assert_allclose(to_numpy(loss), ref_loss, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(to_numpy(grad), ref_grad, rtol=rtol, atol=atol * scale)
+    return loss, grad
+
+
+OPTIONS = list(itertools.product(["mean", "sum", "none"], [False, True], [0.0, 0.1], [0.0, 1e-3]))
+
+
+@pytest.mark.parametrize("kind", ["label", "prob"])
+@pytest.mark.parametrize("reduction,weighted,smoothing,z", OPTIONS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_option(xp, kind, reduction, weighted, smoothing, z, dtype):
+    rng = np.random.default_rng(hash((kind, reduction, weighted, smoothing, z)) % 2**32)
+    x, t = make_inputs(rng, (37, 11), kind, dtype)
+    weight = rng.random(11) + 0.5 if weighted else None
+    check(xp, x, t, kind, dtype, weight=weight, reduction=reduction, label_smoothing=smoothing,
+          z_loss=z)
+
+
+@pytest.mark.parametrize("kind", ["label", "prob"])
+def test_float16_accumulates_in_float32(xp, kind):
+    rng = np.random.default_rng(7)
+    x, t = make_inputs(rng, (64, 50), kind, np.float16)
+    check(xp, x, t, kind, np.float16, reduction="mean", label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("shape", [(1823, 781), (9, 7, 41), (3, 423, 32000), (4, 1)])
+def test_odd_shapes(xp, shape):
+    rng = np.random.default_rng(sum(shape))
+    x, t = make_inputs(rng, shape, "label", np.float32)
+    check(xp, x, t, "label", np.float32, reduction="mean", label_smoothing=0.1)
+
+
+def test_int32_labels_and_ignore_index_inside_range(xp):
+    rng = np.random.default_rng(3)
+    x, t = make_inputs(rng, (40, 9), "label", np.float64, ignore_frac=0)
+    t = t.astype(np.int32)
+    t[::3] = 4  # ignore_index that is also a valid class
+    check(xp, x, t, "label", np.float64, ignore_index=4, reduction="mean", label_smoothing=0.2)
+
+
+ADVERSARIAL = [
+    [-1000.0, 1.0, 0.0],
+    [1e4, -1e4, 0.0],
+    [3.0, 3.0, 3.0],  # ties
+    [-np.inf, 2.0, 1.0],  # -inf logit, target elsewhere
+    [88.0, 89.0, 90.0],  # exp overflows float32 without the max shift
+    [-1e4, -1e4 + 1, -1e4 + 2],
+    [np.nan, 0.0, 1.0],
+    [np.inf, 0.0, 1.0],
+    [-np.inf, -np.inf, -np.inf],
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_adversarial_rows(xp, dtype, reduction):
+    x = np.array(ADVERSARIAL, dtype)
+    t = np.array([1, 0, 2, 1, 0, 2, 0, 1, 2])
+    check(xp, x, t, "label", dtype, reduction=reduction)
+
+
+def test_nan_row_documented(xp):
+    x = np.array([[np.nan, 1.0], [0.0, 1.0], [np.inf, 0.0], [-np.inf, -np.inf]], np.float32)
+    loss, grad = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray([0, 1, 1, 0]),
+                                             reduction="none", return_grad=True)
+    loss, grad = to_numpy(loss), to_numpy(grad)
+    assert np.isnan(loss[[0, 2, 3]]).all() and np.isfinite(loss[1])
+    assert np.isnan(grad[[0, 2, 3]]).all() and np.isfinite(grad[1]).all()
+
+
+def test_neg_inf_logit_with_zero_target_is_finite(xp):
+    x = np.array([[-np.inf, 0.5, 1.0]], np.float32)
+    p = np.array([[0.0, 0.3, 0.7]], np.float32)
+    loss, grad = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray(p), return_grad=True)
+    assert np.isfinite(to_numpy(loss)) and np.isfinite(to_numpy(grad)).all()
+    loss_l = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray([2]))
+    assert np.isfinite(to_numpy(loss_l))
+    # mass on the -inf logit: +inf, as H(P,Q) with q = 0 < p
+    assert np.isposinf(to_numpy(gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray([0]))))
+
+
+def test_all_ignored_mean_is_zero_with_zero_grad(xp):
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    x[0, 0] = np.nan  # ignored rows do not leak NaN
+    t = np.full(5, -100)
+    loss, grad = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray(t), return_grad=True)
+    assert float(to_numpy(loss)) == 0.0
+    assert not to_numpy(grad).any()
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("kind", ["label", "prob"])
+def test_empty_batch(xp, reduction, kind):
+    x = np.zeros((0, 6), np.float32)
+    t = np.zeros((0,), np.int64) if kind == "label" else np.zeros((0, 6), np.float32)
+    loss, grad = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray(t), reduction=reduction,
+                                             return_grad=True)
+    assert grad.shape == (0, 6)
+    if reduction == "none":
+        assert loss.shape == (0,)
+    else:
+        assert loss.shape == () and float(to_numpy(loss)) == 0.0
+
+
+def test_single_class(xp):
+    x = np.array([[3.0], [-2.0]], np.float64)
+    check(xp, x, np.array([0, 0]), "label", np.float64, reduction="sum")
+
+
+@pytest.mark.parametrize("layout", ["fortran", "strided", "transposed"])
+def test_non_contiguous_logits(xp, layout):
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((30, 26))
+    x = {"fortran": np.asfortranarray(base), "strided": base[::2, ::2],
+         "transposed": base.T[:, :13].T}[layout].astype(np.float64, order="K")
+    if layout == "fortran":
+        x = np.asfortranarray(x)
+    t = rng.integers(0, x.shape[1], x.shape[0])
+    xd = xp.asarray(x) if xp is np else xp.asarray(x)
+    ref_loss, ref_grad = ref_for(x, t, "label", reduction="mean")
+    loss, grad = gpuce.softmax_cross_entropy(xd, xp.asarray(t), return_grad=True)
+    np.testing.assert_allclose(to_numpy(loss), ref_loss, rtol=1e-10)
+    np.testing.assert_allclose(to_numpy(grad), ref_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "fortran"])
+def test_inplace_writes_grad_into_logits(xp, layout):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((12, 7)).astype(np.float32)
+    if layout == "fortran":
+        x = np.asfortranarray(x)
+    t = rng.integers(0, 7, 12)
+    ref_loss, ref_grad = ref_for(x, t, "label", reduction="mean", label_smoothing=0.1)
+    xd = xp.asarray(x)
+    if layout == "fortran":
+        xd = xp.asfortranarray(xd)
+    loss, grad = gpuce.softmax_cross_entropy(xd, xp.asarray(t), return_grad=True, inplace=True,
+                                             label_smoothing=0.1)
+    assert grad is xd
+    np.testing.assert_allclose(to_numpy(xd), ref_grad, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(to_numpy(loss), ref_loss, rtol=2e-5)
+
+
+def test_loss_only_matches_loss_with_grad(xp):
+    rng = np.random.default_rng(9)
+    x, t = make_inputs(rng, (20, 13), "prob", np.float32)
+    a = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray(t), z_loss=1e-2)
+    b, _ = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray(t), z_loss=1e-2, return_grad=True)
+    assert float(to_numpy(a)) == float(to_numpy(b))
+
+
+def test_matches_information_measures(xp):
+    """softmax_cross_entropy with probability targets is H(P, softmax(f)) per row."""
+    rng = np.random.default_rng(2)
+    x, p = make_inputs(rng, (15, 8), "prob", np.float64)
+    rows = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray(p), reduction="none")
+    h = gpuce.cross_entropy(xp.asarray(p), gpuce.softmax(xp.asarray(x)))
+    np.testing.assert_allclose(to_numpy(rows), to_numpy(h), rtol=1e-12)
+
+
+# ---- finite differences (float64) ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["label", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradient_finite_differences(kind, reduction):
+    rng = np.random.default_rng(13)
+    x, t = make_inputs(rng, (6, 5), kind, np.float64)
+    w = rng.random(5) + 0.5
+    kw = dict(weight=w, label_smoothing=0.15, z_loss=0.01, reduction=reduction)
+
+    def f(xx):
+        return float(np.sum(gpuce.softmax_cross_entropy(xx, t, **kw)))
+
+    _, grad = gpuce.softmax_cross_entropy(x, t, return_grad=True, **kw)
+    h = 1e-6
+    fd = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        xp_, xm = x.copy(), x.copy()
+        xp_[idx] += h
+        xm[idx] -= h
+        fd[idx] = (f(xp_) - f(xm)) / (2 * h)
+    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
+
+
+# ---- properties ------------------------------------------------------------------------
+
+finite_rows = hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12),
+                         elements=st.floats(-50, 50))
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=finite_rows, shift=st.floats(-100, 100), data=st.data())
+def test_shift_invariance(x, shift, data):
+    t = data.draw(hnp.arrays(np.int64, x.shape[:1], elements=st.integers(0, x.shape[1] - 1)))
+    a = gpuce.softmax_cross_entropy(x, t, reduction="none")
+    b = gpuce.softmax_cross_entropy(x + shift, t, reduction="none")
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=finite_rows, data=st.data())
+def test_gradient_is_softmax_minus_onehot(x, data):
+    n, c = x.shape
+    t = data.draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, c - 1)))
+    _, grad = gpuce.softmax_cross_entropy(x, t, reduction="sum", return_grad=True)
+    expect = R.softmax_rows(x)
+    expect[np.arange(n), t] -= 1.0
+    np.testing.assert_allclose(grad, expect, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=finite_rows)
+def test_label_and_onehot_targets_agree(x):
+    n, c = x.shape
+    t = np.arange(n) % c
+    onehot = np.eye(c)[t]
+    a, ga = gpuce.softmax_cross_entropy(x, t, label_smoothing=0.1, return_grad=True)
+    b, gb = gpuce.softmax_cross_entropy(x, onehot, label_smoothing=0.1, return_grad=True)
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ga, gb, rtol=1e-10, atol=1e-12)
