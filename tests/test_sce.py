@@ -271,3 +271,32 @@ def test_label_and_onehot_targets_agree(x):
     b, gb = gpuce.softmax_cross_entropy(x, onehot, label_smoothing=0.1, return_grad=True)
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ga, gb, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_gpu_is_deterministic():
+    import cupy as cp
+
+    rng = np.random.default_rng(21)
+    x, t = make_inputs(rng, (513, 3001), "label", np.float32)
+    xd, td = cp.asarray(x), cp.asarray(t)
+    a, ga = gpuce.softmax_cross_entropy(xd, td, label_smoothing=0.1, return_grad=True)
+    b, gb = gpuce.softmax_cross_entropy(xd, td, label_smoothing=0.1, return_grad=True)
+    assert a.get().tobytes() == b.get().tobytes()
+    assert ga.get().tobytes() == gb.get().tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["label", "prob"])
+def test_gpu_matches_numpy_path(kind):
+    import cupy as cp
+
+    rng = np.random.default_rng(22)
+    x, t = make_inputs(rng, (300, 257), kind, np.float32)
+    w = (rng.random(257) + 0.5).astype(np.float32)
+    kw = dict(label_smoothing=0.05, z_loss=1e-3, reduction="sum")
+    l_np, g_np = gpuce.softmax_cross_entropy(x, t, weight=w, return_grad=True, **kw)
+    l_cp, g_cp = gpuce.softmax_cross_entropy(cp.asarray(x), cp.asarray(t), weight=cp.asarray(w),
+                                             return_grad=True, **kw)
+    np.testing.assert_allclose(l_cp.get(), l_np, rtol=1e-5)
+    np.testing.assert_allclose(g_cp.get(), g_np, rtol=1e-5, atol=1e-6)

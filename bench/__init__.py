@@ -1,0 +1,1 @@
+"""gpuce benchmarks (run as scripts: python bench/bench_sce_cpu.py)."""
