@@ -6,9 +6,20 @@ CuPy out (GPU kernels).  ``import gpuce`` works without CuPy and without a GPU.
 
 from .information import cross_entropy, entropy, kl_div
 from .sce import softmax_cross_entropy
+from .linear import LinearGrads, linear_cross_entropy
 from .softmax import log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # SoftmaxClassifier imports scikit-learn's base classes when available: load it lazily
+    # so that ``import gpuce`` stays light.
+    if name == "SoftmaxClassifier":
+        from .classifier import SoftmaxClassifier
+
+        return SoftmaxClassifier
+    raise AttributeError(f"module 'gpuce' has no attribute {name!r}")
 
 __all__ = [
     "softmax",
@@ -18,4 +29,7 @@ __all__ = [
     "cross_entropy",
     "kl_div",
     "softmax_cross_entropy",
+    "linear_cross_entropy",
+    "LinearGrads",
+    "SoftmaxClassifier",
 ]

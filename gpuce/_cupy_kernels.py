@@ -20,6 +20,8 @@ float64 logits):
     ElementwiseKernel over rows: per-sample loss and gradient coefficient.
 ``gpuce_sce_grad_label`` / ``gpuce_sce_grad_prob``
     ElementwiseKernel, second read of the logits, one write: the gradient.
+``gpuce_sumsq``
+    ReductionKernel: ``sum x**2`` in the accumulation type (the L2 regulariser).
 ``gpuce_label_check``
     ElementwiseKernel: position of the first out-of-range label (atomicMin on
     an int64, order-independent), read back with one sync.
@@ -186,6 +188,19 @@ SPECS = {
                 "gpuce::prob_coef(A(y), w, one_minus_eps, eps_over_c), A(0), false, scale))"
             ),
             specializations=_prob_specs(),
+        ),
+        KernelSpec(
+            name="gpuce_sumsq",
+            kind="reduction",
+            in_params="T x",
+            out_params="A y",
+            map_expr="({A})x * ({A})x",
+            reduce_expr="a + b",
+            post_map_expr="y = a",
+            identity="0",
+            reduce_type="{A}",
+            helpers=(),
+            specializations=_float_specs(),
         ),
         KernelSpec(
             name="gpuce_label_check",

@@ -55,9 +55,13 @@ def sce_check(xp, n=4096, c=1000, seed=0, out=print) -> bool:
 
 
 def demo(args) -> int:
+    from ._demo import train_digits
+
     xp, label = _best_backend(args.backend)
     print(f"gpuce demo -- backend: {label}")
-    ok = sce_check(xp)
+    ok = train_digits(xp, label, png=args.png)
+    ok = sce_check(xp) and ok
+    print("demo:", "OK" if ok else "FAILED")
     return 0 if ok else 1
 
 
@@ -82,6 +86,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the main job on the best backend")
     d.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
+    d.add_argument("--png", default="gpuce-demo-loss.png", help="where to write the loss curve")
     d.set_defaults(func=demo)
     k = sub.add_parser("check-kernels", help="compile every kernel with NVRTC, print ptxas usage")
     k.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
