@@ -1,18 +1,34 @@
 """NumPy softmax cross-entropy: the CPU backend and the GPU tests' oracle.
 
 Vectorised and chunked over rows: the extra memory is a few chunk x C buffers
-(about 2**18 elements each), never an N x C temporary.  One pass per chunk
+(about 2**18 elements each, per worker thread), never an N x C temporary.  One pass per chunk
 computes the row max, exp, the loss terms and (optionally) the gradient.
 The maths and conventions are those of ``kernels/gpuce_rowstat.cuh``.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ._validation import SceArgs, label_error
 
 CHUNK_ELEMENTS = 1 << 18
+# Chunks are independent (disjoint rows of loss and grad), so large inputs are spread over
+# threads: NumPy's ufuncs release the GIL.  Results do not depend on the thread count.
+PARALLEL_MIN_ELEMENTS = 1 << 20
+
+
+def _workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _with_errstate(fn, *args):
+    with np.errstate(all="ignore"):  # errstate is per thread
+        return fn(*args)
 
 
 def rows_per_chunk(c: int) -> int:
@@ -62,71 +78,89 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
 
     loss = np.empty(n, acc)
     r = rows_per_chunk(c)
-    e_buf = np.empty((min(r, n), c), acc)
-    if a.kind == "prob":
-        coef_buf = np.empty_like(e_buf)
-        prod_buf = np.empty_like(e_buf)
-    with np.errstate(all="ignore"):
-        for r0 in range(0, n, r):
-            r1 = min(n, r0 + r)
-            k = r1 - r0
-            e = e_buf[:k]
-            np.copyto(e, x2[r0:r1], casting="unsafe")
-            m = e.max(axis=1)
-            finite = np.isfinite(m)
-            ms = np.where(finite, m, 0).astype(acc)
-            e -= ms[:, None]  # x - m
-            if a.kind == "label":
-                act = active[r0:r1]
-                rows = np.arange(k)
-                t = e[rows, safe[r0:r1]]  # x_k - m
-                if cw is None:
-                    a_sum = np.zeros(k, acc)
-                    b = np.zeros(k, acc)
-                else:
-                    a_sum = np.where(act, a_row, 0).astype(acc)
-                    nz = cw != 0
-                    b = e[:, nz] @ cw[nz] if not nz.all() else e @ cw
-                    b = np.where(act, b, 0).astype(acc)
-                wl_c = wl[r0:r1]
+    # Work directly in the gradient buffer when it has the accumulation dtype (no extra
+    # copy pass); otherwise in a chunk-sized scratch buffer (one per worker thread).
+    direct = grad_out is not None and grad_out.dtype == acc
+    local = threading.local()
+
+    def scratch(name, k):
+        buf = getattr(local, name, None)
+        if buf is None:
+            buf = np.empty((min(r, n), c), acc)
+            setattr(local, name, buf)
+        return buf[:k]
+
+    def chunk(r0):
+        r1 = min(n, r0 + r)
+        k = r1 - r0
+        xc = x2[r0:r1]
+        e = grad_out[r0:r1] if direct else scratch("e", k)
+        m = xc.max(axis=1).astype(acc)
+        finite = np.isfinite(m)
+        ms = np.where(finite, m, 0).astype(acc)
+        np.subtract(xc, ms[:, None], out=e, casting="unsafe")  # x - m (xc may alias e)
+        act = active[r0:r1]
+        if a.kind == "label":
+            rows = np.arange(k)
+            lab_idx = safe[r0:r1]
+            t = e[rows, lab_idx]  # x_k - m
+            if cw is None:
+                a_sum = np.zeros(k, acc)
+                b = np.zeros(k, acc)
             else:
-                act = active[r0:r1]
-                coef = coef_buf[:k]
-                np.multiply(target[r0:r1], ome, out=coef, casting="unsafe")
-                coef += eps_c
-                if w is not None:
-                    coef *= w
-                a_sum = coef.sum(axis=1)
-                prod = prod_buf[:k]
-                prod.fill(0)
-                np.multiply(coef, e, out=prod, where=coef != 0)
-                b = prod.sum(axis=1)
-                wl_c = np.zeros(k, acc)
-                t = np.zeros(k, acc)
-            np.exp(e, out=e)
-            s = e.sum(axis=1)
-            ls = np.log(s)
-            lse = ms + ls
-            lab = np.where(wl_c != 0, wl_c * (ls - t), 0)
-            smooth = np.where(a_sum != 0, a_sum * ls - b, 0)
-            zt = z * lse * lse if z != 0 else 0
-            row_loss = lab + smooth + zt
-            row_loss = np.where(finite, row_loss, np.nan)
-            loss[r0:r1] = np.where(act, row_loss, 0)
-            if grad_out is not None:
-                g = wl_c + a_sum + 2.0 * z * lse
-                e /= s[:, None]  # softmax
-                e *= g[:, None]
-                if a.kind == "label":
-                    if cw is not None:
-                        e -= np.where(act[:, None], cw, 0)
-                    e[rows, safe[r0:r1]] -= wl_c
-                else:
-                    e -= coef
-                e *= scale
-                e[~finite] = np.nan
-                e[~act] = 0
+                a_sum = np.where(act, a_row, 0).astype(acc)
+                nz = cw != 0
+                b = e[:, nz] @ cw[nz] if not nz.all() else e @ cw
+                b = np.where(act, b, 0).astype(acc)
+            wl_c = wl[r0:r1]
+        else:
+            coef = scratch("coef", k)
+            np.multiply(target[r0:r1], ome, out=coef, casting="unsafe")
+            coef += eps_c
+            if w is not None:
+                coef *= w
+            a_sum = coef.sum(axis=1)
+            prod = scratch("prod", k)
+            prod.fill(0)
+            np.multiply(coef, e, out=prod, where=coef != 0)
+            b = prod.sum(axis=1)
+            wl_c = np.zeros(k, acc)
+            t = np.zeros(k, acc)
+        np.exp(e, out=e)
+        s = e.sum(axis=1)
+        ls = np.log(s)
+        lse = ms + ls
+        lab = np.where(wl_c != 0, wl_c * (ls - t), 0)
+        smooth = np.where(a_sum != 0, a_sum * ls - b, 0)
+        zt = z * lse * lse if z != 0 else 0
+        row_loss = lab + smooth + zt
+        row_loss = np.where(finite, row_loss, np.nan)
+        loss[r0:r1] = np.where(act, row_loss, 0)
+        if grad_out is not None:
+            # grad = scale * (softmax * G - coef - wl [j = k]), softmax = e / s
+            g = wl_c + a_sum + 2.0 * z * lse
+            e *= (g * scale / s).astype(acc)[:, None]
+            if a.kind == "label":
+                if cw is not None:
+                    e -= (scale * cw).astype(acc)
+                e[rows, lab_idx] -= (scale * wl_c).astype(acc)
+            else:
+                coef *= acc.type(scale)
+                e -= coef
+            e[~finite] = np.nan
+            e[~act] = 0
+            if not direct:
                 grad_out[r0:r1] = e
+
+    starts = range(0, n, r)
+    with np.errstate(all="ignore"):
+        workers = min(_workers(), len(starts)) if n * c >= PARALLEL_MIN_ELEMENTS else 1
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda r0: _with_errstate(chunk, r0), starts))
+        else:
+            for r0 in starts:
+                chunk(r0)
     if a.reduction == "none":
         return loss, None
     total = float(loss.sum(dtype=np.float64))

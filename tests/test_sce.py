@@ -300,3 +300,17 @@ def test_gpu_matches_numpy_path(kind):
                                              return_grad=True, **kw)
     np.testing.assert_allclose(l_cp.get(), l_np, rtol=1e-5)
     np.testing.assert_allclose(g_cp.get(), g_np, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_threads_do_not_change_bits(monkeypatch):
+    from gpuce import _sce_numpy
+
+    rng = np.random.default_rng(31)
+    x, t = make_inputs(rng, (700, 3000), "label", np.float32)
+    kw = dict(label_smoothing=0.1, z_loss=1e-4, return_grad=True)
+    monkeypatch.setattr(_sce_numpy, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(_sce_numpy, "_workers", lambda: 3)
+    a, ga = gpuce.softmax_cross_entropy(x, t, **kw)
+    monkeypatch.setattr(_sce_numpy, "PARALLEL_MIN_ELEMENTS", 1 << 62)
+    b, gb = gpuce.softmax_cross_entropy(x, t, **kw)
+    assert a.tobytes() == b.tobytes() and ga.tobytes() == gb.tobytes()
