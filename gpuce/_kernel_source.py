@@ -8,6 +8,7 @@ module finds that folder and reads files from it.  It never imports CuPy.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 _PKG_DIR = Path(__file__).resolve().parent
@@ -42,6 +43,26 @@ def preamble(*names: str) -> str:
     cache, keyed by the source text, notices any change to a helper.
     """
     return "\n".join(f"// ---- {n} ----\n{read_source(n)}" for n in names)
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
+
+
+def expand(name: str) -> str:
+    """Text of ``name`` with ``#include "x.cuh"`` of gpuce's own files pasted in (once each).
+
+    Raw modules are compiled from this text, so CuPy's cache key sees every helper.
+    """
+    seen = set()
+
+    def paste(match):
+        inc = match.group(1)
+        if inc in seen:
+            return f"// {inc} (already included)"
+        seen.add(inc)
+        return f"// ---- {inc} ----\n" + _LOCAL_INCLUDE.sub(paste, read_source(inc))
+
+    return _LOCAL_INCLUDE.sub(paste, read_source(name))
 
 
 def all_sources() -> list[Path]:

@@ -39,6 +39,7 @@ class CompileResult:
     registers: dict  # entry function -> registers used
     spills: dict  # entry function -> (spill stores, spill loads) in bytes
     stack: dict  # entry function -> stack frame bytes
+    lowered: dict = None  # name expression -> entry function (template instantiations)
 
 
 def cupy_options() -> tuple:
@@ -125,13 +126,21 @@ _REG = re.compile(r"Function properties for (\S+)\s*\n\s*ptxas\s*\.\s*(\d+) byte
 _USED = re.compile(r"Compiling entry function '(\S+)'.*?Used (\d+) registers", re.S)
 
 
-def compile_source(source: str, name: str, arch: str, extra_options=()) -> CompileResult:
-    """Compile ``source`` to a cubin for ``arch`` (e.g. "sm_90"); raise on any error."""
+def compile_source(source: str, name: str, arch: str, extra_options=(),
+                   name_expressions=()) -> CompileResult:
+    """Compile ``source`` to a cubin for ``arch`` (e.g. "sm_90"); raise on any error.
+
+    ``name_expressions`` instantiate templates (as CuPy's RawModule does); the result's
+    ``lowered`` maps each expression to its mangled entry name.
+    """
     from cupy.cuda import nvrtc
 
     opts = list(cupy_options()) + [f"-arch={arch}", "-Xptxas=-v"] + list(extra_options)
     prog = nvrtc.createProgram(source, name + ".cu", [], [])
+    lowered = {}
     try:
+        for expr in name_expressions:
+            nvrtc.addNameExpression(prog, expr)
         try:
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as e:
@@ -139,6 +148,8 @@ def compile_source(source: str, name: str, arch: str, extra_options=()) -> Compi
                 f"NVRTC failed on {name} for {arch}: {e}\n{nvrtc.getProgramLog(prog)}"
             ) from None
         log = nvrtc.getProgramLog(prog)
+        for expr in name_expressions:
+            lowered[expr] = nvrtc.getLoweredName(prog, expr)
         cubin = nvrtc.getCUBIN(prog)
         if not cubin:
             raise RuntimeError(f"NVRTC produced no cubin for {name} ({arch})")
@@ -150,7 +161,7 @@ def compile_source(source: str, name: str, arch: str, extra_options=()) -> Compi
     for fn, st, ss, sl in _REG.findall(log):
         stack[fn] = int(st)
         spills[fn] = (int(ss), int(sl))
-    return CompileResult(name, arch, log, regs, spills, stack)
+    return CompileResult(name, arch, log, regs, spills, stack, lowered)
 
 
 def compile_all(archs=("sm_80", "sm_90")) -> list[CompileResult]:
@@ -161,10 +172,19 @@ def compile_all(archs=("sm_80", "sm_90")) -> list[CompileResult]:
             src = harness_source(spec, types)
             for arch in archs:
                 results.append(compile_source(src, spec.kernel_name(types), arch))
-    for path in _kernel_source.all_sources():
-        if path.suffix == ".cu":
-            for arch in archs:
-                results.append(
-                    compile_source(path.read_text(), path.stem, arch, (f"-I{path.parent}",))
-                )
+    results.extend(compile_fused(archs))
     return results
+
+
+def compile_fused(archs=("sm_80", "sm_90")) -> list[CompileResult]:
+    """The fused raw kernels: every instantiation of :func:`gpuce._fused.variants` an arch
+    supports, in one NVRTC program per arch (the text the runtime compiles)."""
+    from . import _fused
+
+    src = _kernel_source.expand(_fused.SOURCE)
+    out = []
+    for arch in archs:
+        cc = int(arch.split("_")[1])
+        exprs = [v.expr() for v in _fused.variants() if cc >= v.min_arch]
+        out.append(compile_source(src, f"gpuce_sce_fused_{arch}", arch, ("--std=c++17",), exprs))
+    return out

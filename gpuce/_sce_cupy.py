@@ -1,18 +1,21 @@
-"""CuPy softmax cross-entropy: host code launching the portable kernels.
+"""CuPy softmax cross-entropy: host code launching the GPU kernels.
 
-Launch sequence for one call (N rows, C classes):
+Common prologue (no host sync except the label check):
 
-1. ``gpuce_label_check`` (integer labels only): one small kernel writing the
-   first bad position, one 8-byte read -- the only host sync.
-2. ``gpuce_sce_stats_*`` (ReductionKernel): the one read of the logits (and
-   targets) for the loss: per-row lse and loss terms.
-3. ``gpuce_sce_rows`` (ElementwiseKernel over N): per-row loss and gradient
-   coefficient; the reduction is a CuPy sum on the device.
-4. ``gpuce_sce_grad_*`` (ElementwiseKernel, only with return_grad): the second
-   read of the logits and the one write of the gradient, reusing lse and the
-   coefficients of step 2-3 (nothing is recomputed from a third pass).
+1. ``gpuce_label_check`` (integer labels only): one small kernel writing the first bad
+   position, one 8-byte read -- the only host sync of a call.
+2. per-row label weights, the mean's denominator and the gradient scale as device arrays
+   (N-sized CuPy ops), so no kernel waits on the host.
 
-The mean's denominator stays on the device, so the gradient's scale needs no sync.
+``impl="portable"`` (CuPy ElementwiseKernel / ReductionKernel, two reads + one write):
+
+3. ``gpuce_sce_stats_*`` (ReductionKernel): per-row lse and loss terms, one read.
+4. ``gpuce_sce_rows`` (ElementwiseKernel over N): per-row loss and gradient coefficient.
+5. ``gpuce_sce_grad_*`` (ElementwiseKernel): second read and the one write of the gradient,
+   reusing lse and the coefficients of 3-4.
+
+``impl="fused"`` (RawKernel family of kernels/gpuce_sce_fused.cu, see gpuce._fused): one
+launch reads each row once and writes loss, lse and the gradient.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import numpy as np
 
 from ._cupy_kernels import get_kernel
 from ._validation import SceArgs, label_error
+
+last_variant = None  # the fused variant of the latest fused call (for benchmarks and tests)
 
 
 def check_labels(cp, lbl, a: SceArgs):
@@ -33,22 +38,18 @@ def check_labels(cp, lbl, a: SceArgs):
         raise label_error(pos, int(lbl.ravel()[pos].get()), a.lead_shape, a.c, a.ignore_index)
 
 
-def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
+def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portable"):
     """Same contract as :func:`gpuce._sce_numpy.softmax_cross_entropy`, on CuPy arrays;
     ``total`` is a 0-d device array (no sync)."""
     import cupy as cp
 
     n, c = x2.shape
     acc = a.acc
-    tname = x2.dtype.name
-    aname = acc.name
     eps = a.label_smoothing
-    eps_c = eps / c
     ome = 1.0 - eps
     w = cp.ones(c, acc) if weight is None else weight.astype(acc, copy=False)
-    col = cp.arange(c, dtype=cp.int32)
-    lse, tlab, smooth, asum = (cp.empty(n, acc) for _ in range(4))
 
+    lbl = None
     if a.kind == "label":
         lbl = target
         if lbl.dtype not in (np.int32, np.int64) or (
@@ -56,33 +57,55 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
         ):
             lbl = lbl.astype(cp.int64)
         check_labels(cp, lbl, a)
-        iname = lbl.dtype.name
-        lbl2 = lbl[:, None]
-        get_kernel("gpuce_sce_stats_label", T=tname, A=aname, I=iname)(
-            x2, lbl2, col, w, eps_c, a.ignore_index, lse, tlab, smooth, asum, axis=1
-        )
         active = lbl != a.ignore_index
         wk = cp.where(active, w[cp.where(active, lbl, 0)], 0).astype(acc)
         wl = (ome * wk).astype(acc)
         denom = wk.sum(dtype=cp.float64)
     else:
-        y = target
-        get_kernel("gpuce_sce_stats_prob", T=tname, A=aname, Y=y.dtype.name)(
-            x2, y, w, ome, eps_c, lse, tlab, smooth, asum, axis=1
-        )
         active = True
-        wl = cp.zeros(n, acc)
+        wl = None
         denom = cp.asarray(float(n), dtype=cp.float64)
-
-    loss, g = get_kernel("gpuce_sce_rows", A=aname)(active, lse, tlab, smooth, asum, wl, a.z_loss)
     if a.reduction == "mean":
         nz = denom != 0
         scale = cp.where(nz, 1.0 / cp.where(nz, denom, 1.0), 0.0).astype(acc)
     else:
         scale = cp.ones((), acc)
 
+    if impl == "fused":
+        loss = _fused(cp, x2, lbl, target if a.kind == "prob" else None, w, a, scale, grad_out)
+    else:
+        loss = _portable(cp, x2, lbl, target if a.kind == "prob" else None, w, a, scale, grad_out,
+                         active, wl)
+    if a.reduction == "none":
+        return loss, None
+    total = loss.sum(dtype=cp.float64)
+    if a.reduction == "mean":
+        total = total * scale.astype(cp.float64)
+    return loss, total.astype(acc)
+
+
+def _portable(cp, x2, lbl, y, w, a, scale, grad_out, active, wl):
+    n, c = x2.shape
+    acc = a.acc
+    tname, aname = x2.dtype.name, acc.name
+    eps_c = a.label_smoothing / c
+    ome = 1.0 - a.label_smoothing
+    col = cp.arange(c, dtype=cp.int32)
+    lse, tlab, smooth, asum = (cp.empty(n, acc) for _ in range(4))
+    if lbl is not None:
+        iname = lbl.dtype.name
+        lbl2 = lbl[:, None]
+        get_kernel("gpuce_sce_stats_label", T=tname, A=aname, I=iname)(
+            x2, lbl2, col, w, eps_c, a.ignore_index, lse, tlab, smooth, asum, axis=1
+        )
+    else:
+        get_kernel("gpuce_sce_stats_prob", T=tname, A=aname, Y=y.dtype.name)(
+            x2, y, w, ome, eps_c, lse, tlab, smooth, asum, axis=1
+        )
+        wl = cp.zeros(n, acc)
+    loss, g = get_kernel("gpuce_sce_rows", A=aname)(active, lse, tlab, smooth, asum, wl, a.z_loss)
     if grad_out is not None:
-        if a.kind == "label":
+        if lbl is not None:
             get_kernel("gpuce_sce_grad_label", T=tname, A=aname, I=iname)(
                 x2, lse[:, None], g[:, None], wl[:, None], lbl2, col, w, eps_c, scale,
                 a.ignore_index, grad_out,
@@ -91,9 +114,31 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
             get_kernel("gpuce_sce_grad_prob", T=tname, A=aname, Y=y.dtype.name)(
                 x2, y, lse[:, None], g[:, None], w, ome, eps_c, scale, grad_out
             )
-    if a.reduction == "none":
-        return loss, None
-    total = loss.sum(dtype=cp.float64)
-    if a.reduction == "mean":
-        total = total * scale.astype(cp.float64)
-    return loss, total.astype(acc)
+    return loss
+
+
+def _unit_cols(cp, arr):
+    """``arr`` if its columns are contiguous (any row stride), else a C-contiguous copy."""
+    return arr if arr.strides[1] == arr.itemsize else cp.ascontiguousarray(arr)
+
+
+def _fused(cp, x2, lbl, y, w, a, scale, grad_out):
+    global last_variant
+    from . import _fused as F
+
+    n, _ = x2.shape
+    xk = _unit_cols(cp, x2)
+    if y is not None:
+        y = _unit_cols(cp, y.astype(x2.dtype, copy=False))
+    out = None
+    if grad_out is not None:
+        if grad_out is x2:  # inplace: write into the kernel's own input when it is x2 itself
+            out = xk
+        else:
+            out = _unit_cols(cp, grad_out)
+    loss = cp.empty(n, a.acc)
+    lse = cp.empty(n, a.acc)
+    last_variant = F.launch(xk, lbl, y, w, a, scale, loss, lse, out)
+    if grad_out is not None and out is not grad_out:
+        grad_out[...] = out
+    return loss
