@@ -17,12 +17,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request):
+@pytest.fixture(params=["numpy", pytest.param("cupy-portable", marks=pytest.mark.gpu),
+                        pytest.param("cupy-fused", marks=pytest.mark.gpu)])
+def xp(request, monkeypatch):
+    """The array module of a test.  On the GPU every test runs twice: with the portable
+    ElementwiseKernel/ReductionKernel path and with the fused RawKernels (impl="auto"
+    is pointed at each in turn)."""
     if request.param == "numpy":
         return np
     import cupy
 
+    import gpuce.sce
+
+    monkeypatch.setattr(gpuce.sce, "AUTO_IMPL", request.param.split("-")[1])
     return cupy
 
 

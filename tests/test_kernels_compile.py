@@ -35,3 +35,19 @@ def test_every_helper_is_used():
 def test_broken_source_fails():
     with pytest.raises(RuntimeError, match="NVRTC failed"):
         _nvrtc.compile_source("__global__ void k() { undeclared(); }", "broken", "sm_90")
+
+
+def test_every_fused_variant_compiled(results):
+    from gpuce import _fused
+
+    fused = {r.arch: r for r in results if r.name.startswith("gpuce_sce_fused_")}
+    assert set(fused) == {"sm_80", "sm_90"}
+    for arch, r in fused.items():
+        cc = int(arch.split("_")[1])
+        want = {v.expr() for v in _fused.variants() if cc >= v.min_arch}
+        assert set(r.lowered) == want
+        for expr, entry in r.lowered.items():
+            assert entry in r.registers, f"{expr} has no ptxas entry for {arch}"
+    # the sm_90 build carries the cluster variants, the sm_80 one cannot
+    assert any("sce_cluster" in e for e in fused["sm_90"].lowered)
+    assert not any("sce_cluster" in e for e in fused["sm_80"].lowered)

@@ -273,33 +273,69 @@ def test_label_and_onehot_targets_agree(x):
     np.testing.assert_allclose(ga, gb, rtol=1e-10, atol=1e-12)
 
 
+IMPLS = ["portable", "fused"]
+
+
 @pytest.mark.gpu
-def test_gpu_is_deterministic():
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("c", [7, 3001, 40000])
+def test_gpu_is_deterministic(impl, c):
     import cupy as cp
 
     rng = np.random.default_rng(21)
-    x, t = make_inputs(rng, (513, 3001), "label", np.float32)
+    x, t = make_inputs(rng, (97, c), "label", np.float32)
     xd, td = cp.asarray(x), cp.asarray(t)
-    a, ga = gpuce.softmax_cross_entropy(xd, td, label_smoothing=0.1, return_grad=True)
-    b, gb = gpuce.softmax_cross_entropy(xd, td, label_smoothing=0.1, return_grad=True)
+    a, ga = gpuce.softmax_cross_entropy(xd, td, label_smoothing=0.1, return_grad=True, impl=impl)
+    b, gb = gpuce.softmax_cross_entropy(xd, td, label_smoothing=0.1, return_grad=True, impl=impl)
     assert a.get().tobytes() == b.get().tobytes()
     assert ga.get().tobytes() == gb.get().tobytes()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["label", "prob"])
-def test_gpu_matches_numpy_path(kind):
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("c", [3, 10, 100, 257, 1000, 2048, 4099, 32768, 131072])
+def test_gpu_matches_numpy_path(impl, kind, dtype, c):
+    """Every fused variant (regs shapes, smem, cluster/twopass) against the NumPy path."""
     import cupy as cp
 
     rng = np.random.default_rng(22)
-    x, t = make_inputs(rng, (300, 257), kind, np.float32)
-    w = (rng.random(257) + 0.5).astype(np.float32)
+    n = max(2, min(300, 2**21 // c))
+    x, t = make_inputs(rng, (n, c), kind, dtype)
+    w = (rng.random(c) + 0.5).astype(np.float32)
     kw = dict(label_smoothing=0.05, z_loss=1e-3, reduction="sum")
     l_np, g_np = gpuce.softmax_cross_entropy(x, t, weight=w, return_grad=True, **kw)
     l_cp, g_cp = gpuce.softmax_cross_entropy(cp.asarray(x), cp.asarray(t), weight=cp.asarray(w),
-                                             return_grad=True, **kw)
-    np.testing.assert_allclose(l_cp.get(), l_np, rtol=1e-5)
-    np.testing.assert_allclose(g_cp.get(), g_np, rtol=1e-5, atol=1e-6)
+                                             return_grad=True, impl=impl, **kw)
+    rtol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-10}[dtype]
+    np.testing.assert_allclose(l_cp.get(), l_np, rtol=rtol)
+    np.testing.assert_allclose(g_cp.get().astype(np.float64), g_np.astype(np.float64), rtol=rtol,
+                               atol=rtol * 0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_beyond_2_31_elements():
+    """N*C > 2**31 (64-bit offsets): sampled rows against the NumPy path."""
+    import cupy as cp
+
+    free, _ = cp.cuda.runtime.memGetInfo()
+    n, c = 16400, 131072
+    if free < 2.2 * n * c * 4:
+        pytest.skip(f"needs {2.2 * n * c * 4 / 2**30:.0f} GiB of free device memory")
+    x = cp.random.standard_normal((n, c), dtype=cp.float32)
+    t = cp.random.randint(0, c, n)
+    loss, grad = gpuce.softmax_cross_entropy(x, t, reduction="none", return_grad=True, impl="fused")
+    rows = np.array([0, 1, 8191, 16383, 16384, n - 2, n - 1])
+    l_np, g_np = gpuce.softmax_cross_entropy(x[rows].get(), t[rows].get(), reduction="none",
+                                             return_grad=True)
+    np.testing.assert_allclose(loss[rows].get(), l_np, rtol=1e-5)
+    np.testing.assert_allclose(grad[rows].get(), g_np, rtol=1e-5, atol=1e-9)
+
+
+def test_impl_validation():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        gpuce.softmax_cross_entropy(np.zeros((2, 3)), np.zeros(2, np.int64), impl="fast")
 
 
 def test_numpy_threads_do_not_change_bits(monkeypatch):
