@@ -63,7 +63,7 @@ def gpu_rows(dry, repeat):
               f"{res['gpuce-linear'][1]:.3f} ms, ratio {ratio:.2f} (goal <= 1.3)   {gpu}")
         for name, t in res.items():
             rows.append(dict(op="linear_objective_grad", provider=name, mode="full", dtype="float32",
-                             N=n, C=c, machine=gpu, p20_ms=f"{t[0]:.4f}", p50_ms=f"{t[1]:.4f}",
+                             N=n, C=c, gpu_name=gpu, p20_ms=f"{t[0]:.4f}", p50_ms=f"{t[1]:.4f}",
                              p80_ms=f"{t[2]:.4f}", note=f"D={d}; ratio_to_gemms={t[1] / res['two-gemms'][1]:.3f}"))
         del X, W, f, dW
         cp.get_default_memory_pool().free_all_blocks()
@@ -101,7 +101,7 @@ def cpu_rows(dry):
         for prov, t, j, it in (("sklearn-lbfgs", t_sk, j_sk, int(np.max(sk.n_iter_))),
                                ("gpuce-lbfgs", t_ours, j_ours, ours.n_iter_)):
             rows.append(dict(op="fit", provider=prov, mode="fit", dtype=str(X.dtype), N=X.shape[0],
-                             C=len(np.unique(y)), machine=machine, p50_ms=f"{t * 1e3:.1f}",
+                             C=len(np.unique(y)), gpu_name=machine, p50_ms=f"{t * 1e3:.1f}",
                              note=f"{name}; D={X.shape[1]}; J={j:.8f}; iters={it}; reg={lam}; tol={tol}"))
     return rows
 

@@ -55,7 +55,7 @@ def main(argv=None):
         gb = 8 * n * c / 1e9
         for prov, t in (("copy", copy), ("gpuce-numpy", sce)):
             rows.append(dict(op="softmax_cross_entropy" if prov != "copy" else "copy", provider=prov,
-                             mode="full", dtype="float32", N=n, C=c, machine=machine,
+                             mode="full", dtype="float32", N=n, C=c, gpu_name=machine,
                              p20_ms=f"{t[0]:.4f}", p50_ms=f"{t[1]:.4f}", p80_ms=f"{t[2]:.4f}",
                              gbps=f"{gb / (t[1] / 1e3):.2f}", frac_of_copy=f"{copy[1] / t[1]:.3f}"))
     if not a.dry:

@@ -1,4 +1,4 @@
-"""The ``gpuce`` command: ``gpuce demo`` (the main job) and ``gpuce check-kernels``."""
+"""The ``gpuce`` command: ``gpuce demo`` (the main job), ``gpuce bench``, ``gpuce check-kernels``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ def check_kernels(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark suite has its own options
+        from .benchmark import main as bench_main
+
+        return bench_main(argv[1:])
     p = argparse.ArgumentParser(prog="gpuce", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the main job on the best backend")
@@ -91,6 +96,7 @@ def main(argv=None) -> int:
     k = sub.add_parser("check-kernels", help="compile every kernel with NVRTC, print ptxas usage")
     k.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
     k.set_defaults(func=check_kernels)
+    sub.add_parser("bench", help="benchmark suite (gpuce bench --help)")
     args = p.parse_args(argv)
     return args.func(args)
 

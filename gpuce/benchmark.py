@@ -1,0 +1,426 @@
+"""Benchmark harness: ``gpuce bench`` / ``python -m bench``.
+
+Sweeps softmax cross-entropy forward+backward (loss and gradient with respect to the
+logits) over C at fixed N*C, for several providers on the same data in the same run:
+
+    gpuce-fused     the single-read RawKernel family (the variant that ran is in ``note``)
+    gpuce-portable  the ElementwiseKernel / ReductionKernel path
+    naive-cupy      array-op CuPy (max, exp, sum, divide, index)
+    torch-eager     torch.nn.functional.cross_entropy forward + backward, through DLPack
+    liger           Liger-Kernel's LigerCrossEntropyFunction (when importable)
+    copy            a device-to-device copy of the logits: the bandwidth yardstick
+
+Metrics: p20 / p50 / p80 ms (cupyx.profiler.benchmark, CUDA events), GB/s counted as one
+read and one write of the logits (2 * itemsize * N * C bytes; 8 N C for float32), the
+fraction of the copy's time, and the peak extra device memory of one call.  Rows are
+upserted into a tidy CSV keyed by (op, provider, mode, dtype, N, C, gpu_name); the plot
+and the README table are drawn from the CSV, never by hand.
+
+``--dry`` runs the same harness with no GPU (NumPy providers, tiny sizes) to check the
+machinery: CSV, plot and table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+KEY = ("op", "provider", "mode", "dtype", "N", "C", "gpu_name")
+FIELDS = KEY + ("p20_ms", "p50_ms", "p80_ms", "gbps", "frac_of_copy", "peak_extra_mib", "note",
+                "timestamp", "version")
+CLASSES = (10, 100, 1000, 4096, 32768, 131072, 262144)
+TOTALS = (2**28, 2**30)
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+# ------------------------------------------------------------------------------------ CSV
+
+def default_results_dir() -> Path:
+    """bench/results of the source checkout when run from one, else ./gpuce-bench-results."""
+    here = Path(__file__).resolve().parent.parent / "bench" / "results"
+    return here if here.parent.is_dir() else Path.cwd() / "gpuce-bench-results"
+
+
+def cpu_name() -> str:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu:{platform.processor() or platform.machine()}:{n}cores"
+
+
+def upsert(path: Path, rows: list[dict]) -> Path:
+    """Insert or replace ``rows`` (keyed by KEY) in the CSV at ``path``."""
+    from . import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = {}
+    if path.exists():
+        with path.open() as f:
+            for r in csv.DictReader(f):
+                existing[tuple(r.get(k, "") for k in KEY)] = r
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for r in rows:
+        r = {k: ("" if r.get(k) is None else str(r.get(k))) for k in FIELDS}
+        r["timestamp"] = r["timestamp"] or stamp
+        r["version"] = r["version"] or __version__
+        existing[tuple(r[k] for k in KEY)] = r
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for k in sorted(existing, key=lambda k: tuple(_sortable(x) for x in k)):
+            w.writerow({f: existing[k].get(f, "") for f in FIELDS})
+    return path
+
+
+def _sortable(v):
+    return (0, int(v), "") if str(v).isdigit() else (1, 0, str(v))
+
+
+def read_rows(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------ providers
+
+def _gpu_providers(cp, with_torch=True):
+    import gpuce
+
+    provs = {}
+
+    def fused(x, y):
+        return gpuce.softmax_cross_entropy(x, y, return_grad=True, impl="fused")
+
+    def portable(x, y):
+        return gpuce.softmax_cross_entropy(x, y, return_grad=True, impl="portable")
+
+    def naive(x, y):
+        xf = x.astype(cp.float32)
+        m = xf.max(1, keepdims=True)
+        e = cp.exp(xf - m)
+        s = e.sum(1, keepdims=True)
+        p = e / s
+        rows = cp.arange(x.shape[0])
+        loss = (cp.log(s[:, 0]) + m[:, 0] - xf[rows, y]).mean()
+        p[rows, y] -= 1
+        p /= x.shape[0]
+        return loss, p.astype(x.dtype)
+
+    provs["gpuce-fused"] = fused
+    provs["gpuce-portable"] = portable
+    provs["naive-cupy"] = naive
+    if with_torch:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                provs["torch-eager"] = _torch_provider(torch)
+                liger = _liger_provider(torch)
+                if liger is not None:
+                    provs["liger"] = liger
+        except Exception:
+            pass
+    return provs
+
+
+def _torch_provider(torch):
+    state = {}
+
+    def run(x, y):
+        key = (x.data.ptr, y.data.ptr)
+        if state.get("key") != key:
+            t = torch.from_dlpack(x)
+            state.update(key=key, x=t.detach().clone().requires_grad_(True), y=torch.from_dlpack(y))
+        tx = state["x"]
+        tx.grad = None
+        loss = torch.nn.functional.cross_entropy(tx, state["y"])
+        loss.backward()
+        return loss, tx.grad
+
+    return run
+
+
+def _liger_provider(torch):
+    try:
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+    except Exception:
+        return None
+    state = {}
+
+    def run(x, y):
+        key = (x.data.ptr, y.data.ptr)
+        if state.get("key") != key:
+            state.update(key=key, x=torch.from_dlpack(x).detach().clone().requires_grad_(True),
+                         y=torch.from_dlpack(y))
+        tx = state["x"]
+        tx.grad = None
+        loss = LigerCrossEntropyFunction.apply(tx, state["y"])
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        loss.backward()
+        return loss, tx.grad
+
+    return run
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def _gpu_time(cp, fn, repeat):
+    from cupyx.profiler import benchmark
+
+    r = benchmark(fn, n_repeat=repeat, n_warmup=2)
+    return np.percentile(r.gpu_times[0] * 1e3, [20, 50, 80])
+
+
+def _peak_extra_mib(cp, fn):
+    """Device memory one call adds on top of its inputs (CuPy pool, or torch's peak)."""
+    pool = cp.get_default_memory_pool()
+    cp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    torch_peak = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t_before = torch.cuda.memory_allocated()
+            torch_peak = (torch, t_before)
+    except Exception:
+        pass
+    out = fn()
+    cp.cuda.Device().synchronize()
+    extra = pool.total_bytes() - before
+    if torch_peak is not None:
+        torch, t_before = torch_peak
+        extra += max(0, torch.cuda.max_memory_allocated() - t_before)
+    del out
+    return extra / 2**20
+
+
+def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True):
+    import cupy as cp
+
+    from . import _sce_cupy
+
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    provs = _gpu_providers(cp)
+    if providers:
+        provs = {k: v for k, v in provs.items() if k in providers}
+    plan = [(t, c, d) for t in totals for d in dtypes for c in classes]
+    bar = _bar(len(plan), progress)
+    rows = []
+    for total, c, dtype in plan:
+        n = max(1, total // c)
+        x = cp.random.standard_normal((n, c), dtype=cp.float32).astype(dtype)
+        y = cp.random.randint(0, c, n).astype(cp.int64)
+        dst = cp.empty_like(x)
+        res = {"copy": (_gpu_time(cp, lambda: cp.copyto(dst, x), repeat), 0.0, "")}
+        for name, fn in provs.items():
+            try:
+                t = _gpu_time(cp, lambda: fn(x, y), repeat)
+                peak = _peak_extra_mib(cp, lambda: fn(x, y))
+                note = _sce_cupy.last_variant.describe() if name == "gpuce-fused" else ""
+                res[name] = (t, peak, note)
+            except Exception as e:  # out of memory for a provider: record and go on
+                res[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:80]}")
+            cp.get_default_memory_pool().free_all_blocks()
+        nbytes = 2 * x.itemsize * n * c
+        for name, (t, peak, note) in res.items():
+            rows.append(_row("softmax_cross_entropy" if name != "copy" else "copy", name, "full",
+                             np.dtype(dtype).name, n, c, gpu, t, nbytes, res["copy"][0], peak, note))
+        del x, y, dst
+        cp.get_default_memory_pool().free_all_blocks()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows, gpu
+
+
+def dry_sweep(classes, totals, dtypes, repeat, progress=False):
+    """The harness without a GPU: NumPy providers at tiny sizes (checks CSV/plot/table)."""
+    import gpuce
+
+    name = cpu_name()
+    rows = []
+    rng = np.random.default_rng(0)
+    for total in totals:
+        for dtype in dtypes:
+            for c in classes:
+                n = max(1, total // c)
+                x = rng.standard_normal((n, c)).astype(dtype)
+                y = rng.integers(0, c, n)
+                dst = np.empty_like(x)
+
+                def timed(fn):
+                    fn()
+                    ts = []
+                    for _ in range(repeat):
+                        t0 = time.perf_counter()
+                        fn()
+                        ts.append((time.perf_counter() - t0) * 1e3)
+                    return np.percentile(ts, [20, 50, 80])
+
+                copy = timed(lambda: np.copyto(dst, x))
+                sce = timed(lambda: gpuce.softmax_cross_entropy(x, y, return_grad=True))
+                nbytes = 2 * x.itemsize * n * c
+                rows.append(_row("copy", "copy", "full", np.dtype(dtype).name, n, c, name, copy, nbytes,
+                                 copy, 0.0, "dry run"))
+                rows.append(_row("softmax_cross_entropy", "gpuce-numpy", "full", np.dtype(dtype).name,
+                                 n, c, name, sce, nbytes, copy, None, "dry run"))
+    return rows, name
+
+
+def _row(op, provider, mode, dtype, n, c, gpu, t, nbytes, copy_t, peak, note):
+    r = dict(op=op, provider=provider, mode=mode, dtype=dtype, N=n, C=c, gpu_name=gpu, note=note)
+    if t is not None:
+        r.update(p20_ms=f"{t[0]:.4f}", p50_ms=f"{t[1]:.4f}", p80_ms=f"{t[2]:.4f}",
+                 gbps=f"{nbytes / (t[1] / 1e3) / 1e9:.1f}",
+                 frac_of_copy=f"{copy_t[1] / t[1]:.3f}" if copy_t is not None else "")
+    if peak is not None:
+        r["peak_extra_mib"] = f"{peak:.1f}"
+    return r
+
+
+def _bar(total, progress):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="gpuce bench")
+    except ImportError:
+        return None
+
+
+# ------------------------------------------------------------------------------ reporting
+
+def plot(rows, png: Path, gpu_name: str, dtype="float32"):
+    """Fraction of the copy's time against C, one line per provider, largest N*C only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["gpu_name"] == gpu_name and r["dtype"] == dtype and r["frac_of_copy"]
+           and r["provider"] != "copy"]
+    if not sel:
+        return None
+    total = max(int(r["N"]) * int(r["C"]) for r in sel)
+    sel = [r for r in sel if abs(int(r["N"]) * int(r["C"]) - total) <= int(r["C"])]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for prov in sorted({r["provider"] for r in sel}):
+        pts = sorted((int(r["C"]), float(r["frac_of_copy"])) for r in sel if r["provider"] == prov)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+    ax.set_xscale("log")
+    ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("C (classes)")
+    ax.set_ylabel("fraction of device-copy bandwidth")
+    ax.set_title(f"softmax CE fwd+bwd, {dtype}, N·C ≈ 2^{int(round(np.log2(total)))}, {gpu_name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def table(rows, gpu_name: str, dtype="float32") -> str:
+    """Markdown table (C rows x provider columns: p50 ms and fraction of copy) from the CSV."""
+    sel = [r for r in rows if r["gpu_name"] == gpu_name and r["dtype"] == dtype and r["p50_ms"]]
+    if not sel:
+        return f"(no rows for {gpu_name}, {dtype})"
+    total = max(int(r["N"]) * int(r["C"]) for r in sel)
+    sel = [r for r in sel if abs(int(r["N"]) * int(r["C"]) - total) <= int(r["C"])]
+    provs = [p for p in ("copy", "gpuce-fused", "gpuce-portable", "naive-cupy", "torch-eager", "liger",
+                         "gpuce-numpy") if any(r["provider"] == p for r in sel)]
+    date = max(r["timestamp"] for r in sel)[:10]
+    head = (f"{gpu_name}, {dtype}, N·C ≈ 2^{int(round(np.log2(total)))}, measured {date} "
+            f"(p50 ms; × = fraction of the copy's bandwidth)\n\n")
+    lines = ["| C | " + " | ".join(provs) + " |", "|---:|" + "---:|" * len(provs)]
+    for c in sorted({int(r["C"]) for r in sel}):
+        cells = []
+        for p in provs:
+            r = next((r for r in sel if r["provider"] == p and int(r["C"]) == c), None)
+            if r is None or not r["p50_ms"]:
+                cells.append("–")
+            elif p == "copy":
+                cells.append(f"{float(r['p50_ms']):.3f}")
+            else:
+                cells.append(f"{float(r['p50_ms']):.3f} ({float(r['frac_of_copy']):.2f}×)")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    variants = sorted({r["note"] for r in sel if r["provider"] == "gpuce-fused" and r["note"]})
+    tail = f"\n\nFused variants that ran: {', '.join(variants)}." if variants else ""
+    return head + "\n".join(lines) + tail
+
+
+def update_readme(readme: Path, text: str) -> bool:
+    s = readme.read_text()
+    pat = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    if not pat.search(s):
+        return False
+    readme.write_text(pat.sub(lambda _: f"{README_START}\n{text}\n{README_END}", s))
+    return True
+
+
+# ------------------------------------------------------------------------------ entry point
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gpuce bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, nargs="+", default=list(CLASSES))
+    p.add_argument("--totals", type=lambda s: int(eval(s, {})), nargs="+", default=list(TOTALS),
+                   help="N*C values, e.g. 2**28 2**30")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    p.add_argument("--providers", nargs="+", default=None)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument("--readme", type=Path, default=None, help="regenerate this README's table")
+    p.add_argument("--dry", action="store_true", help="no GPU: NumPy providers, tiny sizes")
+    p.add_argument("--merge", type=Path, default=None,
+                   help="record the rows of a CSV measured elsewhere (e.g. on a lent GPU) instead "
+                        "of measuring; redraws the plot and, with --readme, the table")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    results = a.results_dir or default_results_dir()
+    if a.merge:
+        rows = read_rows(a.merge)
+        if not rows:
+            raise SystemExit(f"{a.merge} has no rows")
+        name = rows[0]["gpu_name"]
+        csv_path = results / ("dry_sce.csv" if name.startswith("cpu:") else "gpu_sce.csv")
+    elif a.dry:
+        rows, name = dry_sweep(a.classes if a.classes != list(CLASSES) else [10, 100, 1000],
+                               [2**14], a.dtypes, max(2, min(a.repeat, 3)))
+        csv_path = results / "dry_sce.csv"
+    else:
+        rows, name = gpu_sweep(a.classes, a.totals, a.dtypes, a.repeat, a.providers,
+                               progress=not a.no_progress)
+        csv_path = results / "gpu_sce.csv"
+    upsert(csv_path, rows)
+    all_rows = read_rows(csv_path)
+    txt = table(all_rows, name, a.dtypes[0])
+    print(txt)
+    try:
+        png = plot(all_rows, csv_path.with_suffix(".png"), name, a.dtypes[0])
+        if png:
+            print("plot:", png)
+    except ImportError:
+        print("plot: matplotlib not installed")
+    print("csv:", csv_path)
+    if a.readme:
+        print("README table updated" if update_readme(a.readme, txt) else
+              f"README has no {README_START} ... {README_END} section")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The benchmark harness in dry mode (no GPU): tidy CSV upserts, plot and README table."""
+
+import csv
+
+import pytest
+
+from gpuce import benchmark as B
+
+
+def test_dry_run_writes_csv_plot_and_table(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert B.main(["--dry", "--results-dir", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "dry_sce.csv")))
+    assert {r["provider"] for r in rows} == {"copy", "gpuce-numpy"}
+    assert {int(r["C"]) for r in rows} == {10, 100, 1000}
+    for r in rows:
+        assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
+        assert float(r["gbps"]) > 0 and r["gpu_name"].startswith("cpu:")
+    assert (tmp_path / "dry_sce.png").stat().st_size > 1000
+    assert "| 1000 |" in out and "gpuce-numpy" in out
+    # a second run upserts: same keys, no duplicate rows
+    B.main(["--dry", "--results-dir", str(tmp_path), "--no-progress"])
+    rows2 = list(csv.DictReader(open(tmp_path / "dry_sce.csv")))
+    assert len(rows2) == len(rows)
+
+
+def test_merge_and_readme_table(tmp_path):
+    gpu = "NVIDIA H100 80GB HBM3"
+    rows = []
+    for c, t_copy, t_fused in ((1000, 1.0, 1.1), (32768, 1.0, 1.05)):
+        n = 2**20 // c
+        rows.append(B._row("copy", "copy", "full", "float32", n, c, gpu, (t_copy,) * 3, 8 * n * c,
+                           (t_copy,) * 3, 0.0, ""))
+        rows.append(B._row("softmax_cross_entropy", "gpuce-fused", "full", "float32", n, c, gpu,
+                           (t_fused,) * 3, 8 * n * c, (t_copy,) * 3, 12.0, "smem-v4"))
+    src = B.upsert(tmp_path / "measured.csv", rows)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{B.README_START}\nold\n{B.README_END}\nend\n")
+    B.main(["--merge", str(src), "--results-dir", str(tmp_path / "res"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and gpu in text and "| 32768 | 1.000 | 1.050 (0.95×) |" in text
+    assert "smem-v4" in text and text.startswith("intro") and text.endswith("end\n")
+    assert (tmp_path / "res" / "gpu_sce.csv").exists()
