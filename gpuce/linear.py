@@ -68,7 +68,9 @@ def sum_squares(xp, W):
         return acc.type(np.dot(w, w))
     from ._cupy_kernels import get_kernel
 
-    return get_kernel("gpuce_sumsq", T=W.dtype.name, A=acc.name)(W, axis=None)
+    out = xp.empty((), acc)  # the output dtype placeholder is not bound by the input
+    get_kernel("gpuce_sumsq", T=W.dtype.name, A=acc.name)(W, out, axis=None)
+    return out
 
 
 def _logits(xp, X, W, bias):

@@ -132,6 +132,19 @@ __device__ __forceinline__ void finish_loss(bool active, A lse, A tlab, A smooth
     g = wl + asum + A(2) * z * lse;
 }
 
+// The fused kernels' version of finish_row + finish_loss.  m is the row max (NaN / +inf /
+// -inf for a bad row); s, b and t_rel = x_label - ms are relative to the finite shift ms
+// (ms = m when m is finite), so the label term is log(s) - t_rel with no x + m - m rounding.
+template <typename A>
+__device__ __forceinline__ void finish_stats(bool active, A m, A ms, A s, A a, A b, A t_rel, A wl, A z,
+                                             A& lse, A& loss, A& g) {
+    A ls = log(s);
+    lse = (isfinite(m) ? ms : m) + ls;
+    A tlab = ls - t_rel;
+    A smooth = (a == A(0)) ? A(0) : a * ls - b;
+    finish_loss(active, lse, tlab, smooth, a, wl, z, loss, g);
+}
+
 // d loss / d x_j for one element, before the reduction scale.
 template <typename A>
 __device__ __forceinline__ A grad_element(bool active, A x, A lse, A g, A coef, A wl, bool is_label, A scale) {

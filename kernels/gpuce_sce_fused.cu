@@ -116,21 +116,6 @@ __device__ __forceinline__ A coef_at(const RowCtx<MODE, T, I, A>& r, int col, co
     return prob_coef(load_acc<A>(r.yrow[col]), wc, one_minus_eps, eps_over_c);
 }
 
-// From the reduced sums to the row outputs; returns G (the gradient coefficient).
-template <typename A>
-__device__ __forceinline__ void finish(bool active, A m, A s, A a, A b, A t, A wl, A z, A& lse, A& loss,
-                                       A& g) {
-    RowStat<A> rs;
-    rs.e.m = m;
-    rs.e.s = s;
-    rs.a = a;
-    rs.b = b;
-    rs.t = t;
-    A tlab, smooth, asum;
-    finish_row(rs, lse, tlab, smooth, asum);
-    finish_loss(active, lse, tlab, smooth, asum, wl, z, loss, g);
-}
-
 #define GPUCE_SCE_PARAMS                                                                          \
     const T *__restrict__ x, long long ldx, const I *__restrict__ labels, const T *__restrict__ y, \
         long long ldy, const A *__restrict__ w, long long n, int c, A eps_over_c, A one_minus_eps, \
@@ -195,9 +180,7 @@ __global__ void sce_regs(GPUCE_SCE_PARAMS) {
         }
         s = group_sum<G>(s); a = group_sum<G>(a); b = group_sum<G>(b); t = group_sum<G>(t);
         A lse, loss, g;
-        // t and b are relative to ms; finish() wants t = x_k and b relative to m: pass m = ms
-        // for finite rows (then x_k - m = t), and m itself for non-finite rows (NaN result).
-        finish(ctx.active, isfinite(m) ? ms : m, s, a, b, isfinite(m) ? t + ms : t, ctx.wl, z, lse, loss, g);
+        finish_stats(ctx.active, m, ms, s, a, b, t, ctx.wl, z, lse, loss, g);
         if (valid && lane == 0) {
             loss_out[row] = loss;
             if (lse_out) lse_out[row] = lse;
@@ -258,7 +241,7 @@ __global__ void sce_smem(GPUCE_SCE_PARAMS) {
         }
         block_sum4(s, a, b, t, red);
         A lse, loss, g;
-        finish(ctx.active, isfinite(m) ? ms : m, s, a, b, isfinite(m) ? t + ms : t, ctx.wl, z, lse, loss, g);
+        finish_stats(ctx.active, m, ms, s, a, b, t, ctx.wl, z, lse, loss, g);
         if (threadIdx.x == 0) {
             loss_out[row] = loss;
             if (lse_out) lse_out[row] = lse;
@@ -311,10 +294,10 @@ __global__ void sce_twopass(GPUCE_SCE_PARAMS) {
         A s = st.e.s * rescale(st.e.m, ms);
         A a = st.a;
         A b = st.b + shift(st.a, st.e.m, ms);
-        A t = st.t;
+        A t = st.t;  // the raw label logit (one thread holds it), made relative below
         block_sum4(s, a, b, t, red);
         A lse, loss, g;
-        finish(ctx.active, isfinite(m) ? ms : m, s, a, b, t, ctx.wl, z, lse, loss, g);
+        finish_stats(ctx.active, m, ms, s, a, b, ctx.k >= 0 ? t - ms : A(0), ctx.wl, z, lse, loss, g);
         if (threadIdx.x == 0) {
             loss_out[row] = loss;
             if (lse_out) lse_out[row] = lse;
@@ -399,7 +382,7 @@ __global__ void __cluster_dims__(CL, 1, 1) sce_cluster(GPUCE_SCE_PARAMS) {
         }
         cluster.sync();  // part[] is free again for the next row
         A lse, loss, g;
-        finish(ctx.active, isfinite(gm) ? ms : gm, s, a, b, isfinite(gm) ? t + ms : t, ctx.wl, z, lse, loss, g);
+        finish_stats(ctx.active, gm, ms, s, a, b, t, ctx.wl, z, lse, loss, g);
         if (rank == 0 && threadIdx.x == 0) {
             loss_out[row] = loss;
             if (lse_out) lse_out[row] = lse;
