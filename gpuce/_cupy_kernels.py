@@ -9,11 +9,12 @@ Kernels (A = accumulation type: float32 for float16/float32 logits, float64 for
 float64 logits):
 
 ``gpuce_lse``
-    ReductionKernel, one pass: per-row online max / sum-exp, writes log-sum-exp.
+    ReductionKernel, one pass: per-row online max / sum-exp, writes the normaliser as
+    (mx, ls) with lse = mx + ls.
 ``gpuce_softmax`` / ``gpuce_log_softmax``
-    ElementwiseKernel: ``exp(x - lse)`` / ``x - lse`` with lse broadcast.
+    ElementwiseKernel: ``exp((x - mx) - ls)`` / ``(x - mx) - ls``, the row pair broadcast.
 ``gpuce_sce_stats_label`` / ``gpuce_sce_stats_prob``
-    ReductionKernel, one read of the logits (and targets): per-row lse, the
+    ReductionKernel, one read of the logits (and targets): per-row (mx, ls), the
     label term ``lse - x_k``, the smoothing / soft-target term
     ``sum_c coef_c (lse - x_c)`` and ``sum_c coef_c``.
 ``gpuce_sce_rows``
@@ -102,43 +103,41 @@ SPECS = {
             name="gpuce_lse",
             kind="reduction",
             in_params="T x",
-            out_params="O y",
-            map_expr="gpuce::LseStat<{A}>::element(({A})x)",
+            out_params="A mx, A ls",
+            map_expr="gpuce::LseStat<A>::element(A(x))",
             reduce_expr="gpuce::merge(a, b)",
-            post_map_expr="y = O(a.lse())",
+            post_map_expr="gpuce::finish_lse(a, mx, ls)",
             identity="_type_reduce::identity()",
             reduce_type="gpuce::LseStat<{A}>",
-            specializations=tuple(
-                {"T": t, "A": ACC_OF[t], "O": o} for t in FLOATS for o in {t, ACC_OF[t]}
-            ),
+            specializations=_float_specs(),
         ),
         KernelSpec(
             name="gpuce_softmax",
             kind="elementwise",
-            in_params="T x, A lse",
+            in_params="T x, A mx, A ls",
             out_params="T y",
-            operation="y = isfinite(lse) ? T(exp(A(x) - lse)) : T(gpuce::quiet_nan<A>())",
+            operation="y = isfinite(mx + ls) ? T(exp((A(x) - mx) - ls)) : T(gpuce::quiet_nan<A>())",
             specializations=_float_specs(),
         ),
         KernelSpec(
             name="gpuce_log_softmax",
             kind="elementwise",
-            in_params="T x, A lse",
+            in_params="T x, A mx, A ls",
             out_params="T y",
-            operation="y = isfinite(lse) ? T(A(x) - lse) : T(gpuce::quiet_nan<A>())",
+            operation="y = isfinite(mx + ls) ? T((A(x) - mx) - ls) : T(gpuce::quiet_nan<A>())",
             specializations=_float_specs(),
         ),
         KernelSpec(
             name="gpuce_sce_stats_label",
             kind="reduction",
             in_params="T x, I lbl, int32 col, A w, A eps_over_c, I ign",
-            out_params="A lse, A tlab, A smooth, A asum",
+            out_params="A mx, A ls, A tlab, A smooth, A asum",
             map_expr=(
                 "gpuce::RowStat<A>::element(A(x), gpuce::label_coef(lbl != ign, w, eps_over_c), "
                 "lbl == I(col))"
             ),
             reduce_expr="gpuce::merge(a, b)",
-            post_map_expr="gpuce::finish_row(a, lse, tlab, smooth, asum)",
+            post_map_expr="gpuce::finish_row(a, mx, ls, tlab, smooth, asum)",
             identity="_type_reduce::identity()",
             reduce_type="gpuce::RowStat<{A}>",
             specializations=_label_specs(),
@@ -147,13 +146,13 @@ SPECS = {
             name="gpuce_sce_stats_prob",
             kind="reduction",
             in_params="T x, Y y, A w, A one_minus_eps, A eps_over_c",
-            out_params="A lse, A tlab, A smooth, A asum",
+            out_params="A mx, A ls, A tlab, A smooth, A asum",
             map_expr=(
                 "gpuce::RowStat<A>::element(A(x), gpuce::prob_coef(A(y), w, one_minus_eps, eps_over_c), "
                 "false)"
             ),
             reduce_expr="gpuce::merge(a, b)",
-            post_map_expr="gpuce::finish_row(a, lse, tlab, smooth, asum)",
+            post_map_expr="gpuce::finish_row(a, mx, ls, tlab, smooth, asum)",
             identity="_type_reduce::identity()",
             reduce_type="gpuce::RowStat<{A}>",
             specializations=_prob_specs(),
@@ -161,19 +160,19 @@ SPECS = {
         KernelSpec(
             name="gpuce_sce_rows",
             kind="elementwise",
-            in_params="bool active, A lse, A tlab, A smooth, A asum, A wl, A z",
+            in_params="bool active, A mx, A ls, A tlab, A smooth, A asum, A wl, A z",
             out_params="A loss, A g",
-            operation="gpuce::finish_loss(active, lse, tlab, smooth, asum, wl, z, loss, g)",
+            operation="gpuce::finish_loss(active, mx, ls, tlab, smooth, asum, wl, z, loss, g)",
             specializations=({"A": "float32"}, {"A": "float64"}),
         ),
         KernelSpec(
             name="gpuce_sce_grad_label",
             kind="elementwise",
-            in_params="T x, A lse, A g, A wl, I lbl, int32 col, A w, A eps_over_c, A scale, I ign",
+            in_params="T x, A mx, A ls, A g, A wl, I lbl, int32 col, A w, A eps_over_c, A scale, I ign",
             out_params="T grad",
             operation=(
                 "bool act = lbl != ign;\n"
-                "grad = T(gpuce::grad_element(act, A(x), lse, g, gpuce::label_coef(act, w, eps_over_c), "
+                "grad = T(gpuce::grad_element(act, A(x), mx, ls, g, gpuce::label_coef(act, w, eps_over_c), "
                 "wl, lbl == I(col), scale))"
             ),
             specializations=_label_specs(),
@@ -181,10 +180,10 @@ SPECS = {
         KernelSpec(
             name="gpuce_sce_grad_prob",
             kind="elementwise",
-            in_params="T x, Y y, A lse, A g, A w, A one_minus_eps, A eps_over_c, A scale",
+            in_params="T x, Y y, A mx, A ls, A g, A w, A one_minus_eps, A eps_over_c, A scale",
             out_params="T grad",
             operation=(
-                "grad = T(gpuce::grad_element(true, A(x), lse, g, "
+                "grad = T(gpuce::grad_element(true, A(x), mx, ls, g, "
                 "gpuce::prob_coef(A(y), w, one_minus_eps, eps_over_c), A(0), false, scale))"
             ),
             specializations=_prob_specs(),

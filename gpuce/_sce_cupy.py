@@ -91,28 +91,28 @@ def _portable(cp, x2, lbl, y, w, a, scale, grad_out, active, wl):
     eps_c = a.label_smoothing / c
     ome = 1.0 - a.label_smoothing
     col = cp.arange(c, dtype=cp.int32)
-    lse, tlab, smooth, asum = (cp.empty(n, acc) for _ in range(4))
+    mx, ls, tlab, smooth, asum = (cp.empty(n, acc) for _ in range(5))
     if lbl is not None:
         iname = lbl.dtype.name
         lbl2 = lbl[:, None]
         get_kernel("gpuce_sce_stats_label", T=tname, A=aname, I=iname)(
-            x2, lbl2, col, w, eps_c, a.ignore_index, lse, tlab, smooth, asum, axis=1
+            x2, lbl2, col, w, eps_c, a.ignore_index, mx, ls, tlab, smooth, asum, axis=1
         )
     else:
         get_kernel("gpuce_sce_stats_prob", T=tname, A=aname, Y=y.dtype.name)(
-            x2, y, w, ome, eps_c, lse, tlab, smooth, asum, axis=1
+            x2, y, w, ome, eps_c, mx, ls, tlab, smooth, asum, axis=1
         )
         wl = cp.zeros(n, acc)
-    loss, g = get_kernel("gpuce_sce_rows", A=aname)(active, lse, tlab, smooth, asum, wl, a.z_loss)
+    loss, g = get_kernel("gpuce_sce_rows", A=aname)(active, mx, ls, tlab, smooth, asum, wl, a.z_loss)
     if grad_out is not None:
         if lbl is not None:
             get_kernel("gpuce_sce_grad_label", T=tname, A=aname, I=iname)(
-                x2, lse[:, None], g[:, None], wl[:, None], lbl2, col, w, eps_c, scale,
+                x2, mx[:, None], ls[:, None], g[:, None], wl[:, None], lbl2, col, w, eps_c, scale,
                 a.ignore_index, grad_out,
             )
         else:
             get_kernel("gpuce_sce_grad_prob", T=tname, A=aname, Y=y.dtype.name)(
-                x2, y, lse[:, None], g[:, None], w, ome, eps_c, scale, grad_out
+                x2, y, mx[:, None], ls[:, None], g[:, None], w, ome, eps_c, scale, grad_out
             )
     return loss
 

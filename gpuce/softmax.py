@@ -1,7 +1,8 @@
 """Stable softmax, log_softmax and logsumexp over one axis, on NumPy or CuPy arrays.
 
 All three subtract the maximum along ``axis`` first (scipy's convention: a
-non-finite maximum is replaced by 0), so no input overflows.  float16 inputs are
+non-finite maximum is replaced by 0), so no input overflows; probabilities are
+``exp((x - m) - log s)``, never ``exp(x - lse)`` with a rounded lse.  float16 inputs are
 computed in float32; results have the input's dtype.  On CuPy one
 ReductionKernel pass computes the log-sum-exp (online max / sum-exp) and, for
 softmax / log_softmax, one ElementwiseKernel pass maps ``x - lse``.
@@ -23,33 +24,34 @@ def _prepare(x, axis):
     return xp, x, axis
 
 
-def _lse_numpy(x, axis, acc):
-    """Log-sum-exp along ``axis`` with keepdims, in dtype ``acc``."""
+def _norm_numpy(x, axis, acc):
+    """The normaliser along ``axis`` (keepdims) as (mx, ls): lse = mx + ls, and
+    probabilities are exp((x - mx) - ls) (no rounded lse inside the exponent)."""
     xa = x.astype(acc, copy=False)
+    shape = xa.shape[:axis] + (1,) + xa.shape[axis + 1:]
+    if xa.shape[axis] == 0:
+        return np.full(shape, -np.inf, acc), np.full(shape, -np.inf, acc)
     with np.errstate(all="ignore"):
-        m = np.max(xa, axis=axis, keepdims=True) if xa.shape[axis] else np.full(
-            xa.shape[:axis] + (1,) + xa.shape[axis + 1:], -np.inf, acc)
+        m = np.max(xa, axis=axis, keepdims=True)
         ms = np.where(np.isfinite(m), m, 0).astype(acc)
-        s = np.sum(np.exp(xa - ms), axis=axis, keepdims=True)
-        return ms + np.log(s)
+        ls = np.log(np.sum(np.exp(xa - ms), axis=axis, keepdims=True))
+        return np.where(np.isfinite(m), ms, m).astype(acc), ls.astype(acc)
 
 
-def _lse_cupy(x, axis, out_dtype):
+def _norm_cupy(x, axis):
     import cupy as cp
 
     from ._cupy_kernels import get_kernel
 
     acc = V.acc_dtype(x.dtype)
-    out_shape = x.shape[:axis] + (1,) + x.shape[axis + 1:]
-    out = cp.empty(out_shape, out_dtype)
-    if out.size == 0:
-        return out
-    if x.shape[axis] == 0:
-        out.fill(-np.inf)
-        return out
-    k = get_kernel("gpuce_lse", T=x.dtype.name, A=acc.name, O=np.dtype(out_dtype).name)
-    k(x, out, axis=axis, keepdims=True)
-    return out
+    shape = x.shape[:axis] + (1,) + x.shape[axis + 1:]
+    mx, ls = cp.empty(shape, acc), cp.empty(shape, acc)
+    if mx.size and x.shape[axis] == 0:
+        mx.fill(-np.inf)
+        ls.fill(-np.inf)
+    elif mx.size:
+        get_kernel("gpuce_lse", T=x.dtype.name, A=acc.name)(x, mx, ls, axis=axis, keepdims=True)
+    return mx, ls
 
 
 def logsumexp(x, axis=-1):
@@ -71,27 +73,26 @@ def logsumexp(x, axis=-1):
     scipy.special.logsumexp, torch.logsumexp
     """
     xp, x, axis = _prepare(x, axis)
-    if xp is np:
-        return _lse_numpy(x, axis, V.acc_dtype(x.dtype)).astype(x.dtype).squeeze(axis)
-    return _lse_cupy(x, axis, x.dtype).squeeze(axis)
+    mx, ls = _norm_numpy(x, axis, V.acc_dtype(x.dtype)) if xp is np else _norm_cupy(x, axis)
+    return (mx + ls).astype(x.dtype).squeeze(axis)
 
 
 def _map(x, axis, numpy_fn, kernel_name):
     xp, x, axis = _prepare(x, axis)
     acc = V.acc_dtype(x.dtype)
     if xp is np:
-        lse = _lse_numpy(x, axis, acc)
+        mx, ls = _norm_numpy(x, axis, acc)
         with np.errstate(all="ignore"):
-            y = numpy_fn(x.astype(acc, copy=False) - lse)
-            return np.where(np.isfinite(lse), y, np.nan).astype(x.dtype, copy=False)
+            y = numpy_fn((x.astype(acc, copy=False) - mx) - ls)
+            return np.where(np.isfinite(mx + ls), y, np.nan).astype(x.dtype, copy=False)
     from ._cupy_kernels import get_kernel
 
-    lse = _lse_cupy(x, axis, acc)
-    return get_kernel(kernel_name, T=x.dtype.name, A=acc.name)(x, lse)
+    mx, ls = _norm_cupy(x, axis)
+    return get_kernel(kernel_name, T=x.dtype.name, A=acc.name)(x, mx, ls)
 
 
 def softmax(x, axis=-1):
-    """Softmax along ``axis``: ``y_j = exp(x_j - lse)``, rows summing to 1.
+    """Softmax along ``axis``: ``y_j = exp(x_j - lse)`` (formed as ``exp((x_j - m) - log s)``).
 
     Parameters
     ----------

@@ -103,15 +103,28 @@ __device__ __forceinline__ A prob_coef(A y, A w, A one_minus_eps, A eps_over_c) 
     return w * (one_minus_eps * y + eps_over_c);
 }
 
-// Writes the per-row reduction outputs.
-//   lse    = log sum_c exp(x_c)
-//   tlab   = lse - x_label, formed as (m - t) + log(s)
-//   smooth = sum_c coef_c * (lse - x_c) = a * log(s) - b
+// A row's normaliser is kept as the pair (mx, ls): mx is the shift (the row max when it is
+// finite; the non-finite max itself marks a bad row) and ls = log sum_c exp(x_c - mx).
+// lse = mx + ls, but probabilities are formed as exp((x - mx) - ls): x - mx is exact for the
+// large entries, so float32 keeps full relative precision even for logits near 1e4, which
+// exp(x - lse) with a rounded lse does not.
+
+// logsumexp / softmax reduction output.
+template <typename A>
+__device__ __forceinline__ void finish_lse(const LseStat<A>& r, A& mx, A& ls) {
+    mx = r.m;
+    ls = log(r.s);
+}
+
+// Writes the per-row reduction outputs of the loss:
+//   mx, ls  the normaliser (above)
+//   tlab   = lse - x_label, formed as (m - t) + ls
+//   smooth = sum_c coef_c * (lse - x_c) = a * ls - b
 //   asum   = sum_c coef_c
 template <typename A>
-__device__ __forceinline__ void finish_row(const RowStat<A>& r, A& lse, A& tlab, A& smooth, A& asum) {
-    A ls = log(r.e.s);
-    lse = r.e.m + ls;
+__device__ __forceinline__ void finish_row(const RowStat<A>& r, A& mx, A& ls, A& tlab, A& smooth, A& asum) {
+    mx = r.e.m;
+    ls = log(r.e.s);
     tlab = (r.e.m - r.t) + ls;
     smooth = (r.a == A(0)) ? A(0) : r.a * ls - r.b;
     asum = r.a;
@@ -122,9 +135,10 @@ __device__ __forceinline__ void finish_row(const RowStat<A>& r, A& lse, A& tlab,
 //   G_i    = wl + asum + 2 z lse                   (so grad_j = p_j G_i - coef_j - wl [j = k])
 // A row with a non-finite lse (NaN, +inf or all -inf logits) gets NaN for both.
 template <typename A>
-__device__ __forceinline__ void finish_loss(bool active, A lse, A tlab, A smooth, A asum, A wl, A z,
+__device__ __forceinline__ void finish_loss(bool active, A mx, A ls, A tlab, A smooth, A asum, A wl, A z,
                                             A& loss, A& g) {
     if (!active) { loss = A(0); g = A(0); return; }
+    const A lse = mx + ls;
     if (!isfinite(lse)) { loss = quiet_nan<A>(); g = quiet_nan<A>(); return; }
     A lab = (wl == A(0)) ? A(0) : wl * tlab;
     A zt = (z == A(0)) ? A(0) : z * lse * lse;
@@ -134,23 +148,24 @@ __device__ __forceinline__ void finish_loss(bool active, A lse, A tlab, A smooth
 
 // The fused kernels' version of finish_row + finish_loss.  m is the row max (NaN / +inf /
 // -inf for a bad row); s, b and t_rel = x_label - ms are relative to the finite shift ms
-// (ms = m when m is finite), so the label term is log(s) - t_rel with no x + m - m rounding.
+// (ms = m when m is finite), so the label term is ls - t_rel with no x + m - m rounding.
 template <typename A>
 __device__ __forceinline__ void finish_stats(bool active, A m, A ms, A s, A a, A b, A t_rel, A wl, A z,
-                                             A& lse, A& loss, A& g) {
-    A ls = log(s);
-    lse = (isfinite(m) ? ms : m) + ls;
+                                             A& mx, A& ls, A& loss, A& g) {
+    mx = isfinite(m) ? ms : m;
+    ls = log(s);
     A tlab = ls - t_rel;
     A smooth = (a == A(0)) ? A(0) : a * ls - b;
-    finish_loss(active, lse, tlab, smooth, a, wl, z, loss, g);
+    finish_loss(active, mx, ls, tlab, smooth, a, wl, z, loss, g);
 }
 
-// d loss / d x_j for one element, before the reduction scale.
+// d loss / d x_j for one element, times the reduction's scale.
 template <typename A>
-__device__ __forceinline__ A grad_element(bool active, A x, A lse, A g, A coef, A wl, bool is_label, A scale) {
+__device__ __forceinline__ A grad_element(bool active, A x, A mx, A ls, A g, A coef, A wl, bool is_label,
+                                          A scale) {
     if (!active) return A(0);
-    if (!isfinite(lse)) return quiet_nan<A>();
-    A p = exp(x - lse);
+    if (!isfinite(mx + ls)) return quiet_nan<A>();
+    A p = exp((x - mx) - ls);
     A d = p * g - coef - (is_label ? wl : A(0));
     return d * scale;
 }

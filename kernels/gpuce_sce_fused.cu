@@ -5,7 +5,7 @@
 // All variants share one parameter list and the maths of gpuce_rowstat.cuh:
 //   lse   = m + log s                        s = sum_c exp(x_c - m)
 //   loss  = wl * ((m - x_k) + log s) + (a log s - b) + z lse^2      (finish_row / finish_loss)
-//   grad  = scale * (exp(x_j - lse) G - coef_j - wl [j = k])         (grad_element)
+//   grad  = scale * (exp((x_j - m) - log s) G - coef_j - wl [j = k])   (grad_element)
 // MODE 0: integer labels (coef_j = (eps/C) w_j, wl = (1-eps) w_k; rows with
 //         label == ignore_index give loss 0 and a zero gradient row).
 // MODE 1: probability targets y (coef_j = w_j ((1-eps) y_j + eps/C), wl = 0).
@@ -179,11 +179,11 @@ __global__ void sce_regs(GPUCE_SCE_PARAMS) {
             }
         }
         s = group_sum<G>(s); a = group_sum<G>(a); b = group_sum<G>(b); t = group_sum<G>(t);
-        A lse, loss, g;
-        finish_stats(ctx.active, m, ms, s, a, b, t, ctx.wl, z, lse, loss, g);
+        A mx, ls, loss, g;
+        finish_stats(ctx.active, m, ms, s, a, b, t, ctx.wl, z, mx, ls, loss, g);
         if (valid && lane == 0) {
             loss_out[row] = loss;
-            if (lse_out) lse_out[row] = lse;
+            if (lse_out) lse_out[row] = mx + ls;
         }
         if (grad && valid) {
             T* grow = grad + row * ldg;
@@ -196,7 +196,7 @@ __global__ void sce_regs(GPUCE_SCE_PARAMS) {
                     for (int u = 0; u < VEC; ++u) {
                         const int col = col0 + u;
                         const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                        p.v[u] = store_t<T>(grad_element(ctx.active, v[it * VEC + u], lse, g, cf, ctx.wl,
+                        p.v[u] = store_t<T>(grad_element(ctx.active, v[it * VEC + u], mx, ls, g, cf, ctx.wl,
                                                          col == ctx.k, scale));
                     }
                     if (VEC > 1) *reinterpret_cast<Pack<T, VEC>*>(grow + col0) = p;
@@ -240,11 +240,11 @@ __global__ void sce_smem(GPUCE_SCE_PARAMS) {
             if (col == ctx.k) t = d;
         }
         block_sum4(s, a, b, t, red);
-        A lse, loss, g;
-        finish_stats(ctx.active, m, ms, s, a, b, t, ctx.wl, z, lse, loss, g);
+        A mx, ls, loss, g;
+        finish_stats(ctx.active, m, ms, s, a, b, t, ctx.wl, z, mx, ls, loss, g);
         if (threadIdx.x == 0) {
             loss_out[row] = loss;
-            if (lse_out) lse_out[row] = lse;
+            if (lse_out) lse_out[row] = mx + ls;
         }
         if (grad) {
             T* grow = grad + row * ldg;
@@ -254,7 +254,7 @@ __global__ void sce_smem(GPUCE_SCE_PARAMS) {
                 for (int u = 0; u < VEC; ++u) {
                     const int col = col0 + u;
                     const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                    p.v[u] = store_t<T>(grad_element(ctx.active, load_acc<A>(p.v[u]), lse, g, cf, ctx.wl,
+                    p.v[u] = store_t<T>(grad_element(ctx.active, load_acc<A>(p.v[u]), mx, ls, g, cf, ctx.wl,
                                                      col == ctx.k, scale));
                 }
                 if (VEC > 1) *reinterpret_cast<Pack<T, VEC>*>(grow + col0) = p;
@@ -296,11 +296,11 @@ __global__ void sce_twopass(GPUCE_SCE_PARAMS) {
         A b = st.b + shift(st.a, st.e.m, ms);
         A t = st.t;  // the raw label logit (one thread holds it), made relative below
         block_sum4(s, a, b, t, red);
-        A lse, loss, g;
-        finish_stats(ctx.active, m, ms, s, a, b, ctx.k >= 0 ? t - ms : A(0), ctx.wl, z, lse, loss, g);
+        A mx, ls, loss, g;
+        finish_stats(ctx.active, m, ms, s, a, b, ctx.k >= 0 ? t - ms : A(0), ctx.wl, z, mx, ls, loss, g);
         if (threadIdx.x == 0) {
             loss_out[row] = loss;
-            if (lse_out) lse_out[row] = lse;
+            if (lse_out) lse_out[row] = mx + ls;
         }
         if (grad) {
             T* grow = grad + row * ldg;
@@ -312,7 +312,7 @@ __global__ void sce_twopass(GPUCE_SCE_PARAMS) {
                 for (int u = 0; u < VEC; ++u) {
                     const int col = col0 + u;
                     const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                    p.v[u] = store_t<T>(grad_element(ctx.active, load_acc<A>(p.v[u]), lse, g, cf, ctx.wl,
+                    p.v[u] = store_t<T>(grad_element(ctx.active, load_acc<A>(p.v[u]), mx, ls, g, cf, ctx.wl,
                                                      col == ctx.k, scale));
                 }
                 if (VEC > 1) *reinterpret_cast<Pack<T, VEC>*>(grow + col0) = p;
@@ -381,11 +381,11 @@ __global__ void __cluster_dims__(CL, 1, 1) sce_cluster(GPUCE_SCE_PARAMS) {
             s += pr[0]; a += pr[1]; b += pr[2]; t += pr[3];
         }
         cluster.sync();  // part[] is free again for the next row
-        A lse, loss, g;
-        finish_stats(ctx.active, gm, ms, s, a, b, t, ctx.wl, z, lse, loss, g);
+        A mx, ls, loss, g;
+        finish_stats(ctx.active, gm, ms, s, a, b, t, ctx.wl, z, mx, ls, loss, g);
         if (rank == 0 && threadIdx.x == 0) {
             loss_out[row] = loss;
-            if (lse_out) lse_out[row] = lse;
+            if (lse_out) lse_out[row] = mx + ls;
         }
         if (grad) {
             T* grow = grad + row * ldg;
@@ -395,7 +395,7 @@ __global__ void __cluster_dims__(CL, 1, 1) sce_cluster(GPUCE_SCE_PARAMS) {
                 for (int u = 0; u < VEC; ++u) {
                     const int col = col0 + u;
                     const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                    p.v[u] = store_t<T>(grad_element(ctx.active, load_acc<A>(p.v[u]), lse, g, cf, ctx.wl,
+                    p.v[u] = store_t<T>(grad_element(ctx.active, load_acc<A>(p.v[u]), mx, ls, g, cf, ctx.wl,
                                                      col == ctx.k, scale));
                 }
                 if (VEC > 1) *reinterpret_cast<Pack<T, VEC>*>(grow + col0) = p;

@@ -63,3 +63,17 @@ def test_input_not_modified(xp):
     before = to_numpy(x).copy()
     gpuce.softmax(x), gpuce.log_softmax(x), gpuce.logsumexp(x)
     np.testing.assert_array_equal(to_numpy(x), before)
+
+
+def test_float32_keeps_relative_precision_for_large_logits(xp):
+    """exp((x - m) - log s): no 1e-4 error from rounding lse ~ 1e4 to float32."""
+    x = np.array([[1e4, 1e4 - 1, -1e4], [-5e3, -5e3 - 2, -5e3 - 0.5]], np.float32)
+    ref = R.softmax_rows(x)
+    np.testing.assert_allclose(to_numpy(gpuce.softmax(xp.asarray(x))), ref, rtol=2e-6)
+    np.testing.assert_allclose(to_numpy(gpuce.log_softmax(xp.asarray(x)))[:, :2],
+                               np.log(ref[:, :2]), rtol=2e-6)
+    _, g = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray([0, 2]), reduction="sum",
+                                       return_grad=True)
+    expect = ref.copy()
+    expect[[0, 1], [0, 2]] -= 1
+    np.testing.assert_allclose(to_numpy(g), expect, rtol=2e-6, atol=1e-7)
