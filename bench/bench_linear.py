@@ -27,7 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpuce  # noqa: E402
-from bench._results import machine_name, upsert  # noqa: E402
+from gpuce.benchmark import cpu_name, upsert  # noqa: E402
+
+CSV = Path(__file__).resolve().parent / "results" / "linear.csv"
 
 
 def gpu_rows(dry, repeat):
@@ -86,7 +88,7 @@ def cpu_rows(dry):
         Xs, ys = make_classification(n_samples=100000, n_features=256, n_informative=64,
                                      n_classes=50, n_clusters_per_class=1, random_state=0)
         sets.append(("synthetic-100000x256x50", Xs, ys))
-    lam, tol, rows, machine = 1.0, 1e-6, [], machine_name()
+    lam, tol, rows, machine = 1.0, 1e-6, [], cpu_name()
     for name, X, y in sets:
         t0 = time.perf_counter()
         sk = LogisticRegression(C=1 / lam, tol=tol, max_iter=10000).fit(X, y)
@@ -114,7 +116,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     rows = gpu_rows(a.dry, a.repeat) if a.gpu else cpu_rows(a.dry)
     if not a.dry:
-        print("wrote", upsert("linear.csv", rows))
+        print("wrote", upsert(CSV, rows))
 
 
 if __name__ == "__main__":

@@ -246,8 +246,9 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True):
     return rows, gpu
 
 
-def dry_sweep(classes, totals, dtypes, repeat, progress=False):
-    """The harness without a GPU: NumPy providers at tiny sizes (checks CSV/plot/table)."""
+def cpu_sweep(classes, totals, dtypes, repeat, note=""):
+    """NumPy providers (gpuce's CPU backend against a copy).  ``--dry`` runs it at tiny sizes
+    to check the harness without a GPU; bench/bench_sce_cpu.py at real ones."""
     import gpuce
 
     name = cpu_name()
@@ -274,9 +275,9 @@ def dry_sweep(classes, totals, dtypes, repeat, progress=False):
                 sce = timed(lambda: gpuce.softmax_cross_entropy(x, y, return_grad=True))
                 nbytes = 2 * x.itemsize * n * c
                 rows.append(_row("copy", "copy", "full", np.dtype(dtype).name, n, c, name, copy, nbytes,
-                                 copy, 0.0, "dry run"))
+                                 copy, 0.0, note))
                 rows.append(_row("softmax_cross_entropy", "gpuce-numpy", "full", np.dtype(dtype).name,
-                                 n, c, name, sce, nbytes, copy, None, "dry run"))
+                                 n, c, name, sce, nbytes, copy, None, note))
     return rows, name
 
 
@@ -362,12 +363,14 @@ def table(rows, gpu_name: str, dtype="float32") -> str:
     return head + "\n".join(lines) + tail
 
 
-def update_readme(readme: Path, text: str) -> bool:
+def update_readme(readme: Path, text: str, section: str = "bench") -> bool:
+    """Replace the text between ``<!-- {section}:start -->`` and ``<!-- {section}:end -->``."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     s = readme.read_text()
-    pat = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    pat = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pat.search(s):
         return False
-    readme.write_text(pat.sub(lambda _: f"{README_START}\n{text}\n{README_END}", s))
+    readme.write_text(pat.sub(lambda _: f"{start}\n{text}\n{end}", s))
     return True
 
 
@@ -398,8 +401,8 @@ def main(argv=None) -> int:
         name = rows[0]["gpu_name"]
         csv_path = results / ("dry_sce.csv" if name.startswith("cpu:") else "gpu_sce.csv")
     elif a.dry:
-        rows, name = dry_sweep(a.classes if a.classes != list(CLASSES) else [10, 100, 1000],
-                               [2**14], a.dtypes, max(2, min(a.repeat, 3)))
+        rows, name = cpu_sweep(a.classes if a.classes != list(CLASSES) else [10, 100, 1000],
+                               [2**14], a.dtypes, max(2, min(a.repeat, 3)), note="dry run")
         csv_path = results / "dry_sce.csv"
     else:
         rows, name = gpu_sweep(a.classes, a.totals, a.dtypes, a.repeat, a.providers,

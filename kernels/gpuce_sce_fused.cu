@@ -116,6 +116,61 @@ __device__ __forceinline__ A coef_at(const RowCtx<MODE, T, I, A>& r, int col, co
     return prob_coef(load_acc<A>(r.yrow[col]), wc, one_minus_eps, eps_over_c);
 }
 
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+    Pack<T, VEC> r;
+    if (VEC > 1) r = *reinterpret_cast<const Pack<T, VEC>*>(p);
+    else r.v[0] = p[0];
+    return r;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& r) {
+    if (VEC > 1) *reinterpret_cast<Pack<T, VEC>*>(p) = r;
+    else p[0] = r.v[0];
+}
+
+template <typename A, typename T, int VEC>
+__device__ __forceinline__ Pack<A, VEC> to_acc(const Pack<T, VEC>& p) {
+    Pack<A, VEC> r;
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) r.v[u] = load_acc<A>(p.v[u]);
+    return r;
+}
+
+// One thread's share of the row sums, relative to the finite shift ms:
+//   s = sum exp(x - ms), a = sum coef, b = sum coef (x - ms), t = x_label - ms.
+template <typename A>
+struct RowSums {
+    A s, a, b, t;
+};
+
+template <int MODE, typename T, typename I, typename A>
+__device__ __forceinline__ void add_element(RowSums<A>& r, A xv, int col, A ms, const RowCtx<MODE, T, I, A>& ctx,
+                                            const A* w, A eps_over_c, A one_minus_eps) {
+    const A d = xv - ms;
+    r.s += exp(d);
+    const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
+    r.a += cf;
+    if (cf != A(0)) r.b += cf * d;
+    if (col == ctx.k) r.t = d;
+}
+
+// The gradient of VEC consecutive logits xv (columns col0...), stored at grow + col0.
+template <int MODE, typename T, typename I, typename A, int VEC>
+__device__ __forceinline__ void store_grad(T* grow, int col0, const Pack<A, VEC>& xv,
+                                           const RowCtx<MODE, T, I, A>& ctx, const A* w, A eps_over_c,
+                                           A one_minus_eps, A mx, A ls, A g, A scale) {
+    Pack<T, VEC> p;
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) {
+        const int col = col0 + u;
+        const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
+        p.v[u] = store_t<T>(grad_element(ctx.active, xv.v[u], mx, ls, g, cf, ctx.wl, col == ctx.k, scale));
+    }
+    store_pack<T, VEC>(grow + col0, p);
+}
+
 #define GPUCE_SCE_PARAMS                                                                          \
     const T *__restrict__ x, long long ldx, const I *__restrict__ labels, const T *__restrict__ y, \
         long long ldy, const A *__restrict__ w, long long n, int c, A eps_over_c, A one_minus_eps, \
@@ -146,13 +201,9 @@ __global__ void sce_regs(GPUCE_SCE_PARAMS) {
         for (int it = 0; it < ITEMS; ++it) {
             const int col0 = (it * G + lane) * VEC;
             if (valid && col0 < c) {
-                if (VEC > 1) {
-                    Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(xrow + col0);
+                const Pack<A, VEC> p = to_acc<A>(load_pack<T, VEC>(xrow + col0));
 #pragma unroll
-                    for (int u = 0; u < VEC; ++u) v[it * VEC + u] = load_acc<A>(p.v[u]);
-                } else {
-                    v[it * VEC] = load_acc<A>(xrow[col0]);
-                }
+                for (int u = 0; u < VEC; ++u) v[it * VEC + u] = p.v[u];
 #pragma unroll
                 for (int u = 0; u < VEC; ++u) m = nanmax(m, v[it * VEC + u]);
             } else {
@@ -162,25 +213,18 @@ __global__ void sce_regs(GPUCE_SCE_PARAMS) {
         }
         m = group_max<G>(m);
         const A ms = isfinite(m) ? m : A(0);
-        A s = A(0), a = A(0), b = A(0), t = A(0);
+        RowSums<A> r = {A(0), A(0), A(0), A(0)};
 #pragma unroll
         for (int it = 0; it < ITEMS; ++it) {
 #pragma unroll
             for (int u = 0; u < VEC; ++u) {
                 const int col = (it * G + lane) * VEC + u;
-                if (valid && col < c) {
-                    const A d = v[it * VEC + u] - ms;
-                    s += exp(d);
-                    const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                    a += cf;
-                    if (cf != A(0)) b += cf * d;
-                    if (col == ctx.k) t = d;
-                }
+                if (valid && col < c) add_element(r, v[it * VEC + u], col, ms, ctx, w, eps_over_c, one_minus_eps);
             }
         }
-        s = group_sum<G>(s); a = group_sum<G>(a); b = group_sum<G>(b); t = group_sum<G>(t);
+        r.s = group_sum<G>(r.s); r.a = group_sum<G>(r.a); r.b = group_sum<G>(r.b); r.t = group_sum<G>(r.t);
         A mx, ls, loss, g;
-        finish_stats(ctx.active, m, ms, s, a, b, t, ctx.wl, z, mx, ls, loss, g);
+        finish_stats(ctx.active, m, ms, r.s, r.a, r.b, r.t, ctx.wl, z, mx, ls, loss, g);
         if (valid && lane == 0) {
             loss_out[row] = loss;
             if (lse_out) lse_out[row] = mx + ls;
@@ -191,16 +235,10 @@ __global__ void sce_regs(GPUCE_SCE_PARAMS) {
             for (int it = 0; it < ITEMS; ++it) {
                 const int col0 = (it * G + lane) * VEC;
                 if (col0 < c) {
-                    Pack<T, VEC> p;
+                    Pack<A, VEC> xv;
 #pragma unroll
-                    for (int u = 0; u < VEC; ++u) {
-                        const int col = col0 + u;
-                        const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                        p.v[u] = store_t<T>(grad_element(ctx.active, v[it * VEC + u], mx, ls, g, cf, ctx.wl,
-                                                         col == ctx.k, scale));
-                    }
-                    if (VEC > 1) *reinterpret_cast<Pack<T, VEC>*>(grow + col0) = p;
-                    else grow[col0] = p.v[0];
+                    for (int u = 0; u < VEC; ++u) xv.v[u] = v[it * VEC + u];
+                    store_grad<MODE, T, I, A, VEC>(grow, col0, xv, ctx, w, eps_over_c, one_minus_eps, mx, ls, g, scale);
                 }
             }
         }
@@ -221,45 +259,28 @@ __global__ void sce_smem(GPUCE_SCE_PARAMS) {
         const T* xrow = x + row * ldx;
         A m = neg_inf<A>();
         for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC) {
-            Pack<T, VEC> p;
-            if (VEC > 1) p = *reinterpret_cast<const Pack<T, VEC>*>(xrow + col0);
-            else p.v[0] = xrow[col0];
-            *reinterpret_cast<Pack<T, VEC>*>(row_s + col0) = p;
+            const Pack<T, VEC> p = load_pack<T, VEC>(xrow + col0);
+            store_pack<T, VEC>(row_s + col0, p);
 #pragma unroll
             for (int u = 0; u < VEC; ++u) m = nanmax(m, load_acc<A>(p.v[u]));
         }
         m = block_max(m, red);  // its barriers also publish row_s
         const A ms = isfinite(m) ? m : A(0);
-        A s = A(0), a = A(0), b = A(0), t = A(0);
-        for (int col = threadIdx.x; col < c; col += blockDim.x) {
-            const A d = load_acc<A>(row_s[col]) - ms;
-            s += exp(d);
-            const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-            a += cf;
-            if (cf != A(0)) b += cf * d;
-            if (col == ctx.k) t = d;
-        }
-        block_sum4(s, a, b, t, red);
+        RowSums<A> r = {A(0), A(0), A(0), A(0)};
+        for (int col = threadIdx.x; col < c; col += blockDim.x)
+            add_element(r, load_acc<A>(row_s[col]), col, ms, ctx, w, eps_over_c, one_minus_eps);
+        block_sum4(r.s, r.a, r.b, r.t, red);
         A mx, ls, loss, g;
-        finish_stats(ctx.active, m, ms, s, a, b, t, ctx.wl, z, mx, ls, loss, g);
+        finish_stats(ctx.active, m, ms, r.s, r.a, r.b, r.t, ctx.wl, z, mx, ls, loss, g);
         if (threadIdx.x == 0) {
             loss_out[row] = loss;
             if (lse_out) lse_out[row] = mx + ls;
         }
         if (grad) {
             T* grow = grad + row * ldg;
-            for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC) {
-                Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(row_s + col0);
-#pragma unroll
-                for (int u = 0; u < VEC; ++u) {
-                    const int col = col0 + u;
-                    const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                    p.v[u] = store_t<T>(grad_element(ctx.active, load_acc<A>(p.v[u]), mx, ls, g, cf, ctx.wl,
-                                                     col == ctx.k, scale));
-                }
-                if (VEC > 1) *reinterpret_cast<Pack<T, VEC>*>(grow + col0) = p;
-                else grow[col0] = p.v[0];
-            }
+            for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC)
+                store_grad<MODE, T, I, A, VEC>(grow, col0, to_acc<A>(load_pack<T, VEC>(row_s + col0)), ctx, w,
+                                               eps_over_c, one_minus_eps, mx, ls, g, scale);
         }
         __syncthreads();  // row_s and red are reused by the next row
     }
@@ -277,9 +298,7 @@ __global__ void sce_twopass(GPUCE_SCE_PARAMS) {
         // per-thread online state, relative to the thread's running max
         RowStat<A> st = RowStat<A>::identity();
         for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC) {
-            Pack<T, VEC> p;
-            if (VEC > 1) p = *reinterpret_cast<const Pack<T, VEC>*>(xrow + col0);
-            else p.v[0] = xrow[col0];
+            const Pack<T, VEC> p = load_pack<T, VEC>(xrow + col0);
 #pragma unroll
             for (int u = 0; u < VEC; ++u) {
                 const int col = col0 + u;
@@ -304,20 +323,9 @@ __global__ void sce_twopass(GPUCE_SCE_PARAMS) {
         }
         if (grad) {
             T* grow = grad + row * ldg;
-            for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC) {
-                Pack<T, VEC> p;
-                if (VEC > 1) p = *reinterpret_cast<const Pack<T, VEC>*>(xrow + col0);
-                else p.v[0] = xrow[col0];
-#pragma unroll
-                for (int u = 0; u < VEC; ++u) {
-                    const int col = col0 + u;
-                    const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                    p.v[u] = store_t<T>(grad_element(ctx.active, load_acc<A>(p.v[u]), mx, ls, g, cf, ctx.wl,
-                                                     col == ctx.k, scale));
-                }
-                if (VEC > 1) *reinterpret_cast<Pack<T, VEC>*>(grow + col0) = p;
-                else grow[col0] = p.v[0];
-            }
+            for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC)
+                store_grad<MODE, T, I, A, VEC>(grow, col0, to_acc<A>(load_pack<T, VEC>(xrow + col0)), ctx, w,
+                                               eps_over_c, one_minus_eps, mx, ls, g, scale);
         }
         __syncthreads();  // red is reused by the next row
     }
@@ -349,10 +357,8 @@ __global__ void __cluster_dims__(CL, 1, 1) sce_cluster(GPUCE_SCE_PARAMS) {
         const T* xrow = x + row * ldx;
         A m = neg_inf<A>();
         for (int col0 = lo + threadIdx.x * VEC; col0 < hi; col0 += blockDim.x * VEC) {
-            Pack<T, VEC> p;
-            if (VEC > 1) p = *reinterpret_cast<const Pack<T, VEC>*>(xrow + col0);
-            else p.v[0] = xrow[col0];
-            *reinterpret_cast<Pack<T, VEC>*>(row_s + (col0 - lo)) = p;
+            const Pack<T, VEC> p = load_pack<T, VEC>(xrow + col0);
+            store_pack<T, VEC>(row_s + (col0 - lo), p);
 #pragma unroll
             for (int u = 0; u < VEC; ++u) m = nanmax(m, load_acc<A>(p.v[u]));
         }
@@ -363,44 +369,29 @@ __global__ void __cluster_dims__(CL, 1, 1) sce_cluster(GPUCE_SCE_PARAMS) {
         for (int r = 1; r < CL; ++r) gm = nanmax(gm, *cluster.map_shared_rank(&part[0], r));
         cluster.sync();  // everyone has read part[0] before it is overwritten below
         const A ms = isfinite(gm) ? gm : A(0);
-        A s = A(0), a = A(0), b = A(0), t = A(0);
-        for (int col = lo + threadIdx.x; col < hi; col += blockDim.x) {
-            const A d = load_acc<A>(row_s[col - lo]) - ms;
-            s += exp(d);
-            const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-            a += cf;
-            if (cf != A(0)) b += cf * d;
-            if (col == ctx.k) t = d;
-        }
-        block_sum4(s, a, b, t, red);
-        if (threadIdx.x == 0) { part[0] = s; part[1] = a; part[2] = b; part[3] = t; }
+        RowSums<A> r = {A(0), A(0), A(0), A(0)};
+        for (int col = lo + threadIdx.x; col < hi; col += blockDim.x)
+            add_element(r, load_acc<A>(row_s[col - lo]), col, ms, ctx, w, eps_over_c, one_minus_eps);
+        block_sum4(r.s, r.a, r.b, r.t, red);
+        if (threadIdx.x == 0) { part[0] = r.s; part[1] = r.a; part[2] = r.b; part[3] = r.t; }
         cluster.sync();
-        s = A(0); a = A(0); b = A(0); t = A(0);
-        for (int r = 0; r < CL; ++r) {  // same order in every block: identical totals
-            const A* pr = cluster.map_shared_rank(&part[0], r);
-            s += pr[0]; a += pr[1]; b += pr[2]; t += pr[3];
+        RowSums<A> tot = {A(0), A(0), A(0), A(0)};
+        for (int q = 0; q < CL; ++q) {  // same order in every block: identical totals
+            const A* pr = cluster.map_shared_rank(&part[0], q);
+            tot.s += pr[0]; tot.a += pr[1]; tot.b += pr[2]; tot.t += pr[3];
         }
         cluster.sync();  // part[] is free again for the next row
         A mx, ls, loss, g;
-        finish_stats(ctx.active, gm, ms, s, a, b, t, ctx.wl, z, mx, ls, loss, g);
+        finish_stats(ctx.active, gm, ms, tot.s, tot.a, tot.b, tot.t, ctx.wl, z, mx, ls, loss, g);
         if (rank == 0 && threadIdx.x == 0) {
             loss_out[row] = loss;
             if (lse_out) lse_out[row] = mx + ls;
         }
         if (grad) {
             T* grow = grad + row * ldg;
-            for (int col0 = lo + threadIdx.x * VEC; col0 < hi; col0 += blockDim.x * VEC) {
-                Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(row_s + (col0 - lo));
-#pragma unroll
-                for (int u = 0; u < VEC; ++u) {
-                    const int col = col0 + u;
-                    const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                    p.v[u] = store_t<T>(grad_element(ctx.active, load_acc<A>(p.v[u]), mx, ls, g, cf, ctx.wl,
-                                                     col == ctx.k, scale));
-                }
-                if (VEC > 1) *reinterpret_cast<Pack<T, VEC>*>(grow + col0) = p;
-                else grow[col0] = p.v[0];
-            }
+            for (int col0 = lo + threadIdx.x * VEC; col0 < hi; col0 += blockDim.x * VEC)
+                store_grad<MODE, T, I, A, VEC>(grow, col0, to_acc<A>(load_pack<T, VEC>(row_s + (col0 - lo))), ctx,
+                                               w, eps_over_c, one_minus_eps, mx, ls, g, scale);
         }
         __syncthreads();
     }
