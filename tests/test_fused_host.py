@@ -1,0 +1,136 @@
+"""The fused RawKernels executed on the host by a small SIMT emulator (tests/host/simt.h).
+
+Each CUDA thread runs as a std::thread; barriers and warp shuffles are emulated, so the
+kernels' own indexing, 16-byte packs, group/block reductions and grid-stride loops run
+here, on the launch configuration gpuce._fused computes, and their results are compared
+with the float64 reference.  The sm_90 cluster variant needs distributed shared memory
+and is left to the GPU suite.
+"""
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference as R
+from gpuce import _fused as F
+from gpuce import _kernel_source
+
+HERE = Path(__file__).resolve().parent
+DEV = F.Device(arch=80, sms=2, smem_optin=100 * 1024)  # a small grid keeps the emulation quick
+
+# (variant, C): every single-read variant shape the chooser uses, plus the fallback
+CASES = [
+    (F.Variant("regs", "float32", "int64", 4, 1, 4), 12),  # 8 rows per warp, tail rows
+    (F.Variant("regs", "float32", "int32", 4, 8, 32), 1000),
+    (F.Variant("regs", "float32", "int64", 1, 2, 32), 50),
+    (F.Variant("regs", "float32", "prob", 4, 1, 16), 64),
+    (F.Variant("regs", "float64", "int64", 2, 4, 32), 250),
+    (F.Variant("regs", "float16", "int64", 8, 8, 32), 2000),
+    (F.Variant("smem", "float32", "int64", 4), 3000),
+    (F.Variant("smem", "float64", "prob", 1), 777),
+    (F.Variant("smem", "float16", "int32", 8), 4096),
+    (F.Variant("twopass", "float32", "int64", 4), 4096),
+    (F.Variant("twopass", "float64", "int32", 1), 999),
+    (F.Variant("twopass", "float32", "prob", 4), 300),
+]
+
+
+def _wrapper(i, v):
+    t, a = F.CT[v.dtype], F.CT[F.ACC[v.dtype]]
+    lab = F.CT["int32"] if v.label == "prob" else F.CT[v.label]
+    return f'''
+extern "C" void run_{i}(unsigned grid, unsigned block, size_t shm, const void* x, long long ldx,
+                        const void* labels, const void* y, long long ldy, const void* w, long long n, int c,
+                        double eps_over_c, double ome, double z, long long ign, const void* scale, void* loss,
+                        void* lse, void* grad, long long ldg) {{
+    simt_launch(grid, block, shm, [=] {{
+        {v.expr()}((const {t}*)x, ldx, (const {lab}*)labels, (const {t}*)y, ldy, (const {a}*)w, n, c,
+                   ({a})eps_over_c, ({a})ome, ({a})z, ign, (const {a}*)scale, ({a}*)loss, ({a}*)lse, ({t}*)grad, ldg);
+    }});
+}}'''
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++")
+    src = _kernel_source.expand(F.SOURCE)
+    src = src.replace("#include <cuda_fp16.h>", "").replace("#include <cooperative_groups.h>", "")
+    src = src.replace("extern __shared__ __align__(16) unsigned char smem_raw[];",
+                      "unsigned char* smem_raw = g_dyn_smem;")
+    src = src.replace("__shared__ ", "static ")
+    head = ('#include "simt.h"\n#define __CUDA_ARCH__ 800\n#define __global__\n#define __device__\n'
+            "#define __forceinline__ inline\n#define __align__(n) alignas(n)\n")
+    body = head + src + "".join(_wrapper(i, v) for i, (v, _) in enumerate(CASES))
+    d = tmp_path_factory.mktemp("simt")
+    (d / "fused_host.cpp").write_text(body)
+    so = d / "fused_host.so"
+    r = subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-w", f"-I{HERE / 'host'}",
+                        str(d / "fused_host.cpp"), "-o", str(so)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.fail("host build of the fused kernels failed:\n" + r.stderr[-4000:])
+    return ctypes.CDLL(str(so))
+
+
+def _inputs(rng, v, n, c):
+    dt = np.dtype(v.dtype)
+    x = (rng.standard_normal((n, c)) * 3).astype(dt)
+    x[1, : min(c, 3)] = np.array([1e4, 1e4 - 1, -1e4])[: min(c, 3)].astype(dt) if dt != np.float16 else 60
+    x[2, 0] = -np.inf
+    x[3, c // 2] = np.nan
+    if v.label == "prob":
+        t = rng.random((n, c))
+        t[2, 0] = 0.0  # zero mass on the -inf logit
+        t = (t / t.sum(1, keepdims=True)).astype(dt)
+    else:
+        t = rng.integers(0, c, n).astype(np.int32 if v.label == "int32" else np.int64)
+        t[2] = 1 % c
+        t[::5] = -100
+    return x, t
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{v.describe()}-{v.dtype}-{v.label}-C{c}"
+                                                         for v, c in CASES])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_fused_kernel_on_host(lib, case, reduction):
+    v, c = CASES[case]
+    rng = np.random.default_rng(case)
+    n = 37
+    x, t = _inputs(rng, v, n, c)
+    acc = np.dtype(F.ACC[v.dtype])
+    w = (rng.random(c) + 0.5).astype(acc)
+    eps, z = 0.1, 1e-3
+    kw = dict(weight=w.astype(np.float64), label_smoothing=eps, z_loss=z, reduction="none")
+    ref_loss, ref_grad = R.sce(x.astype(np.float64), t if v.label != "prob" else t.astype(np.float64),
+                               kind="label" if v.label != "prob" else "prob", **kw)
+    if reduction == "mean":
+        denom = (w[t[t != -100]].astype(np.float64).sum() if v.label != "prob" else n)
+        scale = 1.0 / denom
+    else:
+        scale = 1.0
+    loss = np.full(n, -7.0, acc)  # poisoned: every row must be written
+    lse = np.full(n, -7.0, acc)
+    grad = np.full((n, c), -7.0, x.dtype)
+    sc = np.array([scale], acc)
+    labels = t if v.label != "prob" else np.zeros(n, np.int32)
+    y = t if v.label == "prob" else x[:1]
+    p = lambda a: ctypes.c_void_p(a.ctypes.data)  # noqa: E731
+    fn = getattr(lib, f"run_{case}")
+    fn.restype = None
+    grid, block, shm = F.grid_blocks(v, n, c, DEV), F.block_threads(v, c), F.smem_bytes(v, c)
+    fn(ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_size_t(shm), p(x), ctypes.c_longlong(c), p(labels),
+       p(y), ctypes.c_longlong(c if v.label == "prob" else 0), p(w), ctypes.c_longlong(n), ctypes.c_int(c),
+       ctypes.c_double(eps / c), ctypes.c_double(1 - eps), ctypes.c_double(z), ctypes.c_longlong(-100), p(sc),
+       p(loss), p(lse), p(grad), ctypes.c_longlong(c))
+    rtol = {"float16": 3e-3, "float32": 2e-5, "float64": 1e-11}[v.dtype]
+    np.testing.assert_allclose(loss, ref_loss, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(grad.astype(np.float64), ref_grad * scale, rtol=rtol, atol=rtol * max(scale, 1e-3))
+    good = ~np.isnan(ref_loss)
+    with np.errstate(invalid="ignore"):
+        ref_lse = np.array([R.lse_row(r) for r in x.astype(np.float64)])
+    np.testing.assert_allclose(lse[good & np.isfinite(ref_lse)], ref_lse[good & np.isfinite(ref_lse)], rtol=rtol)
