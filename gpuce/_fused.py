@@ -150,9 +150,9 @@ def _function(expr: str):
 def _device(dev_id: int) -> Device:
     import cupy
 
-    attrs = cupy.cuda.Device(dev_id).attributes
-    cc = cupy.cuda.Device(dev_id).compute_capability
-    return Device(int(cc), int(attrs["MultiProcessorCount"]), int(attrs["MaxSharedMemoryPerBlockOptin"]))
+    p = cupy.cuda.runtime.getDeviceProperties(dev_id)
+    return Device(10 * int(p["major"]) + int(p["minor"]), int(p["multiProcessorCount"]),
+                  int(p["sharedMemPerBlockOptin"]))
 
 
 def current_device() -> Device:
