@@ -71,13 +71,14 @@ def check_kernels(args) -> int:
     results = _nvrtc.compile_all(archs=tuple(args.arch))
     worst = 0
     for r in results:
-        if r.arch != args.arch[-1]:
-            continue
+        names = {v: k for k, v in (r.lowered or {}).items()}  # mangled -> template expression
         for fn, regs in r.registers.items():
             st, ld = r.spills.get(fn, (0, 0))
             worst = max(worst, st + ld)
-            print(f"{fn:48s} {r.arch}  regs {regs:3d}  spill {st}/{ld} B")
-    print(f"compiled {len(results)} kernels for {', '.join(args.arch)}")
+            if r.arch == args.arch[-1]:
+                print(f"{names.get(fn, fn):56s} {r.arch}  regs {regs:3d}  spill {st}/{ld} B")
+    entries = sum(len(r.registers) for r in results)
+    print(f"compiled {entries} kernel entries in {len(results)} NVRTC programs for {', '.join(args.arch)}")
     return 1 if worst else 0
 
 
