@@ -128,6 +128,9 @@ def _fused(cp, x2, lbl, y, w, a, scale, grad_out):
 
     n, _ = x2.shape
     xk = _unit_cols(cp, x2)
+    # the kernels index labels and weights as dense vectors
+    lbl = cp.ascontiguousarray(lbl) if lbl is not None else None
+    w = cp.ascontiguousarray(w)
     if y is not None:
         y = _unit_cols(cp, y.astype(x2.dtype, copy=False))
     out = None
