@@ -350,3 +350,25 @@ def test_numpy_threads_do_not_change_bits(monkeypatch):
     monkeypatch.setattr(_sce_numpy, "PARALLEL_MIN_ELEMENTS", 1 << 62)
     b, gb = gpuce.softmax_cross_entropy(x, t, **kw)
     assert a.tobytes() == b.tobytes() and ga.tobytes() == gb.tobytes()
+
+
+def test_strided_labels_weights_and_targets(xp):
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((20, 9))
+    t_all = rng.integers(0, 9, 40)
+    w_all = rng.random(18) + 0.5
+    t, w = t_all[::2], w_all[::2]
+    ref_loss, ref_grad = ref_for(x, t, "label", weight=w, label_smoothing=0.1, reduction="mean")
+    loss, grad = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray(t_all)[::2],
+                                             weight=xp.asarray(w_all)[::2], label_smoothing=0.1,
+                                             return_grad=True)
+    np.testing.assert_allclose(to_numpy(loss), ref_loss, rtol=1e-10)
+    np.testing.assert_allclose(to_numpy(grad), ref_grad, rtol=1e-10, atol=1e-13)
+    p_all = rng.random((20, 18))
+    p = p_all[:, ::2] / p_all[:, ::2].sum(1, keepdims=True)
+    p_dev = xp.asarray(p_all)[:, ::2]
+    p_dev = p_dev / p_dev.sum(1, keepdims=True)
+    ref_loss, ref_grad = ref_for(x, p, "prob", reduction="sum")
+    loss, grad = gpuce.softmax_cross_entropy(xp.asarray(x), p_dev, reduction="sum", return_grad=True)
+    np.testing.assert_allclose(to_numpy(loss), ref_loss, rtol=1e-10)
+    np.testing.assert_allclose(to_numpy(grad), ref_grad, rtol=1e-10, atol=1e-13)
