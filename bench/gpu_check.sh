@@ -9,12 +9,20 @@
 #   PARTS      which steps, default "tests demo bench linear"; a device call is limited to
 #              10 minutes, so a session may run PARTS="tests demo" and PARTS="bench linear"
 #   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5"
+# Liger-Kernel is not on the device image: to compare with it, download its wheel here first
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel
+# and name .whl in the device call's carry; this script installs what it finds there.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 PARTS=${PARTS:-tests demo bench linear}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # no install: hatchling is not there, nothing can be fetched
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python3 -c "import cupy, gpuce; print('cupy', cupy.__version__, 'devices', cupy.cuda.runtime.getDeviceCount())"
 rc=0
