@@ -1,11 +1,13 @@
 """The fused RawKernels executed on the host by a small SIMT emulator (tests/host/simt.h).
 
-Each CUDA thread runs as a std::thread; barriers and warp shuffles are emulated, so the
-kernels' own indexing, 16-byte packs, group/block reductions and grid-stride loops run
-here, on the launch configuration gpuce._fused computes, and their results are compared
-with the float64 reference.  The sm_90 cluster variant needs distributed shared memory
-and is left to the GPU suite.
+Each CUDA thread runs as a std::thread; barriers, warp shuffles, per-block shared memory
+and thread-block clusters (block_rank, cluster sync, map_shared_rank) are emulated, so the
+kernels' own indexing, 16-byte packs, group/block/cluster reductions and grid-stride loops
+run here, on the launch configuration gpuce._fused computes, and their results are
+compared with the float64 reference.
 """
+
+import re
 
 import ctypes
 import shutil
@@ -36,6 +38,9 @@ CASES = [
     (F.Variant("twopass", "float32", "int64", 4), 4096),
     (F.Variant("twopass", "float64", "int32", 1), 999),
     (F.Variant("twopass", "float32", "prob", 4), 300),
+    (F.Variant("cluster", "float32", "int64", 4, cluster=4), 1000),
+    (F.Variant("cluster", "float64", "prob", 1, cluster=2), 333),
+    (F.Variant("cluster", "float16", "int32", 8, cluster=8), 2048),
 ]
 
 
@@ -43,14 +48,14 @@ def _wrapper(i, v):
     t, a = F.CT[v.dtype], F.CT[F.ACC[v.dtype]]
     lab = F.CT["int32"] if v.label == "prob" else F.CT[v.label]
     return f'''
-extern "C" void run_{i}(unsigned grid, unsigned block, size_t shm, const void* x, long long ldx,
+extern "C" void run_{i}(unsigned cluster, unsigned grid, unsigned block, size_t shm, const void* x, long long ldx,
                         const void* labels, const void* y, long long ldy, const void* w, long long n, int c,
                         double eps_over_c, double ome, double z, long long ign, const void* scale, void* loss,
                         void* lse, void* grad, long long ldg) {{
     simt_launch(grid, block, shm, [=] {{
         {v.expr()}((const {t}*)x, ldx, (const {lab}*)labels, (const {t}*)y, ldy, (const {a}*)w, n, c,
                    ({a})eps_over_c, ({a})ome, ({a})z, ign, (const {a}*)scale, ({a}*)loss, ({a}*)lse, ({t}*)grad, ldg);
-    }});
+    }}, cluster);
 }}'''
 
 
@@ -62,10 +67,11 @@ def lib(tmp_path_factory):
     src = _kernel_source.expand(F.SOURCE)
     src = src.replace("#include <cuda_fp16.h>", "").replace("#include <cooperative_groups.h>", "")
     src = src.replace("extern __shared__ __align__(16) unsigned char smem_raw[];",
-                      "unsigned char* smem_raw = g_dyn_smem;")
-    src = src.replace("__shared__ ", "static ")
-    head = ('#include "simt.h"\n#define __CUDA_ARCH__ 800\n#define __global__\n#define __device__\n'
-            "#define __forceinline__ inline\n#define __align__(n) alignas(n)\n")
+                      "unsigned char* smem_raw = simt_dyn_smem();")
+    src = re.sub(r"__shared__ (\w+) (\w+)\[([^\]]+)\];", r"\1* \2 = simt_shared<\1>(__COUNTER__, \3);", src)
+    assert "__shared__" not in src.replace("__shared__ arrays", "")
+    head = ('#include "simt.h"\n#define __CUDA_ARCH__ 900\n#define __global__\n#define __device__\n'
+            "#define __forceinline__ inline\n#define __align__(n) alignas(n)\n#define __cluster_dims__(...)\n")
     body = head + src + "".join(_wrapper(i, v) for i, (v, _) in enumerate(CASES))
     d = tmp_path_factory.mktemp("simt")
     (d / "fused_host.cpp").write_text(body)
@@ -123,7 +129,7 @@ def test_fused_kernel_on_host(lib, case, reduction):
     fn = getattr(lib, f"run_{case}")
     fn.restype = None
     grid, block, shm = F.grid_blocks(v, n, c, DEV), F.block_threads(v, c), F.smem_bytes(v, c)
-    fn(ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_size_t(shm), p(x), ctypes.c_longlong(c), p(labels),
+    fn(ctypes.c_uint(max(1, v.cluster)), ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_size_t(shm), p(x), ctypes.c_longlong(c), p(labels),
        p(y), ctypes.c_longlong(c if v.label == "prob" else 0), p(w), ctypes.c_longlong(n), ctypes.c_int(c),
        ctypes.c_double(eps / c), ctypes.c_double(1 - eps), ctypes.c_double(z), ctypes.c_longlong(-100), p(sc),
        p(loss), p(lse), p(grad), ctypes.c_longlong(c))

@@ -1,15 +1,19 @@
 // A small SIMT emulator for running gpuce's CUDA kernels on the host in tests.
-// One block runs at a time, each CUDA thread as a std::thread; __syncthreads is a block
-// barrier, __shfl_xor_sync exchanges through a per-warp slot array between two warp
-// barriers, and __shared__ variables become function statics (one block at a time).
-// Slow and only for small launches, but it executes the kernels' real indexing,
-// reductions and barriers.
+// Each CUDA thread runs as a std::thread.  Blocks run one cluster at a time (a cluster of one
+// block for ordinary launches); __syncthreads is a block barrier, __shfl_xor_sync exchanges
+// through a per-warp slot array between two warp barriers, __shared__ arrays and the dynamic
+// shared memory live in per-block storage, and a minimal cooperative_groups::this_cluster()
+// gives block_rank, sync (a cluster barrier) and map_shared_rank (the same shared array of
+// another block of the cluster).  Slow and only for small launches, but it executes the
+// kernels' real indexing, reductions, barriers and cluster exchanges.
 #pragma once
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -23,21 +27,78 @@ struct WarpCtx {
     std::barrier<> bar{32};
     double slots[32];
 };
-inline thread_local WarpCtx* tl_warp = nullptr;
-inline std::barrier<>* g_block_bar = nullptr;
-inline unsigned char* g_dyn_smem = nullptr;
 
-inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+struct BlockCtx {
+    explicit BlockCtx(unsigned threads, size_t shm) : bar(threads), dyn(shm + 16) {
+        for (unsigned w = 0; w < threads / 32; ++w) warps.emplace_back(new WarpCtx());
+    }
+    std::barrier<> bar;
+    std::vector<std::unique_ptr<WarpCtx>> warps;
+    std::vector<unsigned char> dyn;
+    std::mutex mu;
+    std::map<int, std::vector<unsigned char>> arrays;  // __shared__ arrays by declaration site
+    unsigned char* dyn_aligned() {
+        return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dyn.data()) + 15) & ~uintptr_t(15));
+    }
+};
+
+struct ClusterCtx {
+    explicit ClusterCtx(unsigned threads) : bar(threads) {}
+    std::barrier<> bar;
+    std::vector<BlockCtx*> blocks;
+};
+
+inline thread_local BlockCtx* tl_block = nullptr;
+inline thread_local ClusterCtx* tl_cluster = nullptr;
+inline thread_local unsigned tl_rank = 0;
+
+inline void __syncthreads() { tl_block->bar.arrive_and_wait(); }
 
 template <typename A>
 inline A __shfl_xor_sync(unsigned, A v, int o) {
     const int lane = threadIdx.x & 31;
-    tl_warp->slots[lane] = static_cast<double>(v);  // float -> double -> float is exact
-    tl_warp->bar.arrive_and_wait();
-    const double r = tl_warp->slots[lane ^ o];
-    tl_warp->bar.arrive_and_wait();
+    WarpCtx* w = tl_block->warps[threadIdx.x / 32].get();
+    w->slots[lane] = static_cast<double>(v);  // float -> double -> float is exact
+    w->bar.arrive_and_wait();
+    const double r = w->slots[lane ^ o];
+    w->bar.arrive_and_wait();
     return static_cast<A>(r);
 }
+
+// __shared__ T name[n]  ->  T* name = simt_shared<T>(site, n)
+template <typename T>
+inline T* simt_shared(int site, size_t n) {
+    std::lock_guard<std::mutex> lock(tl_block->mu);
+    auto& buf = tl_block->arrays[site];
+    if (buf.empty()) buf.assign(n * sizeof(T) + 16, 0);
+    return reinterpret_cast<T*>(buf.data());
+}
+inline unsigned char* simt_dyn_smem() { return tl_block->dyn_aligned(); }
+
+namespace cooperative_groups {
+struct cluster_group {
+    unsigned block_rank() const { return tl_rank; }
+    void sync() const { tl_cluster->bar.arrive_and_wait(); }
+    template <typename T>
+    T* map_shared_rank(T* p, int rank) const {
+        BlockCtx* mine = tl_block;
+        BlockCtx* other = tl_cluster->blocks[rank];
+        auto* q = reinterpret_cast<unsigned char*>(p);
+        int site = -1;
+        ptrdiff_t off = 0;
+        {  // one lock at a time: no lock-order inversion between blocks
+            std::lock_guard<std::mutex> lock(mine->mu);
+            for (auto& [s, buf] : mine->arrays) {
+                if (q >= buf.data() && q < buf.data() + buf.size()) { site = s; off = q - buf.data(); }
+            }
+        }
+        if (site < 0) return reinterpret_cast<T*>(other->dyn_aligned() + (q - mine->dyn_aligned()));
+        std::lock_guard<std::mutex> lock(other->mu);
+        return reinterpret_cast<T*>(other->arrays.at(site).data() + off);
+    }
+};
+inline cluster_group this_cluster() { return {}; }
+}  // namespace cooperative_groups
 
 inline float __int_as_float(unsigned int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(unsigned long long i) { double d; std::memcpy(&d, &i, 8); return d; }
@@ -54,25 +115,31 @@ using std::isnan;
 using std::log;
 using std::min;
 
+// Launch `grid` blocks of `block` threads, `cluster` blocks at a time sharing a cluster.
 template <typename F>
-void simt_launch(unsigned grid, unsigned block, size_t shm, F body) {
-    std::vector<unsigned char> dyn(shm + 16);
-    g_dyn_smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dyn.data()) + 15) & ~uintptr_t(15));
+void simt_launch(unsigned grid, unsigned block, size_t shm, F body, unsigned cluster = 1) {
     gridDim.x = grid;
     blockDim.x = block;
-    for (unsigned b = 0; b < grid; ++b) {
-        std::barrier<> bar(block);
-        g_block_bar = &bar;
-        std::vector<std::unique_ptr<WarpCtx>> warps;
-        for (unsigned w = 0; w < block / 32; ++w) warps.emplace_back(new WarpCtx());
+    for (unsigned b0 = 0; b0 < grid; b0 += cluster) {
+        ClusterCtx cl(block * cluster);
+        std::vector<std::unique_ptr<BlockCtx>> blocks;
+        for (unsigned r = 0; r < cluster; ++r) {
+            blocks.emplace_back(new BlockCtx(block, shm));
+            cl.blocks.push_back(blocks.back().get());
+        }
+        // every block's __shared__ arrays exist before any thread maps another block's
         std::vector<std::thread> threads;
-        for (unsigned t = 0; t < block; ++t) {
-            threads.emplace_back([&, t, b] {
-                threadIdx.x = t;
-                blockIdx.x = b;
-                tl_warp = warps[t / 32].get();
-                body();
-            });
+        for (unsigned r = 0; r < cluster; ++r) {
+            for (unsigned t = 0; t < block; ++t) {
+                threads.emplace_back([&, r, t] {
+                    threadIdx.x = t;
+                    blockIdx.x = b0 + r;
+                    tl_block = blocks[r].get();
+                    tl_cluster = &cl;
+                    tl_rank = r;
+                    body();
+                });
+            }
         }
         for (auto& th : threads) th.join();
     }
