@@ -45,8 +45,6 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
 
     n, c = x2.shape
     acc = a.acc
-    eps = a.label_smoothing
-    ome = 1.0 - eps
     w = cp.ones(c, acc) if weight is None else weight.astype(acc, copy=False)
 
     lbl = None
@@ -59,14 +57,13 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
         check_labels(cp, lbl, a)
         active = lbl != a.ignore_index
         wk = cp.where(active, w[cp.where(active, lbl, 0)], 0).astype(acc)
-        wl = (ome * wk).astype(acc)
         denom = wk.sum(dtype=cp.float64)
     else:
         active = True
-        wl = None
+        wk = None
         denom = cp.asarray(float(n), dtype=cp.float64)
+    nz = denom != 0
     if a.reduction == "mean":
-        nz = denom != 0
         scale = cp.where(nz, 1.0 / cp.where(nz, denom, 1.0), 0.0).astype(acc)
     else:
         scale = cp.ones((), acc)
@@ -75,16 +72,16 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
         loss = _fused(cp, x2, lbl, target if a.kind == "prob" else None, w, a, scale, grad_out)
     else:
         loss = _portable(cp, x2, lbl, target if a.kind == "prob" else None, w, a, scale, grad_out,
-                         active, wl)
+                         active, wk)
     if a.reduction == "none":
         return loss, None
     total = loss.sum(dtype=cp.float64)
-    if a.reduction == "mean":
-        total = total * scale.astype(cp.float64)
+    if a.reduction == "mean":  # divided in float64, as the NumPy path does
+        total = cp.where(nz, total / cp.where(nz, denom, 1.0), 0.0)
     return loss, total.astype(acc)
 
 
-def _portable(cp, x2, lbl, y, w, a, scale, grad_out, active, wl):
+def _portable(cp, x2, lbl, y, w, a, scale, grad_out, active, wk):
     n, c = x2.shape
     acc = a.acc
     tname, aname = x2.dtype.name, acc.name
@@ -93,6 +90,7 @@ def _portable(cp, x2, lbl, y, w, a, scale, grad_out, active, wl):
     col = cp.arange(c, dtype=cp.int32)
     mx, ls, tlab, smooth, asum = (cp.empty(n, acc) for _ in range(5))
     if lbl is not None:
+        wl = (ome * wk).astype(acc)  # (1 - eps) w_k per row
         iname = lbl.dtype.name
         lbl2 = lbl[:, None]
         get_kernel("gpuce_sce_stats_label", T=tname, A=aname, I=iname)(

@@ -134,7 +134,7 @@ def _torch_provider(torch):
     state = {}
 
     def run(x, y):
-        key = (x.data.ptr, y.data.ptr)
+        key = (x.data.ptr, y.data.ptr, x.shape, x.dtype.str)  # a new array may reuse the pointer
         if state.get("key") != key:
             t = torch.from_dlpack(x)
             state.update(key=key, x=t.detach().clone().requires_grad_(True), y=torch.from_dlpack(y))
@@ -155,7 +155,7 @@ def _liger_provider(torch):
     state = {}
 
     def run(x, y):
-        key = (x.data.ptr, y.data.ptr)
+        key = (x.data.ptr, y.data.ptr, x.shape, x.dtype.str)  # a new array may reuse the pointer
         if state.get("key") != key:
             state.update(key=key, x=torch.from_dlpack(x).detach().clone().requires_grad_(True),
                          y=torch.from_dlpack(y))

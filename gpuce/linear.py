@@ -76,11 +76,11 @@ def sum_squares(xp, W):
 def _logits(xp, X, W, bias):
     n, c = X.shape[0], W.shape[0]
     f = xp.empty((n, c), dtype=X.dtype)
-    if bias is not None:
-        f[...] = bias
     if xp is not np and X.dtype != np.float16 and _gemm_ready(X, W, f):
         from cupy import cublas  # lazy: loads cuBLAS
 
+        if bias is not None:
+            f[...] = bias  # added by the GEMM through beta
         cublas.gemm("N", "T", X, W, out=f, alpha=1.0, beta=0.0 if bias is None else 1.0)
     else:
         xp.matmul(X, W.T, out=f)

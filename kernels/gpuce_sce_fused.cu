@@ -171,6 +171,12 @@ __device__ __forceinline__ void store_grad(T* grow, int col0, const Pack<A, VEC>
     store_pack<T, VEC>(grow + col0, p);
 }
 
+template <typename A>
+__device__ __forceinline__ void store_row(long long row, A loss, A mx, A ls, A* loss_out, A* lse_out) {
+    loss_out[row] = loss;
+    if (lse_out) lse_out[row] = mx + ls;
+}
+
 #define GPUCE_SCE_PARAMS                                                                          \
     const T *__restrict__ x, long long ldx, const I *__restrict__ labels, const T *__restrict__ y, \
         long long ldy, const A *__restrict__ w, long long n, int c, A eps_over_c, A one_minus_eps, \
@@ -225,10 +231,7 @@ __global__ void sce_regs(GPUCE_SCE_PARAMS) {
         r.s = group_sum<G>(r.s); r.a = group_sum<G>(r.a); r.b = group_sum<G>(r.b); r.t = group_sum<G>(r.t);
         A mx, ls, loss, g;
         finish_stats(ctx.active, m, ms, r.s, r.a, r.b, r.t, ctx.wl, z, mx, ls, loss, g);
-        if (valid && lane == 0) {
-            loss_out[row] = loss;
-            if (lse_out) lse_out[row] = mx + ls;
-        }
+        if (valid && lane == 0) store_row(row, loss, mx, ls, loss_out, lse_out);
         if (grad && valid) {
             T* grow = grad + row * ldg;
 #pragma unroll
@@ -272,10 +275,7 @@ __global__ void sce_smem(GPUCE_SCE_PARAMS) {
         block_sum4(r.s, r.a, r.b, r.t, red);
         A mx, ls, loss, g;
         finish_stats(ctx.active, m, ms, r.s, r.a, r.b, r.t, ctx.wl, z, mx, ls, loss, g);
-        if (threadIdx.x == 0) {
-            loss_out[row] = loss;
-            if (lse_out) lse_out[row] = mx + ls;
-        }
+        if (threadIdx.x == 0) store_row(row, loss, mx, ls, loss_out, lse_out);
         if (grad) {
             T* grow = grad + row * ldg;
             for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC)
@@ -317,10 +317,7 @@ __global__ void sce_twopass(GPUCE_SCE_PARAMS) {
         block_sum4(s, a, b, t, red);
         A mx, ls, loss, g;
         finish_stats(ctx.active, m, ms, s, a, b, ctx.k >= 0 ? t - ms : A(0), ctx.wl, z, mx, ls, loss, g);
-        if (threadIdx.x == 0) {
-            loss_out[row] = loss;
-            if (lse_out) lse_out[row] = mx + ls;
-        }
+        if (threadIdx.x == 0) store_row(row, loss, mx, ls, loss_out, lse_out);
         if (grad) {
             T* grow = grad + row * ldg;
             for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC)
@@ -383,10 +380,7 @@ __global__ void __cluster_dims__(CL, 1, 1) sce_cluster(GPUCE_SCE_PARAMS) {
         cluster.sync();  // part[] is free again for the next row
         A mx, ls, loss, g;
         finish_stats(ctx.active, gm, ms, tot.s, tot.a, tot.b, tot.t, ctx.wl, z, mx, ls, loss, g);
-        if (rank == 0 && threadIdx.x == 0) {
-            loss_out[row] = loss;
-            if (lse_out) lse_out[row] = mx + ls;
-        }
+        if (rank == 0 && threadIdx.x == 0) store_row(row, loss, mx, ls, loss_out, lse_out);
         if (grad) {
             T* grow = grad + row * ldg;
             for (int col0 = lo + threadIdx.x * VEC; col0 < hi; col0 += blockDim.x * VEC)
