@@ -9,6 +9,9 @@
 #   PARTS      which steps, default "tests demo bench linear"; a device call is limited to
 #              10 minutes, so a session may run PARTS="tests demo" and PARTS="bench linear"
 #   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5"
+#   PYTEST_ARGS default "-n 8 --timeout 120" (pytest-xdist and pytest-timeout are on the image)
+#   T_TESTS T_DEMO T_BENCH T_LINEAR  seconds each step may take (so one slow step cannot eat a
+#              whole device call; the benchmark upserts its CSV after every point)
 # Liger-Kernel is not on the device image: to compare with it, download its wheel here first
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel
@@ -28,17 +31,18 @@ python3 -c "import cupy, gpuce; print('cupy', cupy.__version__, 'devices', cupy.
 rc=0
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 if has tests; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout "${T_TESTS:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:--n 8 --timeout 120} \
+    tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   rc=${PIPESTATUS[0]}
 fi
 if has demo; then
-  python3 -m gpuce.cli demo --backend cupy --png "$OUT/demo-loss.png" 2>&1 | tee "$OUT/demo.log"
+  timeout "${T_DEMO:-60}" python3 -m gpuce.cli demo --backend cupy --png "$OUT/demo-loss.png" 2>&1 | tee "$OUT/demo.log"
 fi
 if has bench; then
-  python3 -m bench --no-progress --results-dir "$OUT" ${BENCH_ARGS:---repeat 10} 2>&1 | tee "$OUT/bench.log"
+  timeout "${T_BENCH:-240}" python3 -m bench --no-progress --results-dir "$OUT" ${BENCH_ARGS:---repeat 10} 2>&1 | tee "$OUT/bench.log"
 fi
 if has linear; then
-  python3 bench/bench_linear.py --gpu 2>&1 | tee "$OUT/bench_linear.log"
+  timeout "${T_LINEAR:-60}" python3 bench/bench_linear.py --gpu 2>&1 | tee "$OUT/bench_linear.log"
   cp bench/results/linear.csv "$OUT/linear.csv" 2>/dev/null
 fi
 echo "=== summary ($PARTS) ==="

@@ -161,7 +161,7 @@ def _liger_provider(torch):
                          y=torch.from_dlpack(y))
         tx = state["x"]
         tx.grad = None
-        loss = LigerCrossEntropyFunction.apply(tx, state["y"])
+        loss = LigerCrossEntropyFunction.apply(tx, state["y"], None)  # weight is positional
         loss = loss[0] if isinstance(loss, tuple) else loss
         loss.backward()
         return loss, tx.grad
@@ -205,7 +205,9 @@ def _peak_extra_mib(cp, fn):
     return extra / 2**20
 
 
-def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True):
+def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on_rows=None):
+    """Measure every (N*C, dtype, C) point; ``on_rows(rows)`` is called after each point (the
+    CLI upserts there, so a sweep cut short by a time limit keeps what it measured)."""
     import cupy as cp
 
     from . import _sce_cupy
@@ -234,9 +236,16 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True):
                 res[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:80]}")
             cp.get_default_memory_pool().free_all_blocks()
         nbytes = 2 * x.itemsize * n * c
-        for name, (t, peak, note) in res.items():
-            rows.append(_row("softmax_cross_entropy" if name != "copy" else "copy", name, "full",
-                             np.dtype(dtype).name, n, c, gpu, t, nbytes, res["copy"][0], peak, note))
+        point = [_row("softmax_cross_entropy" if name != "copy" else "copy", name, "full",
+                      np.dtype(dtype).name, n, c, gpu, t, nbytes, res["copy"][0], peak, note)
+                 for name, (t, peak, note) in res.items()]
+        rows += point
+        if on_rows is not None:
+            on_rows(point)
+        if not progress:
+            print(f"{np.dtype(dtype).name} N={n} C={c}: " + ", ".join(
+                f"{k} {v[0][1]:.3f} ms" if v[0] is not None else f"{k} failed"
+                for k, v in res.items()), flush=True)
         del x, y, dst
         cp.get_default_memory_pool().free_all_blocks()
         if bar is not None:
@@ -405,9 +414,9 @@ def main(argv=None) -> int:
                                [2**14], a.dtypes, max(2, min(a.repeat, 3)), note="dry run")
         csv_path = results / "dry_sce.csv"
     else:
-        rows, name = gpu_sweep(a.classes, a.totals, a.dtypes, a.repeat, a.providers,
-                               progress=not a.no_progress)
         csv_path = results / "gpu_sce.csv"
+        rows, name = gpu_sweep(a.classes, a.totals, a.dtypes, a.repeat, a.providers,
+                               progress=not a.no_progress, on_rows=lambda r: upsert(csv_path, r))
     upsert(csv_path, rows)
     all_rows = read_rows(csv_path)
     txt = table(all_rows, name, a.dtypes[0])
