@@ -26,6 +26,9 @@ float64 logits):
 ``gpuce_label_check``
     ElementwiseKernel: position of the first out-of-range label (atomicMin on
     an int64, order-independent), read back with one sync.
+``gpuce_label_denom``
+    ReductionKernel: the mean's denominator, sum of w[t] over the non-ignored labels
+    (w = 1 when ``weighted`` is false), in float64 and in CuPy's fixed reduction order.
 """
 
 from __future__ import annotations
@@ -209,6 +212,19 @@ SPECS = {
             operation="if (t != ign && (t < 0 || t >= ncls)) atomicMin(&first[0], (long long)i)",
             helpers=(),
             specializations=tuple({"I": i} for i in INTS),
+        ),
+        KernelSpec(
+            name="gpuce_label_denom",
+            kind="reduction",
+            in_params="I t, raw A w, int64 ncls, I ign, bool weighted",
+            out_params="float64 y",
+            map_expr="(t == ign || t < 0 || t >= ncls) ? 0.0 : (weighted ? (double)w[t] : 1.0)",
+            reduce_expr="a + b",
+            post_map_expr="y = a",
+            identity="0",
+            reduce_type="double",
+            helpers=(),
+            specializations=tuple({"I": i, "A": a} for i in INTS for a in ("float32", "float64")),
         ),
     ]
 }

@@ -3,9 +3,9 @@
 Common prologue (no host sync except the label check):
 
 1. ``gpuce_label_check`` (integer labels only): one small kernel writing the first bad
-   position, one 8-byte read -- the only host sync of a call.
-2. per-row label weights, the mean's denominator and the gradient scale as device arrays
-   (N-sized CuPy ops), so no kernel waits on the host.
+   position, one 8-byte read -- the only host sync of a call (after the fused launch).
+2. ``gpuce_label_denom``: the mean's denominator (one read of the labels) and the gradient
+   scale as device scalars, so no kernel waits on the host.
 
 ``impl="portable"`` (CuPy ElementwiseKernel / ReductionKernel, two reads + one write):
 
@@ -28,11 +28,16 @@ from ._validation import SceArgs, label_error
 last_variant = None  # the fused variant of the latest fused call (for benchmarks and tests)
 
 
-def check_labels(cp, lbl, a: SceArgs):
-    if lbl.size == 0:
-        return
+def start_label_check(cp, lbl, a: SceArgs):
+    """Launch the label check; returns the device scalar it writes (no sync)."""
     first = cp.full(1, lbl.size, dtype=cp.int64)
-    get_kernel("gpuce_label_check", I=lbl.dtype.name)(lbl.ravel(), a.c, a.ignore_index, first)
+    if lbl.size:
+        get_kernel("gpuce_label_check", I=lbl.dtype.name)(lbl.ravel(), a.c, a.ignore_index, first)
+    return first
+
+
+def finish_label_check(lbl, first, a: SceArgs):
+    """Read the check's result (the one host sync of a call) and raise for a bad label."""
     pos = int(first.get()[0])
     if pos < lbl.size:
         raise label_error(pos, int(lbl.ravel()[pos].get()), a.lead_shape, a.c, a.ignore_index)
@@ -40,27 +45,34 @@ def check_labels(cp, lbl, a: SceArgs):
 
 def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portable"):
     """Same contract as :func:`gpuce._sce_numpy.softmax_cross_entropy`, on CuPy arrays;
-    ``total`` is a 0-d device array (no sync)."""
+    ``total`` is a 0-d device array (no sync).
+
+    The fused path reads the label check's result after its launch (the kernel turns an
+    out-of-range label into a NaN row, never an out-of-bounds read), so the one host sync
+    comes after the work; with ``grad_out`` the logits themselves, or on the portable path,
+    the check is read before anything is written."""
     import cupy as cp
 
     n, c = x2.shape
     acc = a.acc
-    w = cp.ones(c, acc) if weight is None else weight.astype(acc, copy=False)
+    wuser = None if weight is None else cp.ascontiguousarray(weight.astype(acc, copy=False))
 
-    lbl = None
+    lbl, pending = None, None
     if a.kind == "label":
         lbl = target
         if lbl.dtype not in (np.int32, np.int64) or (
             lbl.dtype == np.int32 and not -(2**31) <= a.ignore_index < 2**31
         ):
             lbl = lbl.astype(cp.int64)
-        check_labels(cp, lbl, a)
-        active = lbl != a.ignore_index
-        wk = cp.where(active, w[cp.where(active, lbl, 0)], 0).astype(acc)
-        denom = wk.sum(dtype=cp.float64)
+        lbl = cp.ascontiguousarray(lbl)
+        pending = start_label_check(cp, lbl, a)
+        if impl != "fused" or grad_out is x2:
+            finish_label_check(lbl, pending, a)
+            pending = None
+        wd = wuser if wuser is not None else cp.ones(1, acc)
+        denom = get_kernel("gpuce_label_denom", I=lbl.dtype.name, A=acc.name)(
+            lbl, wd, c, a.ignore_index, wuser is not None)
     else:
-        active = True
-        wk = None
         denom = cp.asarray(float(n), dtype=cp.float64)
     nz = denom != 0
     if a.reduction == "mean":
@@ -69,8 +81,16 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
         scale = cp.ones((), acc)
 
     if impl == "fused":
-        loss = _fused(cp, x2, lbl, target if a.kind == "prob" else None, w, a, scale, grad_out)
+        loss = _fused(cp, x2, lbl, target if a.kind == "prob" else None, wuser, a, scale, grad_out)
+        if pending is not None:
+            finish_label_check(lbl, pending, a)
     else:
+        w = cp.ones(c, acc) if wuser is None else wuser
+        if lbl is not None:
+            active = lbl != a.ignore_index
+            wk = cp.where(active, w[cp.where(active, lbl, 0)], 0).astype(acc)
+        else:
+            active, wk = True, None
         loss = _portable(cp, x2, lbl, target if a.kind == "prob" else None, w, a, scale, grad_out,
                          active, wk)
     if a.reduction == "none":
@@ -128,7 +148,6 @@ def _fused(cp, x2, lbl, y, w, a, scale, grad_out):
     xk = _unit_cols(cp, x2)
     # the kernels index labels and weights as dense vectors
     lbl = cp.ascontiguousarray(lbl) if lbl is not None else None
-    w = cp.ascontiguousarray(w)
     if y is not None:
         y = _unit_cols(cp, y.astype(x2.dtype, copy=False))
     out = None

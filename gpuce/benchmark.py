@@ -205,9 +205,13 @@ def _peak_extra_mib(cp, fn):
     return extra / 2**20
 
 
-def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on_rows=None):
+def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on_rows=None,
+              variants=False):
     """Measure every (N*C, dtype, C) point; ``on_rows(rows)`` is called after each point (the
-    CLI upserts there, so a sweep cut short by a time limit keeps what it measured)."""
+    CLI upserts there, so a sweep cut short by a time limit keeps what it measured).
+    ``variants``: also time every other fused variant that can run the shape (pinned through
+    ``gpuce._fused.PIN``), as providers ``fused[<variant>]`` -- the data the chooser's order is
+    set from."""
     import cupy as cp
 
     from . import _sce_cupy
@@ -235,6 +239,8 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
             except Exception as e:  # out of memory for a provider: record and go on
                 res[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:80]}")
             cp.get_default_memory_pool().free_all_blocks()
+        if variants:
+            res.update(_variant_times(cp, x, y, repeat, provs["gpuce-fused"], res))
         nbytes = 2 * x.itemsize * n * c
         point = [_row("softmax_cross_entropy" if name != "copy" else "copy", name, "full",
                       np.dtype(dtype).name, n, c, gpu, t, nbytes, res["copy"][0], peak, note)
@@ -253,6 +259,31 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
     if bar is not None:
         bar.close()
     return rows, gpu
+
+
+def _variant_times(cp, x, y, repeat, fused, res):
+    """Every candidate fused variant but the chooser's pick, pinned, on the same data."""
+    from . import _fused as F
+    from . import _sce_cupy
+
+    n, c = x.shape
+    dt = x.dtype.name
+    chosen = _sce_cupy.last_variant
+    out = {}
+    for v in F.candidates(dt, y.dtype.name, c, F.vec_for(dt, c, (x, c)), F.current_device(),
+                          F.tile_vec_for(dt, c, x, x)):
+        if v == chosen:
+            continue
+        F.PIN = v
+        try:
+            t = _gpu_time(cp, lambda: fused(x, y), repeat)
+            out[f"fused[{v.describe()}]"] = (t, None, v.describe())
+        except Exception as e:
+            out[f"fused[{v.describe()}]"] = (None, None, f"failed: {type(e).__name__}: {str(e)[:80]}")
+        finally:
+            F.PIN = None
+        cp.get_default_memory_pool().free_all_blocks()
+    return out
 
 
 def cpu_sweep(classes, totals, dtypes, repeat, note=""):
@@ -328,7 +359,7 @@ def plot(rows, png: Path, gpu_name: str, dtype="float32"):
     total = max(int(r["N"]) * int(r["C"]) for r in sel)
     sel = [r for r in sel if abs(int(r["N"]) * int(r["C"]) - total) <= int(r["C"])]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for prov in sorted({r["provider"] for r in sel}):
+    for prov in sorted({r["provider"] for r in sel if not r["provider"].startswith("fused[")}):
         pts = sorted((int(r["C"]), float(r["frac_of_copy"])) for r in sel if r["provider"] == prov)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
     ax.set_xscale("log")
@@ -401,6 +432,8 @@ def main(argv=None) -> int:
                    help="record the rows of a CSV measured elsewhere (e.g. on a lent GPU) instead "
                         "of measuring; redraws the plot and, with --readme, the table")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--variants", action="store_true",
+                   help="also time every other fused variant that can run each shape")
     a = p.parse_args(argv)
     results = a.results_dir or default_results_dir()
     if a.merge:
@@ -416,7 +449,8 @@ def main(argv=None) -> int:
     else:
         csv_path = results / "gpu_sce.csv"
         rows, name = gpu_sweep(a.classes, a.totals, a.dtypes, a.repeat, a.providers,
-                               progress=not a.no_progress, on_rows=lambda r: upsert(csv_path, r))
+                               progress=not a.no_progress, on_rows=lambda r: upsert(csv_path, r),
+                               variants=a.variants)
     upsert(csv_path, rows)
     all_rows = read_rows(csv_path)
     txt = table(all_rows, name, a.dtypes[0])

@@ -24,23 +24,35 @@ from gpuce import _kernel_source
 HERE = Path(__file__).resolve().parent
 DEV = F.Device(arch=80, sms=2, smem_optin=100 * 1024)  # a small grid keeps the emulation quick
 
-# (variant, C): every single-read variant shape the chooser uses, plus the fallback
+V = F.Variant
+# (variant, C): every kind the chooser uses (tails, sub-warp groups, shared-memory items,
+# clusters of 2 to 8), plus the fallback
 CASES = [
-    (F.Variant("regs", "float32", "int64", 4, 1, 4), 12),  # 8 rows per warp, tail rows
-    (F.Variant("regs", "float32", "int32", 4, 8, 32), 1000),
-    (F.Variant("regs", "float32", "int64", 1, 2, 32), 50),
-    (F.Variant("regs", "float32", "prob", 4, 1, 16), 64),
-    (F.Variant("regs", "float64", "int64", 2, 4, 32), 250),
-    (F.Variant("regs", "float16", "int64", 8, 8, 32), 2000),
-    (F.Variant("smem", "float32", "int64", 4), 3000),
-    (F.Variant("smem", "float64", "prob", 1), 777),
-    (F.Variant("smem", "float16", "int32", 8), 4096),
-    (F.Variant("twopass", "float32", "int64", 4), 4096),
-    (F.Variant("twopass", "float64", "int32", 1), 999),
-    (F.Variant("twopass", "float32", "prob", 4), 300),
-    (F.Variant("cluster", "float32", "int64", 4, cluster=4), 1000),
-    (F.Variant("cluster", "float64", "prob", 1, cluster=2), 333),
-    (F.Variant("cluster", "float16", "int32", 8, cluster=8), 2048),
+    (V("tile", "float32", "int64", 4), 10),  # 37 * 10 elements: a scalar tail after the packs
+    (V("tile", "float32", "int32", 1), 7),
+    (V("tile", "float16", "prob", 8), 32),
+    (V("tile", "float64", "int64", 2), 5),
+    (V("warp", "float32", "int64", 4, 1, 4), 12),  # 8 rows per warp, tail rows
+    (V("warp", "float32", "int32", 4, 8, 32), 1000),
+    (V("warp", "float32", "int64", 1, 2, 32), 50),
+    (V("warp", "float32", "prob", 4, 1, 16), 64),
+    (V("warp", "float32", "prob", 4, 8, 32), 1000),
+    (V("warp", "float64", "int64", 2, 4, 32), 250),
+    (V("warp", "float16", "int64", 8, 4, 32), 1000),
+    (V("block", "float32", "int64", 4, 8), 3000),
+    (V("block", "float64", "prob", 1, 4), 777),
+    (V("block", "float16", "int32", 8, 4, sitems=4), 4096),
+    (V("block", "float32", "prob", 4, 8, sitems=8), 4000),
+    (V("block", "float32", "int64", 4, 8, sitems=24), 3000),
+    (V("twopass", "float32", "int64", 4), 4096),
+    (V("twopass", "float64", "int32", 1), 999),
+    (V("twopass", "float32", "prob", 4), 300),
+    (V("cluster", "float32", "int64", 4, 8, cluster=4), 1000),
+    (V("cluster", "float64", "prob", 2, 4, cluster=2, sitems=4), 334),
+    # rows longer than the registers of the 64-thread blocks hold: the cp.async packs are used
+    (V("cluster", "float64", "prob", 2, 4, cluster=2, sitems=4), 1500),
+    (V("cluster", "float16", "int32", 8, 4, cluster=8, sitems=12), 20000),
+    (V("cluster", "float32", "prob", 4, 8, cluster=2, sitems=8), 6000),
 ]
 
 
@@ -70,8 +82,9 @@ def lib(tmp_path_factory):
                       "unsigned char* smem_raw = simt_dyn_smem();")
     src = re.sub(r"__shared__ (\w+) (\w+)\[([^\]]+)\];", r"\1* \2 = simt_shared<\1>(__COUNTER__, \3);", src)
     assert "__shared__" not in src.replace("__shared__ arrays", "")
-    head = ('#include "simt.h"\n#define __CUDA_ARCH__ 900\n#define __global__\n#define __device__\n'
-            "#define __forceinline__ inline\n#define __align__(n) alignas(n)\n#define __cluster_dims__(...)\n")
+    head = ('#include "simt.h"\n#define __CUDA_ARCH__ 900\n#define GPUCE_SIMT\n#define __global__\n#define __device__\n'
+            "#define __forceinline__ inline\n#define __align__(n) alignas(n)\n#define __cluster_dims__(...)\n"
+            "#define __launch_bounds__(...)\n")
     body = head + src + "".join(_wrapper(i, v) for i, (v, _) in enumerate(CASES))
     d = tmp_path_factory.mktemp("simt")
     (d / "fused_host.cpp").write_text(body)
@@ -102,19 +115,23 @@ def _inputs(rng, v, n, c):
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{v.describe()}-{v.dtype}-{v.label}-C{c}"
                                                          for v, c in CASES])
-@pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_fused_kernel_on_host(lib, case, reduction):
+@pytest.mark.parametrize("options", ["none-weighted-smoothed", "mean-plain"])
+def test_fused_kernel_on_host(lib, case, options):
+    """"none-weighted-smoothed": weights, label smoothing and z-loss (every coefficient path);
+    "mean-plain": no weight (a null pointer), no smoothing, no z-loss -- the common fast path."""
     v, c = CASES[case]
     rng = np.random.default_rng(case)
     n = 37
     x, t = _inputs(rng, v, n, c)
     acc = np.dtype(F.ACC[v.dtype])
-    w = (rng.random(c) + 0.5).astype(acc)
-    eps, z = 0.1, 1e-3
-    kw = dict(weight=w.astype(np.float64), label_smoothing=eps, z_loss=z, reduction="none")
+    weighted = options.startswith("none")
+    w = (rng.random(c) + 0.5).astype(acc) if weighted else np.ones(c, acc)
+    eps, z = (0.1, 1e-3) if weighted else (0.0, 0.0)
+    kw = dict(weight=w.astype(np.float64) if weighted else None, label_smoothing=eps, z_loss=z,
+              reduction="none")
     ref_loss, ref_grad = R.sce(x.astype(np.float64), t if v.label != "prob" else t.astype(np.float64),
                                kind="label" if v.label != "prob" else "prob", **kw)
-    if reduction == "mean":
+    if options.startswith("mean"):
         denom = (w[t[t != -100]].astype(np.float64).sum() if v.label != "prob" else n)
         scale = 1.0 / denom
     else:
@@ -129,14 +146,17 @@ def test_fused_kernel_on_host(lib, case, reduction):
     fn = getattr(lib, f"run_{case}")
     fn.restype = None
     grid, block, shm = F.grid_blocks(v, n, c, DEV), F.block_threads(v, c), F.smem_bytes(v, c)
-    fn(ctypes.c_uint(max(1, v.cluster)), ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_size_t(shm), p(x), ctypes.c_longlong(c), p(labels),
-       p(y), ctypes.c_longlong(c if v.label == "prob" else 0), p(w), ctypes.c_longlong(n), ctypes.c_int(c),
+    fn(ctypes.c_uint(max(1, v.cluster)), ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_size_t(shm), p(x),
+       ctypes.c_longlong(c), p(labels), p(y), ctypes.c_longlong(c if v.label == "prob" else 0),
+       p(w) if weighted else ctypes.c_void_p(None), ctypes.c_longlong(n), ctypes.c_int(c),
        ctypes.c_double(eps / c), ctypes.c_double(1 - eps), ctypes.c_double(z), ctypes.c_longlong(-100), p(sc),
        p(loss), p(lse), p(grad), ctypes.c_longlong(c))
     rtol = {"float16": 3e-3, "float32": 2e-5, "float64": 1e-11}[v.dtype]
     np.testing.assert_allclose(loss, ref_loss, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(grad.astype(np.float64), ref_grad * scale, rtol=rtol, atol=rtol * max(scale, 1e-3))
-    good = ~np.isnan(ref_loss)
+    active = (t != -100) if v.label != "prob" else np.ones(n, bool)
+    good = ~np.isnan(ref_loss) & active
     with np.errstate(invalid="ignore"):
         ref_lse = np.array([R.lse_row(r) for r in x.astype(np.float64)])
     np.testing.assert_allclose(lse[good & np.isfinite(ref_lse)], ref_lse[good & np.isfinite(ref_lse)], rtol=rtol)
+    assert np.isnan(lse[~active]).all()  # ignored rows are not read: their lse is NaN

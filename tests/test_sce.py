@@ -315,6 +315,43 @@ def test_gpu_matches_numpy_path(impl, kind, dtype, c):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("plain", [True, False], ids=["plain", "weighted-smoothed"])
+@pytest.mark.parametrize("kind", ["label", "prob"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("c", [10, 32, 100, 1000, 4100, 20000, 70000, 262144])
+def test_gpu_every_candidate_variant(c, dtype, kind, plain, monkeypatch):
+    """Every variant the chooser could pick for a shape (tile, warp, block, cluster, their
+    shared-memory forms, twopass), pinned one by one, against the NumPy path: the benchmark
+    times the same list, so any of them may become the chooser's pick."""
+    import cupy as cp
+
+    from gpuce import _fused as F
+    from gpuce import _sce_cupy
+
+    rng = np.random.default_rng(23)
+    n = max(3, min(200, 2**20 // c))
+    x, t = make_inputs(rng, (n, c), kind, dtype)
+    kw = {} if plain else dict(weight=(rng.random(c) + 0.5).astype(np.float32), label_smoothing=0.05,
+                               z_loss=1e-3)
+    l_np, g_np = gpuce.softmax_cross_entropy(x, t, return_grad=True, **kw)
+    kw_d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    xd, td = cp.asarray(x), cp.asarray(t)
+    dname = np.dtype(dtype).name
+    vec = F.vec_for(dname, c, (xd, c))
+    cands = F.candidates(dname, "prob" if kind == "prob" else "int64", c, vec, F.current_device(),
+                         F.tile_vec_for(dname, c, xd, xd))
+    assert len(cands) >= 2
+    rtol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-10}[dtype]
+    for v in cands:
+        monkeypatch.setattr(F, "PIN", v)
+        l_cp, g_cp = gpuce.softmax_cross_entropy(xd, td, return_grad=True, impl="fused", **kw_d)
+        assert _sce_cupy.last_variant == v
+        np.testing.assert_allclose(l_cp.get(), l_np, rtol=rtol, err_msg=v.describe())
+        np.testing.assert_allclose(g_cp.get().astype(np.float64), g_np.astype(np.float64), rtol=rtol,
+                                   atol=rtol / n, err_msg=v.describe())
+
+
+@pytest.mark.gpu
 def test_gpu_fused_beyond_2_31_elements():
     """N*C > 2**31 (64-bit offsets): sampled rows against the NumPy path."""
     import cupy as cp

@@ -110,6 +110,7 @@ inline float __half2float(__half h) { return static_cast<float>(h.v); }
 inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }
 
 using std::exp;
+inline float exp2f(float x) { return std::exp2(x); }
 using std::isfinite;
 using std::isnan;
 using std::log;
