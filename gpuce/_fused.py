@@ -33,9 +33,9 @@ SOURCE = "gpuce_sce_fused.cu"
 CT = {"float16": "__half", "float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
 ACC = {"float16": "float32", "float32": "float32", "float64": "float64"}
 VEC_MAX = {"float16": 8, "float32": 4, "float64": 2}  # 16-byte packs
-REG_ELEMS = {"float16": 32, "float32": 32, "float64": 8}  # row values a thread keeps in registers
+REG_ELEMS = {"float16": 32, "float32": 32, "float64": 4}  # row values a thread keeps in registers
 REG_SCALARS = {"float16": 16, "float32": 16, "float64": 4}  # ... loaded one by one (VEC = 1)
-WARP_GROUPS = (4, 8, 16)  # sub-warp groups (one pack a lane); G = 32 takes 1 .. max items
+WARP_GROUPS = (4, 8, 16, 32)  # lanes a row in the warp kernel
 CLUSTERS = (2, 4, 8)
 TILE_ROWS = 128
 TILE_MAX_C = 32
@@ -43,6 +43,7 @@ MAX_TEAM_THREADS = 256  # __launch_bounds__(256, 3 or 2) on the warp, block and 
 WARP_THREADS = 256
 SMEM_ITEMS = (1, 3)  # shared-memory packs a thread, in multiples of the register packs
 
+STATIC_SMEM = 1024  # bound on the kernels' own __shared__ scratch (reductions, cluster partials)
 PIN = None  # a Variant to run instead of the chooser's pick (tests, benchmark); None: choose
 
 
@@ -91,13 +92,17 @@ def max_items(dtype: str, vec: int, label: str = "int64") -> int:
 
 
 def warp_shapes(dtype: str, vec: int, label: str = "int64"):
-    """(G, ITEMS) shapes of the warp kernel, by capacity G * ITEMS * vec."""
-    shapes = [(g, 1) for g in WARP_GROUPS]
-    it = 1
-    while it <= max_items(dtype, vec, label):
-        shapes.append((32, it))
-        it *= 2
-    return shapes
+    """(G, ITEMS) shapes of the warp kernel: G in 4..32 lanes a row, ITEMS in 1..max packs a
+    lane, ordered by capacity G * ITEMS * vec and then by G -- so the first that holds a row
+    is the tightest, with the fewest lanes: more rows a warp and more loads in flight a lane,
+    and shorter shuffle trees."""
+    shapes = []
+    for g in WARP_GROUPS:
+        it = 1
+        while it <= max_items(dtype, vec, label):
+            shapes.append((g, it))
+            it *= 2
+    return sorted(shapes, key=lambda s: (s[0] * s[1], s[0]))
 
 
 def variants():
@@ -164,7 +169,7 @@ def fits(v: Variant, c: int, dev: Device) -> bool:
     if v.kind == "warp":
         return v.group * v.items * v.vec >= c
     if v.kind in ("block", "cluster"):
-        return block_threads(v, c) <= MAX_TEAM_THREADS and smem_bytes(v, c) <= dev.smem_optin - 1024
+        return block_threads(v, c) <= MAX_TEAM_THREADS and smem_bytes(v, c) <= dev.smem_optin - STATIC_SMEM
     return True  # twopass
 
 
@@ -291,7 +296,7 @@ def launch(x2, lbl, y2, w, a, scale, loss, lse, grad_out):
                              f"{dtype} rows of {c} classes with {label} targets here")
     fn = _function(v.expr())
     shm = smem_bytes(v, c)
-    if shm > 48 * 1024:
+    if shm + STATIC_SMEM > 48 * 1024:  # dynamic + static shared memory past the default 48 KiB
         fn.max_dynamic_shared_size_bytes = shm
     import cupy
 

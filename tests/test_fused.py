@@ -19,8 +19,9 @@ def _capacity(v, c):
 
 @pytest.mark.parametrize("dtype,c,vec,tile_vec,kind,extra", [
     ("float32", 10, 1, 4, "tile", None),  # dense tiny rows: the tile, vectorised over the tile
-    ("float32", 10, 1, None, "warp", (16, 1)),  # not dense: a 16-lane group
-    ("float32", 100, 4, None, "warp", (32, 1)),
+    ("float32", 10, 1, None, "warp", (4, 4)),  # not dense: 4 lanes x 4 values, 8 rows a warp
+    ("float32", 100, 4, None, "warp", (4, 8)),  # 8 rows a warp, 8 loads in flight a lane
+    ("float32", 500, 4, None, "warp", (16, 8)),
     ("float32", 1000, 4, None, "warp", (32, 8)),
     ("float32", 1000, 1, None, "block", None),  # unaligned rows: 16 scalars a thread
     ("float32", 4096, 4, None, "block", None),

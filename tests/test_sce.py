@@ -340,7 +340,7 @@ def test_gpu_every_candidate_variant(c, dtype, kind, plain, monkeypatch):
     vec = F.vec_for(dname, c, (xd, c))
     cands = F.candidates(dname, "prob" if kind == "prob" else "int64", c, vec, F.current_device(),
                          F.tile_vec_for(dname, c, xd, xd))
-    assert len(cands) >= 2
+    assert cands[-1].kind == "twopass"  # rows no single-read variant holds: the fallback alone
     rtol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-10}[dtype]
     for v in cands:
         monkeypatch.setattr(F, "PIN", v)
