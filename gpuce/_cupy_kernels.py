@@ -23,11 +23,9 @@ float64 logits):
     ElementwiseKernel, second read of the logits, one write: the gradient.
 ``gpuce_sumsq``
     ReductionKernel: ``sum x**2`` in the accumulation type (the L2 regulariser).
-``gpuce_label_prep``
-    ElementwiseKernel, one read of the labels: each row's weight w[t] (0 for ignored rows;
-    w = 1 when ``weighted`` is false) in float64, summed afterwards by CuPy's (CUB) sum into
-    the mean's denominator, and the position of the first out-of-range label (atomicMin on an
-    int64, order-independent), read back with one sync.
+``gpuce_label_check``
+    ElementwiseKernel: position of the first out-of-range label (atomicMin on
+    an int64, order-independent), read back with one sync.
 """
 
 from __future__ import annotations
@@ -204,15 +202,13 @@ SPECS = {
             specializations=_float_specs(),
         ),
         KernelSpec(
-            name="gpuce_label_prep",
+            name="gpuce_label_check",
             kind="elementwise",
-            in_params="I t, raw A w, int64 ncls, I ign, bool weighted",
-            out_params="float64 wk, raw int64 first",
-            operation=("const bool bad = t != ign && (t < 0 || t >= ncls);"
-                       "if (bad) atomicMin(&first[0], (long long)i);"
-                       "wk = (t == ign || bad) ? 0.0 : (weighted ? (double)w[t] : 1.0)"),
+            in_params="I t, int64 ncls, I ign",
+            out_params="raw int64 first",
+            operation="if (t != ign && (t < 0 || t >= ncls)) atomicMin(&first[0], (long long)i)",
             helpers=(),
-            specializations=tuple({"I": i, "A": a} for i in INTS for a in ("float32", "float64")),
+            specializations=tuple({"I": i} for i in INTS),
         ),
     ]
 }

@@ -2,11 +2,10 @@
 
 Common prologue (no host sync except the label check):
 
-1. ``gpuce_label_prep`` (integer labels only): one pass over the labels writing each row's
-   weight and the first bad position; the bad position is one 8-byte read -- the only host
-   sync of a call (made after the fused launch).
-2. the mean's denominator (CuPy's sum of the row weights) and the gradient scale as device
-   scalars, so no kernel waits on the host.
+1. ``gpuce_label_check`` (integer labels only): one small kernel writing the first bad
+   position, one 8-byte read -- the only host sync of a call (made after the fused launch).
+2. per-row label weights (CuPy array ops), the mean's denominator (CuPy's sum) and the
+   gradient scale as device arrays, so no kernel waits on the host.
 
 ``impl="portable"`` (CuPy ElementwiseKernel / ReductionKernel, two reads + one write):
 
@@ -29,14 +28,19 @@ from ._validation import SceArgs, label_error
 last_variant = None  # the fused variant of the latest fused call (for benchmarks and tests)
 
 
-def start_label_prep(cp, lbl, wuser, a: SceArgs):
-    """Launch the label pass: (per-row weights in float64, device scalar of the first bad
-    position); no sync."""
+def start_label_check(cp, lbl, a: SceArgs):
+    """Launch the label check; returns the device scalar it writes (no sync)."""
     first = cp.full(1, lbl.size, dtype=cp.int64)
-    wd = wuser if wuser is not None else cp.ones(1, a.acc)
-    wk = get_kernel("gpuce_label_prep", I=lbl.dtype.name, A=a.acc.name)(
-        lbl, wd, a.c, a.ignore_index, wuser is not None, first)
-    return wk, first
+    if lbl.size:
+        get_kernel("gpuce_label_check", I=lbl.dtype.name)(lbl.ravel(), a.c, a.ignore_index, first)
+    return first
+
+
+def label_weights(cp, lbl, w, a: SceArgs):
+    """Each row's weight w[t] (0 for ignored rows and, until the check raises, for
+    out-of-range labels) in the accumulation dtype."""
+    ok = (lbl != a.ignore_index) & (lbl >= 0) & (lbl < a.c)
+    return cp.where(ok, w[cp.where(ok, lbl, 0)], 0).astype(a.acc)
 
 
 def finish_label_check(lbl, first, a: SceArgs):
@@ -68,11 +72,12 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
         ):
             lbl = lbl.astype(cp.int64)
         lbl = cp.ascontiguousarray(lbl)
-        wk64, pending = start_label_prep(cp, lbl, wuser, a)
+        pending = start_label_check(cp, lbl, a)
         if impl != "fused" or grad_out is x2:
             finish_label_check(lbl, pending, a)
             pending = None
-        denom = wk64.sum()
+        wk = label_weights(cp, lbl, cp.ones(c, acc) if wuser is None else wuser, a)
+        denom = wk.sum(dtype=cp.float64)
     else:
         denom = cp.asarray(float(n), dtype=cp.float64)
     nz = denom != 0
@@ -89,7 +94,6 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
         w = cp.ones(c, acc) if wuser is None else wuser
         if lbl is not None:
             active = lbl != a.ignore_index
-            wk = wk64.astype(acc)
         else:
             active, wk = True, None
         loss = _portable(cp, x2, lbl, target if a.kind == "prob" else None, w, a, scale, grad_out,

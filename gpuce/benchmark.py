@@ -396,11 +396,20 @@ def table(rows, gpu_name: str, dtype="float32") -> str:
             elif p == "copy":
                 cells.append(f"{float(r['p50_ms']):.3f}")
             else:
-                cells.append(f"{float(r['p50_ms']):.3f} ({float(r['frac_of_copy']):.2f}×)")
+                star = "*" if _caveat(r) else ""
+                cells.append(f"{float(r['p50_ms']):.3f} ({float(r['frac_of_copy']):.2f}×){star}")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    variants = sorted({r["note"] for r in sel if r["provider"] == "gpuce-fused" and r["note"]})
+    variants = sorted({r["note"].split(";")[0] for r in sel if r["provider"] == "gpuce-fused" and r["note"]})
     tail = f"\n\nFused variants that ran: {', '.join(variants)}." if variants else ""
+    caveats = sorted({_caveat(r) for r in sel if r["provider"] in provs and _caveat(r)})
+    if caveats:
+        tail += "\n\n* " + " ".join(f"{c}." for c in caveats)
     return head + "\n".join(lines) + tail
+
+
+def _caveat(row) -> str:
+    """What a row's note says after the variant name ("variant; caveat")."""
+    return row["note"].split(";", 1)[1].strip() if ";" in row["note"] else ""
 
 
 def update_readme(readme: Path, text: str, section: str = "bench") -> bool:

@@ -7,9 +7,7 @@
 //   loss  = wl * ((m - x_k) + log s) + (a log s - b) + z lse^2      (finish_stats)
 //   grad  = scale * (e_j G / s - coef_j - wl [j = k])
 // MODE 0: integer labels (coef_j = (eps/C) w_j, wl = (1-eps) w_k; rows with
-//         label == ignore_index give loss 0 and a zero gradient row and are not read (their
-//         lse is NaN); labels are loaded one row ahead, so a row's loads never wait for its
-//         label; a label
+//         label == ignore_index give loss 0 and a zero gradient row and are not read; a label
 //         outside [0, C) gives a NaN row -- the host raises for it after the launch).
 // MODE 1: probability targets y (coef_j = w_j ((1-eps) y_j + eps/C), wl = 0).
 // w may be null (all weights 1).
@@ -193,7 +191,7 @@ __device__ __forceinline__ void store_grad(T* grow, int col0, const Pack<A, VEC>
 template <typename A>
 __device__ __forceinline__ void store_row(long long row, bool active, A loss, A mx, A ls, A* loss_out, A* lse_out) {
     loss_out[row] = loss;
-    if (lse_out) lse_out[row] = active ? mx + ls : quiet_nan<A>();  // lse of ignored rows: NaN, as elsewhere
+    if (lse_out) lse_out[row] = active ? mx + ls : quiet_nan<A>();  // lse of ignored rows: NaN
 }
 
 #define GPUCE_SCE_PARAMS                                                                          \
@@ -218,21 +216,15 @@ struct Args {
 };
 
 // The row's label context: active (not ignored, row in range), the label column k (-1 for
-// none), wl = (1 - eps) w_k (NaN for an out-of-range label), from the row's label `lab`
-// (MODE 0), which the kernels load one row ahead (load_label) so that a row's loads never wait
-// for its label.
+// none), wl = (1 - eps) w_k (NaN for an out-of-range label).
 template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ long long load_label(const Args<T, I, A>& g, long long row) {
-    return (MODE == 0 && row < g.n) ? (long long)g.labels[row] : 0;
-}
-
-template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ void label_ctx(const Args<T, I, A>& g, long long lab, bool valid, bool& active, int& k,
+__device__ __forceinline__ void label_ctx(const Args<T, I, A>& g, long long row, bool valid, bool& active, int& k,
                                           A& wl) {
     active = valid;
     k = -1;
     wl = A(0);
     if (MODE == 0 && valid) {
+        const long long lab = (long long)g.labels[row];
         active = lab != g.ignore_index;
         if (active && (lab < 0 || lab >= g.c)) wl = quiet_nan<A>();
         else if (active) { k = (int)lab; wl = g.one_minus_eps * (g.w ? g.w[k] : A(1)); }
@@ -296,12 +288,11 @@ __device__ __forceinline__ void copy_async_wait_all() {
 // shared-memory slots sp[j * sstride] as raw T.  Writes loss and lse (the team's thread 0);
 // leaves e_c = exp(x_c - m) in v (the shared-memory part keeps x and is exponentiated again).
 template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS, class Team>
-__device__ __forceinline__ RowOut<A> row_pass(const Args<T, I, A>& g, const Team& team, long long row, long long lab,
-                                              bool valid, int tid, int nt, A (&v)[ITEMS * VEC], Pack<T, VEC>* sp,
-                                              int sstride) {
+__device__ __forceinline__ RowOut<A> row_pass(const Args<T, I, A>& g, const Team& team, long long row, bool valid,
+                                              int tid, int nt, A (&v)[ITEMS * VEC], Pack<T, VEC>* sp, int sstride) {
     RowOut<A> o;
     A wl;
-    label_ctx<MODE>(g, lab, valid, o.active, o.k, wl);
+    label_ctx<MODE>(g, row, valid, o.active, o.k, wl);
     const long long rr = valid ? row : 0;
     const T* xrow = g.x + rr * g.ldx;
     const T* yrow = MODE == 1 ? g.y + rr * g.ldy : nullptr;
@@ -310,12 +301,13 @@ __device__ __forceinline__ RowOut<A> row_pass(const Args<T, I, A>& g, const Team
         const int col0 = ((ITEMS + j) * nt + tid) * VEC;
         if (o.active && col0 < g.c) copy_async16(sp + j * sstride, xrow + col0);
     }
+    const A xk = (o.k >= 0) ? load_acc<A>(xrow[o.k]) : A(0);
     A m = neg_inf<A>();
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
         const int col0 = (it * nt + tid) * VEC;
         Pack<A, VEC> p;
-        if (o.active && col0 < g.c) {  // ignored rows are not read
+        if (o.active && col0 < g.c) {
             p = to_acc<A>(load_pack<T, VEC>(xrow + col0));
         } else {
 #pragma unroll
@@ -327,7 +319,6 @@ __device__ __forceinline__ RowOut<A> row_pass(const Args<T, I, A>& g, const Team
             v[it * VEC + u] = p.v[u];
         }
     }
-    const A xk = (o.k >= 0) ? load_acc<A>(xrow[o.k]) : A(0);  // the label logit (an L1/L2 hit)
     if (SITEMS > 0) {
         copy_async_wait_all();  // this thread's own slots: no barrier needed
 #pragma unroll 2
@@ -464,15 +455,12 @@ __global__ void __launch_bounds__(256, GPUCE_BLOCKS_PER_SM(MODE)) sce_warp(GPUCE
     // every lane of a warp runs the same number of iterations (shuffles need all 32)
     const long long warp_first = first - (threadIdx.x & 31) / G;
     A v[ITEMS * VEC];
-    long long lab = load_label<MODE>(g, first);
     for (long long base = warp_first; base < n; base += groups) {
         const long long row = base + (first - warp_first);
         const bool valid = row < n;
-        const long long lab_next = load_label<MODE>(g, row + groups);
-        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, 0>(g, WarpTeam<G>{}, row, lab, valid, lane, G, v,
+        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, 0>(g, WarpTeam<G>{}, row, valid, lane, G, v,
                                                                   nullptr, 0);
         if (grad && valid) row_grad<T, I, A, MODE, VEC, ITEMS, 0>(g, o, row, lane, G, v, nullptr, 0);
-        lab = lab_next;
     }
 }
 
@@ -486,12 +474,9 @@ __global__ void __launch_bounds__(256, GPUCE_BLOCKS_PER_SM(MODE)) sce_block(GPUC
     __shared__ A red[32 * 4];
     Pack<T, VEC>* sp = reinterpret_cast<Pack<T, VEC>*>(smem_raw) + threadIdx.x;
     A v[ITEMS * VEC];
-    long long lab = load_label<MODE>(g, blockIdx.x);
     for (long long row = blockIdx.x; row < n; row += gridDim.x) {
-        const long long lab_next = load_label<MODE>(g, row + gridDim.x);
-        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, BlockTeam<A>{red}, row, lab, true,
-                                                                       threadIdx.x, blockDim.x, v, sp, blockDim.x);
-        lab = lab_next;
+        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, BlockTeam<A>{red}, row, true, threadIdx.x,
+                                                                       blockDim.x, v, sp, blockDim.x);
         if (grad) row_grad<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, o, row, threadIdx.x, blockDim.x, v, sp, blockDim.x);
     }
 }
@@ -512,7 +497,6 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS) sce_tile(GPUCE_SCE_PARAMS) {
     const bool coefs = MODE == 1 || eps_over_c != A(0);
     for (long long row0 = (long long)blockIdx.x * GPUCE_TILE_ROWS; row0 < n; row0 += (long long)gridDim.x * GPUCE_TILE_ROWS) {
         const int rows = (int)min((long long)GPUCE_TILE_ROWS, n - row0);
-        const long long lab = load_label<MODE>(g, row0 + t);  // in flight with the tile's loads
         const long long e0 = row0 * c;  // first element of the tile (dense rows)
         const int elems = rows * c;
         const int packs = elems / VEC;
@@ -526,7 +510,7 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS) sce_tile(GPUCE_SCE_PARAMS) {
         if (t < rows) {
             const long long row = row0 + t;
             bool active; int k; A wl;
-            label_ctx<MODE>(g, lab, true, active, k, wl);
+            label_ctx<MODE>(g, row, true, active, k, wl);
             const int base = t * c;
             const T* yrow = MODE == 1 ? y + row * ldy : nullptr;
             A m = neg_inf<A>();
@@ -678,12 +662,8 @@ __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(256, GPUCE_BLOCKS_P
     const int tid = rank * blockDim.x + threadIdx.x, nt = CL * blockDim.x;
     const ClusterTeam<A, CL> team{red, pm, ps};
     A v[ITEMS * VEC];
-    long long lab = load_label<MODE>(g, blockIdx.x / CL);
     for (long long row = blockIdx.x / CL; row < n; row += gridDim.x / CL) {
-        const long long lab_next = load_label<MODE>(g, row + gridDim.x / CL);
-        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, team, row, lab, true, tid, nt, v, sp,
-                                                                       blockDim.x);
-        lab = lab_next;
+        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, team, row, true, tid, nt, v, sp, blockDim.x);
         if (grad) row_grad<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, o, row, tid, nt, v, sp, blockDim.x);
     }
     cg::this_cluster().sync();

@@ -121,9 +121,20 @@ def _inputs(rng, v, n, c):
 def test_fused_kernel_on_host(lib, case, options):
     """"none-weighted-smoothed": weights, label smoothing and z-loss (every coefficient path);
     "mean-plain": no weight (a null pointer), no smoothing, no z-loss -- the common fast path."""
+    _run_case(lib, case, options, n=37, one_team=False)
+
+
+@pytest.mark.parametrize("case", [i for i, (v, _) in enumerate(CASES) if v.kind != "twopass"],
+                         ids=[f"{v.describe()}-{v.dtype}-{v.label}-C{c}" for v, c in CASES if v.kind != "twopass"])
+def test_fused_grid_stride_loops_on_host(lib, case):
+    """One block (one cluster) for 150 rows: every team walks many rows of its grid-stride
+    loop, reusing its registers, shared-memory slots and reduction scratch row after row."""
+    _run_case(lib, case, "none-weighted-smoothed", n=150, one_team=True)
+
+
+def _run_case(lib, case, options, n, one_team):
     v, c = CASES[case]
     rng = np.random.default_rng(case)
-    n = 37
     x, t = _inputs(rng, v, n, c)
     acc = np.dtype(F.ACC[v.dtype])
     weighted = options.startswith("none")
@@ -148,6 +159,8 @@ def test_fused_kernel_on_host(lib, case, options):
     fn = getattr(lib, f"run_{case}")
     fn.restype = None
     grid, block, shm = F.grid_blocks(v, n, c, DEV), F.block_threads(v, c), F.smem_bytes(v, c)
+    if one_team:
+        grid = max(1, v.cluster)
     fn(ctypes.c_uint(max(1, v.cluster)), ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_size_t(shm), p(x),
        ctypes.c_longlong(c), p(labels), p(y), ctypes.c_longlong(c if v.label == "prob" else 0),
        p(w) if weighted else ctypes.c_void_p(None), ctypes.c_longlong(n), ctypes.c_int(c),
