@@ -103,6 +103,15 @@ def _grad_w(xp, G, X, W, reg):
     return dW
 
 
+def _grad_b(xp, G):
+    """db = 1ᵀ G.  On CuPy (float32/64) a matrix-vector product through cuBLAS: CuPy's
+    column reduction G.sum(axis=0) runs one block per column, so with few classes (C = 100)
+    it has too few blocks, each reading a strided column."""
+    if xp is not np and G.dtype != np.float16:
+        return xp.matmul(xp.ones(G.shape[0], G.dtype), G)
+    return G.sum(axis=0)
+
+
 def _gemm_ready(*arrays):
     return all(a.flags.c_contiguous for a in arrays)
 
@@ -157,5 +166,5 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         return loss
     dW = _grad_w(xp, G, X, W, reg)
     dX = xp.matmul(G, W) if input_grad else None
-    db = G.sum(axis=0) if bias is not None else None
+    db = _grad_b(xp, G) if bias is not None else None
     return loss, LinearGrads(dX, dW, db)
