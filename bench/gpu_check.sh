@@ -8,7 +8,9 @@
 #   OUT        where logs go (default ./gpu_out)
 #   PARTS      which steps, default "tests demo bench linear"; a device call is limited to
 #              10 minutes, so a session may run PARTS="tests demo" and PARTS="bench linear"
-#   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5"
+#   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5";
+#              add --variants to time every fused variant that fits each shape (fused[...] rows:
+#              how the chooser's order is set, e.g. the label-a-row-ahead forms against the rest)
 #   PYTEST_ARGS default "-n 8 --timeout 120" (pytest-xdist and pytest-timeout are on the image)
 #   T_TESTS T_DEMO T_BENCH T_LINEAR  seconds each step may take (so one slow step cannot eat a
 #              whole device call; the benchmark upserts its CSV after every point)

@@ -22,7 +22,7 @@ every variant that can run a shape, in order of preference; :func:`choose` takes
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class Variant:
     group: int = 0  # warp: lanes per row
     cluster: int = 0  # cluster: blocks per row
     sitems: int = 0  # block, cluster: packs a thread in shared memory
+    ahead: bool = False  # warp, block, cluster with labels: each row's label loaded a row ahead
 
     @property
     def min_arch(self) -> int:
@@ -67,12 +68,13 @@ class Variant:
         i = CT["int32"] if self.label == "prob" else CT[self.label]
         mode = 1 if self.label == "prob" else 0
         head = f"gpuce::sce_{self.kind}<{t}, {i}, {a}, {mode}, {self.vec}"
+        tail = ", true>" if self.ahead else ">"
         if self.kind == "warp":
-            return f"{head}, {self.items}, {self.group}>"
+            return f"{head}, {self.items}, {self.group}{tail}"
         if self.kind == "block":
-            return f"{head}, {self.items}, {self.sitems}>"
+            return f"{head}, {self.items}, {self.sitems}{tail}"
         if self.kind == "cluster":
-            return f"{head}, {self.items}, {self.sitems}, {self.cluster}>"
+            return f"{head}, {self.items}, {self.sitems}, {self.cluster}{tail}"
         return f"{head}>"
 
     def per_thread(self) -> int:
@@ -82,7 +84,7 @@ class Variant:
     def describe(self) -> str:
         extra = {"warp": f"G{self.group}xI{self.items}", "block": f"I{self.items}+S{self.sitems}",
                  "cluster": f"CL{self.cluster}xI{self.items}+S{self.sitems}"}.get(self.kind, "")
-        return f"{self.kind}{'-' + extra if extra else ''}-v{self.vec}"
+        return f"{self.kind}{'-' + extra if extra else ''}-v{self.vec}{'-ahead' if self.ahead else ''}"
 
 
 def max_items(dtype: str, vec: int, label: str = "int64") -> int:
@@ -123,6 +125,9 @@ def variants():
                         for s in (0,) + tuple(k * im for k in SMEM_ITEMS):
                             out.append(Variant("cluster", dtype, label, vec, im, cluster=cl, sitems=s))
                 out.append(Variant("twopass", dtype, label, vec))
+    # labels loaded one row ahead: the label-target forms of the 16-byte-pack kernels
+    out += [replace(v, ahead=True) for v in out if v.label != "prob" and v.vec == VEC_MAX[v.dtype]
+            and v.kind in ("warp", "block", "cluster")]
     return out
 
 
@@ -179,7 +184,9 @@ def candidates(dtype: str, label: str, c: int, vec: int, dev: Device, tile_vec: 
     ``vec`` is the pack width the rows allow (see :func:`vec_for`); ``tile_vec`` the one the
     dense tile allows, or None when the rows are not dense (no tile).  Of each kind (tile,
     warp, block, cluster, block and cluster with shared-memory items) the smallest shape that
-    holds the row; preference: tile, warp, block, cluster, the shared-memory forms, twopass.
+    holds the row; preference: tile, warp, block, cluster, the shared-memory forms, then (label
+    targets) the same shapes with labels loaded a row ahead -- not yet measured on a GPU, so
+    last -- and twopass.
     """
     im = max_items(dtype, vec, label)
     out = [Variant("tile", dtype, label, tile_vec)] if tile_vec is not None else []
@@ -196,6 +203,8 @@ def candidates(dtype: str, label: str, c: int, vec: int, dev: Device, tile_vec: 
         if key not in seen and fits(v, c, dev):
             seen.add(key)
             picked.append(v)
+    if label != "prob" and vec == VEC_MAX[dtype]:  # the same shapes with the label a row ahead
+        picked += [replace(v, ahead=True) for v in picked if v.kind in ("warp", "block", "cluster")]
     picked.append(Variant("twopass", dtype, label, vec))
     return picked
 

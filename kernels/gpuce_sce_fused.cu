@@ -231,6 +231,28 @@ __device__ __forceinline__ void label_ctx(const Args<T, I, A>& g, long long row,
     }
 }
 
+// The same from a label loaded earlier: the AHEAD kernels load each row's label one row ahead
+// (load_label), so that a row's loads never wait for its label -- in the others the row's
+// packs are loaded only once the label says the row is not ignored (a global-load round trip
+// before every row's loads, visible in the SASS as the branch over the LDG.E.128s).
+template <int MODE, typename T, typename I, typename A>
+__device__ __forceinline__ long long load_label(const Args<T, I, A>& g, long long row) {
+    return (MODE == 0 && row < g.n) ? (long long)g.labels[row] : 0;
+}
+
+template <int MODE, typename T, typename I, typename A>
+__device__ __forceinline__ void label_ctx_from(const Args<T, I, A>& g, long long lab, bool valid, bool& active,
+                                               int& k, A& wl) {
+    active = valid;
+    k = -1;
+    wl = A(0);
+    if (MODE == 0 && valid) {
+        active = lab != g.ignore_index;
+        if (active && (lab < 0 || lab >= g.c)) wl = quiet_nan<A>();
+        else if (active) { k = (int)lab; wl = g.one_minus_eps * (g.w ? g.w[k] : A(1)); }
+    }
+}
+
 // coef_j (MODE 0: eps/C w_j; MODE 1: w_j ((1 - eps) y_j + eps/C)); only called when some
 // coefficient can be non-zero.
 template <int MODE, typename T, typename I, typename A>
@@ -287,12 +309,14 @@ __device__ __forceinline__ void copy_async_wait_all() {
 // to A), the other SITEMS (16-byte packs only) are copied asynchronously into this thread's own
 // shared-memory slots sp[j * sstride] as raw T.  Writes loss and lse (the team's thread 0);
 // leaves e_c = exp(x_c - m) in v (the shared-memory part keeps x and is exponentiated again).
-template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS, class Team>
+template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS, bool AHEAD, class Team>
 __device__ __forceinline__ RowOut<A> row_pass(const Args<T, I, A>& g, const Team& team, long long row, bool valid,
-                                              int tid, int nt, A (&v)[ITEMS * VEC], Pack<T, VEC>* sp, int sstride) {
+                                              int tid, int nt, A (&v)[ITEMS * VEC], Pack<T, VEC>* sp, int sstride,
+                                              long long lab) {
     RowOut<A> o;
     A wl;
-    label_ctx<MODE>(g, row, valid, o.active, o.k, wl);
+    if (AHEAD) label_ctx_from<MODE>(g, lab, valid, o.active, o.k, wl);
+    else label_ctx<MODE>(g, row, valid, o.active, o.k, wl);
     const long long rr = valid ? row : 0;
     const T* xrow = g.x + rr * g.ldx;
     const T* yrow = MODE == 1 ? g.y + rr * g.ldy : nullptr;
@@ -446,7 +470,7 @@ __device__ __forceinline__ void row_grad(const Args<T, I, A>& g, const RowOut<A>
 // ---------------------------------------------------------------------------------------------
 // "warp": G lanes per row, 32 / G rows per warp, the row in registers.  Needs c % VEC == 0 and
 // 16-byte aligned rows when VEC > 1.
-template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int G>
+template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int G, bool AHEAD = false>
 __global__ void __launch_bounds__(256, GPUCE_BLOCKS_PER_SM(MODE)) sce_warp(GPUCE_SCE_PARAMS) {
     GPUCE_SCE_ARGS;
     const int lane = threadIdx.x & (G - 1);
@@ -455,28 +479,34 @@ __global__ void __launch_bounds__(256, GPUCE_BLOCKS_PER_SM(MODE)) sce_warp(GPUCE
     // every lane of a warp runs the same number of iterations (shuffles need all 32)
     const long long warp_first = first - (threadIdx.x & 31) / G;
     A v[ITEMS * VEC];
+    long long lab = AHEAD ? load_label<MODE>(g, first) : 0;
     for (long long base = warp_first; base < n; base += groups) {
         const long long row = base + (first - warp_first);
         const bool valid = row < n;
-        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, 0>(g, WarpTeam<G>{}, row, valid, lane, G, v,
-                                                                  nullptr, 0);
+        const long long lab_next = AHEAD ? load_label<MODE>(g, row + groups) : 0;
+        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, 0, AHEAD>(g, WarpTeam<G>{}, row, valid, lane, G, v,
+                                                                         nullptr, 0, lab);
         if (grad && valid) row_grad<T, I, A, MODE, VEC, ITEMS, 0>(g, o, row, lane, G, v, nullptr, 0);
+        lab = lab_next;
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // "block": one block per row (grid-stride over rows); ITEMS packs a thread in registers and
 // SITEMS 16-byte packs in dynamic shared memory (SITEMS * 16 * blockDim.x bytes).
-template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS>
+template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS, bool AHEAD = false>
 __global__ void __launch_bounds__(256, GPUCE_BLOCKS_PER_SM(MODE)) sce_block(GPUCE_SCE_PARAMS) {
     GPUCE_SCE_ARGS;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ A red[32 * 4];
     Pack<T, VEC>* sp = reinterpret_cast<Pack<T, VEC>*>(smem_raw) + threadIdx.x;
     A v[ITEMS * VEC];
+    long long lab = AHEAD ? load_label<MODE>(g, blockIdx.x) : 0;
     for (long long row = blockIdx.x; row < n; row += gridDim.x) {
-        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, BlockTeam<A>{red}, row, true, threadIdx.x,
-                                                                       blockDim.x, v, sp, blockDim.x);
+        const long long lab_next = AHEAD ? load_label<MODE>(g, row + gridDim.x) : 0;
+        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS, AHEAD>(
+            g, BlockTeam<A>{red}, row, true, threadIdx.x, blockDim.x, v, sp, blockDim.x, lab);
+        lab = lab_next;
         if (grad) row_grad<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, o, row, threadIdx.x, blockDim.x, v, sp, blockDim.x);
     }
 }
@@ -649,7 +679,7 @@ struct ClusterTeam {
     }
 };
 
-template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS, int CL>
+template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS, int CL, bool AHEAD = false>
 __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(256, GPUCE_BLOCKS_PER_SM(MODE)) sce_cluster(GPUCE_SCE_PARAMS) {
     namespace cg = cooperative_groups;
     GPUCE_SCE_ARGS;
@@ -662,8 +692,12 @@ __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(256, GPUCE_BLOCKS_P
     const int tid = rank * blockDim.x + threadIdx.x, nt = CL * blockDim.x;
     const ClusterTeam<A, CL> team{red, pm, ps};
     A v[ITEMS * VEC];
+    long long lab = AHEAD ? load_label<MODE>(g, blockIdx.x / CL) : 0;
     for (long long row = blockIdx.x / CL; row < n; row += gridDim.x / CL) {
-        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, team, row, true, tid, nt, v, sp, blockDim.x);
+        const long long lab_next = AHEAD ? load_label<MODE>(g, row + gridDim.x / CL) : 0;
+        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS, AHEAD>(g, team, row, true, tid, nt, v, sp,
+                                                                              blockDim.x, lab);
+        lab = lab_next;
         if (grad) row_grad<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, o, row, tid, nt, v, sp, blockDim.x);
     }
     cg::this_cluster().sync();

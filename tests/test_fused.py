@@ -51,7 +51,7 @@ def test_every_candidate_fits_and_is_compiled(dtype, c):
     vec = F.VEC_MAX[dtype] if c % F.VEC_MAX[dtype] == 0 else 1
     cands = F.candidates(dtype, "prob", c, vec, H100, F.VEC_MAX[dtype] if c <= F.TILE_MAX_C else None)
     assert cands[-1].kind == "twopass"
-    assert len({(v.kind, v.sitems > 0) for v in cands}) == len(cands)
+    assert len({(v.kind, v.sitems > 0, v.ahead) for v in cands}) == len(cands)
     for v in cands:
         assert F.fits(v, c, H100) and _capacity(v, c) >= c
         assert v in F.variants()
@@ -80,3 +80,15 @@ def test_variant_names_are_unique():
     exprs = [v.expr() for v in F.variants()]
     assert len(exprs) == len(set(exprs))
     assert all(e.startswith("gpuce::sce_") for e in exprs)
+
+
+def test_label_ahead_forms_follow_the_measured_ones():
+    """The label-a-row-ahead kernels are candidates (tests and the benchmark run them) but not
+    the chooser's pick until a GPU run has measured them."""
+    cands = F.candidates("float32", "int64", 4096, 4, H100)
+    ahead = [v for v in cands if v.ahead]
+    assert ahead and not cands[0].ahead
+    assert [v.kind for v in ahead] == [v.kind for v in cands if not v.ahead and v.kind != "twopass"]
+    assert all(v in F.variants() for v in ahead)
+    assert not any(v.ahead for v in F.candidates("float32", "prob", 4096, 4, H100))
+    assert F.Variant("warp", "float32", "int64", 4, 8, 32, ahead=True).expr().endswith(", 8, 32, true>")

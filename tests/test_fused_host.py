@@ -55,6 +55,13 @@ CASES = [
     (V("cluster", "float64", "prob", 2, 2, cluster=2, sitems=2), 1000),
     (V("cluster", "float16", "int32", 8, 4, cluster=8, sitems=12), 20000),
     (V("cluster", "float32", "prob", 4, 8, cluster=2, sitems=8), 6000),
+    # labels loaded a row ahead
+    (V("warp", "float32", "int64", 4, 8, 4, ahead=True), 100),
+    (V("warp", "float16", "int32", 8, 4, 32, ahead=True), 1000),
+    (V("block", "float32", "int64", 4, 8, ahead=True), 3000),
+    (V("block", "float32", "int32", 4, 8, sitems=24, ahead=True), 3000),
+    (V("cluster", "float32", "int64", 4, 8, cluster=4, ahead=True), 1000),
+    (V("cluster", "float16", "int32", 8, 4, cluster=8, sitems=12, ahead=True), 20000),
 ]
 
 
