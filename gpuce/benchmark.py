@@ -206,12 +206,13 @@ def _peak_extra_mib(cp, fn):
 
 
 def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on_rows=None,
-              variants=False):
+              variants=False, rows=None):
     """Measure every (N*C, dtype, C) point; ``on_rows(rows)`` is called after each point (the
     CLI upserts there, so a sweep cut short by a time limit keeps what it measured).
     ``variants``: also time every other fused variant that can run the shape (pinned through
     ``gpuce._fused.PIN``), as providers ``fused[<variant>]`` -- the data the chooser's order is
-    set from."""
+    set from.  ``rows``: a fixed N for every C instead of N = total // C (the issue's small-C
+    target is stated at N = 2^24)."""
     import cupy as cp
 
     from . import _sce_cupy
@@ -221,11 +222,11 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
     provs = _gpu_providers(cp)
     if providers:
         provs = {k: v for k, v in provs.items() if k in providers}
-    plan = [(t, c, d) for t in totals for d in dtypes for c in classes]
+    plan = [(t, c, d) for t in (totals if rows is None else [None]) for d in dtypes for c in classes]
     bar = _bar(len(plan), progress)
     rows = []
     for total, c, dtype in plan:
-        n = max(1, total // c)
+        n = max(1, total // c) if rows is None else int(rows)
         x = cp.random.standard_normal((n, c), dtype=cp.float32).astype(dtype)
         y = cp.random.randint(0, c, n).astype(cp.int64)
         dst = cp.empty_like(x)
@@ -441,6 +442,8 @@ def main(argv=None) -> int:
                    help="record the rows of a CSV measured elsewhere (e.g. on a lent GPU) instead "
                         "of measuring; redraws the plot and, with --readme, the table")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rows", type=lambda s: int(eval(s, {})), default=None,
+                   help="a fixed N for every C (e.g. 2**24) instead of N = total // C")
     p.add_argument("--variants", action="store_true",
                    help="also time every other fused variant that can run each shape")
     a = p.parse_args(argv)
@@ -459,7 +462,7 @@ def main(argv=None) -> int:
         csv_path = results / "gpu_sce.csv"
         rows, name = gpu_sweep(a.classes, a.totals, a.dtypes, a.repeat, a.providers,
                                progress=not a.no_progress, on_rows=lambda r: upsert(csv_path, r),
-                               variants=a.variants)
+                               variants=a.variants, rows=a.rows)
     upsert(csv_path, rows)
     all_rows = read_rows(csv_path)
     txt = table(all_rows, name, a.dtypes[0])
