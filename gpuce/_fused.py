@@ -87,13 +87,13 @@ class Variant:
         return f"{self.kind}{'-' + extra if extra else ''}-v{self.vec}{'-ahead' if self.ahead else ''}"
 
 
-def max_items(dtype: str, vec: int, label: str = "int64") -> int:
-    """Packs a thread keeps in registers (fewer when loaded one by one).  ``label`` is kept for
-    the kernels' register caps: probability-target kernels get more registers instead."""
+def max_items(dtype: str, vec: int) -> int:
+    """Packs a thread keeps in registers (fewer when loaded one by one; probability-target
+    kernels hold as many, under a looser register cap)."""
     return min(REG_ELEMS[dtype], REG_SCALARS[dtype]) if vec == 1 else REG_ELEMS[dtype] // vec
 
 
-def warp_shapes(dtype: str, vec: int, label: str = "int64"):
+def warp_shapes(dtype: str, vec: int):
     """(G, ITEMS) shapes of the warp kernel: G in 4..32 lanes a row, ITEMS in 1..max packs a
     lane, ordered by capacity G * ITEMS * vec and then by G -- so the first that holds a row
     is the tightest, with the fewest lanes: more rows a warp and more loads in flight a lane,
@@ -101,7 +101,7 @@ def warp_shapes(dtype: str, vec: int, label: str = "int64"):
     shapes = []
     for g in WARP_GROUPS:
         it = 1
-        while it <= max_items(dtype, vec, label):
+        while it <= max_items(dtype, vec):
             shapes.append((g, it))
             it *= 2
     return sorted(shapes, key=lambda s: (s[0] * s[1], s[0]))
@@ -113,9 +113,9 @@ def variants():
     for dtype in ("float16", "float32", "float64"):
         for label in ("int32", "int64", "prob"):
             for vec in sorted({1, VEC_MAX[dtype]}):
-                im = max_items(dtype, vec, label)
+                im = max_items(dtype, vec)
                 out.append(Variant("tile", dtype, label, vec))
-                for g, items in warp_shapes(dtype, vec, label):
+                for g, items in warp_shapes(dtype, vec):
                     out.append(Variant("warp", dtype, label, vec, items, g))
                 out.append(Variant("block", dtype, label, vec, im))
                 if vec == VEC_MAX[dtype]:
@@ -178,6 +178,7 @@ def fits(v: Variant, c: int, dev: Device) -> bool:
     return True  # twopass
 
 
+@functools.lru_cache(maxsize=4096)  # called on every launch; all arguments are hashable
 def candidates(dtype: str, label: str, c: int, vec: int, dev: Device, tile_vec: int | None = None):
     """Every variant kind that runs a row of ``c`` classes, most preferred first.
 
@@ -188,9 +189,9 @@ def candidates(dtype: str, label: str, c: int, vec: int, dev: Device, tile_vec: 
     targets) the same shapes with labels loaded a row ahead -- not yet measured on a GPU, so
     last -- and twopass.
     """
-    im = max_items(dtype, vec, label)
+    im = max_items(dtype, vec)
     out = [Variant("tile", dtype, label, tile_vec)] if tile_vec is not None else []
-    out += [Variant("warp", dtype, label, vec, it, g) for g, it in warp_shapes(dtype, vec, label)]
+    out += [Variant("warp", dtype, label, vec, it, g) for g, it in warp_shapes(dtype, vec)]
     out.append(Variant("block", dtype, label, vec, im))
     if vec == VEC_MAX[dtype]:
         out += [Variant("cluster", dtype, label, vec, im, cluster=cl) for cl in CLUSTERS]
@@ -206,7 +207,7 @@ def candidates(dtype: str, label: str, c: int, vec: int, dev: Device, tile_vec: 
     if label != "prob" and vec == VEC_MAX[dtype]:  # the same shapes with the label a row ahead
         picked += [replace(v, ahead=True) for v in picked if v.kind in ("warp", "block", "cluster")]
     picked.append(Variant("twopass", dtype, label, vec))
-    return picked
+    return tuple(picked)
 
 
 def choose(dtype: str, label: str, c: int, vec: int, dev: Device, tile_vec: int | None = None) -> Variant:

@@ -63,6 +63,7 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
     n, c = x2.shape
     acc = a.acc
     wuser = None if weight is None else cp.ascontiguousarray(weight.astype(acc, copy=False))
+    w = cp.ones(c, acc) if wuser is None else wuser  # the portable kernels read a weight vector
 
     lbl, pending = None, None
     if a.kind == "label":
@@ -76,7 +77,7 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
         if impl != "fused" or grad_out is x2:
             finish_label_check(lbl, pending, a)
             pending = None
-        wk = label_weights(cp, lbl, cp.ones(c, acc) if wuser is None else wuser, a)
+        wk = label_weights(cp, lbl, w, a)
         denom = wk.sum(dtype=cp.float64)
     else:
         denom = cp.asarray(float(n), dtype=cp.float64)
@@ -91,7 +92,6 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
         if pending is not None:
             finish_label_check(lbl, pending, a)
     else:
-        w = cp.ones(c, acc) if wuser is None else wuser
         if lbl is not None:
             active = lbl != a.ignore_index
         else:
@@ -150,9 +150,7 @@ def _fused(cp, x2, lbl, y, w, a, scale, grad_out):
     from . import _fused as F
 
     n, _ = x2.shape
-    xk = _unit_cols(cp, x2)
-    # the kernels index labels and weights as dense vectors
-    lbl = cp.ascontiguousarray(lbl) if lbl is not None else None
+    xk = _unit_cols(cp, x2)  # labels and weights arrive as dense vectors already
     if y is not None:
         y = _unit_cols(cp, y.astype(x2.dtype, copy=False))
     out = None

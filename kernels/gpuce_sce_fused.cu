@@ -110,7 +110,20 @@ __device__ void block_sum3(A& p, A& q, A& r, A* red) {
     for (int i = 1; i < nw; ++i) { p += red[4 * i]; q += red[4 * i + 1]; r += red[4 * i + 2]; }
 }
 
-// Per-row constants shared by all variants.
+// The label fields of a row from its label `lab`: active (not ignored), the label column k
+// (-1 for none) and wl = (1 - eps) w_k, NaN for an out-of-range label (a NaN row, never an
+// out-of-bounds read).  The one place the label is interpreted, for every kernel.
+template <typename A>
+__device__ __forceinline__ void label_fields(long long lab, long long ignore_index, int c, const A* w,
+                                             A one_minus_eps, bool& active, int& k, A& wl) {
+    active = lab != ignore_index;
+    k = -1;
+    wl = A(0);
+    if (active && (lab < 0 || lab >= c)) wl = quiet_nan<A>();
+    else if (active) { k = (int)lab; wl = one_minus_eps * (w ? w[k] : A(1)); }
+}
+
+// Per-row constants of the two-pass kernel.
 template <int MODE, typename T, typename I, typename A>
 struct RowCtx {
     bool active;
@@ -128,14 +141,7 @@ __device__ __forceinline__ RowCtx<MODE, T, I, A> row_ctx(long long row, const I*
     r.k = -1;
     r.wl = A(0);
     if (MODE == 0) {
-        long long lab = (long long)labels[row];
-        r.active = lab != ignore_index;
-        if (r.active && (lab < 0 || lab >= c)) {
-            r.wl = quiet_nan<A>();  // out-of-range label: a NaN row, never an out-of-bounds read
-        } else if (r.active) {
-            r.k = (int)lab;
-            r.wl = one_minus_eps * (w ? w[r.k] : A(1));
-        }
+        label_fields((long long)labels[row], ignore_index, c, w, one_minus_eps, r.active, r.k, r.wl);
     } else {
         r.active = true;
         r.yrow = y + row * ldy;
@@ -215,26 +221,12 @@ struct Args {
     long long ldg;
 };
 
-// The row's label context: active (not ignored, row in range), the label column k (-1 for
-// none), wl = (1 - eps) w_k (NaN for an out-of-range label).
-template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ void label_ctx(const Args<T, I, A>& g, long long row, bool valid, bool& active, int& k,
-                                          A& wl) {
-    active = valid;
-    k = -1;
-    wl = A(0);
-    if (MODE == 0 && valid) {
-        const long long lab = (long long)g.labels[row];
-        active = lab != g.ignore_index;
-        if (active && (lab < 0 || lab >= g.c)) wl = quiet_nan<A>();
-        else if (active) { k = (int)lab; wl = g.one_minus_eps * (g.w ? g.w[k] : A(1)); }
-    }
-}
-
-// The same from a label loaded earlier: the AHEAD kernels load each row's label one row ahead
-// (load_label), so that a row's loads never wait for its label -- in the others the row's
-// packs are loaded only once the label says the row is not ignored (a global-load round trip
-// before every row's loads, visible in the SASS as the branch over the LDG.E.128s).
+// The row's label context (label_fields; an invalid row is inactive), from the row index or
+// from a label loaded earlier.  The AHEAD kernels
+// load each row's label one row ahead (load_label), so that a row's loads never wait for its
+// label -- in the others the row's packs are loaded only once the label says the row is not
+// ignored (a global-load round trip before every row's loads, visible in the SASS as the
+// branch over the LDG.E.128s).
 template <int MODE, typename T, typename I, typename A>
 __device__ __forceinline__ long long load_label(const Args<T, I, A>& g, long long row) {
     return (MODE == 0 && row < g.n) ? (long long)g.labels[row] : 0;
@@ -246,7 +238,19 @@ __device__ __forceinline__ void label_ctx_from(const Args<T, I, A>& g, long long
     active = valid;
     k = -1;
     wl = A(0);
+    if (MODE == 0 && valid) label_fields(lab, g.ignore_index, g.c, g.w, g.one_minus_eps, active, k, wl);
+}
+
+template <int MODE, typename T, typename I, typename A>
+__device__ __forceinline__ void label_ctx(const Args<T, I, A>& g, long long row, bool valid, bool& active, int& k,
+                                          A& wl) {
+    // label_fields written out: this is the text that compiled to the kernels that passed the
+    // GPU suite; factoring it into the call changes their SASS (scheduling), so it stays.
+    active = valid;
+    k = -1;
+    wl = A(0);
     if (MODE == 0 && valid) {
+        const long long lab = (long long)g.labels[row];
         active = lab != g.ignore_index;
         if (active && (lab < 0 || lab >= g.c)) wl = quiet_nan<A>();
         else if (active) { k = (int)lab; wl = g.one_minus_eps * (g.w ? g.w[k] : A(1)); }
@@ -316,7 +320,7 @@ __device__ __forceinline__ RowOut<A> row_pass(const Args<T, I, A>& g, const Team
     RowOut<A> o;
     A wl;
     if (AHEAD) label_ctx_from<MODE>(g, lab, valid, o.active, o.k, wl);
-    else label_ctx<MODE>(g, row, valid, o.active, o.k, wl);
+    else label_ctx<MODE>(g, row, valid, o.active, o.k, wl);  // the row's loads wait for the label
     const long long rr = valid ? row : 0;
     const T* xrow = g.x + rr * g.ldx;
     const T* yrow = MODE == 1 ? g.y + rr * g.ldy : nullptr;
