@@ -58,3 +58,9 @@ def cupy_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
+
+
+def is_dask_array(x) -> bool:
+    """True for a dask array (looked up in ``sys.modules``: dask is never imported here)."""
+    da = sys.modules.get("dask.array")
+    return da is not None and isinstance(x, da.Array)

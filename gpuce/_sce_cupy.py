@@ -28,6 +28,23 @@ from ._validation import SceArgs, label_error
 last_variant = None  # the fused variant of the latest fused call (for benchmarks and tests)
 
 
+def kernel_labels(cp, target, a: SceArgs):
+    """The labels as the kernels read them: a contiguous int32 (when ignore_index fits) or
+    int64 vector."""
+    lbl = target
+    if lbl.dtype not in (np.int32, np.int64) or (
+        lbl.dtype == np.int32 and not -(2**31) <= a.ignore_index < 2**31
+    ):
+        lbl = lbl.astype(cp.int64)
+    return cp.ascontiguousarray(lbl)
+
+
+def check_labels(cp, target, a: SceArgs):
+    """Raise for the first out-of-range label (one sync)."""
+    lbl = kernel_labels(cp, target, a)
+    finish_label_check(lbl, start_label_check(cp, lbl, a), a)
+
+
 def start_label_check(cp, lbl, a: SceArgs):
     """Launch the label check; returns the device scalar it writes (no sync)."""
     first = cp.full(1, lbl.size, dtype=cp.int64)
@@ -67,16 +84,12 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portab
 
     lbl, pending = None, None
     if a.kind == "label":
-        lbl = target
-        if lbl.dtype not in (np.int32, np.int64) or (
-            lbl.dtype == np.int32 and not -(2**31) <= a.ignore_index < 2**31
-        ):
-            lbl = lbl.astype(cp.int64)
-        lbl = cp.ascontiguousarray(lbl)
-        pending = start_label_check(cp, lbl, a)
-        if impl != "fused" or grad_out is x2:
-            finish_label_check(lbl, pending, a)
-            pending = None
+        lbl = kernel_labels(cp, target, a)
+        if not a.labels_checked:
+            pending = start_label_check(cp, lbl, a)
+            if impl != "fused" or grad_out is x2:
+                finish_label_check(lbl, pending, a)
+                pending = None
         wk = label_weights(cp, lbl, w, a)
         denom = wk.sum(dtype=cp.float64)
     else:

@@ -60,7 +60,8 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
 
     if a.kind == "label":
         lbl = target.astype(np.int64, copy=False)
-        check_labels(lbl, a)
+        if not a.labels_checked:
+            check_labels(lbl, a)
         active = lbl != a.ignore_index
         safe = np.where(active, lbl, 0)
         wk = np.where(active, w[safe] if w is not None else acc.type(1), acc.type(0)).astype(acc)

@@ -66,6 +66,9 @@ class SceArgs:
     z_loss: float
     return_grad: bool
     inplace: bool
+    # set by callers that validated the labels over a larger array first (chunked
+    # linear_cross_entropy): the backends then skip their own range check
+    labels_checked: bool = False
 
 
 def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing, z_loss,

@@ -101,15 +101,6 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     a = V.sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
                    label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
                    inplace=inplace)
-    if xp is np:
-        from ._sce_numpy import softmax_cross_entropy as run
-    else:
-        from functools import partial
-
-        from ._sce_cupy import softmax_cross_entropy as cupy_run
-
-        run = partial(cupy_run, impl=AUTO_IMPL if impl == "auto" else impl)
-
     c = a.c
     x2 = logits.reshape(a.n, c)
     tgt = target.reshape(a.n) if a.kind == "label" else target.reshape(a.n, c)
@@ -124,7 +115,7 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         rows = xp.zeros(0, a.acc)
         total = None if a.reduction == "none" else xp.zeros((), a.acc)
     else:
-        rows, total = run(x2, tgt, weight, a, grad_out)
+        rows, total = run_rows(xp, x2, tgt, weight, a, grad_out, impl)
     loss = rows.reshape(a.lead_shape) if a.reduction == "none" else xp.asarray(total, dtype=a.acc)
     if not a.return_grad:
         return loss
@@ -133,6 +124,19 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
             logits[...] = grad_out.reshape(logits.shape)
         return loss, logits
     return loss, grad_out.reshape(logits.shape)
+
+
+def run_rows(xp, x2, target, weight, a: V.SceArgs, grad_out, impl="auto"):
+    """The backend's work on validated (N, C) logits: ``(loss_rows, total)``, the gradient
+    written into ``grad_out`` when given (it may be ``x2`` itself).  ``total`` is None for
+    reduction "none".  Used by softmax_cross_entropy and the chunked linear model."""
+    if xp is np:
+        from ._sce_numpy import softmax_cross_entropy as run
+
+        return run(x2, target, weight, a, grad_out)
+    from ._sce_cupy import softmax_cross_entropy as run
+
+    return run(x2, target, weight, a, grad_out, impl=AUTO_IMPL if impl == "auto" else impl)
 
 
 def _shares_buffer(xp, view, base) -> bool:
