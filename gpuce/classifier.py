@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ._backend import array_module, is_cupy_array
+from ._backend import array_module, is_cupy_array, is_dask_array
 from .linear import linear_cross_entropy
 from .softmax import log_softmax, softmax
 
@@ -61,6 +61,20 @@ def _bases():
 
 def _to_numpy(a):
     return a.get() if is_cupy_array(a) else np.asarray(a)
+
+
+def _class_index(block, classes):
+    """Class indices of a block of labels (a dask map_blocks function; all labels are known)."""
+    xp = array_module(block)
+    return xp.searchsorted(xp.asarray(classes), block).astype(np.int64)
+
+
+def _class_of(idx, classes):
+    """Labels of a block of class indices."""
+    if is_cupy_array(idx) and classes.dtype.kind in "OUS":
+        return classes[idx.get()]
+    xp = array_module(idx)
+    return xp.asarray(classes)[idx]
 
 
 def _progress(total, verbose, desc):
@@ -143,8 +157,13 @@ class SoftmaxClassifier(*_bases()):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
     def _check_X(self, X, xp=None):
-        xp = xp or array_module(X)
-        X = xp.asarray(X)
+        if is_dask_array(X):
+            from ._dask import _module_of
+
+            xp = _module_of(X)
+        else:
+            xp = xp or array_module(X)
+            X = xp.asarray(X)
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
         if X.dtype.kind != "f":
@@ -156,21 +175,11 @@ class SoftmaxClassifier(*_bases()):
     def fit(self, X, y):
         """Fit on X (N, D) and labels y (N,); returns self."""
         self._check_params()
-        xp, X = self._check_X(X)
-        if X.shape[0] == 0:
-            raise ValueError("cannot fit on 0 samples")
-        if not bool(xp.isfinite(X).all()):
-            raise ValueError("X contains NaN or infinity")
-        y_host_labels = not is_cupy_array(y)
-        ymod = np if y_host_labels else xp
-        y = ymod.asarray(y)
-        if y.ndim != 1 or y.shape[0] != X.shape[0]:
-            raise ValueError(f"y must be 1-D with {X.shape[0]} labels, got shape {y.shape}")
-        classes, y_idx = ymod.unique(y, return_inverse=True)
-        if classes.shape[0] < 2:
-            raise ValueError(f"need samples of at least 2 classes, got {classes.shape[0]}")
+        if is_dask_array(X) or is_dask_array(y):
+            xp, X, y_idx, classes = self._prepare_dask(X, y)
+        else:
+            xp, X, y_idx, classes = self._prepare(X, y)
         self.classes_ = classes
-        y_idx = xp.asarray(y_idx.reshape(-1).astype(np.int64))
         self.n_features_in_ = X.shape[1]
         n, d = X.shape
         c = classes.shape[0]
@@ -185,6 +194,56 @@ class SoftmaxClassifier(*_bases()):
         self.n_iter_ = int(n_iter)
         self.loss_curve_ = curve
         return self
+
+    def _prepare(self, X, y):
+        """Checked in-memory X, the labels as class indices and the classes."""
+        xp, X = self._check_X(X)
+        if X.shape[0] == 0:
+            raise ValueError("cannot fit on 0 samples")
+        if not bool(xp.isfinite(X).all()):
+            raise ValueError("X contains NaN or infinity")
+        ymod = xp if is_cupy_array(y) else np
+        y = ymod.asarray(y)
+        self._check_y(X, y)
+        classes, y_idx = ymod.unique(y, return_inverse=True)
+        self._check_classes(classes)
+        return xp, X, xp.asarray(y_idx.reshape(-1).astype(np.int64)), classes
+
+    def _prepare_dask(self, X, y):
+        """The same for dask arrays chunked by rows: one pass for the finiteness check and
+        the classes, then X and the class indices persisted (on the workers of a
+        distributed cluster) for the optimiser's iterations."""
+        import dask
+        import dask.array as da
+
+        from ._dask import _align_rows, _as_dask, _rows_only
+
+        if self.solver != "lbfgs":
+            raise ValueError(f"solver={self.solver!r} needs in-memory arrays; dask arrays are "
+                             "fitted with solver='lbfgs'")
+        xp, X = self._check_X(_as_dask(X))
+        _rows_only(X, "X", what="feature")
+        y = _align_rows(y, X, "y")
+        self._check_y(X, y)
+        if X.shape[0] == 0:
+            raise ValueError("cannot fit on 0 samples")
+        finite, classes = dask.compute(da.isfinite(X).all(), da.unique(y))
+        if not bool(finite):
+            raise ValueError("X contains NaN or infinity")
+        self._check_classes(classes)
+        y_idx = y.map_blocks(_class_index, classes, dtype=np.int64)
+        X, y_idx = dask.persist(X, y_idx)
+        return xp, X, y_idx, classes
+
+    @staticmethod
+    def _check_y(X, y):
+        if y.ndim != 1 or y.shape[0] != X.shape[0]:
+            raise ValueError(f"y must be 1-D with {X.shape[0]} labels, got shape {y.shape}")
+
+    @staticmethod
+    def _check_classes(classes):
+        if classes.shape[0] < 2:
+            raise ValueError(f"need samples of at least 2 classes, got {classes.shape[0]}")
 
     def objective(self, X, y):
         """J(coef_, intercept_) = Σ L_i + λ/2 ‖W‖² on (X, y) with the fitted parameters."""
@@ -212,9 +271,14 @@ class SoftmaxClassifier(*_bases()):
             W, b = unpack(theta)
             loss, g = linear_cross_entropy(X, W, y_idx, bias=b, reg=self.reg, reduction="sum",
                                            return_grad=True, input_grad=False, check_finite=False)
-            grad = [_to_numpy(g.W).astype(np.float64).ravel()]
+            gW, gb = g.W, g.bias
+            if is_dask_array(loss):  # one graph: block partials, their tree, the finish
+                import dask
+
+                loss, gW, gb = dask.compute(loss, gW, gb)
+            grad = [_to_numpy(gW).astype(np.float64).ravel()]
             if fit_b:
-                grad.append(_to_numpy(g.bias).astype(np.float64))
+                grad.append(_to_numpy(gb).astype(np.float64))
             return float(loss) / n, np.concatenate(grad) / n
 
         def callback(intermediate_result):
@@ -325,6 +389,8 @@ class SoftmaxClassifier(*_bases()):
         scores = self.decision_function(X)
         idx = scores.argmax(axis=1)
         classes = self.classes_
+        if is_dask_array(idx):
+            return idx.map_blocks(_class_of, classes, dtype=classes.dtype)
         if is_cupy_array(scores) and not is_cupy_array(classes):
             if classes.dtype.kind in "OUS":
                 return classes[idx.get()]  # string labels can only live on the host

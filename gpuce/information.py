@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _validation as V
 from ._backend import array_module, asarray
+from ._dask import along_axis
 
 
 def _prep(*arrays, axis):
@@ -27,6 +28,7 @@ def _prep(*arrays, axis):
     return xp, [a.astype(acc, copy=False) for a in arrays], axis
 
 
+@along_axis(keep_axis=False)
 def entropy(p, axis=-1):
     """Entropy ``H(P) = -sum_x p(x) log p(x)`` per row, with ``0 log 0 = 0``.
 
@@ -40,6 +42,7 @@ def entropy(p, axis=-1):
     return terms.sum(axis=axis)
 
 
+@along_axis(keep_axis=False)
 def cross_entropy(p, q, axis=-1):
     """Cross-entropy ``H(P,Q) = -sum_x p(x) log q(x)`` per row.
 
@@ -57,6 +60,7 @@ def cross_entropy(p, q, axis=-1):
     return terms.sum(axis=axis)
 
 
+@along_axis(keep_axis=False)
 def kl_div(p, q, axis=-1):
     """Kullback-Leibler divergence ``KL(P||Q) = sum_x p(x) log(p(x)/q(x))`` per row.
 

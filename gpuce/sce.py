@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validation as V
-from ._backend import array_module, asarray
+from ._backend import array_module, asarray, is_dask_array
 
 IMPLS = ("auto", "fused", "portable")
 # impl="auto" on CuPy arrays: the fused single-read kernels (gpuce._fused), which pass the GPU
@@ -61,12 +61,15 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         of ``sum_i L_i``), same shape and dtype as logits, from the same pass.
     inplace : bool
         Write ``grad`` into ``logits`` (needs return_grad=True); otherwise the
-        caller's arrays are never written.
+        caller's arrays are never written.  Not for dask arrays.
     impl : {"auto", "fused", "portable"}
         GPU implementation: "fused" is the single-read RawKernel family
         (kernels/gpuce_sce_fused.cu), "portable" the ElementwiseKernel /
         ReductionKernel path (two reads of the logits).  NumPy inputs always take the
         NumPy path.
+
+    Dask arrays chunked by rows (class axis whole) are accepted for logits and target: the
+    results are then dask arrays (see :mod:`gpuce._dask`).
 
     Returns
     -------
@@ -96,6 +99,12 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if is_dask_array(logits) or is_dask_array(target):
+        from ._dask import softmax_cross_entropy as dask_sce
+
+        return dask_sce(logits, target, reduction=reduction, ignore_index=ignore_index,
+                        weight=weight, label_smoothing=label_smoothing, z_loss=z_loss,
+                        return_grad=return_grad, inplace=inplace, impl=impl)
     xp = array_module(logits, target, weight)
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
     a = V.sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,

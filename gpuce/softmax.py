@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _validation as V
 from ._backend import array_module, asarray
+from ._dask import along_axis
 
 
 def _prepare(x, axis):
@@ -54,6 +55,7 @@ def _norm_cupy(x, axis):
     return mx, ls
 
 
+@along_axis(keep_axis=False)
 def logsumexp(x, axis=-1):
     """Log-sum-exp along ``axis``: ``lse = m + log sum_j exp(x_j - m)``, ``m = max_j x_j``.
 
@@ -91,6 +93,7 @@ def _map(x, axis, numpy_fn, kernel_name):
     return get_kernel(kernel_name, T=x.dtype.name, A=acc.name)(x, mx, ls)
 
 
+@along_axis(keep_axis=True)
 def softmax(x, axis=-1):
     """Softmax along ``axis``: ``y_j = exp(x_j - lse)`` (formed as ``exp((x_j - m) - log s)``).
 
@@ -111,6 +114,7 @@ def softmax(x, axis=-1):
     return _map(x, axis, np.exp, "gpuce_softmax")
 
 
+@along_axis(keep_axis=True)
 def log_softmax(x, axis=-1):
     """Log-softmax along ``axis``: ``x_j - lse`` (never ``log(softmax)``, which underflows).
 

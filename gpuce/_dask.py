@@ -1,0 +1,346 @@
+"""Dask arrays chunked by rows: the public functions over NumPy or CuPy chunks.
+
+Row-wise functions (softmax, log_softmax, logsumexp, entropy, cross_entropy, kl_div) map
+over the blocks: only the reduced axis must lie in one chunk.  The losses
+(softmax_cross_entropy, linear_cross_entropy) build one task per row block that computes the
+block's loss sum, mean denominator and gradient sums with gpuce's in-memory path, a binary
+tree of tasks that adds those partials, and one task that applies the reduction's scale (the
+mean's denominator is only known once every block reported).  Small operands (W, bias, the
+class weight) enter the graph once, as one key each, so a distributed scheduler ships them
+to each worker once per call (per optimiser iteration in SoftmaxClassifier.fit).
+
+Results are dask arrays: compute the loss and gradients together (``dask.compute(loss,
+grads)``) so that the block tasks run once.  dask is imported only when a dask array is
+passed in (``gpuce._backend.is_dask_array`` looks it up in ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import uuid
+from types import SimpleNamespace
+
+import numpy as np
+
+from . import _validation as V
+from ._backend import array_module, is_dask_array
+
+
+def _da():
+    import dask.array as da
+
+    return da
+
+
+def _delayed():
+    from dask import delayed
+
+    return delayed
+
+
+def _module_of(x):
+    """numpy or cupy: the module of a dask array's chunks (or of an in-memory array)."""
+    return array_module(x._meta if is_dask_array(x) else x)
+
+
+def _meta(x, ndim, dtype):
+    return _module_of(x).empty((0,) * ndim, dtype=dtype)
+
+
+def _as_dask(a, like=None):
+    if a is None or is_dask_array(a):
+        return a
+    da = _da()
+    if like is None:
+        return da.from_array(a, chunks=a.shape or ())
+    chunks = (like.chunks[0],) + tuple((s,) for s in a.shape[1:])
+    return da.from_array(a, chunks=chunks)
+
+
+def _known_chunks(x, name):
+    if any(math.isnan(c) for c in x.chunks[0]) if x.ndim else False:
+        raise ValueError(f"{name} has unknown chunk sizes; call {name}.compute_chunk_sizes() first")
+
+
+def _rows_only(x, name, what="classes"):
+    """Raise unless ``x`` is chunked along axis 0 only (each row whole in one chunk)."""
+    _known_chunks(x, name)
+    for ax in range(1, x.ndim):
+        if x.numblocks[ax] != 1:
+            last = ax == x.ndim - 1
+            axis_name = f"the {what} axis (axis {ax})" if last else f"axis {ax}"
+            raise ValueError(
+                f"{name} is chunked along {axis_name} (chunks {x.chunks[ax]}); gpuce needs dask "
+                f"arrays chunked by rows only, each row whole in one chunk: use "
+                f"{name}.rechunk({{0: 'auto', {', '.join(f'{i}: -1' for i in range(1, x.ndim))}}})")
+
+
+def _align_rows(t, x, name):
+    """``t`` (dask or in-memory) as a dask array with ``x``'s row chunks."""
+    if not is_dask_array(t):
+        return _as_dask(t, like=x)
+    _known_chunks(t, name)
+    if t.shape[:1] != x.shape[:1]:
+        return t  # the shape check that follows names the mismatch
+    return t.rechunk((x.chunks[0],) + tuple((s,) for s in t.shape[1:]))
+
+
+def _row_starts(x):
+    return np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).astype(int).tolist()
+
+
+def _constant(value, what):
+    """A small in-memory operand as a single graph key (shipped once per worker)."""
+    if value is None:
+        return None
+    if is_dask_array(value):
+        value = value.compute()
+    return _delayed()(value, name=f"gpuce-{what}-{uuid.uuid4().hex}")
+
+
+def _call(fn, prefix, *args):
+    return _delayed()(fn, pure=False)(*args, dask_key_name=f"gpuce-{prefix}-{uuid.uuid4().hex}")
+
+
+# -- row-wise functions ------------------------------------------------------------------------
+
+def along_axis(keep_axis: bool):
+    """Decorator of a row-wise public function ``fn(*arrays, axis=-1)``: dask arrays are mapped
+    block by block (the ``axis`` must lie in one chunk)."""
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arrays = [v for k, v in bound.arguments.items() if k != "axis"]
+            if not any(is_dask_array(a) for a in arrays):
+                return fn(*args, **kwargs)
+            return _map_along(fn, arrays, bound.arguments["axis"], keep_axis)
+
+        return wrapper
+
+    return deco
+
+
+def _map_along(fn, arrays, axis, keep_axis):
+    da = _da()
+    first = next(a for a in arrays if is_dask_array(a))
+    arrays = [a if is_dask_array(a) else _as_dask(a) for a in arrays]
+    for a, name in zip(arrays, "xq" if len(arrays) == 2 else "x"):
+        V.check_float(a, name)
+    if len(arrays) == 2:
+        V.check_same_shape(*arrays)
+    axis = V.check_axis(axis, first.ndim)
+    if arrays[0].numblocks[axis] != 1:
+        raise ValueError(
+            f"the dask array is chunked along axis {axis}, the axis {fn.__name__} reduces over "
+            f"(chunks {arrays[0].chunks[axis]}); rechunk so that axis is whole: "
+            f"x.rechunk({{{axis}: -1}})")
+    arrays = [arrays[0]] + [a.rechunk(arrays[0].chunks) for a in arrays[1:]]
+    xp = _module_of(arrays[0])
+    probe = fn(*[xp.ones((1,) * a.ndim, a.dtype) for a in arrays], axis=axis)
+    ndim = arrays[0].ndim - (0 if keep_axis else 1)
+    return da.map_blocks(functools.partial(fn, axis=axis), *arrays, dtype=probe.dtype,
+                         meta=_meta(arrays[0], ndim, probe.dtype),
+                         drop_axis=[] if keep_axis else [axis], token=f"gpuce-{fn.__name__}")
+
+
+# -- partial sums and their tree ---------------------------------------------------------------
+
+def _check_block_labels(t, row0, a):
+    """The label range check of one block, naming the position in the whole array."""
+    if a.kind != "label" or t.size == 0:
+        return
+    bad = (t != a.ignore_index) & ((t < 0) | (t >= a.c))
+    if bool(bad.any()):
+        pos = int(bad.ravel().argmax())
+        per_row = int(np.prod(a.lead_shape[1:], dtype=np.int64))
+        raise V.label_error(row0 * per_row + pos, int(t.ravel()[pos]), a.lead_shape, a.c,
+                            a.ignore_index)
+
+
+def _block_denominator(t, w, a):
+    from .linear import mean_denominator
+
+    if a.kind != "label":
+        return float(np.prod(t.shape[:-1], dtype=np.int64))
+    xp = array_module(t, w)
+    flat = t.ravel()
+    return mean_denominator(xp, flat, w, SimpleNamespace(kind="label", ignore_index=a.ignore_index,
+                                                         acc=a.acc, n=flat.size))
+
+
+def _add(p, q):
+    """Sum of two partial-result dicts (the arrays are added, None stays None)."""
+    return {k: (None if p[k] is None else p[k] + q[k]) for k in p}
+
+
+def _tree_sum(parts, keep):
+    """Binary tree of additions over the partials' ``keep`` fields."""
+    level = [_call(_select, "select", p, keep) for p in parts]
+    while len(level) > 1:
+        nxt = [_call(_add, "combine", level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def _select(p, keep):
+    return {k: p[k] for k in keep}
+
+
+def _scaled(g, scale):
+    if g is None:
+        return None
+    if scale == 1.0:
+        return g
+    return g * g.dtype.type(scale)
+
+
+def _from_parts(parts, field, shapes, dtype, meta_like, scale=None):
+    da = _da()
+    blocks = []
+    for p, shape in zip(parts, shapes):
+        v = p[field] if scale is None else _call(_scaled, "scale", p[field], scale)
+        blocks.append(da.from_delayed(v, shape=shape, dtype=dtype,
+                                      meta=_meta(meta_like, len(shape), dtype)))
+    return da.concatenate(blocks, axis=0)
+
+
+def _scale_of(total, reduction):
+    if reduction != "mean":
+        return 1.0
+    return 0.0 if total["denom"] == 0 else 1.0 / total["denom"]
+
+
+# -- softmax_cross_entropy ---------------------------------------------------------------------
+
+def _sce_part(x, t, w, a, row0, opts):
+    from .sce import softmax_cross_entropy
+
+    _check_block_labels(t, row0, a)
+    red = "none" if a.reduction == "none" else "sum"
+    out = softmax_cross_entropy(x, t, weight=w, reduction=red, return_grad=a.return_grad, **opts)
+    loss, g = out if a.return_grad else (out, None)
+    return {"loss": loss if red == "none" else loss.astype(np.float64),
+            "denom": _block_denominator(t, w, a) if a.reduction == "mean" else 0.0, "grad": g}
+
+
+def _sce_finish(total, a):
+    scale = _scale_of(total, a.reduction)
+    loss = total["loss"].astype(np.float64) * scale
+    return {"loss": _module_of(total["loss"]).asarray(loss, dtype=a.acc), "scale": scale}
+
+
+def softmax_cross_entropy(logits, target, *, reduction, ignore_index, weight, label_smoothing,
+                          z_loss, return_grad, inplace, impl):
+    if inplace:
+        raise ValueError("inplace=True is not supported for dask arrays (their blocks are "
+                         "computed lazily); use return_grad=True")
+    logits = _as_dask(logits)
+    _rows_only(logits, "logits")
+    target = _align_rows(target, logits, "target")
+    a = V.sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
+                   label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
+                   inplace=False)
+    _rows_only(target, "target")
+    array_module(logits._meta, target._meta, weight)  # raises for NumPy mixed with CuPy
+    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                impl=impl)
+    wd = _constant(weight, "weight")
+    xs, ts = logits.to_delayed().ravel(), target.to_delayed().ravel()
+    parts = [_call(_sce_part, "sce-part", x, t, wd, a, r0, opts)
+             for x, t, r0 in zip(xs, ts, _row_starts(logits))]
+    lead_shapes = [(n,) + tuple(a.lead_shape[1:]) for n in logits.chunks[0]]
+    grad_shapes = [s + (a.c,) for s in lead_shapes]
+    if a.reduction == "none":
+        loss = _from_parts(parts, "loss", lead_shapes, a.acc, logits)
+        grad = _from_parts(parts, "grad", grad_shapes, logits.dtype, logits) if return_grad else None
+    else:
+        fin = _call(_sce_finish, "sce-finish", _tree_sum(parts, ("loss", "denom")), a)
+        loss = _da().from_delayed(fin["loss"], shape=(), dtype=a.acc, meta=_meta(logits, 0, a.acc))
+        grad = (_from_parts(parts, "grad", grad_shapes, logits.dtype, logits, scale=fin["scale"])
+                if return_grad else None)
+    return (loss, grad) if return_grad else loss
+
+
+# -- linear_cross_entropy ----------------------------------------------------------------------
+
+def _linear_part(X, y, W, b, w, a, row0, opts):
+    from .linear import linear_cross_entropy
+
+    _check_block_labels(y, row0, a)
+    red = "none" if a.reduction == "none" else "sum"
+    out = linear_cross_entropy(X, W, y, bias=b, weight=w, reduction=red, return_grad=a.return_grad,
+                               **opts)
+    loss, g = out if a.return_grad else (out, None)
+    return {"loss": loss if red == "none" else loss.astype(np.float64),
+            "denom": _block_denominator(y, w, a) if a.reduction == "mean" else 0.0,
+            "dX": None if g is None else g.X, "dW": None if g is None else g.W,
+            "db": None if g is None else g.bias}
+
+
+def _linear_finish(total, W, a, reg):
+    from .linear import sum_squares
+
+    xp = array_module(W)
+    scale = _scale_of(total, a.reduction)
+    out = {"scale": scale}
+    if a.reduction != "none":
+        loss = xp.asarray(total["loss"].astype(np.float64) * scale, dtype=a.acc)
+        if reg:
+            loss = loss + a.acc.type(0.5 * reg) * sum_squares(xp, W).astype(a.acc)
+        out["loss"] = loss
+    if total.get("dW") is not None:
+        dW = _scaled(total["dW"], scale)
+        out["dW"] = dW + W.dtype.type(reg) * W if reg else dW
+    if total.get("db") is not None:
+        out["db"] = _scaled(total["db"], scale)
+    return out
+
+
+def linear_cross_entropy(X, W, y, *, bias, reg, reduction, ignore_index, weight, label_smoothing,
+                         z_loss, return_grad, input_grad, check_finite, chunk_size):
+    from .linear import LinearGrads, _Meta, check_chunk_size, check_linear_args
+
+    da = _da()
+    W, bias, weight = (v.compute() if is_dask_array(v) else v for v in (W, bias, weight))
+    X = _as_dask(X)
+    _rows_only(X, "X", what="feature")
+    y = _align_rows(y, X, "y")
+    array_module(X._meta, y._meta, W, bias, weight)  # raises for NumPy mixed with CuPy
+    reg = check_linear_args(None, X, W, y, bias, reg, check_finite=False)
+    _rows_only(y, "y")
+    chunk_size = check_chunk_size(chunk_size)
+    n, d = X.shape
+    c = W.shape[0]
+    a = V.sce_args(_Meta((n, c), X.dtype), y, reduction=reduction, ignore_index=ignore_index,
+                   weight=weight, label_smoothing=label_smoothing, z_loss=z_loss,
+                   return_grad=return_grad, inplace=False)
+    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                input_grad=input_grad, check_finite=check_finite, chunk_size=chunk_size)
+    Wd, bd, wd = _constant(W, "W"), _constant(bias, "bias"), _constant(weight, "weight")
+    parts = [_call(_linear_part, "linear-part", xb, yb, Wd, bd, wd, a, r0, opts)
+             for xb, yb, r0 in zip(X.to_delayed().ravel(), y.to_delayed().ravel(), _row_starts(X))]
+    keep = ("loss", "denom") if a.reduction != "none" else ("denom",)
+    if return_grad:
+        keep += ("dW",) + (("db",) if bias is not None else ())
+    fin = _call(_linear_finish, "linear-finish", _tree_sum(parts, keep), Wd, a, reg)
+    if a.reduction == "none":
+        loss = _from_parts(parts, "loss", [(m,) for m in X.chunks[0]], a.acc, X)
+    else:
+        loss = da.from_delayed(fin["loss"], shape=(), dtype=a.acc, meta=_meta(X, 0, a.acc))
+    if not return_grad:
+        return loss
+    dW = da.from_delayed(fin["dW"], shape=W.shape, dtype=W.dtype, meta=_meta(X, 2, W.dtype))
+    db = (da.from_delayed(fin["db"], shape=(c,), dtype=X.dtype, meta=_meta(X, 1, X.dtype))
+          if bias is not None else None)
+    dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X, scale=fin["scale"])
+          if input_grad else None)
+    return loss, LinearGrads(dX, dW, db)

@@ -1,0 +1,170 @@
+"""Dask arrays chunked by rows, on a dask.distributed LocalCluster with 2 worker processes:
+every result equals the single-array path; bad chunking gets a clear error."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+distributed = pytest.importorskip("distributed")
+
+import gpuce  # noqa: E402
+from dask.utils import key_split  # noqa: E402
+from test_linear import data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, worker_dashboard_address=None)
+    with distributed.Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+def split(a, rows=(13, 40, 1, 26)):
+    """A dask array of ``a`` with uneven row chunks (sizes must add up to len(a))."""
+    assert sum(rows) == a.shape[0]
+    return da.from_array(a, chunks=(rows,) + tuple((s,) for s in a.shape[1:]))
+
+
+def assert_same(got, want, rtol=1e-12, atol=1e-14):
+    if want is None:
+        assert got is None
+        return
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("fn", [gpuce.softmax, gpuce.log_softmax, gpuce.logsumexp, gpuce.entropy])
+def test_rowwise_one_input(client, fn):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((80, 9)) * 4
+    if fn is gpuce.entropy:
+        x = gpuce.softmax(x)
+    x[3] = -np.inf
+    x[5, 2] = np.nan
+    got = fn(split(x))
+    assert isinstance(got, da.Array)
+    assert_same(got.compute(), fn(x))
+    # the reduced axis may be any axis that is whole; the others may be chunked
+    xt = np.ascontiguousarray(x.T)
+    got = fn(da.from_array(xt, chunks=(9, 20)), axis=0)
+    assert_same(got.compute(), fn(xt, axis=0))
+
+
+@pytest.mark.parametrize("fn", [gpuce.cross_entropy, gpuce.kl_div])
+def test_rowwise_two_inputs(client, fn):
+    rng = np.random.default_rng(1)
+    p = gpuce.softmax(rng.standard_normal((80, 6)))
+    q = gpuce.softmax(rng.standard_normal((80, 6)))
+    assert_same(fn(split(p), split(q)).compute(), fn(p, q))
+    assert_same(fn(split(p), q).compute(), fn(p, q))  # an in-memory operand takes the rows' chunks
+
+
+OPTS = list(itertools.product(["label", "prob"], ["mean", "sum", "none"], [False, True], [0.0, 0.1]))
+
+
+@pytest.mark.parametrize("kind,reduction,weighted,smoothing", OPTS)
+def test_softmax_cross_entropy(client, kind, reduction, weighted, smoothing):
+    rng = np.random.default_rng(abs(hash((kind, reduction, weighted, smoothing))) % 2**32)
+    x = rng.standard_normal((80, 7)) * 3
+    if kind == "label":
+        t = rng.integers(0, 7, 80)
+        t[:13] = -100  # the first block is all ignored
+        t[rng.random(80) < 0.2] = -100
+    else:
+        t = gpuce.softmax(rng.standard_normal((80, 7)))
+    w = rng.random(7) + 0.5 if weighted else None
+    kw = dict(reduction=reduction, weight=w, label_smoothing=smoothing, z_loss=1e-3, return_grad=True)
+    loss, grad = gpuce.softmax_cross_entropy(split(x), split(t), **kw)
+    assert isinstance(loss, da.Array) and isinstance(grad, da.Array)
+    loss, grad = dask.compute(loss, grad)
+    want_loss, want_grad = gpuce.softmax_cross_entropy(x, t, **kw)
+    assert_same(loss, want_loss)
+    assert_same(grad, want_grad)
+    only = gpuce.softmax_cross_entropy(split(x), split(t), **{**kw, "return_grad": False})
+    assert_same(only.compute(), want_loss)
+
+
+@pytest.mark.parametrize("kind,reduction", list(itertools.product(["label", "prob"],
+                                                                  ["mean", "sum", "none"])))
+def test_linear_cross_entropy(client, kind, reduction):
+    rng = np.random.default_rng(abs(hash(("lin", kind, reduction))) % 2**32)
+    X, W, y = data(rng, 80, 5, 6, kind, np.float64)
+    b = rng.standard_normal(6)
+    w = rng.random(6) + 0.5
+    kw = dict(bias=b, weight=w, reg=0.2, reduction=reduction, label_smoothing=0.05,
+              return_grad=True)
+    loss, g = gpuce.linear_cross_entropy(split(X), W, split(y), **kw)
+    loss, g = dask.compute(loss, g)
+    want_loss, want = gpuce.linear_cross_entropy(X, W, y, **kw)
+    assert_same(loss, want_loss)
+    for got_, want_ in zip(g, want):
+        assert_same(got_, want_, atol=1e-13)
+    # chunk_size inside each block and input_grad=False pass through
+    loss2, g2 = dask.compute(*gpuce.linear_cross_entropy(split(X), W, split(y), input_grad=False,
+                                                         chunk_size=3, **kw))
+    assert g2.X is None
+    assert_same(loss2, want_loss)
+    assert_same(g2.W, want.W, atol=1e-13)
+
+
+def test_graph_is_a_tree_with_one_key_per_operand():
+    """One part task per block, blocks - 1 additions, one finish; W is one key."""
+    rng = np.random.default_rng(2)
+    X, W, y = data(rng, 80, 5, 6, "label", np.float64)
+    loss, g = gpuce.linear_cross_entropy(split(X), W, split(y), return_grad=True)
+    graph = {**dict(loss.__dask_graph__()), **dict(g.W.__dask_graph__())}
+    names = [key_split(k) for k in graph]
+    assert names.count("gpuce-linear-part") == 4
+    assert names.count("gpuce-combine") == 3
+    assert names.count("gpuce-linear-finish") == 1
+    assert names.count("gpuce-W") == 1
+
+
+def test_classifier_fit_on_dask(client):
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:600], y[:600]
+    kw = dict(reg=1.0, max_iter=60, tol=1e-8)
+    ref = gpuce.SoftmaxClassifier(**kw).fit(X, y)
+    Xd = da.from_array(X, chunks=(150, 64))
+    clf = gpuce.SoftmaxClassifier(**kw).fit(Xd, da.from_array(y, chunks=150))
+    # the same objective and gradients each iteration; sums in another order may steer
+    # L-BFGS a little differently, so the fits agree to the optimiser's tolerance
+    np.testing.assert_allclose(clf.loss_curve_[:5], ref.loss_curve_[:5], rtol=1e-9)
+    assert clf.objective(X, y) == pytest.approx(ref.objective(X, y), rel=1e-4)
+    pred = clf.predict(Xd)
+    assert isinstance(pred, da.Array)
+    np.testing.assert_array_equal(pred.compute(), ref.predict(X))
+    with pytest.raises(ValueError, match="lbfgs"):
+        gpuce.SoftmaxClassifier(solver="sgd").fit(Xd, y)
+
+
+def test_bad_chunking_and_labels():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 8))
+    t = rng.integers(0, 8, 40)
+    by_class = da.from_array(x, chunks=(20, 4))
+    with pytest.raises(ValueError, match=r"chunked along the classes axis.*rechunk"):
+        gpuce.softmax_cross_entropy(by_class, t)
+    with pytest.raises(ValueError, match=r"chunked along axis 1.*rechunk"):
+        gpuce.softmax(by_class)
+    X = da.from_array(rng.standard_normal((40, 6)), chunks=(20, 3))
+    with pytest.raises(ValueError, match="feature axis"):
+        gpuce.linear_cross_entropy(X, np.ones((8, 6)), t)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gpuce.linear_cross_entropy(X.rechunk((20, 6)), np.ones((8, 6)), t, chunk_size=0)
+    with pytest.raises(ValueError, match="inplace"):
+        gpuce.softmax_cross_entropy(da.from_array(x, chunks=(20, 8)), t, return_grad=True, inplace=True)
+    unknown = da.from_array(x, chunks=(20, 8))[da.from_array(t, chunks=20) > 3]
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        gpuce.softmax_cross_entropy(unknown, t[t > 3])
+    bad = t.copy()
+    bad[33] = 8
+    loss = gpuce.softmax_cross_entropy(da.from_array(x, chunks=(10, 8)), bad)
+    with pytest.raises(ValueError, match=r"label 8 at position \(33,\)"):
+        loss.compute(scheduler="sync")
