@@ -6,21 +6,23 @@
 #   bench/results/gpu_sce.csv, redraws the plot and the README table).
 # Usage on the device:  bash bench/gpu_check.sh
 #   OUT        where logs go (default ./gpu_out)
-#   PARTS      which steps, default "tests demo bench linear"; a device call is limited to
+#   PARTS      which steps, default "tests demo bench linear lce"; a device call is limited to
 #              10 minutes, so a session may run PARTS="tests demo" and PARTS="bench linear"
 #   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5";
 #              add --variants to time every fused variant that fits each shape (fused[...] rows:
 #              how the chooser's order is set, e.g. the label-a-row-ahead forms against the rest)
 #   PYTEST_ARGS default "-n 8 --timeout 120" (pytest-xdist and pytest-timeout are on the image)
-#   T_TESTS T_DEMO T_BENCH T_LINEAR  seconds each step may take (so one slow step cannot eat a
+#   LCE_ARGS   arguments of bench/bench_lce.py (large-vocabulary linear CE, CCE's shape)
+#   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE  seconds each step may take (so one slow step cannot eat a
 #              whole device call; the benchmark upserts its CSV after every point)
-# Liger-Kernel is not on the device image: to compare with it, download its wheel here first
+# Liger-Kernel and Cut Cross-Entropy are not on the device image: to compare with them,
+# download their wheels here first (pure Python; --python-version etc. as the image's 3.12)
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel cut-cross-entropy
 # and name .whl in the device call's carry; this script installs what it finds there.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
-PARTS=${PARTS:-tests demo bench linear}
+PARTS=${PARTS:-tests demo bench linear lce}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # no install: hatchling is not there, nothing can be fetched
@@ -38,7 +40,7 @@ if has tests; then
   rc=${PIPESTATUS[0]}
 fi
 if has demo; then
-  timeout "${T_DEMO:-60}" python3 -m gpuce.cli demo --backend cupy --png "$OUT/demo-loss.png" 2>&1 | tee "$OUT/demo.log"
+  timeout "${T_DEMO:-60}" python3 -m gpuce.cli demo --backend cupy --png /tmp/demo-loss.png 2>&1 | tee "$OUT/demo.log"
 fi
 if has bench; then
   timeout "${T_BENCH:-240}" python3 -m bench --no-progress --results-dir "$OUT" ${BENCH_ARGS:---repeat 10} 2>&1 | tee "$OUT/bench.log"
@@ -47,12 +49,17 @@ if has bench; then
     --dtypes float32 --repeat 10 2>&1 | tee -a "$OUT/bench.log"
 fi
 if has linear; then
-  timeout "${T_LINEAR:-60}" python3 bench/bench_linear.py --gpu 2>&1 | tee "$OUT/bench_linear.log"
+  timeout "${T_LINEAR:-60}" python3 bench/bench_linear.py --gpu 2>&1 | tee /tmp/bench_linear.log
   cp bench/results/linear.csv "$OUT/linear.csv" 2>/dev/null
+fi
+if has lce; then
+  timeout "${T_LCE:-300}" python3 bench/bench_lce.py ${LCE_ARGS:-} 2>&1 | tee /tmp/bench_lce.log
+  cp bench/results/lce.csv "$OUT/lce.csv" 2>/dev/null
 fi
 echo "=== summary ($PARTS) ==="
 has tests && tail -1 "$OUT/gpu_tests.log"
 has demo && grep -E "check:|accuracy|backend" "$OUT/demo.log"
 has bench && grep -E "^\|" "$OUT/bench.log" | tail -12
-has linear && grep -E "ratio" "$OUT/bench_linear.log"
+has linear && grep -E "ratio" /tmp/bench_linear.log
+has lce && grep -E "^\||^N=" /tmp/bench_lce.log
 exit $rc

@@ -42,3 +42,15 @@ def test_merge_and_readme_table(tmp_path):
     assert "old" not in text and gpu in text and "| 32768 | 1.000 | 1.050 (0.95×) |" in text
     assert "smem-v4" in text and text.startswith("intro") and text.endswith("end\n")
     assert (tmp_path / "res" / "gpu_sce.csv").exists()
+
+
+@pytest.mark.gpu
+def test_lce_benchmark_dry_run():
+    """bench/bench_lce.py on a small shape: the CuPy providers give a time and a peak."""
+    import bench.bench_lce as lce
+
+    rows = lce.run(["float32"], 2, [64], (512, 128, 4096), dry=True)
+    got = {r["provider"]: r for r in rows}
+    assert {"three-gemms", "gpuce", "gpuce[chunk=64]"} <= set(got)
+    for name in ("three-gemms", "gpuce", "gpuce[chunk=64]"):
+        assert float(got[name]["p50_ms"]) > 0 and float(got[name]["peak_extra_mib"]) > 0
