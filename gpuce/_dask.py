@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 import uuid
 from types import SimpleNamespace
 
@@ -91,12 +92,33 @@ def _row_starts(x):
     return np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).astype(int).tolist()
 
 
+# operands at least this large are scattered to every worker up front when a distributed
+# client is running (instead of travelling inside the task graph)
+SCATTER_MIN_BYTES = 1 << 20
+
+
+def _client():
+    """The running dask.distributed client, or None (distributed is not imported here)."""
+    dist = sys.modules.get("distributed")
+    if dist is None:
+        return None
+    try:
+        return dist.default_client()
+    except ValueError:
+        return None
+
+
 def _constant(value, what):
-    """A small in-memory operand as a single graph key (shipped once per worker)."""
+    """An in-memory operand (W, bias, class weight) as one graph key: one transfer per worker
+    and call.  With a distributed client and a large operand, broadcast to every worker
+    first (``Client.scatter(..., broadcast=True)``)."""
     if value is None:
         return None
     if is_dask_array(value):
         value = value.compute()
+    client = _client()
+    if client is not None and getattr(value, "nbytes", 0) >= SCATTER_MIN_BYTES:
+        return client.scatter(value, broadcast=True, hash=False)
     return _delayed()(value, name=f"gpuce-{what}-{uuid.uuid4().hex}")
 
 

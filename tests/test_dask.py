@@ -111,8 +111,27 @@ def test_linear_cross_entropy(client, kind, reduction):
     assert_same(g2.W, want.W, atol=1e-13)
 
 
+def test_large_operands_are_broadcast(client, monkeypatch):
+    """With a client, W at least SCATTER_MIN_BYTES goes to the workers by Client.scatter."""
+    import gpuce._dask as D
+
+    monkeypatch.setattr(D, "SCATTER_MIN_BYTES", 0)
+    rng = np.random.default_rng(6)
+    X, W, y = data(rng, 80, 5, 6, "label", np.float64)
+    loss, g = gpuce.linear_cross_entropy(split(X), W, split(y), bias=np.ones(6), reg=0.1,
+                                         return_grad=True)
+    graph = {**dict(loss.__dask_graph__()), **dict(g.W.__dask_graph__())}
+    assert not any(key_split(k) == "gpuce-W" for k in graph)
+    loss, g = dask.compute(loss, g)
+    want_loss, want = gpuce.linear_cross_entropy(X, W, y, bias=np.ones(6), reg=0.1, return_grad=True)
+    assert_same(loss, want_loss)
+    for got_, want_ in zip(g, want):
+        assert_same(got_, want_, atol=1e-13)
+
+
 def test_graph_is_a_tree_with_one_key_per_operand():
-    """One part task per block, blocks - 1 additions, one finish; W is one key."""
+    """One part task per block, blocks - 1 additions, one finish; W (240 bytes, below the
+    scatter threshold) is one key."""
     rng = np.random.default_rng(2)
     X, W, y = data(rng, 80, 5, 6, "label", np.float64)
     loss, g = gpuce.linear_cross_entropy(split(X), W, split(y), return_grad=True)
