@@ -61,7 +61,7 @@ def _as_dask(a, like=None):
 
 
 def _known_chunks(x, name):
-    if any(math.isnan(c) for c in x.chunks[0]) if x.ndim else False:
+    if x.ndim and any(math.isnan(c) for c in x.chunks[0]):
         raise ValueError(f"{name} has unknown chunk sizes; call {name}.compute_chunk_sizes() first")
 
 
