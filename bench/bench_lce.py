@@ -123,7 +123,7 @@ def run(dtypes, repeat, chunks, shape, dry):
             cp.get_default_memory_pool().free_all_blocks()
         base = res.get("three-gemms", (None,))[0]
         print(f"\nN={n} D={d} C={c} {dtype} on {gpu}; lower bound (dX + dW) {lower:.0f} MiB")
-        print(f"| provider | p50 ms | vs 3 GEMMs | peak extra MiB | vs lower bound |")
+        print("| provider | p50 ms | vs 3 GEMMs | peak extra MiB | vs lower bound |")
         print("|---|---|---|---|---|")
         for name, (t, peak) in res.items():
             tr = t[1] / base[1] if base is not None else float("nan")
