@@ -66,7 +66,11 @@ def _device_of(t):
     import cupy
 
     with cupy.cuda.Device(t.device.index):
-        with cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream):
+        ptr = torch.cuda.current_stream(t.device).cuda_stream
+        if ptr == 0:  # torch's default stream is the legacy null stream, CuPy's default too
+            yield
+            return
+        with cupy.cuda.ExternalStream(ptr):
             yield
 
 
