@@ -4,7 +4,8 @@
 
     out = alpha · op(A) @ op(B) + beta · out          (op = identity "N" or transpose "T")
 
-* NumPy: ``np.matmul`` (float16 is multiplied in float32 and rounded once);
+* NumPy: scipy's BLAS gemm writing into ``out`` (float32 / float64), else ``np.matmul``
+  (float16 is multiplied in float32 and rounded once);
 * CuPy float32 / float64: ``cupy.cublas.gemm`` (cuBLAS, alpha and beta folded in);
 * CuPy float16: ``cublasGemmEx`` with float16 storage and float32 compute
   (CUBLAS_COMPUTE_32F), so a beta = 1 accumulation never needs a float32 copy of ``out``.
@@ -74,6 +75,8 @@ def gemm(xp, transa, transb, A, B, out, alpha=1.0, beta=0.0):
 
 
 def _gemm_numpy(transa, transb, A, B, out, alpha, beta):
+    if out.dtype in (np.float32, np.float64) and out.flags.c_contiguous:
+        return _gemm_scipy(transa, transb, A, B, out, alpha, beta)
     a, b = _op(A, transa), _op(B, transb)
     if out.dtype == np.float16:
         prod = a.astype(np.float32) @ b.astype(np.float32)
@@ -92,6 +95,22 @@ def _gemm_numpy(transa, transb, A, B, out, alpha, beta):
         if beta != 1:
             out *= out.dtype.type(beta)
         np.add(out, prod, out=out, casting="unsafe")
+    return out
+
+
+def _gemm_scipy(transa, transb, A, B, out, alpha, beta):
+    """BLAS through scipy, writing into ``out`` (no temporary of out's size, so a chunked
+    dW accumulation on the CPU needs no second C x D array).  Fortran BLAS sees the
+    C-contiguous ``out`` as outᵀ, computed as op(B)ᵀ op(A)ᵀ (the same mapping as cuBLAS)."""
+    from scipy.linalg.blas import get_blas_funcs
+
+    gemm_f = get_blas_funcs("gemm", dtype=out.dtype)
+    A = np.ascontiguousarray(A, dtype=out.dtype)
+    B = np.ascontiguousarray(B, dtype=out.dtype)
+    res = gemm_f(alpha, B.T, A.T, beta=beta, c=out.T, trans_a=int(transb == "T"),
+                 trans_b=int(transa == "T"), overwrite_c=True)
+    if not np.shares_memory(res, out):  # f2py made a copy: store the result
+        out[...] = res.T
     return out
 
 

@@ -161,6 +161,7 @@ def test_host_peak_memory_is_chunk_sized():
     X, W, y = data(rng, n, d, c, "label", np.float64)
     full = n * c * 8  # 64 MiB of logits
     outputs = (n * d + c * d) * 8
+    gpuce.linear_cross_entropy(X[:4], W, y[:4], return_grad=True, chunk_size=2)  # lazy imports
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -170,8 +171,8 @@ def test_host_peak_memory_is_chunk_sized():
     finally:
         tracemalloc.stop()
     chunk_buf = 64 * c * 8
-    # outputs + the chunk buffer + one C x D product of the NumPy accumulation + small change
-    assert peak < outputs + chunk_buf + c * d * 8 + (2 << 20), peak
+    # outputs + the chunk buffer + small change (dW accumulates in place through BLAS)
+    assert peak < outputs + chunk_buf + (1 << 20), peak
     assert peak < full / 8
     ref = gpuce.linear_cross_entropy(X, W, y, return_grad=True, chunk_size=n)
     np.testing.assert_allclose(loss, ref[0], rtol=1e-12)
