@@ -262,3 +262,43 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, re
                 z_loss=z_loss, chunk_size=chunk_size)
     loss = _LinearCrossEntropy.apply(x, weight, t, bias, ce_weight, opts)
     return loss.reshape(lead) if reduction == "none" else loss
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """``torch.nn.CrossEntropyLoss`` on gpuce's kernels (same constructor; ``weight`` is a
+    buffer, as in torch), plus gpuce's keyword-only ``z_loss``."""
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                 reduction="mean", label_smoothing=0.0, *, z_loss=0.0):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+
+    def forward(self, input, target):
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing,
+                             z_loss=self.z_loss)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`linear_cross_entropy`: ``forward(input, weight, target, bias=None)``
+    with the language-model head's ``weight`` (and ``bias``) passed per call."""
+
+    def __init__(self, ce_weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                 z_loss=0.0, chunk_size=None):
+        super().__init__()
+        self.register_buffer("ce_weight", ce_weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.chunk_size = chunk_size
+
+    def forward(self, input, weight, target, bias=None):
+        return linear_cross_entropy(input, weight, target, bias, ce_weight=self.ce_weight,
+                                    reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                    chunk_size=self.chunk_size)

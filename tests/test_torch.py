@@ -178,3 +178,19 @@ def test_linear_only_weight_grad_and_batch_dims():
     torch.testing.assert_close(gw, w2.grad, rtol=1e-10, atol=1e-12)
     per_row = gt.linear_cross_entropy(x3, w, t3, reduction="none")
     assert per_row.shape == (3, 4)
+
+
+def test_loss_modules():
+    x, t = tensors(12, 10, 7, "label")
+    w = torch.rand(7, dtype=torch.float64) + 0.5
+    mod = gt.CrossEntropyLoss(weight=w, label_smoothing=0.05)
+    ref = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.05)
+    assert set(mod.state_dict()) == set(ref.state_dict()) == {"weight"}
+    got, got_g = grads_of(lambda: mod(x, t), x, "mean")
+    want, want_g = grads_of(lambda: ref(x, t), x, "mean")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-10, atol=1e-12)
+    xl, wl, bl, tl = linear_tensors(13, 10, 4, 7, "label")
+    lin = gt.LinearCrossEntropyLoss(ce_weight=w, reduction="sum", chunk_size=3)
+    torch.testing.assert_close(lin(xl, wl, tl, bl),
+                               F.cross_entropy(F.linear(xl, wl, bl), tl, weight=w, reduction="sum"))
