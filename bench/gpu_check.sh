@@ -12,6 +12,8 @@
 #              add --variants to time every fused variant that fits each shape (fused[...] rows:
 #              how the chooser's order is set, e.g. the label-a-row-ahead forms against the rest)
 #   PYTEST_ARGS default "-n 8 --timeout 120" (pytest-xdist and pytest-timeout are on the image)
+#   TESTS      test paths, default "tests" (e.g. TESTS="tests/test_linear_chunked.py tests/test_torch.py"
+#              to run only the GPU tests of what changed since the last GPU run)
 #   LCE_ARGS   arguments of bench/bench_lce.py (large-vocabulary linear CE, CCE's shape)
 #   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE  seconds each step may take (so one slow step cannot eat a
 #              whole device call; the benchmark upserts its CSV after every point)
@@ -36,7 +38,7 @@ rc=0
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 if has tests; then
   timeout "${T_TESTS:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:--n 8 --timeout 120} \
-    tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+    ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   rc=${PIPESTATUS[0]}
 fi
 if has demo; then

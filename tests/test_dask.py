@@ -187,3 +187,26 @@ def test_bad_chunking_and_labels():
     loss = gpuce.softmax_cross_entropy(da.from_array(x, chunks=(10, 8)), bad)
     with pytest.raises(ValueError, match=r"label 8 at position \(33,\)"):
         loss.compute(scheduler="sync")
+
+
+@pytest.mark.gpu
+def test_gpu_cupy_chunks():
+    """CuPy chunks (what dask-cuda workers hold), run by the synchronous scheduler here."""
+    import cupy as cp
+
+    rng = np.random.default_rng(9)
+    X, W, y = data(rng, 80, 5, 6, "label", np.float32)
+    Xg = split(X).map_blocks(cp.asarray)
+    yg = split(y).map_blocks(cp.asarray)
+    kw = dict(bias=np.ones(6, np.float32), reg=0.1, return_grad=True)
+    loss, g = gpuce.linear_cross_entropy(Xg, cp.asarray(W), yg,
+                                         **{**kw, "bias": cp.asarray(kw["bias"])})
+    loss, g = dask.compute(loss, g, scheduler="sync")
+    assert isinstance(g.W, cp.ndarray) and isinstance(g.X, cp.ndarray)
+    want_loss, want = gpuce.linear_cross_entropy(X, W, y, **kw)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    for got_, want_ in zip(g, want):
+        np.testing.assert_allclose(cp.asnumpy(got_), want_, rtol=1e-4, atol=1e-5)
+    sm = gpuce.softmax(Xg).compute(scheduler="sync")
+    assert isinstance(sm, cp.ndarray)
+    np.testing.assert_allclose(cp.asnumpy(sm), gpuce.softmax(X), rtol=1e-5, atol=1e-7)
