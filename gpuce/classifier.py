@@ -216,7 +216,7 @@ class SoftmaxClassifier(*_bases()):
         import dask
         import dask.array as da
 
-        from ._dask import _align_rows, _as_dask, _rows_only
+        from ._dask import _align_rows, _as_dask, _module_of, _rows_only
 
         if self.solver != "lbfgs":
             raise ValueError(f"solver={self.solver!r} needs in-memory arrays; dask arrays are "
@@ -232,6 +232,8 @@ class SoftmaxClassifier(*_bases()):
             raise ValueError("X contains NaN or infinity")
         self._check_classes(classes)
         y_idx = y.map_blocks(_class_index, classes, dtype=np.int64)
+        if _module_of(y_idx) is not xp:  # host labels beside CuPy chunks of X
+            y_idx = y_idx.map_blocks(xp.asarray, dtype=np.int64, meta=xp.empty(0, np.int64))
         X, y_idx = dask.persist(X, y_idx)
         return xp, X, y_idx, classes
 

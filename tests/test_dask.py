@@ -207,6 +207,16 @@ def test_gpu_cupy_chunks():
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
     for got_, want_ in zip(g, want):
         np.testing.assert_allclose(cp.asnumpy(got_), want_, rtol=1e-4, atol=1e-5)
+    # fit on CuPy chunks with host labels (the README's dask-cuda example)
+    from sklearn.datasets import load_digits
+
+    Xd, yd = load_digits(return_X_y=True)
+    ref = gpuce.SoftmaxClassifier(reg=1.0, max_iter=30).fit(Xd, yd)
+    with dask.config.set(scheduler="sync"):
+        clf = gpuce.SoftmaxClassifier(reg=1.0, max_iter=30).fit(
+            da.from_array(Xd, chunks=(500, 64)).map_blocks(cp.asarray), da.from_array(yd, chunks=500))
+    assert isinstance(clf.coef_, cp.ndarray)
+    np.testing.assert_allclose(clf.loss_curve_[:3], ref.loss_curve_[:3], rtol=1e-6)
     sm = gpuce.softmax(Xg).compute(scheduler="sync")
     assert isinstance(sm, cp.ndarray)
     np.testing.assert_allclose(cp.asnumpy(sm), gpuce.softmax(X), rtol=1e-5, atol=1e-7)
