@@ -4,8 +4,8 @@
 
     out = alpha · op(A) @ op(B) + beta · out          (op = identity "N" or transpose "T")
 
-* NumPy: scipy's BLAS gemm writing into ``out`` (float32 / float64), else ``np.matmul``
-  (float16 is multiplied in float32 and rounded once);
+* NumPy: scipy's BLAS gemm writing into ``out`` (float32 / float64); float16 is multiplied
+  in float32 and rounded once;
 * CuPy float32 / float64: ``cupy.cublas.gemm`` (cuBLAS, alpha and beta folded in);
 * CuPy float16: ``cublasGemmEx`` with float16 storage and float32 compute
   (CUBLAS_COMPUTE_32F), so a beta = 1 accumulation never needs a float32 copy of ``out``.
@@ -75,26 +75,14 @@ def gemm(xp, transa, transb, A, B, out, alpha=1.0, beta=0.0):
 
 
 def _gemm_numpy(transa, transb, A, B, out, alpha, beta):
-    if out.dtype in (np.float32, np.float64) and out.flags.c_contiguous:
+    if out.dtype != np.float16:
         return _gemm_scipy(transa, transb, A, B, out, alpha, beta)
-    a, b = _op(A, transa), _op(B, transb)
-    if out.dtype == np.float16:
-        prod = a.astype(np.float32) @ b.astype(np.float32)
-    elif beta == 0:
-        np.matmul(a, b, out=out)
-        if alpha != 1:
-            out *= out.dtype.type(alpha)
-        return out
-    else:
-        prod = a @ b
-    if alpha != 1:
-        prod *= prod.dtype.type(alpha)
-    if beta == 0:
-        out[...] = prod
-    else:
-        if beta != 1:
-            out *= out.dtype.type(beta)
-        np.add(out, prod, out=out, casting="unsafe")
+    # float16 (no half-precision BLAS): multiply in float32, round once into out
+    prod = _op(A, transa).astype(np.float32) @ _op(B, transb).astype(np.float32)
+    prod *= np.float32(alpha)
+    if beta != 0:
+        prod += np.float32(beta) * out.astype(np.float32)
+    out[...] = prod
     return out
 
 

@@ -21,7 +21,6 @@ import inspect
 import math
 import sys
 import uuid
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -189,12 +188,7 @@ def _check_block_labels(t, row0, a):
 def _block_denominator(t, w, a):
     from .linear import mean_denominator
 
-    if a.kind != "label":
-        return float(np.prod(t.shape[:-1], dtype=np.int64))
-    xp = array_module(t, w)
-    flat = t.ravel()
-    return mean_denominator(xp, flat, w, SimpleNamespace(kind="label", ignore_index=a.ignore_index,
-                                                         acc=a.acc, n=flat.size))
+    return mean_denominator(array_module(t, w), t, w, a) if a.reduction == "mean" else 0.0
 
 
 def _add(p, q):
@@ -251,7 +245,7 @@ def _sce_part(x, t, w, a, row0, opts):
     out = softmax_cross_entropy(x, t, weight=w, reduction=red, return_grad=a.return_grad, **opts)
     loss, g = out if a.return_grad else (out, None)
     return {"loss": loss if red == "none" else loss.astype(np.float64),
-            "denom": _block_denominator(t, w, a) if a.reduction == "mean" else 0.0, "grad": g}
+            "denom": _block_denominator(t, w, a), "grad": g}
 
 
 def _sce_finish(total, a):
@@ -303,7 +297,7 @@ def _linear_part(X, y, W, b, w, a, row0, opts):
                                **opts)
     loss, g = out if a.return_grad else (out, None)
     return {"loss": loss if red == "none" else loss.astype(np.float64),
-            "denom": _block_denominator(y, w, a) if a.reduction == "mean" else 0.0,
+            "denom": _block_denominator(y, w, a),
             "dX": None if g is None else g.X, "dW": None if g is None else g.W,
             "db": None if g is None else g.bias}
 
@@ -329,7 +323,7 @@ def _linear_finish(total, W, a, reg):
 
 def linear_cross_entropy(X, W, y, *, bias, reg, reduction, ignore_index, weight, label_smoothing,
                          z_loss, return_grad, input_grad, check_finite, chunk_size):
-    from .linear import LinearGrads, _Meta, check_chunk_size, check_linear_args
+    from .linear import LinearGrads, linear_args
 
     da = _da()
     W, bias, weight = (v.compute() if is_dask_array(v) else v for v in (W, bias, weight))
@@ -337,14 +331,13 @@ def linear_cross_entropy(X, W, y, *, bias, reg, reduction, ignore_index, weight,
     _rows_only(X, "X", what="feature")
     y = _align_rows(y, X, "y")
     array_module(X._meta, y._meta, W, bias, weight)  # raises for NumPy mixed with CuPy
-    reg = check_linear_args(None, X, W, y, bias, reg, check_finite=False)
+    reg, chunk_size, a = linear_args(  # check_finite runs in each block's task
+        None, X, W, y, bias=bias, reg=reg, weight=weight, chunk_size=chunk_size,
+        check_finite=False, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad)
     _rows_only(y, "y")
-    chunk_size = check_chunk_size(chunk_size)
     n, d = X.shape
     c = W.shape[0]
-    a = V.sce_args(_Meta((n, c), X.dtype), y, reduction=reduction, ignore_index=ignore_index,
-                   weight=weight, label_smoothing=label_smoothing, z_loss=z_loss,
-                   return_grad=return_grad, inplace=False)
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                 input_grad=input_grad, check_finite=check_finite, chunk_size=chunk_size)
     Wd, bd, wd = _constant(W, "W"), _constant(bias, "bias"), _constant(weight, "weight")

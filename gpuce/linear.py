@@ -78,6 +78,16 @@ def auto_chunk_size(xp, n, c, itemsize, grads_bytes) -> int:
     return int(max(1, min(n, target // row)))
 
 
+def linear_args(xp, X, W, y, *, bias, reg, weight, chunk_size, check_finite, **sce_opts):
+    """Every up-front check of linear_cross_entropy (in-memory or dask): returns
+    ``(reg, chunk_size, a)`` with ``a`` the SceArgs of the whole N x C problem."""
+    reg = check_linear_args(xp, X, W, y, bias, reg, check_finite)
+    chunk_size = check_chunk_size(chunk_size)
+    a = V.sce_args(_Meta((X.shape[0], W.shape[0]), X.dtype), y, weight=weight, inplace=False,
+                   **sce_opts)
+    return reg, chunk_size, a
+
+
 def check_linear_args(xp, X, W, y, bias, reg, check_finite=True):
     """Validation for the linear model (shapes, dtypes, finiteness) before any work."""
     for a, name in ((X, "X"), (W, "W")):
@@ -125,7 +135,8 @@ def sum_squares(xp, W):
 
 def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignore_index=-100,
                          weight=None, label_smoothing=0.0, z_loss=0.0, return_grad=False,
-                         input_grad=True, check_finite=True, chunk_size=None):
+                         input_grad=True, check_finite=True, chunk_size=None,
+                         grad_row_scale=None):
     r"""Loss of the linear softmax classifier f = X Wᵀ (+ bias) with L2 penalty on W.
 
     ``reduction="sum"`` with ``reg=λ`` is the seed's total loss::
@@ -160,6 +171,10 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         chunk, large vocabularies in chunks whose logits buffer is about 8 % of the
         gradient outputs.  Results do not depend on it beyond rounding.
 
+    grad_row_scale : (N,) array, optional
+        With reduction="none" and return_grad=True: return the gradients of
+        Σ_i g_i L_i + λ/2 ‖W‖² instead (the row weights of a backward pass; gpuce.torch).
+
     X, y may also be dask arrays chunked by rows (see :mod:`gpuce._dask`); the results
     are then dask arrays.
 
@@ -170,19 +185,27 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
     if is_dask_array(X) or is_dask_array(y):
         from ._dask import linear_cross_entropy as dask_linear
 
+        if grad_row_scale is not None:
+            raise ValueError("grad_row_scale is not supported for dask arrays")
+
         return dask_linear(X, W, y, bias=bias, reg=reg, reduction=reduction,
                            ignore_index=ignore_index, weight=weight, label_smoothing=label_smoothing,
                            z_loss=z_loss, return_grad=return_grad, input_grad=input_grad,
                            check_finite=check_finite, chunk_size=chunk_size)
-    xp = array_module(X, W, y, bias, weight)
+    xp = array_module(X, W, y, bias, weight, grad_row_scale)
     X, W, y, bias, weight = (asarray(xp, v) for v in (X, W, y, bias, weight))
-    reg = check_linear_args(xp, X, W, y, bias, reg, check_finite)
-    chunk_size = check_chunk_size(chunk_size)
+    reg, chunk_size, a = linear_args(
+        xp, X, W, y, bias=bias, reg=reg, weight=weight, chunk_size=chunk_size,
+        check_finite=check_finite, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad)
     n, d = X.shape
     c = W.shape[0]
-    a = V.sce_args(_Meta((n, c), X.dtype), y, reduction=reduction, ignore_index=ignore_index,
-                   weight=weight, label_smoothing=label_smoothing, z_loss=z_loss,
-                   return_grad=return_grad, inplace=False)
+    if grad_row_scale is not None:
+        grad_row_scale = asarray(xp, grad_row_scale)
+        if a.reduction != "none" or not return_grad:
+            raise ValueError("grad_row_scale needs reduction='none' and return_grad=True")
+        if grad_row_scale.shape != (n,):
+            raise ValueError(f"grad_row_scale must have shape ({n},), got {grad_row_scale.shape}")
     acc = a.acc
     if weight is not None:
         weight = xp.ascontiguousarray(weight.astype(acc, copy=False))
@@ -221,7 +244,9 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
             loss_rows[s:e] = r
         else:
             total += t
-        if return_grad:  # f now holds G_c = ∂(Σ_c L_i)/∂f_c
+        if grad_row_scale is not None:
+            f *= grad_row_scale[s:e, None]
+        if return_grad:  # f now holds G_c = ∂(Σ_c g_i L_i)/∂f_c (g = 1 unless grad_row_scale)
             gemm(xp, "T", "N", f, Xc, dW, scale, 1.0)
             if dX is not None:
                 gemm(xp, "N", "N", f, W, dX[s:e], scale, 0.0)
@@ -250,10 +275,12 @@ def check_labels(xp, y, a):
 
 
 def mean_denominator(xp, y, weight, a) -> float:
-    """The "mean" reduction's denominator over all rows (as softmax_cross_entropy): the
-    weight sum of the non-ignored labels, or N for probability targets.  One sync on CuPy."""
+    """The "mean" reduction's denominator over the rows of ``y`` (all rows, or one dask
+    block's), as softmax_cross_entropy: the weight sum of the non-ignored labels, or the row
+    count for probability targets.  One sync on CuPy."""
     if a.kind != "label":
-        return float(a.n)
+        return float(np.prod(y.shape[:-1], dtype=np.int64))
+    y = y.ravel()
     active = y != a.ignore_index
     if weight is None:
         wk = active.astype(a.acc)

@@ -188,36 +188,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _linear_rows_backward(ctx, grad_loss):
-    """Gradients of Σ_i g_i L_i (reduction="none") in row chunks: logits again per chunk,
-    gpuce's gradient of Σ L_i in place, each row scaled by g_i, then the three products."""
+    """Gradients of Σ_i g_i L_i (reduction="none"): gpuce's chunked pass again, each
+    gradient row scaled by g_i (``grad_row_scale``) before the products."""
     x, w, target, b, ce_weight = ctx.saved_tensors
-    opts = {k: v for k, v in ctx.opts.items() if k not in ("chunk_size", "reduction")}
-    n, c = x.shape[0], w.shape[0]
-    rows = ctx.opts.get("chunk_size") or _linear.auto_chunk_size(
-        _array_module(x), n, c, x.element_size(), (x.numel() + w.numel()) * x.element_size())
-    dX = torch.empty_like(x)
-    dW = torch.zeros_like(w, dtype=torch.float32 if w.dtype == torch.float16 else w.dtype)
-    db = None if b is None else torch.zeros_like(dW[:, 0])
-    cw = _to_array(ce_weight)
-    for s in range(0, n, rows):
-        xc = x[s:s + rows]
-        f = torch.nn.functional.linear(xc, w, b).contiguous()
-        _sce(_to_array(f), _to_array(target[s:s + rows]), weight=cw, reduction="none",
-             return_grad=True, inplace=True, **opts)  # f := ∂(Σ L_i)/∂f
-        f *= grad_loss[s:s + rows].to(f.dtype).unsqueeze(1)
-        dX[s:s + rows] = f @ w
-        dW += (f.t() @ xc).to(dW.dtype)
-        if db is not None:
-            db += f.sum(0, dtype=db.dtype)
-    return dX, dW.to(w.dtype), None if db is None else db.to(w.dtype)
-
-
-def _array_module(t):
-    if t.is_cuda:
-        import cupy
-
-        return cupy
-    return np
+    arrays = [_to_array(v) for v in (x, w, target, b, ce_weight, grad_loss.contiguous())]
+    _, grads = _linear.linear_cross_entropy(
+        *arrays[:3], bias=arrays[3], weight=arrays[4], grad_row_scale=arrays[5],
+        return_grad=True, input_grad=ctx.needs_input_grad[0], **ctx.opts)
+    return tuple(_to_tensor(g, x) for g in grads)
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, reduction="mean",

@@ -248,3 +248,37 @@ def test_gemm_degenerate_shapes(xp):
     np.testing.assert_array_equal(to_numpy(out), 0)
     with pytest.raises(ValueError, match="gemm shapes"):
         _blas.gemm(xp, "N", "N", xp.zeros((3, 2)), xp.zeros((3, 2)), out)
+
+
+def test_grad_row_scale(xp):
+    """Gradients of Σ g_i L_i + λ/2‖W‖² (what a backward pass through reduction="none" needs)."""
+    rng = np.random.default_rng(8)
+    X, W, y = data(rng, 30, 4, 5, "label", np.float64)
+    b = rng.standard_normal(5)
+    g = rng.random(30) + 0.25
+    f = X @ W.T + b
+    import reference as R
+
+    rows, G = R.sce(f, y, kind="label", reduction="none")
+    G = G * g[:, None]
+    loss, grads = run(xp, X, W, y, b, reg=0.2, reduction="none", chunk_size=7,
+                      grad_row_scale=xp.asarray(g))
+    np.testing.assert_allclose(to_numpy(loss), rows, rtol=1e-10, atol=1e-12)  # loss unscaled
+    np.testing.assert_allclose(to_numpy(grads.X), G @ W, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(grads.W), G.T @ X + 0.2 * W, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(grads.bias), G.sum(0), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="grad_row_scale"):
+        run(xp, X, W, y, reduction="mean", grad_row_scale=xp.asarray(g))
+    with pytest.raises(ValueError, match="grad_row_scale"):
+        run(xp, X, W, y, reduction="none", grad_row_scale=xp.asarray(g[:3]))
+
+
+def test_gemm_strided_output():
+    """A non-contiguous NumPy output (scipy copies it) still receives the result."""
+    rng = np.random.default_rng(3)
+    A, B = rng.standard_normal((4, 3)), rng.standard_normal((3, 5))
+    big = rng.standard_normal((4, 10))
+    out = big[:, ::2]
+    want = A @ B + out
+    _blas.gemm(np, "N", "N", A, B, out, 1.0, 1.0)
+    np.testing.assert_allclose(big[:, ::2], want, rtol=1e-12)
