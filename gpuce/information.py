@@ -2,7 +2,8 @@
 
 Plain array code shared by NumPy and CuPy (no custom kernel is needed: each is
 one elementwise map and one sum).  Conventions follow scipy.special's
-``entr`` / ``rel_entr``: ``0 log 0 = 0``, ``p log(p/0) = +inf`` for ``p > 0``.
+``entr`` / ``rel_entr``: ``0 log 0 = 0``, ``p log(p/0) = +inf`` for ``p > 0``, and a NaN
+in p or q makes its term (so its row) NaN.
 Results are float64 for float64 inputs and float32 otherwise, with ``axis``
 removed, so that ``cross_entropy(p, q) == entropy(p) + kl_div(p, q)`` up to rounding.
 """
@@ -32,6 +33,9 @@ def _prep(*arrays, axis):
 def entropy(p, axis=-1):
     """Entropy ``H(P) = -sum_x p(x) log p(x)`` per row, with ``0 log 0 = 0``.
 
+    Terms are those of ``scipy.special.entr``: ``-p log p`` for p > 0, 0 for p = 0, -inf
+    for p < 0 and NaN for a NaN p.
+
     See Also
     --------
     scipy.stats.entropy, scipy.special.entr
@@ -39,6 +43,7 @@ def entropy(p, axis=-1):
     xp, (p,), axis = _prep(p, axis=axis)
     pos = p > 0
     terms = xp.where(pos, -p * xp.log(xp.where(pos, p, 1)), xp.where(p == 0, 0, -xp.inf))
+    terms = xp.where(xp.isnan(p), xp.nan, terms)
     return terms.sum(axis=axis)
 
 
@@ -46,7 +51,8 @@ def entropy(p, axis=-1):
 def cross_entropy(p, q, axis=-1):
     """Cross-entropy ``H(P,Q) = -sum_x p(x) log q(x)`` per row.
 
-    Terms with ``p = 0`` are 0 (whatever q); a term with ``q = 0 < p`` is +inf.
+    Terms with ``p = 0`` are 0 (whatever finite q); a term with ``q = 0 < p`` is +inf; a NaN
+    in p or q gives a NaN term, as in ``entr(p) + rel_entr(p, q)``.
 
     See Also
     --------
@@ -57,6 +63,7 @@ def cross_entropy(p, q, axis=-1):
     with np.errstate(divide="ignore"):  # log(0) -> -inf is the intended +inf term
         logq = xp.log(xp.where(zero_p, 1, q))
     terms = xp.where(zero_p, 0, -p * logq)
+    terms = xp.where(xp.isnan(p) | xp.isnan(q), xp.nan, terms)
     return terms.sum(axis=axis)
 
 
@@ -65,7 +72,8 @@ def kl_div(p, q, axis=-1):
     """Kullback-Leibler divergence ``KL(P||Q) = sum_x p(x) log(p(x)/q(x))`` per row.
 
     The same as ``scipy.special.rel_entr(p, q).sum(axis)``: terms are
-    ``p log(p/q)`` for p, q > 0, 0 for p = 0 <= q, and +inf otherwise.
+    ``p log(p/q)`` for p, q > 0, 0 for p = 0 <= q, NaN where p or q is NaN, and +inf
+    otherwise.
 
     See Also
     --------
@@ -77,4 +85,5 @@ def kl_div(p, q, axis=-1):
     qs = xp.where(both, q, 1)
     terms = xp.where(both, p * (xp.log(ps) - xp.log(qs)),
                      xp.where((p == 0) & (q >= 0), 0, xp.inf))
+    terms = xp.where(xp.isnan(p) | xp.isnan(q), xp.nan, terms)
     return terms.sum(axis=axis)

@@ -89,3 +89,26 @@ def test_decomposition_holds(p, data):
     q = q / q.sum(-1, keepdims=True)
     np.testing.assert_allclose(gpuce.cross_entropy(p, q), gpuce.entropy(p) + gpuce.kl_div(p, q),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_propagates_as_scipy(xp, dtype):
+    """A NaN in p or q gives a NaN row, as scipy.special.entr / rel_entr (not -inf / +inf)."""
+    nan = np.nan
+    p = np.array([[nan, 0.5, 0.5], [0.0, 0.5, 0.5], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5],
+                  [0.0, 1.0, 0.0]], dtype)
+    q = np.array([[0.2, 0.3, 0.5], [nan, 0.5, 0.5], [0.5, nan, 0.5], [0.2, 0.3, 0.5],
+                  [0.0, 1.0, 0.0]], dtype)
+    p64, q64 = p.astype(np.float64), q.astype(np.float64)
+    h_ref = sp.entr(p64).sum(-1)
+    kl_ref = sp.rel_entr(p64, q64).sum(-1)
+    ce_ref = h_ref + kl_ref  # H(P,Q) = H(P) + KL(P||Q)
+    assert np.isnan(h_ref[0]) and np.isnan(kl_ref[:3]).all()  # the reference itself says NaN
+    P, Q = xp.asarray(p), xp.asarray(q)
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(to_numpy(gpuce.entropy(P)), h_ref, rtol=rtol)
+    np.testing.assert_allclose(to_numpy(gpuce.kl_div(P, Q)), kl_ref, rtol=rtol)
+    np.testing.assert_allclose(to_numpy(gpuce.cross_entropy(P, Q)), ce_ref, rtol=rtol)
+    # with q's NaN where p = 0, scipy still says NaN (rel_entr(0, nan) = nan)
+    assert np.isnan(to_numpy(gpuce.cross_entropy(P, Q))[1])
+    assert np.isnan(to_numpy(gpuce.entropy(P))[0]) and not np.isnan(to_numpy(gpuce.entropy(P))[1:]).any()
