@@ -9,6 +9,7 @@ from conftest import to_numpy
 sklearn = pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.exceptions import NotFittedError  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.model_selection import cross_val_score, train_test_split  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
@@ -65,6 +66,7 @@ def test_sgd_reaches_a_good_solution(xp, digits):
     assert len(sgd.loss_curve_) == sgd.n_iter_ and sgd.loss_curve_[-1] < sgd.loss_curve_[0]
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # few iterations on purpose
 def test_estimator_conventions(digits):
     Xtr, Xte, ytr, yte = digits
     est = gpuce.SoftmaxClassifier(reg=0.5, max_iter=50, verbose=0)
@@ -95,6 +97,7 @@ def test_string_labels():
     assert est.score(X, y) > 0.9
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # few iterations on purpose
 def test_pipeline_and_cross_val_score(digits):
     Xtr, _, ytr, _ = digits
     pipe = make_pipeline(StandardScaler(), gpuce.SoftmaxClassifier(reg=1.0, max_iter=100))
@@ -112,11 +115,11 @@ def test_bad_parameters_and_data():
         gpuce.SoftmaxClassifier().fit(X, np.zeros(10))
     Xn = X.copy()
     Xn[0, 0] = np.inf
-    with pytest.raises(ValueError, match="NaN or infinity"):
+    with pytest.raises(ValueError, match="infinity"):
         gpuce.SoftmaxClassifier().fit(Xn, y)
-    with pytest.raises(ValueError, match="1-D with 10 labels"):
+    with pytest.raises(ValueError, match=r"inconsistent numbers of samples: \[10, 5\]"):
         gpuce.SoftmaxClassifier().fit(X, y[:5])
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         gpuce.SoftmaxClassifier().predict(X)
     est = gpuce.SoftmaxClassifier().fit(X, y)
     with pytest.raises(ValueError, match="features"):
