@@ -1,12 +1,41 @@
-"""torch adapter: gpuce's kernels as ``torch.autograd.Function`` s.
+"""torch adapter: gpuce's kernels as torch custom operators (``torch.library.custom_op``).
 
 ``gpuce.torch.cross_entropy`` is a drop-in for ``torch.nn.functional.cross_entropy`` (same
 arguments, class axis 1, integer or probability targets, the same loss dtype) and
 ``gpuce.torch.linear_cross_entropy`` fuses ``F.linear`` with it without materialising the
 N x C logits (gpuce's chunked linear model).  Tensors cross without copies: CUDA tensors
-become CuPy arrays through DLPack (the GPU kernels), CPU tensors become NumPy arrays (the
-NumPy path).  The gradient is computed in the forward pass, fused with the loss, and
-scaled by the incoming gradient in backward.
+become CuPy arrays through DLPack (the GPU kernels, on torch's current stream), CPU tensors
+become NumPy arrays (the NumPy path).
+
+The work is done by four operators in the ``gpuce`` namespace, each with a fake (meta)
+implementation giving its outputs' shapes and dtypes, so that ``torch.compile`` treats them
+as opaque calls (``fullgraph=True`` traces without a break; nothing of the NumPy/CuPy code is
+traced)::
+
+    gpuce::cross_entropy(Tensor input, Tensor target, Tensor? weight, str reduction,
+        int ignore_index, float label_smoothing, float z_loss, bool input_grad)
+        -> (Tensor loss, Tensor grad)
+    gpuce::cross_entropy_backward(Tensor grad_loss, Tensor grad, Tensor input, Tensor target,
+        Tensor? weight, str reduction, int ignore_index, float label_smoothing, float z_loss,
+        bool input_grad, bool target_grad, bool weight_grad)
+        -> (Tensor d_input, Tensor d_target, Tensor d_weight)
+    gpuce::linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias,
+        Tensor? ce_weight, str reduction, int ignore_index, float label_smoothing,
+        float z_loss, int? chunk_size, bool input_grad, bool need_grad)
+        -> (Tensor loss, Tensor d_input, Tensor d_weight, Tensor d_bias)
+    gpuce::linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight,
+        Tensor target, Tensor? bias, Tensor? ce_weight, Tensor d_input, Tensor d_weight,
+        Tensor d_bias, str reduction, int ignore_index, float label_smoothing, float z_loss,
+        int? chunk_size, bool input_grad)
+        -> (Tensor d_input, Tensor d_weight, Tensor d_bias)
+
+The forward operators take the class axis last.  With a ``True`` grad flag they compute the
+gradient of the returned loss in the same fused pass and return it beside the loss (an empty
+tensor stands for "not computed"); the autograd formula (``register_autograd``) keeps it and
+calls the ``*_backward`` operator, which scales it by the incoming gradient (with
+``reduction="none"`` the linear one recomputes it chunk by chunk, each row scaled by its
+incoming gradient).  The backward operators are themselves opaque to the compiler; their
+own backward raises ``RuntimeError``: gpuce has no double backward.
 
 torch is an optional dependency: import this module only where torch is installed.
 """
@@ -14,15 +43,23 @@ torch is an optional dependency: import this module only where torch is installe
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from . import linear as _linear
 from ._backend import is_cupy_array
 from .sce import softmax_cross_entropy as _sce
+from .softmax import log_softmax as _log_softmax
 
 SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.float64)
+REDUCTIONS = ("none", "sum", "mean")
+_NO_DOUBLE_BACKWARD = (
+    "gpuce.torch: double backward (differentiating {name}'s gradient again, e.g. after "
+    "torch.autograd.grad(..., create_graph=True)) is not supported; use "
+    "torch.nn.functional.cross_entropy where second derivatives are needed")
 
 
 def _check_dtype(t, name):
@@ -30,6 +67,20 @@ def _check_dtype(t, name):
         raise TypeError(
             f"gpuce.torch: {name} has dtype {t.dtype}, which gpuce does not support; supported: "
             "torch.float16, torch.float32, torch.float64 (cast with .float() first)")
+
+
+def _check_device(*tensors):
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"gpuce.torch: all tensors must be on one device, got {sorted(map(str, devs))}")
+    for d in devs:
+        if d.type not in ("cpu", "cuda"):
+            raise TypeError(f"gpuce.torch supports CPU and CUDA tensors, got device {d}")
+
+
+def _check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
 
 
 def _to_array(t):
@@ -41,19 +92,24 @@ def _to_array(t):
         import cupy
 
         return cupy.from_dlpack(t)
-    if t.device.type != "cpu":
-        raise TypeError(f"gpuce.torch supports CPU and CUDA tensors, got device {t.device}")
     return t.resolve_conj().resolve_neg().numpy()
 
 
-def _to_tensor(a, like):
-    """An array returned by gpuce as a tensor on ``like``'s device (no copy)."""
-    if a is None:
-        return None
+def _to_tensor(a, dtype=None):
+    """An array returned by gpuce as a C-contiguous tensor on its device (no copy where the
+    array already is one): the fake implementations promise contiguous outputs."""
     if is_cupy_array(a):
-        return torch.from_dlpack(a)
-    a = np.asarray(a)
-    return torch.from_numpy(a if a.flags.c_contiguous else a.copy())
+        t = torch.from_dlpack(a)
+    else:
+        a = np.asarray(a)
+        t = torch.from_numpy(a if a.flags.c_contiguous else a.copy())
+    t = t.contiguous()
+    return t if dtype is None else t.to(dtype)
+
+
+def _none(like):
+    """The empty tensor that stands for "not computed" in an operator's outputs."""
+    return like.new_empty((0,))
 
 
 @contextlib.contextmanager
@@ -83,162 +139,367 @@ def _legacy_reduction(size_average, reduce, reduction):
     return "none" if not reduce else ("mean" if size_average else "sum")
 
 
-def _same_device(*tensors):
-    devs = {t.device for t in tensors if t is not None}
-    if len(devs) > 1:
-        raise ValueError(f"gpuce.torch: all tensors must be on one device, got {sorted(map(str, devs))}")
+def _row_scale(grad_loss, reduction, rows):
+    """The factor s_i by which row i's gradient is scaled: the incoming gradient, per row for
+    reduction="none", divided by the row count for the probability-target mean."""
+    if reduction == "none":
+        return grad_loss.unsqueeze(-1)
+    return grad_loss / rows if reduction == "mean" else grad_loss
 
 
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, target, weight, opts):
-        need = ctx.needs_input_grad[0]
-        ctx.reduction = opts["reduction"]
-        with _device_of(x):
-            out = _sce(_to_array(x), _to_array(target), weight=_to_array(weight),
-                       return_grad=need, **opts)
-            loss, grad = out if need else (out, None)
-            ctx.grad = None if grad is None else _to_tensor(grad, x)
-            return _to_tensor(loss, x).to(x.dtype)
+# ---------------------------------------------------------------------------------------
+# cross_entropy
+# ---------------------------------------------------------------------------------------
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        g = ctx.grad  # kept: backward may run again with retain_graph=True
-        if g is None:
-            return None, None, None, None
-        go = grad_loss.to(g.dtype)
-        g = g * (go.unsqueeze(-1) if ctx.reduction == "none" else go)
-        return g, None, None, None
+@torch.library.custom_op("gpuce::cross_entropy", mutates_args=(), device_types=("cpu", "cuda"))
+def _ce_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
+           ignore_index: int, label_smoothing: float, z_loss: float,
+           input_grad: bool) -> tuple[Tensor, Tensor]:
+    """gpuce.softmax_cross_entropy on (..., C) logits: the loss (logits' dtype) and, with
+    input_grad, the gradient of the loss with respect to the logits (else empty)."""
+    with _device_of(logits):
+        out = _sce(_to_array(logits), _to_array(target), weight=_to_array(weight),
+                   reduction=reduction, ignore_index=ignore_index,
+                   label_smoothing=label_smoothing, z_loss=z_loss, return_grad=input_grad)
+        loss, grad = out if input_grad else (out, None)
+        return (_to_tensor(loss, logits.dtype),
+                _none(logits) if grad is None else _to_tensor(grad, logits.dtype))
+
+
+@_ce_op.register_fake
+def _ce_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad):
+    _check_reduction(reduction)
+    shape = logits.shape[:-1] if reduction == "none" else ()
+    return (logits.new_empty(shape),
+            logits.new_empty(logits.shape) if input_grad else _none(logits))
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(logits, target, weight, output[1])
+    ctx.opts = (reduction, ignore_index, label_smoothing, z_loss)
+
+
+def _ce_autograd_backward(ctx, grad_loss, _grad_of_grad):
+    logits, target, weight, grad = ctx.saved_tensors
+    need_x, need_t, need_w = ctx.needs_input_grad[:3]
+    out = [None] * 8
+    if need_x or need_t or need_w:
+        d = torch.ops.gpuce.cross_entropy_backward(grad_loss, grad, logits, target, weight,
+                                                   *ctx.opts, need_x, need_t, need_w)
+        out[:3] = [g if need else None for g, need in zip(d, (need_x, need_t, need_w))]
+    return tuple(out)
+
+
+_ce_op.register_autograd(_ce_autograd_backward, setup_context=_ce_setup_context)
+
+
+@torch.library.custom_op("gpuce::cross_entropy_backward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _ce_backward_op(grad_loss: Tensor, grad: Tensor, logits: Tensor, target: Tensor,
+                    weight: Optional[Tensor], reduction: str, ignore_index: int,
+                    label_smoothing: float, z_loss: float, input_grad: bool, target_grad: bool,
+                    weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of Σ g·L (g = grad_loss) with respect to the logits (``grad``, the forward
+    pass's gradient, scaled by g; recomputed when empty), the probability target and the
+    class weight (empty where not asked for).
+
+    With p′ = (1−ε) p + ε/C and A_ic = −log q_ic · s_i (s_i the row's share of g: g_i for
+    reduction="none", g for "sum", g/N for "mean"):
+    ∂/∂p_ic = (1−ε) w_c A_ic and ∂/∂w_c = Σ_i p′_ic A_ic.
+    """
+    d_input, d_target, d_weight = _none(logits), _none(logits), _none(logits)
+    if input_grad:
+        if grad.numel() != logits.numel():
+            grad = _ce_op(logits, target, weight, reduction, ignore_index, label_smoothing,
+                          z_loss, True)[1]
+        go = grad_loss.to(grad.dtype)
+        d_input = (grad * (go.unsqueeze(-1) if reduction == "none" else go)).contiguous()
+    if target_grad or weight_grad:
+        c = logits.shape[-1]
+        acc = torch.float32 if logits.dtype == torch.float16 else logits.dtype
+        with _device_of(logits):
+            log_q = _to_tensor(_log_softmax(_to_array(logits), axis=-1), acc)
+        rows = logits.numel() // c if c else 0
+        a = -log_q * _row_scale(grad_loss.to(acc), reduction, rows)
+        if target_grad:
+            dt = a * (1.0 - label_smoothing)
+            d_target = (dt if weight is None else dt * weight.to(acc)).to(target.dtype).contiguous()
+        if weight_grad:
+            p = target.to(acc) * (1.0 - label_smoothing) + label_smoothing / c
+            d_weight = (p * a).reshape(-1, c).sum(0).to(weight.dtype).contiguous()
+    return d_input, d_target, d_weight
+
+
+@_ce_backward_op.register_fake
+def _ce_backward_fake(grad_loss, grad, logits, target, weight, reduction, ignore_index,
+                      label_smoothing, z_loss, input_grad, target_grad, weight_grad):
+    return (logits.new_empty(logits.shape) if input_grad else _none(logits),
+            target.new_empty(target.shape) if target_grad else _none(logits),
+            weight.new_empty(weight.shape) if weight_grad else _none(logits))
+
+
+def _ce_double_backward(ctx, *grads):
+    raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name="cross_entropy"))
+
+
+_ce_backward_op.register_autograd(_ce_double_backward)
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, z_loss=0.0):
     """``torch.nn.functional.cross_entropy`` on gpuce's fused kernels.
 
+    Parameters
+    ----------
     input : (N, C), (C,) or (N, C, d1, ...) float16/32/64 tensor, CPU or CUDA
-    target : integer class indices of shape (N,), () or (N, d1, ...), or class
-        probabilities of input's shape
-    weight, ignore_index, reduction, label_smoothing : as torch (size_average and reduce,
-        deprecated in torch, are mapped as torch maps them)
+    target : tensor
+        Integer class indices of shape (N,), () or (N, d1, ...), or class probabilities
+        of input's shape.
+    weight, ignore_index, reduction, label_smoothing
+        As torch (size_average and reduce, deprecated in torch, are mapped as torch maps
+        them).
     z_loss : float, keyword only
         gpuce's extra z_loss · lse² term per row (0 = torch's loss).
 
-    The loss has input's dtype (as torch).  Gradients flow to ``input``; a probability
-    target that requires grad raises NotImplementedError (gpuce does not differentiate
-    with respect to targets).  Raises TypeError for dtypes gpuce lacks (bfloat16, ...).
+    Returns
+    -------
+    Tensor
+        The loss, in input's dtype (as torch).
+
+    Notes
+    -----
+    Differentiable with respect to ``input`` and, as in torch, to a probability target
+    (∂L_i/∂p_ic = −(1−ε) w_c log q_ic, reduced as the loss is) and to ``weight`` when the
+    target holds probabilities (∂L_i/∂w_c = −p′_ic log q_ic, p′ the smoothed target).  A
+    ``weight`` that requires grad with class-index targets raises RuntimeError, as torch's
+    nll_loss does.  Double backward raises RuntimeError.  Works inside ``torch.compile``
+    (the ``gpuce::cross_entropy`` operator is opaque to it).  Raises TypeError for dtypes
+    gpuce lacks (bfloat16, ...).
+
+    See Also
+    --------
+    torch.nn.functional.cross_entropy, gpuce.softmax_cross_entropy
     """
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("gpuce.torch.cross_entropy expects torch tensors for input and target")
+        raise TypeError("gpuce.torch.cross_entropy expects torch tensors for input and target, "
+                        f"got {type(input).__name__} and {type(target).__name__}")
     _check_dtype(input, "input")
     if weight is not None:
         _check_dtype(weight, "weight")
-    _same_device(input, target, weight)
+    _check_device(input, target, weight)
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    _check_reduction(reduction)
     prob = target.is_floating_point()
     if prob:
         _check_dtype(target, "target")
-        if target.requires_grad:
-            raise NotImplementedError("gpuce.torch.cross_entropy does not differentiate with "
-                                      "respect to probability targets; pass target.detach()")
     elif target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must be integer class indices or float probabilities, got {target.dtype}")
+    grad_mode = torch.is_grad_enabled()
+    if not prob and weight is not None and weight.requires_grad and grad_mode:
+        raise RuntimeError("gpuce.torch.cross_entropy with class-index targets is not "
+                           "differentiable with respect to weight (as torch's nll_loss); "
+                           "pass weight.detach(), or probability targets")
     x = input.movedim(1, -1) if input.dim() >= 2 else input  # gpuce: classes last
     t = target.movedim(1, -1) if prob and target.dim() >= 2 else target
-    opts = dict(reduction=_legacy_reduction(size_average, reduce, reduction),
-                ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
-    return _CrossEntropy.apply(x, t, weight, opts)
+    loss, _ = _ce_op(x, t, weight, reduction, int(ignore_index), float(label_smoothing),
+                     float(z_loss), grad_mode and input.requires_grad)
+    return loss
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, target, b, ce_weight, opts):
-        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
-        need = need_x or need_w or need_b
-        ctx.reduction = opts["reduction"]
-        ctx.saved = None
-        if need and ctx.reduction == "none":
-            # the row weights of the backward pass are unknown here: recompute there
-            ctx.save_for_backward(x, w, target, b, ce_weight)
-            ctx.opts = opts
-            need = False
-        with _device_of(x):
-            arrays = [_to_array(v) for v in (x, w, target, b, ce_weight)]
-            out = _linear.linear_cross_entropy(*arrays[:3], bias=arrays[3], weight=arrays[4],
-                                               return_grad=need, input_grad=need_x, **opts)
-            loss, grads = out if need else (out, None)
-            if grads is not None:
-                ctx.saved = tuple(_to_tensor(g, x) for g in grads)
-            return _to_tensor(loss, x).to(x.dtype)
+# ---------------------------------------------------------------------------------------
+# linear_cross_entropy
+# ---------------------------------------------------------------------------------------
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
-        if ctx.reduction == "none":
-            with _device_of(grad_loss):
-                dX, dW, db = _linear_rows_backward(ctx, grad_loss)
-        elif ctx.saved is None:
-            return (None,) * 6
-        else:
-            dX, dW, db = ctx.saved
-            go = grad_loss.to(dW.dtype)
-            dX, dW, db = (None if g is None else g * go for g in (dX, dW, db))
-        return (dX if need_x else None, dW if need_w else None, None,
-                db if need_b else None, None, None)
-
-
-def _linear_rows_backward(ctx, grad_loss):
-    """Gradients of Σ_i g_i L_i (reduction="none"): gpuce's chunked pass again, each
-    gradient row scaled by g_i (``grad_row_scale``) before the products."""
-    x, w, target, b, ce_weight = ctx.saved_tensors
-    arrays = [_to_array(v) for v in (x, w, target, b, ce_weight, grad_loss.contiguous())]
-    _, grads = _linear.linear_cross_entropy(
+def _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoothing,
+                  z_loss, chunk_size, input_grad, row_scale=None):
+    """gpuce's chunked pass with return_grad: (loss, dX or None, dW, db or None) arrays."""
+    arrays = [_to_array(v) for v in (x, w, target, bias, ce_weight, row_scale)]
+    return _linear.linear_cross_entropy(
         *arrays[:3], bias=arrays[3], weight=arrays[4], grad_row_scale=arrays[5],
-        return_grad=True, input_grad=ctx.needs_input_grad[0], **ctx.opts)
-    return tuple(_to_tensor(g, x) for g in grads)
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, chunk_size=chunk_size, return_grad=True, input_grad=input_grad)
+
+
+def _grad_tensors(grads, x, w, bias):
+    """gpuce's LinearGrads as three tensors, empty where not computed."""
+    return tuple(_none(x) if g is None else _to_tensor(g, like.dtype)
+                 for g, like in zip(grads, (x, w, x if bias is None else bias)))
+
+
+@torch.library.custom_op("gpuce::linear_cross_entropy", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
+            ce_weight: Optional[Tensor], reduction: str, ignore_index: int,
+            label_smoothing: float, z_loss: float, chunk_size: Optional[int], input_grad: bool,
+            need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """gpuce.linear_cross_entropy: the loss and, with need_grad (reductions "mean" and
+    "sum" only), the gradients (dX only with input_grad, db only with a bias) of the loss,
+    computed in the same chunked pass (empty tensors where not computed)."""
+    with _device_of(x):
+        if need_grad and reduction != "none":
+            loss, grads = _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index,
+                                        label_smoothing, z_loss, chunk_size, input_grad)
+            return (_to_tensor(loss, x.dtype),) + _grad_tensors(grads, x, w, bias)
+        arrays = [_to_array(v) for v in (x, w, target, bias, ce_weight)]
+        loss = _linear.linear_cross_entropy(
+            *arrays[:3], bias=arrays[3], weight=arrays[4], reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            chunk_size=chunk_size)
+        return (_to_tensor(loss, x.dtype), _none(x), _none(x), _none(x))
+
+
+@_lce_op.register_fake
+def _lce_fake(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoothing, z_loss,
+              chunk_size, input_grad, need_grad):
+    _check_reduction(reduction)
+    loss = x.new_empty(x.shape[:1] if reduction == "none" else ())
+    if not need_grad or reduction == "none":
+        return loss, _none(x), _none(x), _none(x)
+    return (loss, x.new_empty(x.shape) if input_grad else _none(x), w.new_empty(w.shape),
+            _none(x) if bias is None else bias.new_empty(bias.shape))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    x, w, target, bias, ce_weight, *opts = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(x, w, target, bias, ce_weight, *output[1:])
+    ctx.opts = tuple(opts[:5])  # reduction, ignore_index, label_smoothing, z_loss, chunk_size
+
+
+def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
+    x, w, target, bias, ce_weight, dx, dw, db = ctx.saved_tensors
+    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+    out = [None] * 12
+    if need_x or need_w or need_b:
+        d = torch.ops.gpuce.linear_cross_entropy_backward(
+            grad_loss, x, w, target, bias, ce_weight, dx, dw, db, *ctx.opts, need_x)
+        out[0], out[1], out[3] = (g if need else None for g, need in zip(d, (need_x, need_w, need_b)))
+    return tuple(out)
+
+
+_lce_op.register_autograd(_lce_autograd_backward, setup_context=_lce_setup_context)
+
+
+@torch.library.custom_op("gpuce::linear_cross_entropy_backward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
+                     bias: Optional[Tensor], ce_weight: Optional[Tensor], d_x: Tensor,
+                     d_w: Tensor, d_b: Tensor, reduction: str, ignore_index: int,
+                     label_smoothing: float, z_loss: float, chunk_size: Optional[int],
+                     input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of Σ g·L (g = grad_loss) for X (with input_grad), W and the bias (empty
+    without one).  For "mean"/"sum" the forward pass's gradients (d_x, d_w, d_b) are scaled
+    by g; for "none" (or when the forward pass did not compute them) gpuce's chunked pass
+    runs again, each gradient row scaled by g_i (``grad_row_scale``) before the products."""
+    have = d_w.numel() == w.numel() and (d_x.numel() == x.numel() or not input_grad)
+    if reduction != "none" and have:
+        go = grad_loss.to(d_w.dtype)
+        return tuple(_none(x) if g.numel() == 0 else (g * go).contiguous() for g in (d_x, d_w, d_b))
+    with _device_of(x):
+        scale = grad_loss.contiguous() if reduction == "none" else None
+        _, grads = _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index,
+                                 label_smoothing, z_loss, chunk_size, input_grad, scale)
+        d = _grad_tensors(grads, x, w, bias)
+    if reduction != "none":
+        go = grad_loss.to(d[1].dtype)
+        d = tuple(g if g.numel() == 0 else (g * go).contiguous() for g in d)
+    return d
+
+
+@_lce_backward_op.register_fake
+def _lce_backward_fake(grad_loss, x, w, target, bias, ce_weight, d_x, d_w, d_b, reduction,
+                       ignore_index, label_smoothing, z_loss, chunk_size, input_grad):
+    return (x.new_empty(x.shape) if input_grad else _none(x), w.new_empty(w.shape),
+            _none(x) if bias is None else bias.new_empty(bias.shape))
+
+
+def _lce_double_backward(ctx, *grads):
+    raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name="linear_cross_entropy"))
+
+
+_lce_backward_op.register_autograd(_lce_double_backward)
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, reduction="mean",
                          ignore_index=-100, label_smoothing=0.0, z_loss=0.0, chunk_size=None):
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the N x C logits.
 
-    input : (..., D) tensor; weight : (C, D) (``nn.Linear.weight``); bias : (C,) or None
-    target : integer class indices of shape input.shape[:-1], or probabilities (..., C)
-    ce_weight : (C,) per-class weight of the cross-entropy (torch's ``weight`` argument)
-    reduction, ignore_index, label_smoothing : as torch; z_loss as gpuce.softmax_cross_entropy
-    chunk_size : rows per chunk (None: chosen from the free memory)
+    Parameters
+    ----------
+    input : (..., D) tensor
+    weight : (C, D) tensor (``nn.Linear.weight``)
+    target : tensor
+        Integer class indices of shape input.shape[:-1], or probabilities (..., C).
+    bias : (C,) tensor or None
+    ce_weight : (C,) tensor, optional
+        Per-class weight of the cross-entropy (torch's ``weight`` argument).
+    reduction, ignore_index, label_smoothing
+        As torch; z_loss as gpuce.softmax_cross_entropy.
+    chunk_size : int, optional
+        Rows per chunk (None: chosen from the free memory).
 
+    Returns
+    -------
+    Tensor
+        The loss in input's dtype: a scalar, or input.shape[:-1] for reduction="none".
+
+    Notes
+    -----
     Gradients for input, weight and bias are computed in the forward pass (one chunked
     pass); with reduction="none" they are recomputed in backward, chunk by chunk, because
-    the per-row gradient weights are only known there.
+    the per-row gradient weights are only known there.  A probability target or a
+    ce_weight that requires grad raises NotImplementedError (a ce_weight with class-index
+    targets RuntimeError, as torch); double backward raises RuntimeError.  Works inside
+    ``torch.compile`` (``gpuce::linear_cross_entropy`` is opaque to it).
+
+    See Also
+    --------
+    torch.nn.functional.linear, torch.nn.functional.cross_entropy, gpuce.linear_cross_entropy
     """
     for t, name in ((input, "input"), (weight, "weight"), (target, "target")):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"gpuce.torch.linear_cross_entropy expects a tensor for {name}")
+            raise TypeError(f"gpuce.torch.linear_cross_entropy expects a tensor for {name}, "
+                            f"got {type(t).__name__}")
     _check_dtype(input, "input")
     _check_dtype(weight, "weight")
     for t, name in ((bias, "bias"), (ce_weight, "ce_weight")):
         if t is not None:
             _check_dtype(t, name)
-    _same_device(input, weight, target, bias, ce_weight)
-    if target.is_floating_point():
+    _check_device(input, weight, target, bias, ce_weight)
+    _check_reduction(reduction)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"chunk_size must be an integer or None, got {type(chunk_size).__name__}")
+    prob = target.is_floating_point()
+    grad_mode = torch.is_grad_enabled()
+    if prob:
         _check_dtype(target, "target")
-        if target.requires_grad:
+        if target.requires_grad and grad_mode:
             raise NotImplementedError("gpuce.torch.linear_cross_entropy does not differentiate "
-                                      "with respect to probability targets; pass target.detach()")
+                                      "with respect to probability targets; pass target.detach() "
+                                      "(gpuce.torch.cross_entropy on the logits does)")
+    if ce_weight is not None and ce_weight.requires_grad and grad_mode:
+        if prob:
+            raise NotImplementedError("gpuce.torch.linear_cross_entropy does not differentiate "
+                                      "with respect to ce_weight; pass ce_weight.detach()")
+        raise RuntimeError("gpuce.torch.linear_cross_entropy with class-index targets is not "
+                           "differentiable with respect to ce_weight (as torch's nll_loss); "
+                           "pass ce_weight.detach()")
     if input.dim() < 1:
         raise ValueError("input must have at least one dimension (features last)")
     lead = tuple(input.shape[:-1])
     c = weight.shape[0] if weight.dim() == 2 else None
-    want = lead + (c,) if target.is_floating_point() else lead
+    want = lead + (c,) if prob else lead
     if tuple(target.shape) != want:
         raise ValueError(f"target must have shape {want} (input {tuple(input.shape)}, "
                          f"weight {tuple(weight.shape)}), got {tuple(target.shape)}")
     x = input.reshape(-1, input.shape[-1])
-    t = target.reshape(-1, target.shape[-1]) if target.is_floating_point() else target.reshape(-1)
-    opts = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                z_loss=z_loss, chunk_size=chunk_size)
-    loss = _LinearCrossEntropy.apply(x, weight, t, bias, ce_weight, opts)
+    t = target.reshape(-1, target.shape[-1]) if prob else target.reshape(-1)
+    need = grad_mode and any(v is not None and v.requires_grad for v in (input, weight, bias))
+    loss = _lce_op(x, weight, t, bias, ce_weight, reduction, int(ignore_index),
+                   float(label_smoothing), float(z_loss), chunk_size,
+                   need and input.requires_grad, need and reduction != "none")[0]
     return loss.reshape(lead) if reduction == "none" else loss
 
 
