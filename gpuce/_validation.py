@@ -142,3 +142,84 @@ def label_error(flat_pos: int, value, lead_shape, c: int, ignore_index: int) -> 
         f"label {int(value)} at position {idx} is out of range: labels must be in [0, {c}) "
         f"or equal ignore_index={ignore_index}"
     )
+
+
+INT64_MAX = 2**63 - 1
+
+
+def check_uint64_labels(xp, target, a: SceArgs):
+    """Raise for uint64 labels above int64's maximum, quoting the caller's value.
+
+    The backends read labels as int64, where such a value would wrap to a negative
+    number (and could then equal ignore_index); this check runs first, on the caller's
+    array.  It looks at the values only for dtype uint64 (one ``max`` and, on CuPy, one
+    sync); every other integer dtype fits int64 and costs nothing here.
+    """
+    if a.kind != "label" or np.dtype(target.dtype) != np.uint64 or target.size == 0:
+        return
+    if int(target.max()) <= INT64_MAX:
+        return
+    flat = target.ravel()
+    pos = int(xp.argmax(flat > np.uint64(INT64_MAX)))
+    raise label_error(pos, int(flat[pos]), a.lead_shape, a.c, a.ignore_index)
+
+
+def check_class_weight(xp, weight):
+    """Raise ValueError unless every class weight is finite and >= 0.
+
+    A class weight is a non-negative importance: a NaN, infinite or negative one would make
+    the mean's denominator meaningless (zero or negative).  The check reads the values:
+    on CuPy one small reduction and one host read of its result (C elements).
+    """
+    if weight is None or weight.size == 0:
+        return
+    if np.dtype(weight.dtype).kind == "u":
+        return
+    bad = ~(xp.isfinite(weight) & (weight >= 0))
+    if bool(bad.any()):
+        pos = int(xp.argmax(bad))
+        raise ValueError(f"class weights must be finite and >= 0, got weight[{pos}] = {float(weight[pos])}")
+
+
+def shares_memory(xp, a, b) -> bool:
+    """True if arrays ``a`` and ``b`` (same module) may have an element in common, from the
+    arrays' metadata alone (no data is read, nothing is allocated).
+
+    NumPy: ``numpy.shares_memory`` (exact; an undecidable case within its work bound counts
+    as shared).  CuPy: the arrays' address ranges overlap.  ``cupy.shares_memory`` is not
+    used: its exact form builds an int64 array of every element's address on the device
+    (8 bytes an element of the logits).  Interleaved views of one buffer (``x[:, ::2]``
+    and ``x[:, 1::2]``) therefore count as shared on CuPy.
+    """
+    if a is None or b is None or a.size == 0 or b.size == 0:
+        return False
+    if xp is np:
+        if not np.may_share_memory(a, b):
+            return False
+        try:
+            return bool(np.shares_memory(a, b, max_work=1 << 20))
+        except np.exceptions.TooHardError:
+            return True
+    lo_a, hi_a = _address_range(a)
+    lo_b, hi_b = _address_range(b)
+    return lo_a < hi_b and lo_b < hi_a
+
+
+def _address_range(arr):
+    """[first, last + itemsize) byte addresses of a CuPy array's elements."""
+    lo = hi = arr.data.ptr
+    for size, stride in zip(arr.shape, arr.strides):
+        ext = (size - 1) * stride
+        lo, hi = (lo + ext, hi) if ext < 0 else (lo, hi + ext)
+    return lo, hi + arr.itemsize
+
+
+def check_inplace_aliasing(xp, logits, target, weight, a: SceArgs):
+    """With inplace=True the gradient overwrites the logits while the target and the weight
+    are still being read: refuse a target or weight that shares memory with the logits."""
+    if not a.inplace:
+        return
+    for arr, name in ((target, "target"), (weight, "weight")):
+        if shares_memory(xp, logits, arr):
+            raise ValueError(f"inplace=True needs a {name} that does not share memory with the "
+                             f"logits (the gradient overwrites them); pass a copy of the {name}")

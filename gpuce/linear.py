@@ -98,6 +98,8 @@ def check_linear_args(xp, X, W, y, bias, reg, check_finite=True):
         raise TypeError(f"X and W must have the same dtype, got {X.dtype} and {W.dtype}")
     n, d = X.shape
     c, dw = W.shape
+    if y.ndim not in (1, 2):
+        raise ValueError(f"y must be (N,) integer labels or (N, C) probabilities, got shape {y.shape}")
     if d != dw:
         raise ValueError(f"X has {d} features but W has {dw} (W must be (C, D) = (classes, features))")
     if y.shape[0] != n:
@@ -207,9 +209,11 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         if grad_row_scale.shape != (n,):
             raise ValueError(f"grad_row_scale must have shape ({n},), got {grad_row_scale.shape}")
     acc = a.acc
+    V.check_class_weight(xp, weight)
     if weight is not None:
         weight = xp.ascontiguousarray(weight.astype(acc, copy=False))
     if a.kind == "label" and n:
+        V.check_uint64_labels(xp, y, a)  # before any int64 cast, which would wrap them
         check_labels(xp, y, a)  # over all rows first: errors name the caller's position
     scale = 1.0
     if a.reduction == "mean":

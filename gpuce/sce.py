@@ -6,15 +6,22 @@ This module only checks arguments and picks the backend; the work is done by
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from . import _validation as V
 from ._backend import array_module, asarray, is_dask_array
+from ._blocks import row_blocks, rows_viewable
 
 IMPLS = ("auto", "fused", "portable")
 # impl="auto" on CuPy arrays: the fused single-read kernels (gpuce._fused), which pass the GPU
 # suite (bench/gpu_check.sh) on an H200; "portable" stays available as the reference path.
 AUTO_IMPL = "fused"
+# Logits without an (N, C) view are walked in blocks of about this many elements (one block
+# at most is copied): chunk-sized on the CPU, large enough on the GPU to keep launches full.
+WALK_BLOCK_ELEMENTS_NUMPY = 1 << 20
+WALK_BLOCK_ELEMENTS_CUPY = 1 << 24
 
 
 def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, weight=None,
@@ -110,6 +117,11 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     a = V.sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
                    label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
                    inplace=inplace)
+    V.check_uint64_labels(xp, target, a)
+    V.check_class_weight(xp, weight)
+    V.check_inplace_aliasing(xp, logits, target, weight, a)
+    if a.n and not rows_viewable(logits.shape, logits.strides):
+        return walk_blocks(xp, logits, target, weight, a, impl)
     c = a.c
     x2 = logits.reshape(a.n, c)
     tgt = target.reshape(a.n) if a.kind == "label" else target.reshape(a.n, c)
@@ -146,6 +158,65 @@ def run_rows(xp, x2, target, weight, a: V.SceArgs, grad_out, impl="auto"):
     from ._sce_cupy import softmax_cross_entropy as run
 
     return run(x2, target, weight, a, grad_out, impl=AUTO_IMPL if impl == "auto" else impl)
+
+
+def walk_blocks(xp, logits, target, weight, a: V.SceArgs, impl="auto"):
+    """softmax_cross_entropy of logits that have no (N, C) view (leading dimensions that do
+    not merge, e.g. ``(T, B, C).transpose(1, 0, 2)``), without copying them whole.
+
+    Labels are checked and the mean's denominator computed over all rows first (the chunked
+    linear model's helpers); then blocks of consecutive rows (:func:`gpuce._blocks.row_blocks`)
+    run through :func:`run_rows` with reduction "sum" (or "none"), the gradient written
+    through each block's view of the caller-shaped output and scaled by 1/denominator for
+    "mean".  Extra memory: one block's copy of the logits (and target) when the block itself
+    has no (rows, C) view, plus the backend's own chunk buffers.
+    """
+    from .linear import check_labels, mean_denominator
+
+    c = a.c
+    if a.kind == "label":
+        check_labels(xp, target, a)  # over all rows first: errors name the caller's position
+    denom = scale = 1.0
+    if a.reduction == "mean":
+        denom = mean_denominator(xp, target, weight, a)
+        scale = 0.0 if denom == 0 else 1.0 / denom
+    per_block = replace(a, reduction="none" if a.reduction == "none" else "sum",
+                        labels_checked=True)
+    grad = None
+    if a.return_grad:
+        grad = logits if a.inplace else xp.empty(logits.shape, logits.dtype)
+    loss_rows = xp.empty(a.n, a.acc) if a.reduction == "none" else None
+    total = xp.zeros((), np.float64)
+    block = WALK_BLOCK_ELEMENTS_NUMPY if xp is np else WALK_BLOCK_ELEMENTS_CUPY
+    for index, r0, r1 in row_blocks(a.lead_shape, block // c):
+        m = r1 - r0
+        xb = logits[index]
+        x2 = xb.reshape(m, c)  # a copy of this block alone when the block has no view
+        tb = target[index].reshape((m,) if a.kind == "label" else (m, c))
+        gb = None
+        if grad is not None:
+            # inplace: into the logits' block (its copy, written back below, when x2 is one);
+            # otherwise the C-ordered output, whose blocks are always (m, C) views
+            gb = x2 if a.inplace else grad[index].reshape(m, c)
+        rows, _ = run_rows(xp, x2, tb, weight, replace(per_block, lead_shape=(m,), n=m), gb, impl)
+        if loss_rows is not None:
+            loss_rows[r0:r1] = rows
+        else:
+            total += rows.sum(dtype=np.float64)
+        if gb is not None:
+            if scale != 1.0:
+                gb *= scale
+            if a.inplace and not _shares_buffer(xp, x2, xb):
+                xb[...] = gb.reshape(xb.shape)
+    if loss_rows is not None:
+        loss = loss_rows.reshape(a.lead_shape)
+    else:
+        if a.reduction == "mean":  # 0 over zero weight, as the unwalked path
+            total = total / denom if denom else xp.zeros((), np.float64)
+        loss = xp.asarray(total, dtype=a.acc)
+    if not a.return_grad:
+        return loss
+    return loss, grad
 
 
 def _shares_buffer(xp, view, base) -> bool:

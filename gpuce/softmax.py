@@ -14,7 +14,11 @@ import numpy as np
 
 from . import _validation as V
 from ._backend import array_module, asarray
+from ._blocks import row_blocks
 from ._dask import along_axis
+
+# The NumPy path walks the rows in blocks of about this many elements (at least one row).
+NUMPY_BLOCK_ELEMENTS = 1 << 18
 
 
 def _prepare(x, axis):
@@ -25,18 +29,46 @@ def _prepare(x, axis):
     return xp, x, axis
 
 
-def _norm_numpy(x, axis, acc):
-    """The normaliser along ``axis`` (keepdims) as (mx, ls): lse = mx + ls, and
-    probabilities are exp((x - mx) - ls) (no rounded lse inside the exponent)."""
-    xa = x.astype(acc, copy=False)
-    shape = xa.shape[:axis] + (1,) + xa.shape[axis + 1:]
-    if xa.shape[axis] == 0:
-        return np.full(shape, -np.inf, acc), np.full(shape, -np.inf, acc)
+def _numpy_rows(x, axis, mode):
+    """The NumPy path of logsumexp ("lse"), softmax ("softmax") and log_softmax ("log"),
+    computed in blocks of rows (:func:`gpuce._blocks.row_blocks` over the other axes) and
+    written into the output block by block, so the temporaries are about two blocks of
+    NUMPY_BLOCK_ELEMENTS accumulation-dtype elements (at least one row), never the input's
+    size.  Per row: m = max_j x_j (a non-finite m is replaced by 0 as ms), t = x - ms,
+    ls = log sum_j exp(t); lse = m + ls, log_softmax = t - ls, softmax = exp(t - ls)."""
+    acc = V.acc_dtype(x.dtype)
+    xm = np.moveaxis(x, axis, -1)
+    lead, c = xm.shape[:-1], xm.shape[-1]
+    if mode == "lse":
+        out = np.empty(lead, x.dtype)
+        if c == 0:
+            out.fill(-np.inf)
+            return out
+        outm = out
+    else:
+        out = np.empty_like(x)  # the input's memory layout, as an elementwise result
+        if c == 0:
+            return out
+        outm = np.moveaxis(out, axis, -1)
     with np.errstate(all="ignore"):
-        m = np.max(xa, axis=axis, keepdims=True)
-        ms = np.where(np.isfinite(m), m, 0).astype(acc)
-        ls = np.log(np.sum(np.exp(xa - ms), axis=axis, keepdims=True))
-        return np.where(np.isfinite(m), ms, m).astype(acc), ls.astype(acc)
+        for index, _, _ in row_blocks(lead, NUMPY_BLOCK_ELEMENTS // c):
+            xb = xm[index]
+            m = xb.max(axis=-1, keepdims=True).astype(acc)
+            finite = np.isfinite(m)
+            ms = np.where(finite, m, 0).astype(acc)
+            t = np.subtract(xb, ms, dtype=acc)
+            e = np.exp(t)
+            ls = np.log(e.sum(axis=-1, keepdims=True))
+            lse = np.where(finite, ms, m) + ls
+            if mode == "lse":
+                outm[index] = lse[..., 0]
+                continue
+            t -= ls
+            if mode == "softmax":
+                np.exp(t, out=t)
+            np.copyto(t, np.nan, where=~np.isfinite(lse))
+            outm[index] = t
+    return out
 
 
 def _norm_cupy(x, axis):
@@ -75,18 +107,17 @@ def logsumexp(x, axis=-1):
     scipy.special.logsumexp, torch.logsumexp
     """
     xp, x, axis = _prepare(x, axis)
-    mx, ls = _norm_numpy(x, axis, V.acc_dtype(x.dtype)) if xp is np else _norm_cupy(x, axis)
+    if xp is np:
+        return _numpy_rows(x, axis, "lse")
+    mx, ls = _norm_cupy(x, axis)
     return (mx + ls).astype(x.dtype).squeeze(axis)
 
 
-def _map(x, axis, numpy_fn, kernel_name):
+def _map(x, axis, mode, kernel_name):
     xp, x, axis = _prepare(x, axis)
-    acc = V.acc_dtype(x.dtype)
     if xp is np:
-        mx, ls = _norm_numpy(x, axis, acc)
-        with np.errstate(all="ignore"):
-            y = numpy_fn((x.astype(acc, copy=False) - mx) - ls)
-            return np.where(np.isfinite(mx + ls), y, np.nan).astype(x.dtype, copy=False)
+        return _numpy_rows(x, axis, mode)
+    acc = V.acc_dtype(x.dtype)
     from ._cupy_kernels import get_kernel
 
     mx, ls = _norm_cupy(x, axis)
@@ -111,7 +142,7 @@ def softmax(x, axis=-1):
     --------
     scipy.special.softmax, torch.softmax
     """
-    return _map(x, axis, np.exp, "gpuce_softmax")
+    return _map(x, axis, "softmax", "gpuce_softmax")
 
 
 @along_axis(keep_axis=True)
@@ -129,4 +160,4 @@ def log_softmax(x, axis=-1):
 
     Rows containing NaN or +inf, or only -inf, give NaN.
     """
-    return _map(x, axis, lambda v: v, "gpuce_log_softmax")
+    return _map(x, axis, "log", "gpuce_log_softmax")

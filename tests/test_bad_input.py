@@ -135,3 +135,108 @@ def test_softmax_family_bad_axis(xp, fn):
 def test_information_shape_mismatch(xp):
     with pytest.raises(ValueError, match="same shape"):
         gpuce.kl_div(xp.ones((2, 3)), xp.ones((2, 4)))
+
+
+# ---- issue 12 §3: uint64 labels, class weights, aliasing with inplace=True ---------------
+
+@pytest.mark.parametrize("big", [2**63, 2**64 - 1])
+def test_uint64_label_above_int64_quotes_callers_value(xp, big):
+    """Not wrapped to a negative label (here it would equal ignore_index=-1 and be skipped)."""
+    t = np.array([0, 1, big, 3], np.uint64)
+    with pytest.raises(ValueError, match=rf"label {big} at position \(2,\) is out of range"):
+        sce(xp, X, t, ignore_index=-1)
+    with pytest.raises(ValueError, match=rf"label {big} at position \(2,\)"):
+        gpuce.softmax_cross_entropy(xp.asarray(X), xp.asarray(t), ignore_index=-1,
+                                    return_grad=True, reduction="none")
+
+
+def test_uint64_labels_in_range_work(xp):
+    t = np.array([0, 4, 2, 3])
+    a = to_numpy(sce(xp, X, t.astype(np.uint64), reduction="none"))
+    b = to_numpy(sce(xp, X, t, reduction="none"))
+    np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -0.5])
+def test_bad_class_weight(xp, bad):
+    w = np.ones(5, np.float32)
+    w[3] = bad
+    with pytest.raises(ValueError, match=r"class weights must be finite and >= 0, got weight\[3\]"):
+        sce(xp, X, np.array([0, 1, 2, 4]), weight=xp.asarray(w))
+
+
+def test_negative_integer_class_weight(xp):
+    with pytest.raises(ValueError, match="class weights must be finite and >= 0"):
+        sce(xp, X, np.array([0, 1, 2, 4]), weight=xp.asarray(np.array([1, 1, -2, 1, 1])))
+
+
+def _sce_inplace(x, t, **kw):
+    return gpuce.softmax_cross_entropy(x, t, return_grad=True, inplace=True, **kw)
+
+
+def test_inplace_refuses_target_sharing_logits(xp):
+    x = xp.asarray(X.copy())
+    before = to_numpy(x).copy()
+    with pytest.raises(ValueError, match="target that does not share memory with the logits"):
+        _sce_inplace(x, x)  # probability target = the logits themselves
+    buf = xp.asarray(np.concatenate([X, np.full((4, 5), 0.2, np.float32)]))
+    with pytest.raises(ValueError, match="target that does not share"):
+        _sce_inplace(buf[:4], buf[2:6])  # overlapping views of one buffer
+    np.testing.assert_array_equal(to_numpy(x), before)
+    xw = xp.asarray(np.abs(X))  # non-negative, so row 1 is a valid class weight
+    with pytest.raises(ValueError, match="weight that does not share memory with the logits"):
+        _sce_inplace(xw, xp.asarray([0, 1, 2, 3]), weight=xw[1])
+    np.testing.assert_array_equal(to_numpy(xw), np.abs(X))
+    # without inplace the same aliasing is harmless (nothing is written)
+    loss = gpuce.softmax_cross_entropy(x, xp.asarray([0, 1, 2, 3]), weight=xp.abs(x[1]))
+    assert np.isfinite(to_numpy(loss))
+
+
+def test_inplace_label_view_of_logits_refused_numpy():
+    """Integer labels can alias float logits only through a dtype view (NumPy)."""
+    x = np.zeros((4, 2), np.float64)
+    t = x[:, 0].view(np.int64)  # labels 0, stored in the logits' buffer
+    with pytest.raises(ValueError, match="target that does not share"):
+        _sce_inplace(x, t)
+
+
+def test_inplace_disjoint_views_of_one_buffer_allowed(xp):
+    """The check is on shared elements, not on a shared allocation."""
+    p = np.full((4, 5), 0.2, np.float32)
+    buf = xp.asarray(np.concatenate([X, p]))
+    loss, grad = _sce_inplace(buf[:4], buf[4:])
+    ref_loss, ref_grad = gpuce.softmax_cross_entropy(X, p, return_grad=True)
+    np.testing.assert_allclose(to_numpy(loss), ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(buf[:4]), ref_grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(to_numpy(buf[4:]), p)
+
+
+def test_linear_scalar_y(xp):
+    Xl, W = xp.zeros((3, 2)), xp.zeros((4, 2))
+    with pytest.raises(ValueError, match=r"y must be \(N,\) integer labels or \(N, C\) probabilities"):
+        gpuce.linear_cross_entropy(Xl, W, 1)
+    with pytest.raises(ValueError, match="y must be"):
+        gpuce.linear_cross_entropy(Xl, W, xp.asarray(1))
+    with pytest.raises(ValueError, match="y must be"):
+        gpuce.linear_cross_entropy(Xl, W, xp.zeros((3, 4, 1)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_uint64_label_above_int64(xp, reduction):
+    """Raised before the mean's denominator (which would have counted the wrapped row)."""
+    rng = np.random.default_rng(12)
+    Xl, W = rng.standard_normal((4, 3)), rng.standard_normal((5, 3))
+    y = np.array([0, 2**64 - 1, 3, 1], np.uint64)
+    with pytest.raises(ValueError, match=rf"label {2**64 - 1} at position \(1,\)"):
+        gpuce.linear_cross_entropy(xp.asarray(Xl), xp.asarray(W), xp.asarray(y), ignore_index=-1,
+                                   reduction=reduction, return_grad=True, chunk_size=2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_linear_bad_class_weight(xp, bad):
+    w = np.ones(5)
+    w[0] = bad
+    with pytest.raises(ValueError, match=r"class weights must be finite and >= 0, got weight\[0\]"):
+        gpuce.linear_cross_entropy(xp.zeros((3, 2)), xp.zeros((5, 2)), xp.asarray([0, 1, 2]),
+                                   weight=xp.asarray(w))
