@@ -1,9 +1,12 @@
 """The one validation module: argument checks shared by both backends.
 
 Every check raises a real exception (never ``assert``) with a message that says
-what was expected and what came.  Checks here look only at metadata (dtype,
-shape, Python scalars); value checks that need the data (the label range) are
-done by each backend with :func:`label_error` formatting the message.
+what was expected and what came.  :func:`sce_args` looks only at metadata (dtype,
+shape, Python scalars), as does the aliasing check; the label range is checked by each
+backend with :func:`label_error` formatting the message.  Two value checks live here,
+each one small read on the GPU: :func:`check_class_weight` (C values) and
+:func:`check_uint64_labels` (only for the rare uint64 labels, which the backends' int64
+reading would wrap).
 """
 
 from __future__ import annotations

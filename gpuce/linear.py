@@ -147,19 +147,21 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
 
     ``reduction="mean"`` gives ``(1/D) Σ_i L_i + λ/2 ‖W‖²`` (D the mean's denominator of
     :func:`softmax_cross_entropy`: the non-ignored weight sum for labels, N for
-    probabilities).  ``reduction="none"`` returns the per-sample L_i (no penalty);
+    probabilities; with D = 0 the first term and its gradient are 0).  ``reduction="none"`` returns the per-sample L_i (no penalty);
     its gradients are those of ``Σ_i L_i + λ/2 ‖W‖²``.  The bias is never penalised.
 
     Parameters
     ----------
     X : (N, D) float array, NumPy or CuPy
     W : (C, D) float array of X's dtype (like torch's ``Linear.weight``)
-    y : (N,) integer labels or (N, C) probabilities
+    y : (N,) integer labels or (N, C) probabilities (anything else, a scalar included, is a
+        ValueError)
     bias : (C,) array, optional
     reg : float >= 0
         λ, the L2 penalty on W.
     reduction, ignore_index, weight, label_smoothing, z_loss
-        As in :func:`softmax_cross_entropy`.
+        As in :func:`softmax_cross_entropy` (class weights finite and >= 0: one small
+        read on the GPU; labels are checked, uint64 included, before any work).
     return_grad : bool
         Also return :class:`LinearGrads` ``(X, W, bias)`` of the returned loss.
     input_grad : bool

@@ -37,7 +37,9 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         L_i = (1-eps) w_{k_i} (lse_i - f_{i,k_i}) + (eps/C) sum_c w_c (lse_i - f_ic) + z lse_i^2
 
       ignored rows (k_i == ignore_index) give L_i = 0 and a zero gradient.
-      ``mean`` divides sum_i L_i by sum_i w_{k_i} over non-ignored rows (as torch).
+      ``mean`` divides sum_i L_i by sum_i w_{k_i} over non-ignored rows (as torch); when
+      that sum is 0 (every row ignored, or every non-ignored row's class weighted 0) the
+      mean is 0 with a zero gradient (torch: NaN).
     * probabilities P (same shape as logits), ``p'_ic = (1-eps) p_ic + eps/C``::
 
         L_i = sum_c w_c p'_ic (lse_i - f_ic) + z lse_i^2
@@ -51,15 +53,20 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     Parameters
     ----------
     logits : numpy.ndarray or cupy.ndarray, shape (..., C), float16/32/64
-        Class axis last; any strides.  float16 accumulates in float32.
-    target : array, shape (...) integer labels (int32/int64) or shape (..., C) float probabilities
+        Class axis last; any strides.  float16 accumulates in float32.  Leading dimensions
+        that do not merge into one row axis (e.g. ``(T, B, C).transpose(1, 0, 2)``) are
+        walked in row blocks: extra memory is one block, never a copy of the logits.
+    target : array, shape (...) integer labels (any integer dtype; uint64 values above
+        int64's maximum are out of range) or shape (..., C) float probabilities
     reduction : {"mean", "sum", "none"}
-        "mean" over zero non-ignored rows is 0 (with a zero gradient), not NaN.
+        "mean" with a zero denominator (no non-ignored rows, or a zero weight sum over
+        them) is 0 with a zero gradient, not NaN.
     ignore_index : int, default -100
         Label value whose rows are skipped (integer labels only; as torch, a
         non-negative value is an error with probability targets).
     weight : array of shape (C,), optional
-        Per-class weight (torch's ``weight``).
+        Per-class weight (torch's ``weight``): finite and >= 0 (a non-negative importance).
+        Checking that reads the values: on CuPy one small reduction and one host read.
     label_smoothing : float in [0, 1]
     z_loss : float >= 0
         Adds ``z_loss * lse_i**2`` per non-ignored row before the reduction (PaLM).
@@ -68,7 +75,8 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         of ``sum_i L_i``), same shape and dtype as logits, from the same pass.
     inplace : bool
         Write ``grad`` into ``logits`` (needs return_grad=True); otherwise the
-        caller's arrays are never written.  Not for dask arrays.
+        caller's arrays are never written.  Not for dask arrays.  The target and the
+        weight must not share memory with the logits (ValueError).
     impl : {"auto", "fused", "portable"}
         GPU implementation: "fused" is the single-read RawKernel family
         (kernels/gpuce_sce_fused.cu), "portable" the ElementwiseKernel /
@@ -97,8 +105,10 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         Non-float logits, non-integer/non-float target, NumPy mixed with CuPy.
     ValueError
         Bad shapes, a label outside [0, C) other than ignore_index (naming the
-        first bad position), unknown reduction, weight of wrong length,
-        label_smoothing outside [0, 1], negative z_loss, inplace without return_grad.
+        first bad position and the caller's value, uint64 included), unknown reduction,
+        weight of wrong length or with a NaN, infinite or negative entry,
+        label_smoothing outside [0, 1], negative z_loss, inplace without return_grad,
+        inplace with a target or weight that shares memory with the logits.
 
     See Also
     --------
