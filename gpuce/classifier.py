@@ -183,12 +183,13 @@ def _param(name, value, ok, expected):
 def _feature_scale(X):
     """s_j = max(1, max_i |x_ij|) as a host float64 (D,) array: the L-BFGS preconditioner.
 
-    Two reductions (max and min), no |X| temporary; exact in any summation order, so a
+    Dense X: two reductions (max and min), no |X| temporary; exact in any summation order, so a
     dask fit and an in-memory fit of the same data precondition identically.
     """
-    if _is_sparse(X):
-        hi = X.max(axis=0).toarray().ravel()
-        lo = X.min(axis=0).toarray().ravel()
+    if _is_sparse(X):  # CSR: the stored entries by column index (implicit zeros give 0)
+        top = np.zeros(X.shape[1])
+        np.maximum.at(top, X.indices, np.abs(X.data))
+        return np.maximum(top, 1.0)
     else:
         hi, lo = X.max(axis=0), X.min(axis=0)
         if is_dask_array(hi):
