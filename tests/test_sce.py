@@ -1,6 +1,7 @@
 """softmax_cross_entropy against the slow float64 reference, on NumPy and (with a GPU) CuPy."""
 
 import itertools
+import math
 import zlib
 
 import numpy as np
@@ -425,3 +426,62 @@ def test_strided_labels_weights_and_targets(xp):
     loss, grad = gpuce.softmax_cross_entropy(xp.asarray(x), p_dev, reduction="sum", return_grad=True)
     np.testing.assert_allclose(to_numpy(loss), ref_loss, rtol=1e-10)
     np.testing.assert_allclose(to_numpy(grad), ref_grad, rtol=1e-10, atol=1e-13)
+
+
+def test_semantics_table_against_torch():
+    """The README's semantics table, both columns: gpuce's behaviour and torch's (CPU, float64)
+    on the rows where they differ."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    inf, nan = np.inf, np.nan
+
+    def both(x, t, **kw):
+        x = np.asarray(x, np.float64)
+        g_loss, g_grad = gpuce.softmax_cross_entropy(x, np.asarray(t), return_grad=True,
+                                                     **{k: np.asarray(v) if isinstance(v, list) else v
+                                                        for k, v in kw.items()})
+        xt = torch.tensor(x, requires_grad=True)
+        tk = {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v
+              for k, v in kw.items()}
+        t_loss = F.cross_entropy(xt, torch.tensor(t), **tk)
+        t_loss.sum().backward()
+        return (np.asarray(g_loss), g_grad), (t_loss.detach().numpy(), xt.grad.numpy())
+
+    row = [[-inf, 0.5, 1.0]]
+    # -inf logit with zero target mass: gpuce finite; torch finite for a hard label elsewhere...
+    (gl, gg), (tl, tg) = both(row, [2])
+    assert np.isfinite(gl) and np.isfinite(tl) and np.allclose(gl, tl)
+    # ...but NaN for a probability of 0 on it, or a zero class weight under smoothing
+    for t, kw in (([[0.0, 0.3, 0.7]], {}), ([2], dict(weight=[0.0, 1.0, 1.0], label_smoothing=0.1))):
+        (gl, gg), (tl, tg) = both(row, t, **kw)
+        assert np.isfinite(gl) and np.isfinite(gg).all()
+        assert np.isnan(tl) and np.isfinite(tg).all()
+    # target mass on the -inf logit: +inf in both
+    for t, kw in (([0], {}), ([2], dict(label_smoothing=0.1))):
+        (gl, _), (tl, _) = both(row, t, **kw)
+        assert np.isposinf(gl) and np.isposinf(tl)
+    # zero denominators: gpuce 0 with a zero gradient; torch NaN
+    (gl, gg), (tl, tg) = both([[1.0, 2.0]], [-100])
+    assert gl == 0 and not gg.any() and np.isnan(tl) and not tg.any()
+    (gl, gg), (tl, tg) = both([[1.0, 2.0]], [0], weight=[0.0, 1.0])
+    assert gl == 0 and not gg.any() and np.isnan(tl) and np.isnan(tg).all()
+    # NaN row, ignored: gpuce loss 0 and zero gradient; torch loss 0 but a NaN gradient
+    (gl, gg), (tl, tg) = both([[nan, 0.0, 1.0], [0.0, 1.0, 2.0]], [-100, 1], reduction="none")
+    assert gl[0] == 0 and not gg[0].any() and tl[0] == 0 and np.isnan(tg[0]).all()
+    np.testing.assert_allclose(gl[1], tl[1], rtol=1e-12)
+    # not ignored: NaN loss and gradient in both
+    for bad in ([nan, 0.0, 1.0], [inf, 0.0, 1.0], [-inf, -inf, -inf]):
+        (gl, gg), (tl, tg) = both([bad], [0], reduction="none")
+        assert np.isnan(gl).all() and np.isnan(gg).all() and np.isnan(tl).all() and np.isnan(tg).all()
+    # ignore_index >= 0 with probabilities: ValueError here, RuntimeError in torch
+    with pytest.raises(ValueError):
+        both([[0.0, 1.0]], [[0.5, 0.5]], ignore_index=0)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(torch.zeros(1, 2, dtype=torch.float64), torch.full((1, 2), 0.5,
+                        dtype=torch.float64), ignore_index=0)
+    # negative class weights: accepted by torch, refused here
+    with pytest.raises(ValueError, match="class weights"):
+        both([[0.0, 1.0]], [0], weight=[-1.0, 1.0])
+    neg = F.cross_entropy(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0]),
+                          weight=torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    assert math.isfinite(float(neg))
