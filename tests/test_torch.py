@@ -206,3 +206,198 @@ def test_loss_modules():
     lin = gt.LinearCrossEntropyLoss(ce_weight=w, reduction="sum", chunk_size=3)
     torch.testing.assert_close(lin(xl, wl, tl, bl),
                                F.cross_entropy(F.linear(xl, wl, bl), tl, weight=w, reduction="sum"))
+
+
+# --- gradients with respect to probability targets and class weights -----------------------
+
+def run_all_grads(fn, leaves):
+    """Loss and the gradients of Σ g·loss for every leaf (g fixed, so that two runs agree)."""
+    loss = fn()
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    return (loss.detach(),) + torch.autograd.grad(loss, leaves, go)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("reduction,smoothing,extra", list(itertools.product(
+    ["mean", "sum", "none"], [0.0, 0.2], [(), (3, 2)])))
+def test_target_and_weight_grads_match_torch(device, reduction, smoothing, extra):
+    """∂/∂p = −(1−ε) w log q and ∂/∂w = −Σ p′ log q, reduced as the loss: against torch, whose
+    soft-target path differentiates both."""
+    x, p = tensors(seed_of("tgrad", reduction, smoothing, extra), 9, 5, "prob", device=device,
+                   extra=extra)
+    p = (p * 1.3).requires_grad_()  # unnormalised rows too: the formula does not need Σ p = 1
+    g = torch.Generator().manual_seed(seed_of("w", reduction))
+    w = (torch.rand(5, generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    want = run_all_grads(lambda: F.cross_entropy(x, p, weight=w, **kw), (x, p, w))
+    got = run_all_grads(lambda: gt.cross_entropy(x, p, weight=w, **kw), (x, p, w))
+    for name, a, b in zip(("loss", "input", "target", "weight"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    # only the target requires grad: no input gradient is computed, the target's still is
+    x0 = x.detach()
+    (gp,) = torch.autograd.grad(gt.cross_entropy(x0, p, **kw).sum(), (p,))
+    (wp,) = torch.autograd.grad(F.cross_entropy(x0, p, **kw).sum(), (p,))
+    torch.testing.assert_close(gp, wp, rtol=1e-10, atol=1e-12)
+
+
+def test_target_gradcheck():
+    """Finite differences (float64) for input, probability target and weight at once."""
+    x, p = tensors(21, 4, 3, "prob")
+    p = p.requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5)
+    w.requires_grad_()
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: gt.cross_entropy(a, b, weight=c, reduction=reduction,
+                                             label_smoothing=0.1, z_loss=0.01), (x, p, w))
+
+
+def test_weight_requires_grad_with_labels_raises_as_torch():
+    x, t = tensors(22, 6, 4, "label")
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="weight"):
+        F.cross_entropy(x, t, weight=w)  # torch's behaviour, which gpuce follows
+    with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
+        gt.cross_entropy(x, t, weight=w)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to ce_weight"):
+        gt.linear_cross_entropy(torch.randn(6, 2, dtype=torch.float64),
+                                torch.randn(4, 2, dtype=torch.float64), t, ce_weight=w)
+    with torch.no_grad():  # no autograd, no error (as torch)
+        torch.testing.assert_close(gt.cross_entropy(x, t, weight=w), F.cross_entropy(x, t, weight=w))
+
+
+def test_double_backward_raises():
+    x, t = tensors(23, 6, 4, "label")
+    (gx,) = torch.autograd.grad(gt.cross_entropy(x, t), x, create_graph=True)
+    (want,) = torch.autograd.grad(F.cross_entropy(x, t), x)
+    torch.testing.assert_close(gx.detach(), want, rtol=1e-12, atol=1e-14)  # first order still right
+    with pytest.raises(RuntimeError, match="double backward.*cross_entropy.*not supported"):
+        gx.pow(2).sum().backward()
+    _, p = tensors(23, 6, 4, "prob")
+    p.requires_grad_()
+    (gp,) = torch.autograd.grad(gt.cross_entropy(x, p), p, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(gp.sum(), x)
+    xl, wl, bl, tl = linear_tensors(24, 6, 3, 4, "label")
+    for reduction in ("mean", "none"):
+        loss = gt.linear_cross_entropy(xl, wl, tl, bl, reduction=reduction).sum()
+        (gw,) = torch.autograd.grad(loss, wl, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward.*linear_cross_entropy"):
+            gw.sum().backward()
+
+
+# --- torch's own OpInfo samples for nn.functional.cross_entropy ------------------------------
+
+def opinfo_cases(dtype, seed):
+    """The cases of torch's ``sample_inputs_cross_entropy`` (torch.testing), built here so
+    that they run without torch's test dependencies: N=2, C=3; inputs (2,3), (2,3,1),
+    (2,3,1,2), (2,3,1,2,3); each reduction; a class weight with each reduction; ignore_index=1
+    (labels only); each with class-index and with probability targets (these require grad).
+    Values are uniform as torch's make_tensor draws them (inputs in [-9, 9), probabilities in
+    [0, 1)); class weights in [0, 9): gpuce refuses negative class weights, torch's draw in
+    [-9, 9)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, lo, hi, rg=False):
+        return (torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype).requires_grad_(rg)
+
+    shape = (2, 3)
+    configs = [(shape, {}), (shape + (1,), {}), (shape + (1, 2), {}), (shape + (1, 2, 3), {})]
+    configs += [(shape, dict(reduction=r)) for r in ("mean", "sum", "none")]
+    configs += [(shape, dict(weight="w", reduction=r)) for r in ("mean", "sum", "none")]
+    configs += [(shape, dict(ignore_index=1))]
+    out = []
+    for in_shape, kw in configs:
+        for prob in (False, True):
+            if prob and "ignore_index" in kw:
+                continue
+            kw = dict(kw)
+            if kw.get("weight") == "w":
+                kw["weight"] = uniform((3,), 0.0, 9.0)
+            x = uniform(in_shape, -9.0, 9.0, rg=True)
+            if prob:
+                t = uniform(in_shape, 0.0, 1.0, rg=True)
+            else:
+                t = torch.randint(0, 3, (2,) + in_shape[2:], generator=g)
+                if "ignore_index" in kw and bool((t == 1).all()):
+                    t.view(-1)[0] = 0
+            out.append((x, t, kw))
+    return out
+
+
+def check_against_torch(x, t, kw):
+    """gpuce and F.cross_entropy on one sample: loss and every gradient torch computes."""
+    leaves = tuple(v for v in (x, t) if v.requires_grad)
+    want = run_all_grads(lambda: F.cross_entropy(x, t, **kw), leaves)
+    got = run_all_grads(lambda: gt.cross_entropy(x, t, **kw), leaves)
+    tol = dict(rtol=1e-10, atol=1e-12) if x.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **tol)
+    return len(leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opinfo_cases(dtype):
+    cases = opinfo_cases(dtype, seed_of("opinfo", str(dtype)))
+    assert len(cases) == 21
+    n_target_grads = sum(check_against_torch(x, t, kw) == 2 for x, t, kw in cases)
+    assert n_target_grads == 10  # the soft-target samples differentiate the target too
+
+
+def test_opinfo_samples_from_torch():
+    """The same on torch's own sample inputs, where torch's test helpers import (they need
+    the expecttest package); their negative class weights are made non-negative first."""
+    pytest.importorskip("expecttest")
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (op,) = [o for o in op_db if o.name == "nn.functional.cross_entropy"]
+    torch.manual_seed(seed_of("op_db"))
+    n = 0
+    for dtype in (torch.float32, torch.float64):
+        mine = opinfo_cases(dtype, 0)
+        samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
+        assert [(s.input.shape, s.args[0].shape, sorted(s.kwargs)) for s in samples] == \
+               [(x.shape, t.shape, sorted(kw)) for x, t, kw in mine]
+        for s in samples:
+            kw = dict(s.kwargs)
+            if kw.get("weight") is not None:
+                kw["weight"] = kw["weight"].abs()
+            check_against_torch(s.input, s.args[0], kw)
+            n += 1
+    assert n == 42
+
+
+# --- the operators' registration ----------------------------------------------------------------
+
+def test_opcheck():
+    """torch.library.opcheck: schema, fake implementation, autograd registration and
+    AOT-dispatch agreement of the four gpuce operators on a few inputs."""
+    from torch.library import opcheck
+
+    ops = torch.ops.gpuce
+    x, t = tensors(31, 5, 4, "label")
+    _, p = tensors(32, 5, 4, "prob")
+    p.requires_grad_()
+    w = torch.rand(4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    xs, ts = tensors(33, 3, 4, "label", dtype=torch.float32, extra=(2,))
+    xs = xs.detach().movedim(1, -1).requires_grad_()  # a non-contiguous (N, d1, C) view
+    ts[ts == -100] = 1  # ignore_index=1: a class index ignored
+    for args in [(x, t, w, "mean", -100, 0.1, 0.0, True), (x, p, w, "none", -100, 0.1, 0.01, True),
+                 (x, p, None, "sum", -100, 0.0, 0.0, False), (xs, ts, None, "none", 1, 0.0, 0.0, True)]:
+        opcheck(ops.cross_entropy.default, args)
+    g = x.detach().softmax(-1)
+    opcheck(ops.cross_entropy_backward.default,
+            (torch.tensor(0.7, dtype=torch.float64), g, x.detach(), p.detach(), w, "mean", -100,
+             0.1, 0.0, True, True, True))
+    xl, wl, bl, tl = linear_tensors(34, 6, 3, 4, "label")
+    _, _, _, pl = linear_tensors(35, 6, 3, 4, "prob")
+    for args in [(xl, wl, tl, bl, w, "mean", -100, 0.1, 0.0, None, True, True),
+                 (xl, wl, pl, None, None, "sum", -100, 0.0, 0.01, 4, False, True),
+                 (xl, wl, tl, bl, None, "none", -100, 0.0, 0.0, 4, True, False)]:
+        opcheck(ops.linear_cross_entropy.default, args)
+    empty = xl.new_empty(0)
+    opcheck(ops.linear_cross_entropy_backward.default,
+            (torch.linspace(0.5, 1.5, 6, dtype=torch.float64), xl.detach(), wl.detach(), tl,
+             bl.detach(), None, empty, empty, empty, "none", -100, 0.0, 0.0, None, True))
