@@ -4,7 +4,8 @@ Objective (intercept unpenalised)::
 
     J(W, b) = Σ_i L_i + λ/2 ‖W‖²,   L_i = lse(W x_i + b) − (W x_i + b)_{y_i}
 
-the same optimum as scikit-learn's ``LogisticRegression(C=1/λ)`` (multinomial).
+the same optimum as scikit-learn's ``LogisticRegression(C=1/λ)`` for three or more classes
+(``C=2/λ`` for two, where scikit-learn fits the single vector W_1 − W_0).
 Data stays where it was passed: CuPy arrays are fitted with the GPU kernels and only
 the C × D parameters cross to the host per L-BFGS iteration; ``solver="sgd"`` runs
 entirely on the device; dask arrays chunked by rows are fitted block by block
@@ -269,7 +270,9 @@ class SoftmaxClassifier(*_bases()):
 
     See Also
     --------
-    sklearn.linear_model.LogisticRegression : the same optimum with ``C = 1/reg``.
+    sklearn.linear_model.LogisticRegression : the same optimum with ``C = 1/reg`` for three
+        or more classes.  For two it fits one vector w = W_1 − W_0; the softmax optimum has
+        W_1 = −W_0 = w/2, so ``λ/2 ‖W‖² = λ/4 ‖w‖²`` and the match is ``C = 2/reg``.
     """
 
     def __init__(self, reg=1.0, fit_intercept=True, solver="lbfgs", max_iter=500, tol=1e-6,

@@ -52,7 +52,11 @@ def helpers(request, monkeypatch):
 
 # -- every check of scikit-learn's check_estimator, one test id each ----------------------
 
-@parametrize_with_checks([SoftmaxClassifier()])
+# the default, no intercept, and SGD (its default learning_rate=0.1 diverges on the checks'
+# features of mean 100, and fit raises FloatingPointError as it should)
+@parametrize_with_checks([SoftmaxClassifier(), SoftmaxClassifier(fit_intercept=False),
+                          SoftmaxClassifier(solver="sgd", learning_rate=1e-3, max_iter=200)])
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_sklearn_check(estimator, check):
     check(estimator)
 
