@@ -412,3 +412,41 @@ def test_works_without_sklearn():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr + out.stdout
     assert out.stdout.strip() == "ok"
+
+
+# -- the same rules on every backend (CuPy inputs take gpuce's own checks) ----------------
+
+def test_validation_on_backend(xp):
+    from conftest import to_numpy
+
+    X, y = blobs("backend validation", c=2)
+    Xb, yb = xp.asarray(X), xp.asarray(y)
+    with pytest.raises(NotFittedError):
+        SoftmaxClassifier().predict(Xb)
+    with pytest.raises(ValueError, match="[Cc]omplex"):
+        SoftmaxClassifier().fit(Xb + 1j, yb)
+    with pytest.raises(ValueError, match="continuous"):
+        SoftmaxClassifier().fit(Xb, yb + 0.5)
+    nan_y = xp.asarray(y.astype(np.float64))
+    nan_y[3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        SoftmaxClassifier().fit(Xb, nan_y)
+    with pytest.raises(ValueError, match="0 sample|at least 1 sample"):
+        SoftmaxClassifier().fit(Xb[:0], yb[:0])
+    with pytest.raises(ValueError, match="Reshape your data"):
+        SoftmaxClassifier().fit(Xb[:, 0], yb)
+    with pytest.warns(DataConversionWarning):
+        est = SoftmaxClassifier(reg=0.5).fit(Xb, yb[:, None])
+    ref = SoftmaxClassifier(reg=0.5).fit(X, y)
+    assert type(est.coef_) is type(Xb)
+    f = est.decision_function(Xb)
+    assert type(f) is type(Xb) and f.shape == (len(X),)
+    np.testing.assert_allclose(to_numpy(f), ref.decision_function(X), rtol=1e-6, atol=1e-9)
+    bad = Xb.copy()
+    bad[2, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        est.predict(bad)
+    with pytest.raises(ValueError, match="features"):
+        est.predict(Xb[:, :2])
+    with pytest.raises(FloatingPointError, match="learning_rate"):
+        SoftmaxClassifier(solver="sgd", learning_rate=1e6, random_state=0).fit(Xb, yb)
