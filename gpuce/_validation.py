@@ -163,7 +163,7 @@ def check_uint64_labels(xp, target, a: SceArgs):
     if int(target.max()) <= INT64_MAX:
         return
     flat = target.ravel()
-    pos = int(xp.argmax(flat > np.uint64(INT64_MAX)))
+    pos = int(xp.flatnonzero(flat > np.uint64(INT64_MAX))[0])
     raise label_error(pos, int(flat[pos]), a.lead_shape, a.c, a.ignore_index)
 
 
@@ -178,9 +178,12 @@ def check_class_weight(xp, weight):
         return
     if np.dtype(weight.dtype).kind == "u":
         return
-    bad = ~(xp.isfinite(weight) & (weight >= 0))
+    if np.dtype(weight.dtype).kind == "f":
+        bad = ~(xp.isfinite(weight) & (weight >= 0))
+    else:
+        bad = weight < 0
     if bool(bad.any()):
-        pos = int(xp.argmax(bad))
+        pos = int(xp.flatnonzero(bad)[0])
         raise ValueError(f"class weights must be finite and >= 0, got weight[{pos}] = {float(weight[pos])}")
 
 

@@ -287,6 +287,8 @@ def mean_denominator(xp, y, weight, a) -> float:
     if a.kind != "label":
         return float(np.prod(y.shape[:-1], dtype=np.int64))
     y = y.ravel()
+    if y.dtype.kind == "u":  # compared with a negative ignore_index as int64 (checked to fit)
+        y = y.astype(np.int64)
     active = y != a.ignore_index
     if weight is None:
         wk = active.astype(a.acc)

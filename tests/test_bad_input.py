@@ -240,3 +240,16 @@ def test_linear_bad_class_weight(xp, bad):
     with pytest.raises(ValueError, match=r"class weights must be finite and >= 0, got weight\[0\]"):
         gpuce.linear_cross_entropy(xp.zeros((3, 2)), xp.zeros((5, 2)), xp.asarray([0, 1, 2]),
                                    weight=xp.asarray(w))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_uint64_labels_in_range_work(xp, reduction):
+    rng = np.random.default_rng(13)
+    Xl, W = rng.standard_normal((6, 3)), rng.standard_normal((4, 3))
+    y = np.array([0, 1, 3, 2, 1, 0])
+    w = xp.asarray(np.array([1.0, 2.0, 3.0, 4.0]))
+    a = gpuce.linear_cross_entropy(xp.asarray(Xl), xp.asarray(W), xp.asarray(y.astype(np.uint64)),
+                                   weight=w, reduction=reduction, chunk_size=4)
+    b = gpuce.linear_cross_entropy(xp.asarray(Xl), xp.asarray(W), xp.asarray(y), weight=w,
+                                   reduction=reduction, chunk_size=4)
+    np.testing.assert_array_equal(to_numpy(a), to_numpy(b))

@@ -276,3 +276,18 @@ def test_softmax_family_blocks_match_reference(xp, monkeypatch, axis):
                                    atol=1e-300)
         np.testing.assert_allclose(to_numpy(gpuce.log_softmax(xd, axis=axis)), lsm_ref,
                                    rtol=1e-12)
+
+
+def test_walked_uint64_labels(xp, small_blocks):
+    """The walk's label check and mean's denominator read uint64 labels as their values."""
+    rng = np.random.default_rng(seed("walk uint64"))
+    x = time_major(xp, rng, 5, 4, 7, np.float64)
+    t = rng.integers(0, 7, (4, 5))
+    w = xp.asarray(rng.random(7) + 0.5)
+    a = gpuce.softmax_cross_entropy(x, xp.asarray(t.astype(np.uint64)), weight=w)
+    b = gpuce.softmax_cross_entropy(x, xp.asarray(t), weight=w)
+    np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-15)
+    t = t.astype(np.uint64)
+    t[2, 3] = 2**64 - 1
+    with pytest.raises(ValueError, match=rf"label {2**64 - 1} at position \(2, 3\)"):
+        gpuce.softmax_cross_entropy(x, xp.asarray(t), ignore_index=-1)
