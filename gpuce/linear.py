@@ -147,8 +147,8 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
 
     ``reduction="mean"`` gives ``(1/D) Σ_i L_i + λ/2 ‖W‖²`` (D the mean's denominator of
     :func:`softmax_cross_entropy`: the non-ignored weight sum for labels, N for
-    probabilities; with D = 0 the first term and its gradient are 0).  ``reduction="none"`` returns the per-sample L_i (no penalty);
-    its gradients are those of ``Σ_i L_i + λ/2 ‖W‖²``.  The bias is never penalised.
+    probabilities; with D = 0 the first term and its gradient are 0).  ``reduction="none"``
+    returns the per-sample L_i (no penalty); its gradients are those of ``Σ_i L_i + λ/2 ‖W‖²``.  The bias is never penalised.
 
     Parameters
     ----------
