@@ -7,35 +7,41 @@ N x C logits (gpuce's chunked linear model).  Tensors cross without copies: CUDA
 become CuPy arrays through DLPack (the GPU kernels, on torch's current stream), CPU tensors
 become NumPy arrays (the NumPy path).
 
-The work is done by four operators in the ``gpuce`` namespace, each with a fake (meta)
+The work is done by five operators in the ``gpuce`` namespace, each with a fake (meta)
 implementation giving its outputs' shapes and dtypes, so that ``torch.compile`` treats them
 as opaque calls (``fullgraph=True`` traces without a break; nothing of the NumPy/CuPy code is
 traced)::
 
-    gpuce::cross_entropy(Tensor input, Tensor target, Tensor? weight, str reduction,
-        int ignore_index, float label_smoothing, float z_loss, bool input_grad)
+    gpuce::cross_entropy(Tensor logits, Tensor target, Tensor? weight, str reduction,
+        SymInt ignore_index, float label_smoothing, float z_loss, bool input_grad)
         -> (Tensor loss, Tensor grad)
-    gpuce::cross_entropy_backward(Tensor grad_loss, Tensor grad, Tensor input, Tensor target,
-        Tensor? weight, str reduction, int ignore_index, float label_smoothing, float z_loss,
-        bool input_grad, bool target_grad, bool weight_grad)
-        -> (Tensor d_input, Tensor d_target, Tensor d_weight)
-    gpuce::linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias,
-        Tensor? ce_weight, str reduction, int ignore_index, float label_smoothing,
-        float z_loss, int? chunk_size, bool input_grad, bool need_grad)
-        -> (Tensor loss, Tensor d_input, Tensor d_weight, Tensor d_bias)
-    gpuce::linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight,
-        Tensor target, Tensor? bias, Tensor? ce_weight, Tensor d_input, Tensor d_weight,
-        Tensor d_bias, str reduction, int ignore_index, float label_smoothing, float z_loss,
-        int? chunk_size, bool input_grad)
-        -> (Tensor d_input, Tensor d_weight, Tensor d_bias)
+    gpuce::cross_entropy_backward(Tensor grad_loss, Tensor grad, Tensor logits, Tensor target,
+        Tensor? weight, str reduction, SymInt ignore_index, float label_smoothing,
+        float z_loss, bool input_grad, bool target_grad, bool weight_grad)
+        -> (Tensor d_logits, Tensor d_target, Tensor d_weight)
+    gpuce::linear_cross_entropy(Tensor x, Tensor w, Tensor target, Tensor? bias,
+        Tensor? ce_weight, str reduction, SymInt ignore_index, float label_smoothing,
+        float z_loss, SymInt? chunk_size, bool input_grad, bool need_grad)
+        -> (Tensor loss, Tensor d_x, Tensor d_w, Tensor d_b)
+    gpuce::linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor w, Tensor target,
+        Tensor? bias, Tensor? ce_weight, Tensor d_x, Tensor d_w, Tensor d_b, str reduction,
+        SymInt ignore_index, float label_smoothing, float z_loss, SymInt? chunk_size,
+        bool input_grad)
+        -> (Tensor d_x, Tensor d_w, Tensor d_b)
+    gpuce::linear_cross_entropy_target_backward(Tensor grad_loss, Tensor x, Tensor w,
+        Tensor target, Tensor? bias, Tensor? ce_weight, str reduction, float label_smoothing,
+        SymInt? chunk_size, bool target_grad, bool weight_grad)
+        -> (Tensor d_target, Tensor d_ce_weight)
 
 The forward operators take the class axis last.  With a ``True`` grad flag they compute the
 gradient of the returned loss in the same fused pass and return it beside the loss (an empty
 tensor stands for "not computed"); the autograd formula (``register_autograd``) keeps it and
 calls the ``*_backward`` operator, which scales it by the incoming gradient (with
 ``reduction="none"`` the linear one recomputes it chunk by chunk, each row scaled by its
-incoming gradient).  The backward operators are themselves opaque to the compiler; their
-own backward raises ``RuntimeError``: gpuce has no double backward.
+incoming gradient; the gradients for a probability target and the class weight come from
+log q, gpuce.log_softmax of the logits, formed again in backward).  The backward
+operators are opaque to the compiler too; their own backward raises ``RuntimeError``:
+gpuce has no double backward.
 
 torch is an optional dependency: import this module only where torch is installed.
 """
@@ -147,6 +153,22 @@ def _row_scale(grad_loss, reduction, rows):
     return grad_loss / rows if reduction == "mean" else grad_loss
 
 
+def _soft_target_grads(log_q, target, weight, scale, label_smoothing, target_grad, weight_grad):
+    """With A_ic = −log q_ic · s_i: ∂/∂p_ic = (1−ε) w_c A_ic and ∂/∂w_c = Σ_i p′_ic A_ic
+    (p′ = (1−ε) p + ε/C), each None where not asked for.  log_q: (..., C), scale: s_i."""
+    c = log_q.shape[-1]
+    a = -log_q * scale
+    d_target = d_weight = None
+    if target_grad:
+        d_target = a * (1.0 - label_smoothing)
+        if weight is not None:
+            d_target = d_target * weight.to(a.dtype)
+    if weight_grad:
+        p = target.to(a.dtype) * (1.0 - label_smoothing) + label_smoothing / c
+        d_weight = (p * a).reshape(-1, c).sum(0)
+    return d_target, d_weight
+
+
 # ---------------------------------------------------------------------------------------
 # cross_entropy
 # ---------------------------------------------------------------------------------------
@@ -206,8 +228,8 @@ def _ce_backward_op(grad_loss: Tensor, grad: Tensor, logits: Tensor, target: Ten
     class weight (empty where not asked for).
 
     With p′ = (1−ε) p + ε/C and A_ic = −log q_ic · s_i (s_i the row's share of g: g_i for
-    reduction="none", g for "sum", g/N for "mean"):
-    ∂/∂p_ic = (1−ε) w_c A_ic and ∂/∂w_c = Σ_i p′_ic A_ic.
+    reduction="none", g for "sum", g/N for "mean", N the number of rows):
+    ∂/∂p_ic = (1−ε) w_c A_ic and ∂/∂w_c = Σ_i p′_ic A_ic (log q from gpuce.log_softmax).
     """
     d_input, d_target, d_weight = _none(logits), _none(logits), _none(logits)
     if input_grad:
@@ -221,14 +243,13 @@ def _ce_backward_op(grad_loss: Tensor, grad: Tensor, logits: Tensor, target: Ten
         acc = torch.float32 if logits.dtype == torch.float16 else logits.dtype
         with _device_of(logits):
             log_q = _to_tensor(_log_softmax(_to_array(logits), axis=-1), acc)
-        rows = logits.numel() // c if c else 0
-        a = -log_q * _row_scale(grad_loss.to(acc), reduction, rows)
-        if target_grad:
-            dt = a * (1.0 - label_smoothing)
-            d_target = (dt if weight is None else dt * weight.to(acc)).to(target.dtype).contiguous()
-        if weight_grad:
-            p = target.to(acc) * (1.0 - label_smoothing) + label_smoothing / c
-            d_weight = (p * a).reshape(-1, c).sum(0).to(weight.dtype).contiguous()
+        scale = _row_scale(grad_loss.to(acc), reduction, logits.numel() // c if c else 0)
+        dt, dw = _soft_target_grads(log_q, target, weight, scale, label_smoothing, target_grad,
+                                    weight_grad)
+        if dt is not None:
+            d_target = dt.to(target.dtype).contiguous()
+        if dw is not None:
+            d_weight = dw.to(weight.dtype).contiguous()
     return d_input, d_target, d_weight
 
 
@@ -370,12 +391,18 @@ def _lce_setup_context(ctx, inputs, output):
 
 def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
     x, w, target, bias, ce_weight, dx, dw, db = ctx.saved_tensors
-    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+    need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
     out = [None] * 12
     if need_x or need_w or need_b:
         d = torch.ops.gpuce.linear_cross_entropy_backward(
             grad_loss, x, w, target, bias, ce_weight, dx, dw, db, *ctx.opts, need_x)
         out[0], out[1], out[3] = (g if need else None for g, need in zip(d, (need_x, need_w, need_b)))
+    if need_t or need_cw:
+        reduction, _, label_smoothing, _, chunk_size = ctx.opts
+        d = torch.ops.gpuce.linear_cross_entropy_target_backward(
+            grad_loss, x, w, target, bias, ce_weight, reduction, label_smoothing, chunk_size,
+            need_t, need_cw)
+        out[2], out[4] = (g if need else None for g, need in zip(d, (need_t, need_cw)))
     return tuple(out)
 
 
@@ -422,6 +449,49 @@ def _lce_double_backward(ctx, *grads):
 _lce_backward_op.register_autograd(_lce_double_backward)
 
 
+@torch.library.custom_op("gpuce::linear_cross_entropy_target_backward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _lce_target_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
+                            bias: Optional[Tensor], ce_weight: Optional[Tensor], reduction: str,
+                            label_smoothing: float, chunk_size: Optional[int],
+                            target_grad: bool, weight_grad: bool) -> tuple[Tensor, Tensor]:
+    """Gradients of Σ g·L for a probability target (N, C) and the class weight ce_weight (as
+    in cross_entropy_backward), the logits X Wᵀ + b formed chunk by chunk (rows of
+    chunk_size, or about 2^22 logits a chunk): the target gradient is the one N x C output."""
+    n, c = target.shape
+    acc = torch.float32 if x.dtype == torch.float16 else x.dtype
+    d_target = target.new_empty((n, c)) if target_grad else _none(x)
+    d_weight = torch.zeros(c, dtype=acc, device=x.device) if weight_grad else None
+    step = chunk_size or max(1, (1 << 22) // max(c, 1))
+    wt = w.to(acc).t()
+    go = grad_loss.to(acc)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        logits = x[lo:hi].to(acc) @ wt
+        if bias is not None:
+            logits += bias.to(acc)
+        with _device_of(x):
+            log_q = _to_tensor(_log_softmax(_to_array(logits), axis=-1), acc)
+        scale = _row_scale(go[lo:hi] if reduction == "none" else go, reduction, n)
+        dt, dw = _soft_target_grads(log_q, target[lo:hi], ce_weight, scale, label_smoothing,
+                                    target_grad, weight_grad)
+        if dt is not None:
+            d_target[lo:hi] = dt
+        if dw is not None:
+            d_weight += dw
+    return d_target, (_none(x) if d_weight is None else d_weight.to(ce_weight.dtype))
+
+
+@_lce_target_backward_op.register_fake
+def _lce_target_backward_fake(grad_loss, x, w, target, bias, ce_weight, reduction,
+                              label_smoothing, chunk_size, target_grad, weight_grad):
+    return (target.new_empty(target.shape) if target_grad else _none(x),
+            ce_weight.new_empty(ce_weight.shape) if weight_grad else _none(x))
+
+
+_lce_target_backward_op.register_autograd(_lce_double_backward)
+
+
 def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, reduction="mean",
                          ignore_index=-100, label_smoothing=0.0, z_loss=0.0, chunk_size=None):
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the N x C logits.
@@ -449,10 +519,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, re
     -----
     Gradients for input, weight and bias are computed in the forward pass (one chunked
     pass); with reduction="none" they are recomputed in backward, chunk by chunk, because
-    the per-row gradient weights are only known there.  A probability target or a
-    ce_weight that requires grad raises NotImplementedError (a ce_weight with class-index
-    targets RuntimeError, as torch); double backward raises RuntimeError.  Works inside
-    ``torch.compile`` (``gpuce::linear_cross_entropy`` is opaque to it).
+    the per-row gradient weights are only known there.  A probability target and, with
+    one, ce_weight are differentiable as in :func:`cross_entropy` (the logits are formed
+    again in backward, chunk by chunk); a ce_weight that requires grad with class-index
+    targets raises RuntimeError, as torch.  Double backward raises RuntimeError.  Works
+    inside ``torch.compile`` (``gpuce::linear_cross_entropy`` is opaque to it).
 
     See Also
     --------
@@ -475,14 +546,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, re
     grad_mode = torch.is_grad_enabled()
     if prob:
         _check_dtype(target, "target")
-        if target.requires_grad and grad_mode:
-            raise NotImplementedError("gpuce.torch.linear_cross_entropy does not differentiate "
-                                      "with respect to probability targets; pass target.detach() "
-                                      "(gpuce.torch.cross_entropy on the logits does)")
-    if ce_weight is not None and ce_weight.requires_grad and grad_mode:
-        if prob:
-            raise NotImplementedError("gpuce.torch.linear_cross_entropy does not differentiate "
-                                      "with respect to ce_weight; pass ce_weight.detach()")
+    if not prob and ce_weight is not None and ce_weight.requires_grad and grad_mode:
         raise RuntimeError("gpuce.torch.linear_cross_entropy with class-index targets is not "
                            "differentiable with respect to ce_weight (as torch's nll_loss); "
                            "pass ce_weight.detach()")

@@ -133,12 +133,6 @@ def test_bad_input():
         gt.cross_entropy(x, t, reduction="avg")
     with pytest.raises(TypeError, match="tensor"):
         gt.cross_entropy(x.detach().numpy(), t)
-    with pytest.raises(NotImplementedError, match="probability targets"):
-        gt.linear_cross_entropy(torch.randn(4, 2), torch.randn(3, 2),
-                                torch.rand(4, 3, requires_grad=True))
-    with pytest.raises(NotImplementedError, match="ce_weight"):
-        gt.linear_cross_entropy(torch.randn(4, 2), torch.randn(3, 2), torch.rand(4, 3),
-                                ce_weight=torch.rand(3, requires_grad=True))
     with pytest.raises(TypeError, match="chunk_size must be an integer"):
         gt.linear_cross_entropy(torch.randn(4, 2), torch.randn(3, 2), torch.tensor([0, 1, 2, 0]),
                                 chunk_size=2.5)
@@ -241,6 +235,26 @@ def test_target_and_weight_grads_match_torch(device, reduction, smoothing, extra
     torch.testing.assert_close(gp, wp, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("reduction,chunk", [("mean", None), ("sum", 4), ("none", 3)])
+def test_linear_target_and_ce_weight_grads_match_torch(device, reduction, chunk):
+    """linear_cross_entropy differentiates a probability target and ce_weight too (logits
+    formed again in backward, chunk by chunk)."""
+    x, w, b, p = linear_tensors(seed_of("ltgrad", reduction, chunk), 11, 4, 6, "prob", device=device)
+    x3, p3 = x.detach().reshape(1, 11, 4).requires_grad_(), p.reshape(1, 11, 6).requires_grad_()
+    cw = (torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) + 0.5)
+    cw = cw.to(device).requires_grad_()
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+    leaves = (x3, w, b, p3, cw)
+    got = run_all_grads(lambda: gt.linear_cross_entropy(x3, w, p3, b, ce_weight=cw, chunk_size=chunk,
+                                                        **kw), leaves)
+    want = run_all_grads(lambda: F.cross_entropy(F.linear(x3, w, b).reshape(11, 6), p3.reshape(11, 6),
+                                                 weight=cw, **kw).reshape(got[0].shape), leaves)
+    for name, a, b_ in zip(("loss", "input", "weight", "bias", "target", "ce_weight"), got, want):
+        assert a.shape == b_.shape and a.dtype == b_.dtype, name
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_target_gradcheck():
     """Finite differences (float64) for input, probability target and weight at once."""
     x, p = tensors(21, 4, 3, "prob")
@@ -285,6 +299,11 @@ def test_double_backward_raises():
         (gw,) = torch.autograd.grad(loss, wl, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward.*linear_cross_entropy"):
             gw.sum().backward()
+    _, _, _, pl = linear_tensors(25, 6, 3, 4, "prob")
+    pl.requires_grad_()
+    (gp,) = torch.autograd.grad(gt.linear_cross_entropy(xl, wl, pl, bl), pl, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward.*linear_cross_entropy"):
+        gp.sum().backward()
 
 
 # --- torch's own OpInfo samples for nn.functional.cross_entropy ------------------------------
@@ -373,7 +392,7 @@ def test_opinfo_samples_from_torch():
 
 def test_opcheck():
     """torch.library.opcheck: schema, fake implementation, autograd registration and
-    AOT-dispatch agreement of the four gpuce operators on a few inputs."""
+    AOT-dispatch agreement of the five gpuce operators on a few inputs."""
     from torch.library import opcheck
 
     ops = torch.ops.gpuce
@@ -401,3 +420,6 @@ def test_opcheck():
     opcheck(ops.linear_cross_entropy_backward.default,
             (torch.linspace(0.5, 1.5, 6, dtype=torch.float64), xl.detach(), wl.detach(), tl,
              bl.detach(), None, empty, empty, empty, "none", -100, 0.0, 0.0, None, True))
+    opcheck(ops.linear_cross_entropy_target_backward.default,
+            (torch.tensor(1.3, dtype=torch.float64), xl.detach(), wl.detach(), pl, bl.detach(), w,
+             "mean", 0.1, 4, True, True))

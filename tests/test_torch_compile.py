@@ -105,33 +105,42 @@ def test_compiled_cross_entropy(device, kind, dtype, reduction):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_compiled_linear_cross_entropy(device, reduction):
+@pytest.mark.parametrize("kind,reduction", [("label", "mean"), ("label", "sum"), ("label", "none"),
+                                            ("prob", "none")])
+def test_compiled_linear_cross_entropy(device, kind, reduction):
     """linear_cross_entropy with bias, ce_weight, smoothing and ignored rows, (B, T, D) input,
-    inside a compiled function with other torch ops around it."""
-    g = torch.Generator().manual_seed(seed_of("linear", reduction))
+    inside a compiled function with other torch ops around it; probability targets and
+    ce_weight require grad too."""
+    g = torch.Generator().manual_seed(seed_of("linear", kind, reduction))
     x = torch.randn(2, 5, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
     w = (torch.randn(7, 4, generator=g, dtype=torch.float64) * 0.5).to(device).requires_grad_()
     b = torch.randn(7, generator=g, dtype=torch.float64).to(device).requires_grad_()
     cw = (torch.rand(7, generator=g, dtype=torch.float64) + 0.5).to(device)
-    t = torch.randint(0, 7, (2, 5), generator=g)
-    t[1, 2] = -100
-    t = t.to(device)
-    kw = dict(ce_weight=cw, reduction=reduction, label_smoothing=0.05, chunk_size=3)
+    if kind == "label":
+        t = torch.randint(0, 7, (2, 5), generator=g)
+        t[1, 2] = -100
+        t = t.to(device)
+        leaves = (x, w, b)
+    else:
+        t = torch.rand(2, 5, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
+        cw.requires_grad_()
+        leaves = (x, w, b, t, cw)
+    kw = dict(reduction=reduction, label_smoothing=0.05, chunk_size=3)
 
-    def f(a, ww, bb, tt):
-        return gt.linear_cross_entropy(torch.tanh(a) * 2, ww, tt, bb, **kw)
+    def f(a, ww, bb, tt, cc):
+        return gt.linear_cross_entropy(torch.tanh(a) * 2, ww, tt, bb, ce_weight=cc, **kw)
 
     fn, counter = compiled(f)
-    got = loss_and_grads(fn, (x, w, b, t), (x, w, b))
+    got = loss_and_grads(fn, (x, w, b, t, cw), leaves)
     assert counter.frame_count == 1
-    assert_all_close(got, loss_and_grads(f, (x, w, b, t), (x, w, b)), torch.float64, "vs eager")
+    assert_all_close(got, loss_and_grads(f, (x, w, b, t, cw), leaves), torch.float64, "vs eager")
 
-    def ref(a, ww, bb, tt):
-        return F.cross_entropy(F.linear(torch.tanh(a) * 2, ww, bb).reshape(-1, 7), tt.reshape(-1),
-                               weight=cw, reduction=reduction, label_smoothing=0.05)
+    def ref(a, ww, bb, tt, cc):
+        tt = tt.reshape(10, 7) if kind == "prob" else tt.reshape(-1)
+        return F.cross_entropy(F.linear(torch.tanh(a) * 2, ww, bb).reshape(-1, 7), tt,
+                               weight=cc, reduction=reduction, label_smoothing=0.05)
 
-    want = loss_and_grads(ref, (x, w, b, t), (x, w, b))
+    want = loss_and_grads(ref, (x, w, b, t, cw), leaves)
     if reduction == "none":
         want = (want[0].reshape(2, 5),) + want[1:]
     assert_all_close(got, want, torch.float64, "vs F.cross_entropy")
