@@ -211,18 +211,21 @@ class SoftmaxClassifier(*_bases()):
     fit_intercept : bool, default True
         Learn an unpenalised bias per class.
     solver : {"lbfgs", "sgd"}
-        "lbfgs": scipy.optimize L-BFGS-B on the objective / N with exact gradients,
-        ``tol`` the projected-gradient tolerance.  It works in the variables
-        θ_cj = W_cj s_j with s_j = max(1, max_i |x_ij|), a diagonal preconditioning
-        that leaves the objective and its optimum unchanged and lets features of any
-        magnitude be fitted (unscaled, features around 1e150 give gradients near 1e150
-        while J stays below N log C, and no line search step can satisfy its
-        sufficient-decrease test).  "sgd": minibatch SGD with momentum on the device;
-        stops when the epoch objective fails to improve by ``tol``·|J| for 5 epochs in
-        a row.
+        "lbfgs": scipy.optimize L-BFGS-B on the objective / N with exact gradients.
+        It works in the variables θ_cj = W_cj s_j with s_j = max(1, max_i |x_ij|), a
+        diagonal preconditioning that leaves the objective and its optimum unchanged
+        and lets features of any magnitude be fitted (unscaled, features around 1e150
+        give gradients near 1e150 while J stays below N log C, and no line search step
+        can satisfy its sufficient-decrease test).  "sgd": minibatch SGD with momentum
+        on the device.
     max_iter : int >= 1
         L-BFGS iterations or SGD epochs.
     tol : float >= 0
+        "lbfgs": stop once every component of ∂(J/N)/∂(W, b) is at most ``tol`` in
+        magnitude (L-BFGS-B's projected-gradient test on θ with ``tol / max_j s_j``,
+        which implies it), or when an iteration reduces J/N by at most 64 machine
+        epsilons times max(1, J/N).  "sgd": stop when the epoch objective fails to improve by
+        ``tol``·max(1, |J|) for 5 epochs in a row.
     batch_size : int >= 1, optional
         SGD minibatch (default min(256, N)).
     learning_rate : float > 0
@@ -595,7 +598,8 @@ class SoftmaxClassifier(*_bases()):
 
         theta0 = np.zeros(nw + (c if fit_b else 0))
         res = minimize(fun, theta0, jac=True, method="L-BFGS-B", callback=callback,
-                       options=dict(maxiter=int(self.max_iter), gtol=float(self.tol),
+                       options=dict(maxiter=int(self.max_iter),
+                                    gtol=float(self.tol) / scale.max(),  # |∂J/∂W| ≤ tol
                                     ftol=64 * np.finfo(float).eps, maxls=50))
         if bar is not None:
             bar.close()

@@ -332,6 +332,23 @@ def test_features_of_magnitude_1e150_are_fitted():
     np.testing.assert_allclose(b.intercept_, a.intercept_, rtol=1e-4, atol=1e-6)
 
 
+def test_lbfgs_tol_holds_for_the_gradient_in_W():
+    """Columns spread over five decades: preconditioned, the stopping test must still be
+    about ∂(J/N)/∂W (checked here from the formula (Pᵀ − Yᵀ) X + λW), not about the
+    gradient in the scaled variables, which is smaller by s_j (a 1e-3 gradient passed)."""
+    rng = rng_for("scaled columns")
+    n, d, c = 300, 10, 3
+    y = np.arange(n) % c
+    X = (rng.normal(0, 1.5, (c, d))[y] + rng.normal(size=(n, d))) * np.logspace(-2, 3, d)
+    est = SoftmaxClassifier(reg=1.0, tol=1e-6).fit(X, y)
+    f = X @ est.coef_.T + est.intercept_
+    P = np.exp(f - f.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    P[np.arange(n), y] -= 1
+    assert np.abs((P.T @ X + est.coef_) / n).max() < 1e-4
+    assert np.abs(P.sum(0) / n).max() < 1e-4
+
+
 # -- dask (in-process scheduler): gpuce's checks, lazily where predict is lazy ------------
 
 def test_dask_binary_and_bad_inputs():
