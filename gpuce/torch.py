@@ -15,7 +15,7 @@ traced)::
     gpuce::cross_entropy(Tensor logits, Tensor target, Tensor? weight, str reduction,
         SymInt ignore_index, float label_smoothing, float z_loss, bool input_grad)
         -> (Tensor loss, Tensor grad)
-    gpuce::cross_entropy_backward(Tensor grad_loss, Tensor grad, Tensor logits, Tensor target,
+    gpuce::cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target,
         Tensor? weight, str reduction, SymInt ignore_index, float label_smoothing,
         float z_loss, bool input_grad, bool target_grad, bool weight_grad)
         -> (Tensor d_logits, Tensor d_target, Tensor d_weight)
@@ -24,9 +24,8 @@ traced)::
         float z_loss, SymInt? chunk_size, bool input_grad, bool need_grad)
         -> (Tensor loss, Tensor d_x, Tensor d_w, Tensor d_b)
     gpuce::linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor w, Tensor target,
-        Tensor? bias, Tensor? ce_weight, Tensor d_x, Tensor d_w, Tensor d_b, str reduction,
-        SymInt ignore_index, float label_smoothing, float z_loss, SymInt? chunk_size,
-        bool input_grad)
+        Tensor? bias, Tensor? ce_weight, str reduction, SymInt ignore_index,
+        float label_smoothing, float z_loss, SymInt? chunk_size, bool input_grad)
         -> (Tensor d_x, Tensor d_w, Tensor d_b)
     gpuce::linear_cross_entropy_target_backward(Tensor grad_loss, Tensor x, Tensor w,
         Tensor target, Tensor? bias, Tensor? ce_weight, str reduction, float label_smoothing,
@@ -35,13 +34,15 @@ traced)::
 
 The forward operators take the class axis last.  With a ``True`` grad flag they compute the
 gradient of the returned loss in the same fused pass and return it beside the loss (an empty
-tensor stands for "not computed"); the autograd formula (``register_autograd``) keeps it and
-calls the ``*_backward`` operator, which scales it by the incoming gradient (with
-``reduction="none"`` the linear one recomputes it chunk by chunk, each row scaled by its
-incoming gradient; the gradients for a probability target and the class weight come from
-log q, gpuce.log_softmax of the logits, formed again in backward).  The backward
-operators are opaque to the compiler too; their own backward raises ``RuntimeError``:
-gpuce has no double backward.
+tensor stands for "not computed"); the autograd formula (``register_autograd``) keeps only
+that gradient and, in backward, scales it by the incoming gradient.  The ``*_backward``
+operators run where more is needed, and only then are the inputs kept for backward:
+``reduction="none"`` in the linear version (gpuce's chunked pass again, each row scaled by
+its incoming gradient), a forward pass that computed no gradient, and gradients for a
+probability target or the class weight (from log q, gpuce.log_softmax of the logits, formed
+again).  They are opaque to the compiler too.  Gradients returned under
+``create_graph=True`` raise ``RuntimeError`` when differentiated again: gpuce has no double
+backward.
 
 torch is an optional dependency: import this module only where torch is installed.
 """
@@ -169,6 +170,41 @@ def _soft_target_grads(log_q, target, weight, scale, label_smoothing, target_gra
     return d_target, d_weight
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Marks gradients returned under create_graph=True: differentiating them again raises
+    (gpuce's backward formulas are first-order only)."""
+
+    @staticmethod
+    def forward(ctx, name, *tensors):
+        ctx.name = name
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name=ctx.name))
+
+
+def _first_order_only(name, grads):
+    """``grads`` as they are; under create_graph=True (grad mode on in backward) each given
+    one becomes an alias whose backward raises the double-backward error."""
+    if not torch.is_grad_enabled():
+        return grads
+    given = [i for i, g in enumerate(grads) if g is not None]
+    if not given:
+        return grads
+    marked = _NoDoubleBackward.apply(name, *(grads[i].detach().requires_grad_() for i in given))
+    grads = list(grads)
+    for i, g in zip(given, marked):
+        grads[i] = g
+    return tuple(grads)
+
+
+def _raise_double_backward(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name=name))
+    return backward
+
+
 # ---------------------------------------------------------------------------------------
 # cross_entropy
 # ---------------------------------------------------------------------------------------
@@ -197,21 +233,33 @@ def _ce_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z
 
 
 def _ce_setup_context(ctx, inputs, output):
-    logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, _ = inputs
+    """Keeps the forward pass's gradient; the logits and the target only where backward
+    needs them (gradients for the target or the weight, or no gradient computed forward),
+    so that the N x C logits are not held until backward for nothing."""
+    logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad = inputs
+    need_x, need_t, need_w = ctx.needs_input_grad[:3]
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(logits, target, weight, output[1])
+    ctx.recompute = need_x and not input_grad
+    keep = ctx.recompute or need_t or need_w
+    ctx.save_for_backward(output[1] if input_grad else None, *((logits, target, weight) if keep
+                                                              else (None, None, None)))
     ctx.opts = (reduction, ignore_index, label_smoothing, z_loss)
 
 
 def _ce_autograd_backward(ctx, grad_loss, _grad_of_grad):
-    logits, target, weight, grad = ctx.saved_tensors
+    grad, logits, target, weight = ctx.saved_tensors
     need_x, need_t, need_w = ctx.needs_input_grad[:3]
-    out = [None] * 8
-    if need_x or need_t or need_w:
-        d = torch.ops.gpuce.cross_entropy_backward(grad_loss, grad, logits, target, weight,
-                                                   *ctx.opts, need_x, need_t, need_w)
-        out[:3] = [g if need else None for g, need in zip(d, (need_x, need_t, need_w))]
-    return tuple(out)
+    reduction = ctx.opts[0]
+    d_x = d_t = d_w = None
+    if need_x and not ctx.recompute:
+        go = grad_loss.to(grad.dtype)
+        d_x = grad * (go.unsqueeze(-1) if reduction == "none" else go)
+    if ctx.recompute or need_t or need_w:
+        d = torch.ops.gpuce.cross_entropy_backward(grad_loss, logits, target, weight, *ctx.opts,
+                                                   ctx.recompute, need_t, need_w)
+        d_x = d[0] if ctx.recompute else d_x
+        d_t, d_w = (d[1] if need_t else None), (d[2] if need_w else None)
+    return _first_order_only("cross_entropy", (d_x, d_t, d_w)) + (None,) * 5
 
 
 _ce_op.register_autograd(_ce_autograd_backward, setup_context=_ce_setup_context)
@@ -219,13 +267,13 @@ _ce_op.register_autograd(_ce_autograd_backward, setup_context=_ce_setup_context)
 
 @torch.library.custom_op("gpuce::cross_entropy_backward", mutates_args=(),
                          device_types=("cpu", "cuda"))
-def _ce_backward_op(grad_loss: Tensor, grad: Tensor, logits: Tensor, target: Tensor,
-                    weight: Optional[Tensor], reduction: str, ignore_index: int,
-                    label_smoothing: float, z_loss: float, input_grad: bool, target_grad: bool,
+def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                    reduction: str, ignore_index: int, label_smoothing: float, z_loss: float,
+                    input_grad: bool, target_grad: bool,
                     weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of Σ g·L (g = grad_loss) with respect to the logits (``grad``, the forward
-    pass's gradient, scaled by g; recomputed when empty), the probability target and the
-    class weight (empty where not asked for).
+    """Gradients of Σ g·L (g = grad_loss) with respect to the logits (gpuce's fused pass
+    again: for a forward pass that did not compute it), the probability target and the
+    class weight; empty where not asked for.
 
     With p′ = (1−ε) p + ε/C and A_ic = −log q_ic · s_i (s_i the row's share of g: g_i for
     reduction="none", g for "sum", g/N for "mean", N the number of rows):
@@ -233,11 +281,10 @@ def _ce_backward_op(grad_loss: Tensor, grad: Tensor, logits: Tensor, target: Ten
     """
     d_input, d_target, d_weight = _none(logits), _none(logits), _none(logits)
     if input_grad:
-        if grad.numel() != logits.numel():
-            grad = _ce_op(logits, target, weight, reduction, ignore_index, label_smoothing,
-                          z_loss, True)[1]
+        grad = _ce_op(logits, target, weight, reduction, ignore_index, label_smoothing,
+                      z_loss, True)[1]
         go = grad_loss.to(grad.dtype)
-        d_input = (grad * (go.unsqueeze(-1) if reduction == "none" else go)).contiguous()
+        d_input = grad * (go.unsqueeze(-1) if reduction == "none" else go)
     if target_grad or weight_grad:
         c = logits.shape[-1]
         acc = torch.float32 if logits.dtype == torch.float16 else logits.dtype
@@ -254,18 +301,14 @@ def _ce_backward_op(grad_loss: Tensor, grad: Tensor, logits: Tensor, target: Ten
 
 
 @_ce_backward_op.register_fake
-def _ce_backward_fake(grad_loss, grad, logits, target, weight, reduction, ignore_index,
+def _ce_backward_fake(grad_loss, logits, target, weight, reduction, ignore_index,
                       label_smoothing, z_loss, input_grad, target_grad, weight_grad):
     return (logits.new_empty(logits.shape) if input_grad else _none(logits),
             target.new_empty(target.shape) if target_grad else _none(logits),
             weight.new_empty(weight.shape) if weight_grad else _none(logits))
 
 
-def _ce_double_backward(ctx, *grads):
-    raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name="cross_entropy"))
-
-
-_ce_backward_op.register_autograd(_ce_double_backward)
+_ce_backward_op.register_autograd(_raise_double_backward("cross_entropy"))
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -383,27 +426,38 @@ def _lce_fake(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoo
 
 
 def _lce_setup_context(ctx, inputs, output):
-    x, w, target, bias, ce_weight, *opts = inputs
+    """Keeps the forward pass's gradients; the inputs only where backward runs gpuce's pass
+    again (reduction="none", gradients for the target or ce_weight, or none computed)."""
+    x, w, target, bias, ce_weight, reduction, *opts, input_grad, need_grad = inputs
+    need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(x, w, target, bias, ce_weight, *output[1:])
-    ctx.opts = tuple(opts[:5])  # reduction, ignore_index, label_smoothing, z_loss, chunk_size
+    have = need_grad and reduction != "none" and (input_grad or not need_x)
+    ctx.recompute = (need_x or need_w or need_b) and not have
+    keep = ctx.recompute or need_t or need_cw
+    ctx.save_for_backward(*(output[1:] if have else (None,) * 3),
+                          *((x, w, target, bias, ce_weight) if keep else (None,) * 5))
+    ctx.opts = (reduction, *opts)  # reduction, ignore_index, label_smoothing, z_loss, chunk_size
 
 
 def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
-    x, w, target, bias, ce_weight, dx, dw, db = ctx.saved_tensors
+    d_x, d_w, d_b, x, w, target, bias, ce_weight = ctx.saved_tensors
     need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
-    out = [None] * 12
-    if need_x or need_w or need_b:
-        d = torch.ops.gpuce.linear_cross_entropy_backward(
-            grad_loss, x, w, target, bias, ce_weight, dx, dw, db, *ctx.opts, need_x)
-        out[0], out[1], out[3] = (g if need else None for g, need in zip(d, (need_x, need_w, need_b)))
+    reduction, _, label_smoothing, _, chunk_size = ctx.opts
+    if ctx.recompute:
+        d_x, d_w, d_b = torch.ops.gpuce.linear_cross_entropy_backward(
+            grad_loss, x, w, target, bias, ce_weight, *ctx.opts, need_x)
+    elif need_x or need_w or need_b:
+        go = grad_loss.to(d_w.dtype)
+        d_x, d_w, d_b = (g * go if need else None for g, need in zip((d_x, d_w, d_b),
+                                                                    (need_x, need_w, need_b)))
+    d_t = d_cw = None
     if need_t or need_cw:
-        reduction, _, label_smoothing, _, chunk_size = ctx.opts
-        d = torch.ops.gpuce.linear_cross_entropy_target_backward(
+        d_t, d_cw = torch.ops.gpuce.linear_cross_entropy_target_backward(
             grad_loss, x, w, target, bias, ce_weight, reduction, label_smoothing, chunk_size,
             need_t, need_cw)
-        out[2], out[4] = (g if need else None for g, need in zip(d, (need_t, need_cw)))
-    return tuple(out)
+    grads = tuple(g if need else None for g, need in zip((d_x, d_w, d_t, d_b, d_cw),
+                                                         (need_x, need_w, need_t, need_b, need_cw)))
+    return _first_order_only("linear_cross_entropy", grads) + (None,) * 7
 
 
 _lce_op.register_autograd(_lce_autograd_backward, setup_context=_lce_setup_context)
@@ -412,18 +466,13 @@ _lce_op.register_autograd(_lce_autograd_backward, setup_context=_lce_setup_conte
 @torch.library.custom_op("gpuce::linear_cross_entropy_backward", mutates_args=(),
                          device_types=("cpu", "cuda"))
 def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
-                     bias: Optional[Tensor], ce_weight: Optional[Tensor], d_x: Tensor,
-                     d_w: Tensor, d_b: Tensor, reduction: str, ignore_index: int,
-                     label_smoothing: float, z_loss: float, chunk_size: Optional[int],
-                     input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     bias: Optional[Tensor], ce_weight: Optional[Tensor], reduction: str,
+                     ignore_index: int, label_smoothing: float, z_loss: float,
+                     chunk_size: Optional[int], input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of Σ g·L (g = grad_loss) for X (with input_grad), W and the bias (empty
-    without one).  For "mean"/"sum" the forward pass's gradients (d_x, d_w, d_b) are scaled
-    by g; for "none" (or when the forward pass did not compute them) gpuce's chunked pass
-    runs again, each gradient row scaled by g_i (``grad_row_scale``) before the products."""
-    have = d_w.numel() == w.numel() and (d_x.numel() == x.numel() or not input_grad)
-    if reduction != "none" and have:
-        go = grad_loss.to(d_w.dtype)
-        return tuple(_none(x) if g.numel() == 0 else (g * go).contiguous() for g in (d_x, d_w, d_b))
+    without one): gpuce's chunked pass again, each gradient row scaled by g_i
+    (``grad_row_scale``) before the products for reduction="none", the result scaled by g
+    for "mean" and "sum"."""
     with _device_of(x):
         scale = grad_loss.contiguous() if reduction == "none" else None
         _, grads = _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index,
@@ -431,22 +480,18 @@ def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
         d = _grad_tensors(grads, x, w, bias)
     if reduction != "none":
         go = grad_loss.to(d[1].dtype)
-        d = tuple(g if g.numel() == 0 else (g * go).contiguous() for g in d)
+        d = tuple(g if g.numel() == 0 else g * go for g in d)
     return d
 
 
 @_lce_backward_op.register_fake
-def _lce_backward_fake(grad_loss, x, w, target, bias, ce_weight, d_x, d_w, d_b, reduction,
-                       ignore_index, label_smoothing, z_loss, chunk_size, input_grad):
+def _lce_backward_fake(grad_loss, x, w, target, bias, ce_weight, reduction, ignore_index,
+                       label_smoothing, z_loss, chunk_size, input_grad):
     return (x.new_empty(x.shape) if input_grad else _none(x), w.new_empty(w.shape),
             _none(x) if bias is None else bias.new_empty(bias.shape))
 
 
-def _lce_double_backward(ctx, *grads):
-    raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name="linear_cross_entropy"))
-
-
-_lce_backward_op.register_autograd(_lce_double_backward)
+_lce_backward_op.register_autograd(_raise_double_backward("linear_cross_entropy"))
 
 
 @torch.library.custom_op("gpuce::linear_cross_entropy_target_backward", mutates_args=(),
@@ -489,7 +534,7 @@ def _lce_target_backward_fake(grad_loss, x, w, target, bias, ce_weight, reductio
             ce_weight.new_empty(ce_weight.shape) if weight_grad else _none(x))
 
 
-_lce_target_backward_op.register_autograd(_lce_double_backward)
+_lce_target_backward_op.register_autograd(_raise_double_backward("linear_cross_entropy"))
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, reduction="mean",
