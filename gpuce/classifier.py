@@ -32,6 +32,7 @@ import time
 import warnings
 
 import numpy as np
+from scipy.sparse import issparse
 
 from ._backend import array_module, is_cupy_array, is_dask_array
 from .linear import linear_cross_entropy
@@ -123,16 +124,7 @@ def _to_numpy(a):
 
 
 def _is_sparse(X) -> bool:
-    sp = _scipy_sparse()
-    return sp is not None and sp.issparse(X)
-
-
-def _scipy_sparse():
-    try:
-        import scipy.sparse as sp
-    except ImportError:  # pragma: no cover - scipy is a dependency
-        return None
-    return sp
+    return issparse(X)
 
 
 def _class_index(block, classes):
@@ -433,8 +425,9 @@ class SoftmaxClassifier(*_bases()):
                 raise ValueError("Unknown label type: continuous. y holds non-integer floats; "
                                  "a classifier needs class labels (integers or strings)")
         if classes.shape[0] < 2:
+            seen = repr(classes[0]) if classes.shape[0] else "none"
             raise ValueError("This solver needs samples of at least 2 classes in the data, but "
-                             f"the data contains only one class: {classes[0] if classes.shape[0] else None!r}")
+                             f"the data contains only one class: {seen}")
 
     # -- fitting --------------------------------------------------------------------------
 
