@@ -87,7 +87,8 @@ def _check_device(*tensors):
 
 def _check_reduction(reduction):
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; "
+                         f"got {reduction!r}")
 
 
 def _to_array(t):

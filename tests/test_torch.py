@@ -215,8 +215,8 @@ def run_all_grads(fn, leaves):
 @pytest.mark.parametrize("reduction,smoothing,extra", list(itertools.product(
     ["mean", "sum", "none"], [0.0, 0.2], [(), (3, 2)])))
 def test_target_and_weight_grads_match_torch(device, reduction, smoothing, extra):
-    """∂/∂p = −(1−ε) w log q and ∂/∂w = −Σ p′ log q, reduced as the loss: against torch, whose
-    soft-target path differentiates both."""
+    """∂/∂p = −(1−ε) w log q and ∂/∂w = −Σ p′ log q, reduced as the loss: against torch,
+    whose soft-target path differentiates both."""
     x, p = tensors(seed_of("tgrad", reduction, smoothing, extra), 9, 5, "prob", device=device,
                    extra=extra)
     p = (p * 1.3).requires_grad_()  # unnormalised rows too: the formula does not need Σ p = 1
@@ -346,7 +346,8 @@ def opinfo_cases(dtype, seed):
     g = torch.Generator().manual_seed(seed)
 
     def uniform(shape, lo, hi, rg=False):
-        return (torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype).requires_grad_(rg)
+        u = torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
+        return u.to(dtype).requires_grad_(rg)
 
     shape = (2, 3)
     configs = [(shape, {}), (shape + (1,), {}), (shape + (1, 2), {}), (shape + (1, 2, 3), {})]
