@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -72,6 +73,44 @@ class SceArgs:
     # set by callers that validated the labels over a larger array first (chunked
     # linear_cross_entropy): the backends then skip their own range check
     labels_checked: bool = False
+    # logit soft-capping: the loss sees softcap * tanh(f / softcap); 0.0 for none
+    softcap: float = 0.0
+    # also compute the statistics returned with the loss (SceStats)
+    return_stats: bool = False
+    # False: the GPU backends do not read back the label check (no host sync); a bad label
+    # gives a NaN row instead of an exception
+    check_labels: bool = True
+
+
+class SceStats(NamedTuple):
+    """Statistics computed in the same pass as the loss (``return_stats=True``).
+
+    z_loss : the z-loss part of the loss, sum_i z lse_i^2 over the non-ignored rows, reduced
+        like the loss (per row for reduction="none", 0 for ignored rows).
+    accuracy : integer labels only (None for probability targets): the share of non-ignored
+        rows whose label attains the row's maximum of the (capped) logits, ties counting as
+        correct and NaN rows as wrong; NaN when no row is counted.  Per row (1.0 / 0.0, NaN
+        for ignored rows) for reduction="none".
+    lse : (N...) per-row log-sum-exp of the (capped) logits, every row including ignored ones.
+    """
+
+    z_loss: object
+    accuracy: object
+    lse: object
+
+
+class SceRows(NamedTuple):
+    """What a backend returns for validated (N, C) logits.
+
+    rows : (N,) per-row losses (acc dtype); may be None for reduction "sum"/"mean" when the
+        backend does not write them (the fused GPU path).
+    total : 0-d reduced loss for "sum"/"mean" (the mean already divided), None for "none".
+    stats : SceStats when ``a.return_stats``, else None.
+    """
+
+    rows: object
+    total: object
+    stats: object = None
 
 
 def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing, z_loss,
