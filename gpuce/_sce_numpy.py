@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._validation import SceArgs, label_error
+from ._validation import SceArgs, SceRows, SceStats, label_error
 
 CHUNK_ELEMENTS = 1 << 18
 # Chunks are independent (disjoint rows of loss and grad), so large inputs are spread over
@@ -47,8 +47,15 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
 
     ``x2`` is the (N, C) view of the logits; ``target`` is (N,) labels or (N, C)
     probabilities; ``grad_out`` is an (N, C) array of the logits' dtype (it may be
-    ``x2`` itself for inplace=True).  Returns ``(loss_rows, total)`` where total is
-    the reduced loss for "sum"/"mean" (None for "none").
+    ``x2`` itself for inplace=True).  Returns a :class:`SceRows` ``(loss_rows, total,
+    stats)``: total is the reduced loss for "sum"/"mean" (None for "none"), stats a
+    :class:`SceStats` with ``a.return_stats`` (else None).
+
+    With ``a.softcap = s > 0`` the row's values are ``v = s tanh(f / s)``, computed in the
+    chunk buffer (never a capped copy of the logits), and the gradient is multiplied by
+    ``1 - tanh^2(f / s)``.  A label outside [0, C) other than ignore_index raises unless
+    ``a.check_labels`` is False or ``a.labels_checked``; then its row's loss and gradient
+    are NaN (it counts as a wrong prediction and adds nothing to the mean's denominator).
     """
     n, c = x2.shape
     acc = a.acc
@@ -60,17 +67,20 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
 
     if a.kind == "label":
         lbl = target.astype(np.int64, copy=False)
-        if not a.labels_checked:
+        if a.check_labels and not a.labels_checked:
             check_labels(lbl, a)
         active = lbl != a.ignore_index
-        safe = np.where(active, lbl, 0)
-        wk = np.where(active, w[safe] if w is not None else acc.type(1), acc.type(0)).astype(acc)
-        wl = (ome * wk).astype(acc)
+        bad_label = active & ((lbl < 0) | (lbl >= c))  # only with check_labels=False
+        valid = active & ~bad_label
+        safe = np.where(valid, lbl, 0)
+        wk = np.where(valid, w[safe] if w is not None else acc.type(1), acc.type(0)).astype(acc)
+        wl = np.where(bad_label, np.nan, ome * wk).astype(acc)
         denom = float(wk.sum(dtype=np.float64))
         cw = None if eps == 0.0 else (np.full(c, eps_c, acc) if w is None else (eps_c * w).astype(acc))
         a_row = acc.type(0) if cw is None else acc.type(cw.sum(dtype=np.float64))
     else:
         active = np.ones(n, bool)
+        bad_label = np.zeros(n, bool)
         denom = float(n)
     if a.reduction == "mean":
         scale = 0.0 if denom == 0 else 1.0 / denom
@@ -78,6 +88,12 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
         scale = 1.0
 
     loss = np.empty(n, acc)
+    stats = a.return_stats
+    cap = acc.type(a.softcap)
+    if stats:
+        lse_rows = np.empty(n, acc)
+        z_rows = np.zeros(n, acc)
+        correct_rows = np.zeros(n, acc) if a.kind == "label" else None
     r = rows_per_chunk(c)
     # Work directly in the gradient buffer when it has the accumulation dtype (no extra
     # copy pass); otherwise in a chunk-sized scratch buffer (one per worker thread).
@@ -96,10 +112,24 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
         k = r1 - r0
         xc = x2[r0:r1]
         e = grad_out[r0:r1] if direct else scratch("e", k)
-        m = xc.max(axis=1).astype(acc)
+        if cap:
+            # v = s tanh(f / s) in the chunk buffer; dcap = 1 - tanh^2 kept for the gradient
+            np.divide(xc, cap, out=e, casting="unsafe")  # xc may alias e
+            np.tanh(e, out=e)
+            if grad_out is not None:
+                dcap = scratch("dcap", k)
+                np.multiply(e, e, out=dcap)
+                np.subtract(acc.type(1), dcap, out=dcap)
+            e *= cap
+            m = e.max(axis=1)
+        else:
+            m = xc.max(axis=1).astype(acc)
         finite = np.isfinite(m)
         ms = np.where(finite, m, 0).astype(acc)
-        np.subtract(xc, ms[:, None], out=e, casting="unsafe")  # x - m (xc may alias e)
+        if cap:
+            e -= ms[:, None]
+        else:
+            np.subtract(xc, ms[:, None], out=e, casting="unsafe")  # x - m (xc may alias e)
         act = active[r0:r1]
         if a.kind == "label":
             rows = np.arange(k)
@@ -135,8 +165,17 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
         smooth = np.where(a_sum != 0, a_sum * ls - b, 0)
         zt = z * lse * lse if z != 0 else 0
         row_loss = lab + smooth + zt
-        row_loss = np.where(finite, row_loss, np.nan)
+        bad = ~finite | bad_label[r0:r1]
+        row_loss = np.where(bad, np.nan, row_loss)
         loss[r0:r1] = np.where(act, row_loss, 0)
+        if stats:
+            lse_rows[r0:r1] = lse
+            if z != 0:
+                z_rows[r0:r1] = np.where(act, zt, 0)
+            if correct_rows is not None:
+                # the label attains the row max (t = v_k - m == 0 exactly), on a finite row
+                ok = finite & ~bad_label[r0:r1] & (t == 0)
+                correct_rows[r0:r1] = np.where(act, ok, np.nan)
         if grad_out is not None:
             # grad = scale * (softmax * G - coef - wl [j = k]), softmax = e / s
             g = wl_c + a_sum + 2.0 * z * lse
@@ -148,7 +187,9 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
             else:
                 coef *= acc.type(scale)
                 e -= coef
-            e[~finite] = np.nan
+            if cap:
+                e *= dcap
+            e[bad] = np.nan
             e[~act] = 0
             if not direct:
                 grad_out[r0:r1] = e
@@ -163,8 +204,18 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
             for r0 in starts:
                 chunk(r0)
     if a.reduction == "none":
-        return loss, None
+        st = SceStats(z_rows, correct_rows, lse_rows) if stats else None
+        return SceRows(loss, None, st)
     total = float(loss.sum(dtype=np.float64))
     if a.reduction == "mean":
         total = 0.0 if denom == 0 else total / denom
-    return loss, acc.type(total)
+    st = None
+    if stats:
+        z_total = float(z_rows.sum(dtype=np.float64)) * scale
+        accuracy = None
+        if correct_rows is not None:
+            counted = int(active.sum())
+            accuracy = acc.type(np.nansum(correct_rows, dtype=np.float64) / counted
+                                if counted else np.nan)
+        st = SceStats(acc.type(z_total), accuracy, lse_rows)
+    return SceRows(loss, acc.type(total), st)

@@ -19,17 +19,43 @@ from typing import NamedTuple
 import numpy as np
 
 REDUCTIONS = ("none", "sum", "mean")
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def bfloat16_dtype():
+    """NumPy's dtype of ``ml_dtypes.bfloat16`` (the CPU bfloat16 that CuPy and JAX use too),
+    or None where ml_dtypes is not installed.  The one place gpuce imports ml_dtypes."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+BFLOAT16 = bfloat16_dtype()
+# the input dtypes gpuce computes with; bfloat16 and float16 accumulate in float32
+FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64)) + (
+    (BFLOAT16,) if BFLOAT16 is not None else ())
+FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+
+
+def is_float_dtype(dtype) -> bool:
+    """True for the float dtypes gpuce takes (float16, bfloat16, float32, float64).  Not
+    ``dtype.kind == "f"``: ml_dtypes' bfloat16 has kind "V", its float8_e5m2 kind "f"."""
+    return np.dtype(dtype) in FLOAT_DTYPES
+
+
+def is_bfloat16(dtype) -> bool:
+    return BFLOAT16 is not None and np.dtype(dtype) == BFLOAT16
 
 
 def acc_dtype(dtype) -> np.dtype:
-    """Accumulation dtype: float32 for float16/float32 inputs, float64 for float64."""
+    """Accumulation dtype: float32 for float16/bfloat16/float32 inputs, float64 for float64."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 def check_float(x, name: str):
-    if np.dtype(x.dtype) not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, float32 or float64, got {x.dtype}")
+    if not is_float_dtype(x.dtype):
+        raise TypeError(f"{name} must be {FLOAT_NAMES}, got {x.dtype}")
     if x.ndim < 1:
         raise ValueError(f"{name} must have at least one dimension, got a 0-d array")
 
@@ -114,7 +140,8 @@ class SceRows(NamedTuple):
 
 
 def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing, z_loss,
-             return_grad, inplace) -> SceArgs:
+             return_grad, inplace, softcap=None, return_stats=False,
+             check_labels=True) -> SceArgs:
     check_float(logits, "logits")
     c = logits.shape[-1]
     if c < 1:
@@ -127,7 +154,9 @@ def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing
             raise ValueError(
                 f"integer labels must have shape logits.shape[:-1] = {lead}, got {target.shape}"
             )
-    elif kind_char == "f":
+    elif is_float_dtype(target.dtype):
+        # any of the float dtypes, whatever the logits' one: read in the accumulation dtype
+        # (float32 holds float16 and bfloat16 exactly), never rounded to the logits' dtype
         kind = "prob"
         if target.shape != logits.shape:
             raise ValueError(
@@ -135,7 +164,8 @@ def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing
                 f"got {target.shape}"
             )
     else:
-        raise TypeError(f"target must be integer class labels or float probabilities, got {target.dtype}")
+        raise TypeError(f"target must be integer class labels or {FLOAT_NAMES} probabilities, "
+                        f"got {target.dtype}")
     check_reduction(reduction)
     try:
         ignore_index = operator.index(ignore_index)
@@ -147,8 +177,9 @@ def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing
             f"got ignore_index={ignore_index}"
         )
     if weight is not None:
-        if np.dtype(weight.dtype).kind not in "fiu":
-            raise TypeError(f"weight must be a real array, got {weight.dtype}")
+        if not (is_float_dtype(weight.dtype) or np.dtype(weight.dtype).kind in "iu"):
+            raise TypeError(f"weight must be a real array (integer or {FLOAT_NAMES}), "
+                            f"got {weight.dtype}")
         if weight.ndim != 1 or weight.shape[0] != c:
             raise ValueError(f"weight must have shape ({c},) (one per class), got {weight.shape}")
     label_smoothing = _real(label_smoothing, "label_smoothing")
@@ -163,9 +194,29 @@ def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing
         flags = getattr(logits, "flags", None)
         if flags is not None and not getattr(flags, "writeable", True):
             raise ValueError("inplace=True needs writeable logits")
+    softcap = check_softcap(softcap)
+    return_stats = _flag(return_stats, "return_stats")
+    check_labels = _flag(check_labels, "check_labels")
     n = int(np.prod(lead, dtype=np.int64))
     return SceArgs(kind, lead, n, c, acc_dtype(logits.dtype), reduction, ignore_index,
-                   label_smoothing, z_loss, bool(return_grad), bool(inplace))
+                   label_smoothing, z_loss, bool(return_grad), bool(inplace),
+                   softcap=softcap, return_stats=return_stats, check_labels=check_labels)
+
+
+def check_softcap(softcap) -> float:
+    """``softcap``: None (no capping) or a finite real s > 0; returns s, or 0.0 for None."""
+    if softcap is None:
+        return 0.0
+    s = _real(softcap, "softcap")
+    if not (math.isfinite(s) and s > 0.0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    return s
+
+
+def _flag(v, name) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(v).__name__}")
+    return bool(v)
 
 
 def _real(v, name) -> float:
@@ -217,7 +268,7 @@ def check_class_weight(xp, weight):
         return
     if np.dtype(weight.dtype).kind == "u":
         return
-    if np.dtype(weight.dtype).kind == "f":
+    if is_float_dtype(weight.dtype):
         bad = ~(xp.isfinite(weight) & (weight >= 0))
     else:
         bad = weight < 0

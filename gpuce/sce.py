@@ -26,7 +26,7 @@ WALK_BLOCK_ELEMENTS_CUPY = 1 << 24
 
 def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, weight=None,
                           label_smoothing=0.0, z_loss=0.0, return_grad=False, inplace=False,
-                          impl="auto"):
+                          impl="auto", softcap=None, return_stats=False, check_labels=True):
     r"""Softmax cross-entropy of logits against class labels or class probabilities.
 
     For row i with logits f_i (C classes), ``lse_i = log sum_j exp(f_ij)`` and
@@ -49,6 +49,13 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     The gradient is ``dL_i/df_ij = q_ij G_i - coef_ij - (1-eps) w_{k_i} [j = k_i]`` with
     ``G_i = sum_c coef_ic + (1-eps) w_{k_i} + 2 z lse_i`` (the seed's ``ŷ - y`` for
     eps = z = 0, unit weights), times the reduction's scale.
+
+    With ``softcap=s`` every formula above reads the capped logits ``g_ij = s tanh(f_ij / s)``
+    (Gemma 2/3) in place of f, and the gradient chains through the cap::
+
+        dL_i/df_ij = dL_i/dg_ij (1 - tanh^2(f_ij / s))
+
+    The capped values are formed in the same pass, never stored as a copy of the logits.
 
     Parameters
     ----------
@@ -82,6 +89,18 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         (kernels/gpuce_sce_fused.cu), "portable" the ElementwiseKernel /
         ReductionKernel path (two reads of the logits).  NumPy inputs always take the
         NumPy path.
+    softcap : float > 0, optional
+        Logit soft-capping ``g = softcap * tanh(f / softcap)`` before the loss (None: off).
+        Finite and > 0 (ValueError otherwise).
+    return_stats : bool
+        Also return a :class:`gpuce.SceStats` ``(z_loss, accuracy, lse)`` computed in the
+        same pass (see Returns).
+    check_labels : bool, default True
+        False skips the label range check (on CuPy: no host synchronisation at all, for
+        training loops that want none): a label outside [0, C) other than ignore_index is
+        then not reported; its row's loss and gradient are NaN (so is a "sum"/"mean" loss),
+        it adds nothing to the mean's denominator and counts as a wrong prediction.  Never
+        an out-of-bounds read.
 
     Dask arrays chunked by rows (class axis whole) are accepted for logits and target: the
     results are then dask arrays (see :mod:`gpuce._dask`).
@@ -92,6 +111,17 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         float32 for float16/float32 logits, float64 for float64; shape (...) for
         "none", 0-d for "sum"/"mean".
     grad : array, only with return_grad=True
+    stats : SceStats, only with return_stats=True (last)
+        ``z_loss``: the z-loss part ``sum_i z lse_i^2`` over the non-ignored rows, reduced
+        like the loss (divided by the mean's denominator for "mean"), so ``loss - z_loss``
+        is the loss without it.  ``accuracy`` (integer labels; None for probability
+        targets): the share of non-ignored rows whose label attains the row maximum of the
+        (capped) logits; ties count as correct, a row with a NaN or whose maximum is not
+        finite counts as wrong; NaN when no row is counted.  ``lse``: shape (...), the
+        accumulation dtype, the log-sum-exp of the (capped) logits of every row, ignored
+        rows included.  With reduction="none" the first two are per row instead (one rule):
+        ``z_loss`` z lse_i^2 (0 for ignored rows) and ``accuracy`` 1.0 / 0.0 (NaN for
+        ignored rows).
 
     Notes
     -----
@@ -108,7 +138,8 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         first bad position and the caller's value, uint64 included), unknown reduction,
         weight of wrong length or with a NaN, infinite or negative entry,
         label_smoothing outside [0, 1], negative z_loss, inplace without return_grad,
-        inplace with a target or weight that shares memory with the logits.
+        inplace with a target or weight that shares memory with the logits, softcap <= 0,
+        NaN or infinite (a bool softcap or flag is a TypeError).
 
     See Also
     --------
@@ -121,12 +152,14 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
 
         return dask_sce(logits, target, reduction=reduction, ignore_index=ignore_index,
                         weight=weight, label_smoothing=label_smoothing, z_loss=z_loss,
-                        return_grad=return_grad, inplace=inplace, impl=impl)
+                        return_grad=return_grad, inplace=inplace, impl=impl, softcap=softcap,
+                        return_stats=return_stats, check_labels=check_labels)
     xp = array_module(logits, target, weight)
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
     a = V.sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
                    label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
-                   inplace=inplace)
+                   inplace=inplace, softcap=softcap, return_stats=return_stats,
+                   check_labels=check_labels)
     V.check_uint64_labels(xp, target, a)
     V.check_class_weight(xp, weight)
     V.check_inplace_aliasing(xp, logits, target, weight, a)
@@ -145,29 +178,112 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     if a.n == 0:
         rows = xp.zeros(0, a.acc)
         total = None if a.reduction == "none" else xp.zeros((), a.acc)
+        st = BlockStats(xp, a).finish(1.0) if a.return_stats else None
     else:
-        rows, total = run_rows(xp, x2, tgt, weight, a, grad_out, impl)
+        rows, total, st = run_rows(xp, x2, tgt, weight, a, grad_out, impl)
     loss = rows.reshape(a.lead_shape) if a.reduction == "none" else xp.asarray(total, dtype=a.acc)
-    if not a.return_grad:
-        return loss
-    if a.inplace:
-        if grad_out is not x2:
-            logits[...] = grad_out.reshape(logits.shape)
-        return loss, logits
-    return loss, grad_out.reshape(logits.shape)
+    grad = None
+    if a.return_grad:
+        if a.inplace:
+            if grad_out is not x2:
+                logits[...] = grad_out.reshape(logits.shape)
+            grad = logits
+        else:
+            grad = grad_out.reshape(logits.shape)
+    return results(xp, a, loss, grad, st)
+
+
+def results(xp, a: V.SceArgs, loss, grad, st):
+    """The public return value: loss, then grad (return_grad), then the statistics
+    (return_stats) as a SceStats shaped like the loss (lse: logits.shape[:-1])."""
+    out = (loss,) + ((grad,) if a.return_grad else ())
+    if a.return_stats:
+        out += (public_stats(xp, a, st),)
+    return out if len(out) > 1 else loss
+
+
+def public_stats(xp, a: V.SceArgs, st: V.SceStats) -> V.SceStats:
+    """A backend's SceStats ((N,) rows) shaped for the caller."""
+    lse = st.lse.reshape(a.lead_shape)
+    if a.reduction == "none":
+        return V.SceStats(st.z_loss.reshape(a.lead_shape),
+                          None if st.accuracy is None else st.accuracy.reshape(a.lead_shape), lse)
+    return V.SceStats(xp.asarray(st.z_loss, dtype=a.acc),
+                      None if st.accuracy is None else xp.asarray(st.accuracy, dtype=a.acc), lse)
+
+
+class BlockStats:
+    """The statistics of one call assembled from row blocks (the block walk, the chunked
+    linear model), each block run with reduction "none" or "sum" and return_stats.
+
+    ``add`` takes a block's SceStats: its lse (and for "none" its per-row z-loss and
+    accuracy) go to their rows; for "sum" the z-loss part is added, and the number of
+    correct rows recovered as ``rint(accuracy * counted)`` (counted: the block's
+    non-ignored rows; exact while a block has fewer than 2^22 rows).  ``finish(scale)``
+    gives the SceStats of the whole call in the backends' (N,)-row form.  Nothing is read
+    back to the host on CuPy.
+    """
+
+    def __init__(self, xp, a: V.SceArgs):
+        self.xp, self.a = xp, a
+        none = a.reduction == "none"
+        label = a.kind == "label"
+        self.lse = xp.empty(a.n, a.acc)
+        self.z_rows = xp.zeros(a.n, a.acc) if none else None
+        self.correct_rows = xp.full(a.n, np.nan, a.acc) if none and label else None
+        self.z = xp.zeros((), np.float64)
+        self.correct = xp.zeros((), np.float64)
+        self.counted = xp.zeros((), np.float64)
+
+    def add(self, r0, r1, st: V.SceStats, labels=None):
+        xp, a = self.xp, self.a
+        self.lse[r0:r1] = st.lse
+        if a.reduction == "none":
+            self.z_rows[r0:r1] = st.z_loss
+            if self.correct_rows is not None:
+                self.correct_rows[r0:r1] = st.accuracy
+            return
+        self.z += xp.asarray(st.z_loss, dtype=np.float64)
+        if a.kind == "label":
+            lab = labels.ravel()
+            if lab.dtype.kind == "u":  # compared with a negative ignore_index as int64
+                lab = lab.astype(np.int64)
+            k = (lab != a.ignore_index).sum(dtype=np.float64)
+            acc = xp.nan_to_num(xp.asarray(st.accuracy, dtype=np.float64))
+            self.correct += xp.rint(acc * k)
+            self.counted += k
+
+    def finish(self, scale) -> V.SceStats:
+        xp, a = self.xp, self.a
+        if a.reduction == "none":
+            return V.SceStats(self.z_rows, self.correct_rows, self.lse)
+        accuracy = None
+        if a.kind == "label":
+            accuracy = xp.where(self.counted > 0, self.correct / xp.maximum(self.counted, 1),
+                                np.nan).astype(a.acc)
+        return V.SceStats((self.z * scale).astype(a.acc), accuracy, self.lse)
 
 
 def run_rows(xp, x2, target, weight, a: V.SceArgs, grad_out, impl="auto"):
-    """The backend's work on validated (N, C) logits: ``(loss_rows, total)``, the gradient
-    written into ``grad_out`` when given (it may be ``x2`` itself).  ``total`` is None for
-    reduction "none".  Used by softmax_cross_entropy and the chunked linear model."""
+    """The backend's work on validated (N, C) logits: a :class:`gpuce._validation.SceRows`
+    ``(rows, total, stats)``, the gradient written into ``grad_out`` when given (it may be
+    ``x2`` itself).  ``total`` is None for reduction "none"; ``rows`` may be None for "sum"
+    and "mean" (use ``total``).  Used by softmax_cross_entropy, the block walk and the
+    chunked linear model."""
     if xp is np:
         from ._sce_numpy import softmax_cross_entropy as run
 
         return run(x2, target, weight, a, grad_out)
     from ._sce_cupy import softmax_cross_entropy as run
 
-    return run(x2, target, weight, a, grad_out, impl=AUTO_IMPL if impl == "auto" else impl)
+    out = run(x2, target, weight, a, grad_out, impl=AUTO_IMPL if impl == "auto" else impl)
+    if isinstance(out, V.SceRows):
+        return out
+    # a backend that still returns (rows, total): it knows no softcap and no statistics
+    if a.softcap or a.return_stats:
+        raise NotImplementedError("softcap and return_stats are not available on this CuPy "
+                                  "backend yet")
+    return V.SceRows(out[0], out[1], None)
 
 
 def walk_blocks(xp, logits, target, weight, a: V.SceArgs, impl="auto"):
@@ -184,7 +300,7 @@ def walk_blocks(xp, logits, target, weight, a: V.SceArgs, impl="auto"):
     from .linear import check_labels, mean_denominator
 
     c = a.c
-    if a.kind == "label":
+    if a.kind == "label" and a.check_labels:
         check_labels(xp, target, a)  # over all rows first: errors name the caller's position
     denom = scale = 1.0
     if a.reduction == "mean":
@@ -197,6 +313,7 @@ def walk_blocks(xp, logits, target, weight, a: V.SceArgs, impl="auto"):
         grad = logits if a.inplace else xp.empty(logits.shape, logits.dtype)
     loss_rows = xp.empty(a.n, a.acc) if a.reduction == "none" else None
     total = xp.zeros((), np.float64)
+    stats = BlockStats(xp, a) if a.return_stats else None
     block = WALK_BLOCK_ELEMENTS_NUMPY if xp is np else WALK_BLOCK_ELEMENTS_CUPY
     for index, r0, r1 in row_blocks(a.lead_shape, block // c):
         m = r1 - r0
@@ -208,11 +325,14 @@ def walk_blocks(xp, logits, target, weight, a: V.SceArgs, impl="auto"):
             # inplace: into the logits' block (its copy, written back below, when x2 is one);
             # otherwise the C-ordered output, whose blocks are always (m, C) views
             gb = x2 if a.inplace else grad[index].reshape(m, c)
-        rows, _ = run_rows(xp, x2, tb, weight, replace(per_block, lead_shape=(m,), n=m), gb, impl)
+        rows, t, st = run_rows(xp, x2, tb, weight, replace(per_block, lead_shape=(m,), n=m), gb,
+                               impl)
         if loss_rows is not None:
             loss_rows[r0:r1] = rows
         else:
-            total += rows.sum(dtype=np.float64)
+            total += xp.asarray(t, dtype=np.float64)
+        if stats is not None:
+            stats.add(r0, r1, st, tb)
         if gb is not None:
             if scale != 1.0:
                 gb *= scale
@@ -224,9 +344,8 @@ def walk_blocks(xp, logits, target, weight, a: V.SceArgs, impl="auto"):
         if a.reduction == "mean":  # 0 over zero weight, as the unwalked path
             total = total / denom if denom else xp.zeros((), np.float64)
         loss = xp.asarray(total, dtype=a.acc)
-    if not a.return_grad:
-        return loss
-    return loss, grad
+    st = stats.finish(scale) if stats is not None else None
+    return results(xp, a, loss, grad, st)
 
 
 def _shares_buffer(xp, view, base) -> bool:
