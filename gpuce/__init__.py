@@ -8,6 +8,7 @@ from .information import cross_entropy, entropy, kl_div
 from .sce import softmax_cross_entropy
 from .linear import LinearGrads, linear_cross_entropy
 from .softmax import log_softmax, logsumexp, softmax
+from ._validation import SceStats
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,6 @@ __all__ = [
     "softmax_cross_entropy",
     "linear_cross_entropy",
     "LinearGrads",
+    "SceStats",
     "SoftmaxClassifier",
 ]

@@ -211,19 +211,30 @@ def _select(p, keep):
     return {k: p[k] for k in keep}
 
 
-def _scaled(g, scale):
+def _scaled(g, scale, dtype=None):
+    """``g * scale`` in g's dtype, then rounded once to ``dtype`` (g's dtype if None): the
+    partial gradients of float16/bfloat16 inputs arrive in float32 (see _acc_partials)."""
     if g is None:
         return None
-    if scale == 1.0:
-        return g
-    return g * g.dtype.type(scale)
+    dtype = g.dtype if dtype is None else np.dtype(dtype)
+    if scale != 1.0:
+        g = g * g.dtype.type(scale)
+    return g if g.dtype == dtype else g.astype(dtype)
+
+
+def _acc_partials(dtype) -> bool:
+    """True where block gradients are kept in float32 until scaled and summed: float16 and
+    bfloat16 inputs, so that the reduction's scale and the sum over blocks round once."""
+    return V.acc_dtype(dtype) != np.dtype(dtype)
 
 
 def _from_parts(parts, field, shapes, dtype, meta_like, scale=None):
     da = _da()
     blocks = []
     for p, shape in zip(parts, shapes):
-        v = p[field] if scale is None else _call(_scaled, "scale", p[field], scale)
+        v = p[field]
+        if scale is not None or _acc_partials(dtype):
+            v = _call(_scaled, "scale", v, 1.0 if scale is None else scale, dtype)
         blocks.append(da.from_delayed(v, shape=shape, dtype=dtype,
                                       meta=_meta(meta_like, len(shape), dtype)))
     return da.concatenate(blocks, axis=0)
@@ -235,27 +246,101 @@ def _scale_of(total, reduction):
     return 0.0 if total["denom"] == 0 else 1.0 / total["denom"]
 
 
+# -- statistics (return_stats) -------------------------------------------------------------
+# A block reports its statistics beside its loss: for "sum"/"mean" the z-loss part of its sum,
+# its number of correct rows (rint(accuracy * counted), exact while a block has fewer than
+# 2^22 rows) and of counted (non-ignored) rows, which the tree adds like the loss; for
+# "none" its per-row values; always its per-row lse.
+
+STAT_SUMS = ("z", "correct", "counted")
+
+
+def _split_out(out, a):
+    """(loss, grad or None, stats or None) of an in-memory call's return value."""
+    out = out if isinstance(out, tuple) else (out,)
+    return out[0], (out[1] if a.return_grad else None), (out[-1] if a.return_stats else None)
+
+
+def _stats_part(t, st, a):
+    if st is None:
+        return {}
+    if a.reduction == "none":
+        return {"z_rows": st.z_loss, "acc_rows": st.accuracy, "lse": st.lse}
+    part = {"z": float(st.z_loss), "correct": 0.0, "counted": 0.0, "lse": st.lse}
+    if a.kind == "label":
+        lab = t.ravel()
+        if lab.dtype.kind == "u":
+            lab = lab.astype(np.int64)
+        counted = float((lab != a.ignore_index).sum())
+        acc = float(st.accuracy)
+        part["correct"] = float(np.rint(acc * counted)) if counted else 0.0
+        part["counted"] = counted
+    return part
+
+
+def _stats_finish(total, a, scale):
+    """The z-loss part and the accuracy of a "sum"/"mean" call (the lse stays per block)."""
+    if not a.return_stats:
+        return {}
+    accuracy = None
+    if a.kind == "label":
+        accuracy = total["correct"] / total["counted"] if total["counted"] else math.nan
+    return {"z_loss": total["z"] * scale, "accuracy": accuracy}
+
+
+def _stats_arrays(parts, fin, a, lead_shapes, like):
+    """The SceStats of dask arrays (per-row blocks, or 0-d from the finishing task)."""
+    da = _da()
+    lse = _from_parts(parts, "lse", lead_shapes, a.acc, like)
+    if a.reduction == "none":
+        z = _from_parts(parts, "z_rows", lead_shapes, a.acc, like)
+        acc = (_from_parts(parts, "acc_rows", lead_shapes, a.acc, like)
+               if a.kind == "label" else None)
+        return V.SceStats(z, acc, lse)
+
+    def scalar(key):
+        value = _call(_as_acc, "stat", fin[key], a.acc, like._meta)
+        return da.from_delayed(value, shape=(), dtype=a.acc, meta=_meta(like, 0, a.acc))
+
+    return V.SceStats(scalar("z_loss"), scalar("accuracy") if a.kind == "label" else None, lse)
+
+
+def _as_acc(v, acc, meta):
+    return array_module(meta).asarray(v, dtype=acc)
+
+
+def _outputs(loss, grad, stats, a):
+    out = (loss,) + ((grad,) if a.return_grad else ()) + ((stats,) if a.return_stats else ())
+    return out if len(out) > 1 else loss
+
+
 # -- softmax_cross_entropy ---------------------------------------------------------------------
 
 def _sce_part(x, t, w, a, row0, opts):
     from .sce import softmax_cross_entropy
 
-    _check_block_labels(t, row0, a)
+    if a.check_labels:
+        _check_block_labels(t, row0, a)
     red = "none" if a.reduction == "none" else "sum"
-    out = softmax_cross_entropy(x, t, weight=w, reduction=red, return_grad=a.return_grad, **opts)
-    loss, g = out if a.return_grad else (out, None)
+    if a.return_grad and _acc_partials(x.dtype):
+        x = x.astype(a.acc)  # exact; the gradient is rounded to x's dtype once, in _scaled
+    out = softmax_cross_entropy(x, t, weight=w, reduction=red, return_grad=a.return_grad,
+                                return_stats=a.return_stats, **opts)
+    loss, g, st = _split_out(out, a)
     return {"loss": loss if red == "none" else loss.astype(np.float64),
-            "denom": _block_denominator(t, w, a), "grad": g}
+            "denom": _block_denominator(t, w, a), "grad": g, **_stats_part(t, st, a)}
 
 
 def _sce_finish(total, a):
     scale = _scale_of(total, a.reduction)
     loss = total["loss"].astype(np.float64) * scale
-    return {"loss": _module_of(total["loss"]).asarray(loss, dtype=a.acc), "scale": scale}
+    return {"loss": _module_of(total["loss"]).asarray(loss, dtype=a.acc), "scale": scale,
+            **_stats_finish(total, a, scale)}
 
 
 def softmax_cross_entropy(logits, target, *, reduction, ignore_index, weight, label_smoothing,
-                          z_loss, return_grad, inplace, impl):
+                          z_loss, return_grad, inplace, impl, softcap=None, return_stats=False,
+                          check_labels=True):
     if inplace:
         raise ValueError("inplace=True is not supported for dask arrays (their blocks are "
                          "computed lazily); use return_grad=True")
@@ -264,26 +349,30 @@ def softmax_cross_entropy(logits, target, *, reduction, ignore_index, weight, la
     target = _align_rows(target, logits, "target")
     a = V.sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
                    label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
-                   inplace=False)
+                   inplace=False, softcap=softcap, return_stats=return_stats,
+                   check_labels=check_labels)
     _rows_only(target, "target")
     array_module(logits._meta, target._meta, weight)  # raises for NumPy mixed with CuPy
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                impl=impl)
+                impl=impl, softcap=softcap, check_labels=check_labels)
     wd = _constant(weight, "weight")
     xs, ts = logits.to_delayed().ravel(), target.to_delayed().ravel()
     parts = [_call(_sce_part, "sce-part", x, t, wd, a, r0, opts)
              for x, t, r0 in zip(xs, ts, _row_starts(logits))]
     lead_shapes = [(n,) + tuple(a.lead_shape[1:]) for n in logits.chunks[0]]
     grad_shapes = [s + (a.c,) for s in lead_shapes]
+    fin = None
     if a.reduction == "none":
         loss = _from_parts(parts, "loss", lead_shapes, a.acc, logits)
         grad = _from_parts(parts, "grad", grad_shapes, logits.dtype, logits) if return_grad else None
     else:
-        fin = _call(_sce_finish, "sce-finish", _tree_sum(parts, ("loss", "denom")), a)
+        keep = ("loss", "denom") + (STAT_SUMS if a.return_stats else ())
+        fin = _call(_sce_finish, "sce-finish", _tree_sum(parts, keep), a)
         loss = _da().from_delayed(fin["loss"], shape=(), dtype=a.acc, meta=_meta(logits, 0, a.acc))
         grad = (_from_parts(parts, "grad", grad_shapes, logits.dtype, logits, scale=fin["scale"])
                 if return_grad else None)
-    return (loss, grad) if return_grad else loss
+    stats = _stats_arrays(parts, fin, a, lead_shapes, logits) if a.return_stats else None
+    return _outputs(loss, grad, stats, a)
 
 
 # -- linear_cross_entropy ----------------------------------------------------------------------
@@ -291,15 +380,16 @@ def softmax_cross_entropy(logits, target, *, reduction, ignore_index, weight, la
 def _linear_part(X, y, W, b, w, a, row0, opts):
     from .linear import linear_cross_entropy
 
-    _check_block_labels(y, row0, a)
+    if a.check_labels:
+        _check_block_labels(y, row0, a)
     red = "none" if a.reduction == "none" else "sum"
     out = linear_cross_entropy(X, W, y, bias=b, weight=w, reduction=red, return_grad=a.return_grad,
-                               **opts)
-    loss, g = out if a.return_grad else (out, None)
+                               _acc_grads=True, return_stats=a.return_stats, **opts)
+    loss, g, st = _split_out(out, a)
     return {"loss": loss if red == "none" else loss.astype(np.float64),
             "denom": _block_denominator(y, w, a),
             "dX": None if g is None else g.X, "dW": None if g is None else g.W,
-            "db": None if g is None else g.bias}
+            "db": None if g is None else g.bias, **_stats_part(y, st, a)}
 
 
 def _linear_finish(total, W, a, reg):
@@ -313,16 +403,19 @@ def _linear_finish(total, W, a, reg):
         if reg:
             loss = loss + a.acc.type(0.5 * reg) * sum_squares(xp, W).astype(a.acc)
         out["loss"] = loss
-    if total.get("dW") is not None:
+        out.update(_stats_finish(total, a, scale))
+    if total.get("dW") is not None:  # accumulation dtype (float32 for float16/bfloat16)
         dW = _scaled(total["dW"], scale)
-        out["dW"] = dW + W.dtype.type(reg) * W if reg else dW
+        dW = dW + dW.dtype.type(reg) * W.astype(dW.dtype, copy=False) if reg else dW
+        out["dW"] = dW.astype(W.dtype, copy=False)  # rounded once
     if total.get("db") is not None:
-        out["db"] = _scaled(total["db"], scale)
+        out["db"] = _scaled(total["db"], scale, W.dtype)
     return out
 
 
 def linear_cross_entropy(X, W, y, *, bias, reg, reduction, ignore_index, weight, label_smoothing,
-                         z_loss, return_grad, input_grad, check_finite, chunk_size):
+                         z_loss, return_grad, input_grad, check_finite, chunk_size, softcap=None,
+                         return_stats=False, check_labels=True):
     from .linear import LinearGrads, linear_args
 
     da = _da()
@@ -334,16 +427,20 @@ def linear_cross_entropy(X, W, y, *, bias, reg, reduction, ignore_index, weight,
     reg, chunk_size, a = linear_args(  # check_finite runs in each block's task
         None, X, W, y, bias=bias, reg=reg, weight=weight, chunk_size=chunk_size,
         check_finite=False, reduction=reduction, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad)
+        label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
+        softcap=softcap, return_stats=return_stats, check_labels=check_labels)
     _rows_only(y, "y")
     n, d = X.shape
     c = W.shape[0]
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                input_grad=input_grad, check_finite=check_finite, chunk_size=chunk_size)
+                input_grad=input_grad, check_finite=check_finite, chunk_size=chunk_size,
+                softcap=softcap, check_labels=check_labels)
     Wd, bd, wd = _constant(W, "W"), _constant(bias, "bias"), _constant(weight, "weight")
     parts = [_call(_linear_part, "linear-part", xb, yb, Wd, bd, wd, a, r0, opts)
              for xb, yb, r0 in zip(X.to_delayed().ravel(), y.to_delayed().ravel(), _row_starts(X))]
-    keep = ("loss", "denom") if a.reduction != "none" else ("denom",)
+    keep = ("denom",)
+    if a.reduction != "none":
+        keep = ("loss", "denom") + (STAT_SUMS if a.return_stats else ())
     if return_grad:
         keep += ("dW",) + (("db",) if bias is not None else ())
     fin = _call(_linear_finish, "linear-finish", _tree_sum(parts, keep), Wd, a, reg)
@@ -351,11 +448,13 @@ def linear_cross_entropy(X, W, y, *, bias, reg, reduction, ignore_index, weight,
         loss = _from_parts(parts, "loss", [(m,) for m in X.chunks[0]], a.acc, X)
     else:
         loss = da.from_delayed(fin["loss"], shape=(), dtype=a.acc, meta=_meta(X, 0, a.acc))
+    stats = (_stats_arrays(parts, fin, a, [(m,) for m in X.chunks[0]], X) if a.return_stats
+             else None)
     if not return_grad:
-        return loss
+        return _outputs(loss, None, stats, a)
     dW = da.from_delayed(fin["dW"], shape=W.shape, dtype=W.dtype, meta=_meta(X, 2, W.dtype))
     db = (da.from_delayed(fin["db"], shape=(c,), dtype=X.dtype, meta=_meta(X, 1, X.dtype))
           if bias is not None else None)
     dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X, scale=fin["scale"])
           if input_grad else None)
-    return loss, LinearGrads(dX, dW, db)
+    return _outputs(loss, LinearGrads(dX, dW, db), stats, a)
