@@ -30,16 +30,44 @@ def softmax_rows(x):
     return out
 
 
-def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-        reduction="mean"):
-    """Returns (loss, grad) in float64 for 2-D x; grad is d(loss)/dx of the reduced loss
-    (of sum_i L_i for reduction="none")."""
+def capped(x, softcap):
+    """s tanh(f / s) element by element (math.tanh), or x itself without a softcap."""
     x = np.asarray(x, np.float64)
+    if not softcap:
+        return x
+    return np.array([[softcap * math.tanh(v / softcap) for v in row] for row in x]).reshape(x.shape)
+
+
+def label_correct(row, k):
+    """1.0 when label k attains the row maximum (ties count), 0.0 for a row holding a NaN or
+    whose maximum is not finite."""
+    if any(math.isnan(v) for v in row):
+        return 0.0
+    m = max(row)
+    return 1.0 if math.isfinite(m) and row[k] == m else 0.0
+
+
+def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+        reduction="mean", softcap=None, stats=False):
+    """Returns (loss, grad) in float64 for 2-D x; grad is d(loss)/dx of the reduced loss
+    (of sum_i L_i for reduction="none").
+
+    With ``softcap=s`` the loss reads g = s tanh(x / s) and the gradient is d loss/dg times
+    1 - tanh^2(x / s).  A label outside [0, C) other than ignore_index gives a NaN row (loss
+    and gradient), outside the mean's denominator.  ``stats=True`` also returns
+    (z_loss part, accuracy, lse), reduced like the loss (per row for "none": z lse^2, 0 for
+    ignored rows; 1.0 / 0.0, NaN for ignored rows), lse of every row.
+    """
+    f = np.asarray(x, np.float64)
+    x = capped(f, softcap)
     n, c = x.shape
     w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
     eps = float(label_smoothing)
     rows = np.zeros(n)
     grad = np.zeros((n, c))
+    z_rows = np.zeros(n)
+    acc_rows = np.full(n, math.nan)
+    lse_rows = np.array([lse_row(x[i]) for i in range(n)]) if n else np.zeros(0)
     denom = 0.0
     for i in range(n):
         t = np.zeros(c)
@@ -47,11 +75,19 @@ def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0,
             k = int(target[i])
             if k == ignore_index:
                 continue
+            z_rows[i] = z_loss * lse_rows[i] ** 2 if z_loss else 0.0
+            if not 0 <= k < c:
+                rows[i] = math.nan
+                grad[i, :] = math.nan
+                acc_rows[i] = 0.0
+                continue
+            acc_rows[i] = label_correct(list(x[i]), k)
             denom += w[k]
             t[k] += (1 - eps) * w[k]
             for j in range(c):
                 t[j] += eps / c * w[j]
         else:
+            z_rows[i] = z_loss * lse_rows[i] ** 2 if z_loss else 0.0
             denom += 1.0
             for j in range(c):
                 t[j] = w[j] * ((1 - eps) * float(target[i, j]) + eps / c)
@@ -69,13 +105,25 @@ def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0,
         tsum = sum(t)
         for j in range(c):
             q = math.exp(x[i, j] - lse)
-            grad[i, j] = q * (tsum + 2 * z_loss * lse) - t[j]
+            dg = q * (tsum + 2 * z_loss * lse) - t[j]
+            if softcap:
+                th = math.tanh(f[i, j] / softcap)
+                dg *= 1.0 - th * th
+            grad[i, j] = dg
     if kind == "prob":
         denom = float(n)
+    counted = int(np.sum(~np.isnan(acc_rows)))
+    accuracy = float(np.nansum(acc_rows) / counted) if counted else math.nan
     if reduction == "none":
-        return rows, grad
-    if reduction == "sum":
-        return rows.sum(), grad
-    if denom == 0:
-        return 0.0, np.zeros_like(grad)
-    return rows.sum() / denom, grad / denom
+        out = rows, grad
+        st = (z_rows, acc_rows if kind == "label" else None, lse_rows)
+    elif reduction == "sum":
+        out = rows.sum(), grad
+        st = (z_rows.sum(), accuracy if kind == "label" else None, lse_rows)
+    elif denom == 0:
+        out = 0.0, np.zeros_like(grad)
+        st = (0.0, accuracy if kind == "label" else None, lse_rows)
+    else:
+        out = rows.sum() / denom, grad / denom
+        st = (z_rows.sum() / denom, accuracy if kind == "label" else None, lse_rows)
+    return out + (st,) if stats else out
