@@ -2,6 +2,8 @@
 every result equals the single-array path; bad chunking gets a clear error."""
 
 import itertools
+import math
+import zlib
 
 import numpy as np
 import pytest
@@ -68,7 +70,7 @@ OPTS = list(itertools.product(["label", "prob"], ["mean", "sum", "none"], [False
 
 @pytest.mark.parametrize("kind,reduction,weighted,smoothing", OPTS)
 def test_softmax_cross_entropy(client, kind, reduction, weighted, smoothing):
-    rng = np.random.default_rng(abs(hash((kind, reduction, weighted, smoothing))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((kind, reduction, weighted, smoothing)).encode()))
     x = rng.standard_normal((80, 7)) * 3
     if kind == "label":
         t = rng.integers(0, 7, 80)
@@ -91,7 +93,7 @@ def test_softmax_cross_entropy(client, kind, reduction, weighted, smoothing):
 @pytest.mark.parametrize("kind,reduction", list(itertools.product(["label", "prob"],
                                                                   ["mean", "sum", "none"])))
 def test_linear_cross_entropy(client, kind, reduction):
-    rng = np.random.default_rng(abs(hash(("lin", kind, reduction))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr(("lin", kind, reduction)).encode()))
     X, W, y = data(rng, 80, 5, 6, kind, np.float64)
     b = rng.standard_normal(6)
     w = rng.random(6) + 0.5
@@ -109,6 +111,79 @@ def test_linear_cross_entropy(client, kind, reduction):
     assert g2.X is None
     assert_same(loss2, want_loss)
     assert_same(g2.W, want.W, atol=1e-13)
+
+
+def assert_same_stats(got, want):
+    assert isinstance(got, gpuce.SceStats)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert isinstance(g, da.Array)
+    got = dask.compute(*got)
+    for g, w in zip(got, want):
+        assert_same(g, w)
+
+
+@pytest.mark.parametrize("kind,reduction", list(itertools.product(["label", "prob"],
+                                                                  ["mean", "sum", "none"])))
+def test_softcap_and_stats(client, kind, reduction):
+    """softcap and return_stats over blocks equal the in-memory call; the statistics reduce
+    across blocks like the loss (accuracy = correct rows / counted rows, a first block with
+    no counted row included)."""
+    rng = np.random.default_rng(zlib.crc32(repr(("stats", kind, reduction)).encode()))
+    x = rng.standard_normal((80, 7)) * 3
+    x[20, 2] = x[20].max()  # a tie at the maximum
+    if kind == "label":
+        t = rng.integers(0, 7, 80)
+        t[:13] = -100
+        t[20] = 2
+    else:
+        t = gpuce.softmax(rng.standard_normal((80, 7)))
+    kw = dict(reduction=reduction, z_loss=1e-2, softcap=2.5, label_smoothing=0.1,
+              return_grad=True, return_stats=True)
+    loss, grad, st = gpuce.softmax_cross_entropy(split(x), split(t), **kw)
+    want_loss, want_grad, want_st = gpuce.softmax_cross_entropy(x, t, **kw)
+    loss, grad = dask.compute(loss, grad)
+    assert_same(loss, want_loss)
+    assert_same(grad, want_grad)
+    assert_same_stats(st, want_st)
+    loss, st = gpuce.softmax_cross_entropy(split(x), split(t), **{**kw, "return_grad": False})
+    assert_same(loss.compute(), want_loss)
+    assert_same_stats(st, want_st)
+
+    X, W, y = data(rng, 80, 5, 7, kind, np.float64)
+    kw = dict(reduction=reduction, z_loss=1e-2, softcap=2.5, reg=0.1, return_grad=True,
+              return_stats=True)
+    loss, g, st = gpuce.linear_cross_entropy(split(X), W, split(y), **kw)
+    want_loss, want_g, want_st = gpuce.linear_cross_entropy(X, W, y, **kw)
+    loss, g = dask.compute(loss, g)
+    assert_same(loss, want_loss)
+    for got_, want_ in zip(g, want_g):
+        assert_same(got_, want_, atol=1e-13)
+    assert_same_stats(st, want_st)
+    loss, st = gpuce.linear_cross_entropy(split(X), W, split(y), chunk_size=4,
+                                          **{**kw, "return_grad": False})
+    assert_same(loss.compute(), want_loss)
+    assert_same_stats(st, want_st)
+
+
+def test_check_labels_false(client):
+    rng = np.random.default_rng(zlib.crc32(b"dask check_labels"))
+    x = rng.standard_normal((80, 7))
+    t = rng.integers(0, 7, 80)
+    t[50] = 9
+    with pytest.raises(ValueError, match=r"label 9 at position \(50,\)"):
+        gpuce.softmax_cross_entropy(split(x), split(t)).compute()
+    for reduction in ("none", "mean"):
+        got = gpuce.softmax_cross_entropy(split(x), split(t), reduction=reduction,
+                                          check_labels=False).compute()
+        want = gpuce.softmax_cross_entropy(x, t, reduction=reduction, check_labels=False)
+        assert_same(got, want)
+        assert np.isnan(got).any() and (reduction == "mean" or np.isfinite(np.delete(got, 50)).all())
+    X, W, _ = data(rng, 80, 4, 7, "label", np.float64)
+    got = gpuce.linear_cross_entropy(split(X), W, split(t), reduction="mean",
+                                     check_labels=False, weight=np.ones(7)).compute()
+    assert math.isnan(float(got))
 
 
 def test_large_operands_are_broadcast(client, monkeypatch):
