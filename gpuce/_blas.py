@@ -4,11 +4,18 @@
 
     out = alpha · op(A) @ op(B) + beta · out          (op = identity "N" or transpose "T")
 
-* NumPy: scipy's BLAS gemm writing into ``out`` (float32 / float64); float16 is multiplied
-  in float32 and rounded once;
+* NumPy: scipy's BLAS gemm writing into ``out`` (float32 / float64); float16 and bfloat16
+  (no BLAS has them) are multiplied in float32 from float32 copies of A and B (the operands
+  the caller passes: the linear model's row chunks and W, never a whole X) and rounded once
+  into ``out`` (to nearest even), or written straight into a float32 ``out``;
 * CuPy float32 / float64: ``cupy.cublas.gemm`` (cuBLAS, alpha and beta folded in);
-* CuPy float16: ``cublasGemmEx`` with float16 storage and float32 compute
-  (CUBLAS_COMPUTE_32F), so a beta = 1 accumulation never needs a float32 copy of ``out``.
+* CuPy float16 / bfloat16: ``cublasGemmEx`` with float16 (CUDA_R_16F) or bfloat16
+  (CUDA_R_16BF) storage of A and B and float32 compute (CUBLAS_COMPUTE_32F); ``out`` is
+  stored in the inputs' dtype or in float32 (a beta = 1 accumulation in float32, as the
+  linear model's bfloat16 dW).
+
+A and B have one dtype; ``out`` has it too, or is float32 when A and B are float16 or
+bfloat16.
 
 CuPy's cuBLAS modules load the CUDA libraries when imported: they are imported here,
 inside the calls, never at module import (``import gpuce`` works with no GPU).
@@ -20,7 +27,9 @@ import numpy as np
 
 # cuBLAS / CUDA enum values (cublas_api.h, library_types.h), used when the binding does not
 # export them by name
+_CUDA_R_32F = 0
 _CUDA_R_16F = 2
+_CUDA_R_16BF = 14
 _CUBLAS_COMPUTE_32F = 68
 _CUBLAS_GEMM_DEFAULT = -1
 _OPS = {"N": 0, "T": 1}
@@ -52,9 +61,27 @@ def rowmajor_as_colmajor(transa, transb, A, B, out):
     return transb, transa, n, m, k, B, B.shape[1], A, A.shape[1], n
 
 
+def _half_name(dtype):
+    """"float16" or "bfloat16" for the 2-byte float dtypes (no BLAS of their own), else None."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float16:
+        return "float16"
+    return "bfloat16" if dtype.name == "bfloat16" and dtype.itemsize == 2 else None
+
+
+def _check_dtypes(A, B, out):
+    if A.dtype != B.dtype:
+        raise TypeError(f"gemm needs A and B of one dtype, got {A.dtype} and {B.dtype}")
+    if out.dtype != A.dtype and not (_half_name(A.dtype) and out.dtype == np.float32):
+        raise TypeError(f"gemm: out must have the inputs' dtype {A.dtype} (or float32 for "
+                        f"float16/bfloat16 inputs), got {out.dtype}")
+
+
 def gemm(xp, transa, transb, A, B, out, alpha=1.0, beta=0.0):
-    """``out = alpha·op(A)@op(B) + beta·out`` in place; A, B, out of one dtype; returns out."""
+    """``out = alpha·op(A)@op(B) + beta·out`` in place; returns out.  A and B of one dtype,
+    out of that dtype or, for float16/bfloat16 A and B, float32 (accumulated in float32)."""
     _, _, k = _check(transa, transb, A, B, out)
+    _check_dtypes(A, B, out)
     if out.size == 0:
         return out
     if k == 0:  # an empty sum: only the beta term
@@ -67,21 +94,25 @@ def gemm(xp, transa, transb, A, B, out, alpha=1.0, beta=0.0):
         return _gemm_numpy(transa, transb, A, B, out, alpha, beta)
     if not (A.flags.c_contiguous and B.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("gemm on CuPy needs C-contiguous A, B and out")
-    if out.dtype == np.float16:
-        return _gemm_ex_half(transa, transb, A, B, out, alpha, beta)
+    half = _half_name(A.dtype)
+    if half:
+        return _gemm_ex(transa, transb, A, B, out, alpha, beta,
+                        _CUDA_R_16F if half == "float16" else _CUDA_R_16BF)
     from cupy import cublas  # lazy: loads cuBLAS
 
     return cublas.gemm(transa, transb, A, B, out=out, alpha=float(alpha), beta=float(beta))
 
 
 def _gemm_numpy(transa, transb, A, B, out, alpha, beta):
-    if out.dtype != np.float16:
+    if not _half_name(A.dtype):
         return _gemm_scipy(transa, transb, A, B, out, alpha, beta)
-    # float16 (no half-precision BLAS): multiply in float32, round once into out
-    prod = _op(A, transa).astype(np.float32) @ _op(B, transb).astype(np.float32)
-    prod *= np.float32(alpha)
-    if beta != 0:
-        prod += np.float32(beta) * out.astype(np.float32)
+    # float16 / bfloat16 (no BLAS): float32 copies of A and B, multiplied by sgemm; into a
+    # float32 out directly, otherwise rounded once into out
+    A32, B32 = A.astype(np.float32), B.astype(np.float32)
+    if out.dtype == np.float32:
+        return _gemm_scipy(transa, transb, A32, B32, out, alpha, beta)
+    prod = out.astype(np.float32) if beta != 0 else np.empty(out.shape, np.float32)
+    _gemm_scipy(transa, transb, A32, B32, prod, alpha, beta)
     out[...] = prod
     return out
 
@@ -102,20 +133,22 @@ def _gemm_scipy(transa, transb, A, B, out, alpha, beta):
     return out
 
 
-def _gemm_ex_half(transa, transb, A, B, out, alpha, beta):
+def _gemm_ex(transa, transb, A, B, out, alpha, beta, ab_type):
+    """cublasGemmEx: A and B stored as ``ab_type`` (CUDA_R_16F or CUDA_R_16BF), out in the
+    same type or CUDA_R_32F (float32 out), float32 compute and host scalars."""
     from cupy.cuda import device
     from cupy_backends.cuda.libs import cublas  # lazy: loads cuBLAS
 
     opf, ops_, m, n, k, first, ldf, second, lds, ldc = rowmajor_as_colmajor(transa, transb, A, B, out)
     one = np.array([alpha, beta], dtype=np.float32)  # host scalars in the compute type
+    c_type = _CUDA_R_32F if out.dtype == np.float32 else ab_type
     handle = device.get_cublas_handle()
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    r16 = _CUDA_R_16F
     try:
         cublas.gemmEx(handle, _OPS[opf], _OPS[ops_], m, n, k, one.ctypes.data,
-                      first.data.ptr, r16, ldf, second.data.ptr, r16, lds,
-                      one.ctypes.data + 4, out.data.ptr, r16, ldc,
+                      first.data.ptr, ab_type, ldf, second.data.ptr, ab_type, lds,
+                      one.ctypes.data + 4, out.data.ptr, c_type, ldc,
                       getattr(cublas, "CUBLAS_COMPUTE_32F", _CUBLAS_COMPUTE_32F),
                       getattr(cublas, "CUBLAS_GEMM_DEFAULT", _CUBLAS_GEMM_DEFAULT))
     finally:

@@ -35,6 +35,7 @@ import numpy as np
 from scipy.sparse import issparse
 
 from ._backend import array_module, is_cupy_array, is_dask_array
+from ._validation import is_bfloat16
 from .linear import linear_cross_entropy
 from .sce import softmax_cross_entropy
 from .softmax import log_softmax, softmax
@@ -139,6 +140,18 @@ def _class_of(idx, classes):
         return classes[idx.get()]
     xp = array_module(idx)
     return xp.asarray(classes)[idx]
+
+
+def _bfloat16_as_float32(X):
+    """bfloat16 X (NumPy, CuPy or dask) as float32, exactly; anything else as it came.
+
+    The solvers need gradients far finer than bfloat16's 8 mantissa bits (L-BFGS's line
+    search and the tol test would stall on bfloat16 rounding), so a bfloat16 X is fitted and
+    predicted in float32: one float32 copy of X (dask: block by block, lazily)."""
+    dtype = getattr(X, "dtype", None)
+    if dtype is None or not is_bfloat16(dtype):
+        return X
+    return X.astype(np.float32)
 
 
 def _finite_block(block):
@@ -261,7 +274,9 @@ class SoftmaxClassifier(*_bases()):
     object arrays that are not numbers, empty arrays, NaN and inf are rejected with
     ValueError); y (N,) labels of a classification problem, at least 2 classes (a
     column vector warns DataConversionWarning and is raveled; continuous, NaN or inf
-    labels are rejected).  scipy.sparse X is accepted (converted to CSR).
+    labels are rejected).  scipy.sparse X is accepted (converted to CSR).  A bfloat16 X
+    (ml_dtypes; NumPy, CuPy or dask) is fitted and predicted in float32 (an exact copy:
+    the solvers need gradients finer than bfloat16's 8 bits); coef_ is then float32.
 
     See Also
     --------
@@ -337,6 +352,7 @@ class SoftmaxClassifier(*_bases()):
         """
         if not reset:
             self._check_fitted()
+        X = _bfloat16_as_float32(X)
         if _SK is not None and not (is_cupy_array(X) or is_dask_array(X)):
             X = _SK["validate_data"](self, X, reset=reset, accept_sparse="csr",
                                      dtype=(np.float64, np.float32), ensure_all_finite=True)
@@ -465,6 +481,7 @@ class SoftmaxClassifier(*_bases()):
 
     def _prepare(self, X, y):
         """Checked in-memory X, the labels as class indices and the classes."""
+        X = _bfloat16_as_float32(X)
         if _SK is not None and not (is_cupy_array(X) or is_cupy_array(y)):
             X, y = _SK["validate_data"](self, X, y, accept_sparse="csr",
                                         dtype=(np.float64, np.float32), ensure_all_finite=True,

@@ -4,8 +4,9 @@ Plain array code shared by NumPy and CuPy (no custom kernel is needed: each is
 one elementwise map and one sum).  Conventions follow scipy.special's
 ``entr`` / ``rel_entr``: ``0 log 0 = 0``, ``p log(p/0) = +inf`` for ``p > 0``, and a NaN
 in p or q makes its term (so its row) NaN.
-Results are float64 for float64 inputs and float32 otherwise, with ``axis``
-removed, so that ``cross_entropy(p, q) == entropy(p) + kl_div(p, q)`` up to rounding.
+Results are float64 for float64 inputs and float32 otherwise (float16 and bfloat16 are
+computed in float32; p and q may have different float dtypes), with ``axis`` removed,
+so that ``cross_entropy(p, q) == entropy(p) + kl_div(p, q)`` up to rounding.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def _prep(*arrays, axis):
     if len(arrays) == 2:
         V.check_same_shape(*arrays)
     axis = V.check_axis(axis, arrays[0].ndim)
-    acc = V.acc_dtype(np.result_type(*[a.dtype for a in arrays]))
+    # float64 if any input is float64, else float32 (bfloat16 and float16 have no common
+    # NumPy type: each is read in float32, exactly)
+    acc = max((V.acc_dtype(a.dtype) for a in arrays), key=lambda d: d.itemsize)
     return xp, [a.astype(acc, copy=False) for a in arrays], axis
 
 
@@ -42,7 +45,8 @@ def entropy(p, axis=-1):
     """
     xp, (p,), axis = _prep(p, axis=axis)
     pos = p > 0
-    terms = xp.where(pos, -p * xp.log(xp.where(pos, p, 1)), xp.where(p == 0, 0, -xp.inf))
+    zero, inf = p.dtype.type(0), p.dtype.type(np.inf)  # typed: keep the result in p's dtype
+    terms = xp.where(pos, -p * xp.log(xp.where(pos, p, 1)), xp.where(p == 0, zero, -inf))
     terms = xp.where(xp.isnan(p), xp.nan, terms)
     return terms.sum(axis=axis)
 
@@ -84,6 +88,6 @@ def kl_div(p, q, axis=-1):
     ps = xp.where(both, p, 1)
     qs = xp.where(both, q, 1)
     terms = xp.where(both, p * (xp.log(ps) - xp.log(qs)),
-                     xp.where((p == 0) & (q >= 0), 0, xp.inf))
+                     xp.where((p == 0) & (q >= 0), p.dtype.type(0), p.dtype.type(np.inf)))
     terms = xp.where(xp.isnan(p) | xp.isnan(q), xp.nan, terms)
     return terms.sum(axis=axis)

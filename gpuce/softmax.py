@@ -2,8 +2,9 @@
 
 All three subtract the maximum along ``axis`` first (scipy's convention: a
 non-finite maximum is replaced by 0), so no input overflows; probabilities are
-``exp((x - m) - log s)``, never ``exp(x - lse)`` with a rounded lse.  float16 inputs are
-computed in float32; results have the input's dtype.  On CuPy one
+``exp((x - m) - log s)``, never ``exp(x - lse)`` with a rounded lse.  float16 and bfloat16
+inputs are computed in float32; results have the input's dtype (rounded once from float32,
+to nearest even).  On CuPy one
 ReductionKernel pass computes the log-sum-exp (online max / sum-exp) and, for
 softmax / log_softmax, one ElementwiseKernel pass maps ``x - lse``.
 """
@@ -93,7 +94,7 @@ def logsumexp(x, axis=-1):
 
     Parameters
     ----------
-    x : numpy.ndarray or cupy.ndarray, float16/32/64
+    x : numpy.ndarray or cupy.ndarray, float16, bfloat16 (ml_dtypes), float32 or float64
     axis : int, default -1
 
     Returns
@@ -130,7 +131,7 @@ def softmax(x, axis=-1):
 
     Parameters
     ----------
-    x : numpy.ndarray or cupy.ndarray, float16/32/64
+    x : numpy.ndarray or cupy.ndarray, float16, bfloat16 (ml_dtypes), float32 or float64
     axis : int, default -1
 
     Returns
@@ -151,7 +152,7 @@ def log_softmax(x, axis=-1):
 
     Parameters
     ----------
-    x : numpy.ndarray or cupy.ndarray, float16/32/64
+    x : numpy.ndarray or cupy.ndarray, float16, bfloat16 (ml_dtypes), float32 or float64
     axis : int, default -1
 
     See Also

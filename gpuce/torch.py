@@ -5,7 +5,10 @@ arguments, class axis 1, integer or probability targets, the same loss dtype) an
 ``gpuce.torch.linear_cross_entropy`` fuses ``F.linear`` with it without materialising the
 N x C logits (gpuce's chunked linear model).  Tensors cross without copies: CUDA tensors
 become CuPy arrays through DLPack (the GPU kernels, on torch's current stream), CPU tensors
-become NumPy arrays (the NumPy path).
+become NumPy arrays (the NumPy path).  bfloat16 crosses without a copy too: NumPy has no
+bfloat16 of its own, so a CPU tensor's int16 view becomes a NumPy array reinterpreted as
+``ml_dtypes.bfloat16`` (and results go back the same way); a CUDA one goes through DLPack
+where CuPy takes bfloat16 there, else through the same int16 view.
 
 The work is done by five operators in the ``gpuce`` namespace, each with a fake (meta)
 implementation giving its outputs' shapes and dtypes, so that ``torch.compile`` treats them
@@ -58,10 +61,13 @@ from torch import Tensor
 
 from . import linear as _linear
 from ._backend import is_cupy_array
+from ._validation import bfloat16_dtype
 from .sce import softmax_cross_entropy as _sce
 from .softmax import log_softmax as _log_softmax
 
-SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the dtypes computed in float32 (their loss comes back in their own dtype, as torch's)
+_HALF = (torch.float16, torch.bfloat16)
 REDUCTIONS = ("none", "sum", "mean")
 _NO_DOUBLE_BACKWARD = (
     "gpuce.torch: double backward (differentiating {name}'s gradient again, e.g. after "
@@ -73,7 +79,30 @@ def _check_dtype(t, name):
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"gpuce.torch: {name} has dtype {t.dtype}, which gpuce does not support; supported: "
-            "torch.float16, torch.float32, torch.float64 (cast with .float() first)")
+            "torch.float16, torch.bfloat16, torch.float32, torch.float64 (cast with .float() "
+            "first)")
+    if t.dtype == torch.bfloat16:
+        _bf16()
+
+
+def _bf16():
+    """NumPy's bfloat16 dtype (ml_dtypes'), or TypeError naming the package to install."""
+    dt = bfloat16_dtype()
+    if dt is None:
+        raise TypeError("gpuce.torch: torch.bfloat16 tensors need the ml_dtypes package "
+                        "(NumPy's and CuPy's bfloat16); install it: pip install ml_dtypes")
+    return dt
+
+
+def _cupy_bf16(t):
+    """A CUDA bfloat16 tensor as a CuPy bfloat16 array on the same memory: through DLPack
+    where this CuPy takes bfloat16 there, else its int16 view reinterpreted (same bits)."""
+    import cupy
+
+    try:
+        return cupy.from_dlpack(t)
+    except (TypeError, ValueError, BufferError, RuntimeError):
+        return cupy.from_dlpack(t.view(torch.int16)).view(_bf16())
 
 
 def _check_device(*tensors):
@@ -97,9 +126,15 @@ def _to_array(t):
         return None
     t = t.detach()
     if t.is_cuda:
+        if t.dtype == torch.bfloat16:
+            return _cupy_bf16(t)
         import cupy
 
         return cupy.from_dlpack(t)
+    if t.dtype == torch.bfloat16:
+        # NumPy has no bfloat16 of its own (np.from_dlpack and Tensor.numpy refuse it): the
+        # same-size int16 view's array, reinterpreted as ml_dtypes.bfloat16 (no copy)
+        return t.resolve_neg().view(torch.int16).numpy().view(_bf16())
     return t.resolve_conj().resolve_neg().numpy()
 
 
@@ -107,10 +142,20 @@ def _to_tensor(a, dtype=None):
     """An array returned by gpuce as a C-contiguous tensor on its device (no copy where the
     array already is one): the fake implementations promise contiguous outputs."""
     if is_cupy_array(a):
-        t = torch.from_dlpack(a)
+        if a.dtype.name == "bfloat16":
+            try:
+                t = torch.from_dlpack(a)
+            except (TypeError, ValueError, BufferError, RuntimeError):
+                t = torch.from_dlpack(a.view("int16")).view(torch.bfloat16)
+        else:
+            t = torch.from_dlpack(a)
     else:
         a = np.asarray(a)
-        t = torch.from_numpy(a if a.flags.c_contiguous else a.copy())
+        a = a if a.flags.c_contiguous else a.copy()
+        if a.dtype.name == "bfloat16":  # torch.from_numpy refuses ml_dtypes: the int16 view
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
     t = t.contiguous()
     return t if dtype is None else t.to(dtype)
 
@@ -288,7 +333,7 @@ def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: O
         d_input = grad * (go.unsqueeze(-1) if reduction == "none" else go)
     if target_grad or weight_grad:
         c = logits.shape[-1]
-        acc = torch.float32 if logits.dtype == torch.float16 else logits.dtype
+        acc = torch.float32 if logits.dtype in _HALF else logits.dtype
         with _device_of(logits):
             log_q = _to_tensor(_log_softmax(_to_array(logits), axis=-1), acc)
         scale = _row_scale(grad_loss.to(acc), reduction, logits.numel() // c if c else 0)
@@ -318,7 +363,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
     Parameters
     ----------
-    input : (N, C), (C,) or (N, C, d1, ...) float16/32/64 tensor, CPU or CUDA
+    input : (N, C), (C,) or (N, C, d1, ...) float16, bfloat16, float32 or float64 tensor,
+        CPU or CUDA (bfloat16 needs ml_dtypes; computed in float32)
     target : tensor
         Integer class indices of shape (N,), () or (N, d1, ...), or class probabilities
         of input's shape.
@@ -341,7 +387,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     ``weight`` that requires grad with class-index targets raises RuntimeError, as torch's
     nll_loss does.  Double backward raises RuntimeError.  Works inside ``torch.compile``
     (the ``gpuce::cross_entropy`` operator is opaque to it).  Raises TypeError for dtypes
-    gpuce lacks (bfloat16, ...).
+    gpuce lacks (float8 types, integers, ...), and for bfloat16 where ml_dtypes is missing.
+
+    float16 and bfloat16 are computed in float32; the loss and the gradients are rounded
+    once to the input's dtype (to nearest even), as torch returns them.
 
     See Also
     --------
@@ -505,7 +554,7 @@ def _lce_target_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Ten
     in cross_entropy_backward), the logits X Wᵀ + b formed chunk by chunk (rows of
     chunk_size, or about 2^22 logits a chunk): the target gradient is the one N x C output."""
     n, c = target.shape
-    acc = torch.float32 if x.dtype == torch.float16 else x.dtype
+    acc = torch.float32 if x.dtype in _HALF else x.dtype
     d_target = target.new_empty((n, c)) if target_grad else _none(x)
     d_weight = torch.zeros(c, dtype=acc, device=x.device) if weight_grad else None
     step = chunk_size or max(1, (1 << 22) // max(c, 1))

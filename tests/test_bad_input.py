@@ -48,7 +48,7 @@ def test_integer_labels_wrong_shape(xp):
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_])
 def test_integer_logits_type_error(xp, dtype):
-    with pytest.raises(TypeError, match="logits must be float16, float32 or float64"):
+    with pytest.raises(TypeError, match="logits must be float16, bfloat16, float32 or float64"):
         sce(xp, X.astype(dtype), np.zeros(4, np.int64))
 
 
