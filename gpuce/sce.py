@@ -59,12 +59,16 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
 
     Parameters
     ----------
-    logits : numpy.ndarray or cupy.ndarray, shape (..., C), float16/32/64
-        Class axis last; any strides.  float16 accumulates in float32.  Leading dimensions
-        that do not merge into one row axis (e.g. ``(T, B, C).transpose(1, 0, 2)``) are
-        walked in row blocks: extra memory is one block, never a copy of the logits.
+    logits : numpy.ndarray or cupy.ndarray, shape (..., C), float16, bfloat16
+        (``ml_dtypes.bfloat16``), float32 or float64
+        Class axis last; any strides.  float16 and bfloat16 accumulate in float32.
+        Leading dimensions that do not merge into one row axis (e.g.
+        ``(T, B, C).transpose(1, 0, 2)``) are walked in row blocks: extra memory is one
+        block, never a copy of the logits.
     target : array, shape (...) integer labels (any integer dtype; uint64 values above
-        int64's maximum are out of range) or shape (..., C) float probabilities
+        int64's maximum are out of range) or shape (..., C) float probabilities (any of the
+        float dtypes above, read in the accumulation dtype: float16 targets with bfloat16
+        logits are not rounded to bfloat16)
     reduction : {"mean", "sum", "none"}
         "mean" with a zero denominator (no non-ignored rows, or a zero weight sum over
         them) is 0 with a zero gradient, not NaN.
@@ -108,9 +112,11 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     Returns
     -------
     loss : array
-        float32 for float16/float32 logits, float64 for float64; shape (...) for
+        float32 for float16/bfloat16/float32 logits, float64 for float64; shape (...) for
         "none", 0-d for "sum"/"mean".
     grad : array, only with return_grad=True
+        The logits' dtype; for float16 and bfloat16 the float32 gradient rounded once, to
+        nearest even.
     stats : SceStats, only with return_stats=True (last)
         ``z_loss``: the z-loss part ``sum_i z lse_i^2`` over the non-ignored rows, reduced
         like the loss (divided by the mean's denominator for "mean"), so ``loss - z_loss``

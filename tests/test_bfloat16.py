@@ -533,3 +533,26 @@ def test_classifier_fits_bfloat16_X_in_float32():
             for v in (X, X.astype(F32))]
     assert fits[0].coef_.dtype == F32
     np.testing.assert_array_equal(np.asarray(fits[0].coef_), np.asarray(fits[1].coef_))
+
+
+def test_dask_local_cluster_bfloat16():
+    """bfloat16 blocks and the float32 partials cross process boundaries (2 worker
+    processes): the same results as the single-array path."""
+    da = pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    rng = rng_for("bf16 dask cluster")
+    X, W, b, y = linear_data(rng, n=60)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, worker_dashboard_address=None)
+    with cluster, distributed.Client(cluster):
+        Xd = da.from_array(X, chunks=((20, 40), (16,)))
+        yd = da.from_array(y, chunks=((20, 40),))
+        loss, g = gpuce.linear_cross_entropy(Xd, W, yd, bias=b, reg=0.1, return_grad=True)
+        loss, dX, dW, db = dask.compute(loss, g.X, g.W, g.bias)
+    want = gpuce.linear_cross_entropy(X, W, y, bias=b, reg=0.1, return_grad=True)
+    assert dX.dtype == dW.dtype == db.dtype == BF and loss.dtype == F32
+    np.testing.assert_allclose(loss, want[0], rtol=1e-6)
+    for a, c in zip((dX, dW, db), want[1]):
+        np.testing.assert_allclose(up(a), up(c), rtol=2.0**-8, atol=1e-30)

@@ -183,7 +183,8 @@ def test_opcheck_bfloat16():
     _, p = data(32, 5, 4, "prob")
     w = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=BF)
     x.requires_grad_()
-    for args in [(x, t, w, "mean", -100, 0.1, 0.0, True), (x, p, None, "none", -100, 0.1, 0.01, True),
+    for args in [(x, t, w, "mean", -100, 0.1, 0.0, True),
+                 (x, p, None, "none", -100, 0.1, 0.01, True),
                  (x, p, None, "sum", -100, 0.0, 0.0, False)]:
         opcheck(ops.cross_entropy.default, args)
     opcheck(ops.cross_entropy_backward.default,
