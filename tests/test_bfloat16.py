@@ -95,6 +95,17 @@ def test_every_option(xp, kind, reduction, weighted, smoothing, z):
           z_loss=z)
 
 
+def test_ignore_index_inside_range_and_int32_labels(xp):
+    rng = rng_for("bf16 ignore_index")
+    x, t = make(rng, (40, 9), "label", ignore_frac=0)
+    t = t.astype(np.int32)
+    t[::3] = 4  # an ignore_index that is also a class
+    weight = bf16(rng.random(9) + 0.5)
+    for reduction in ("mean", "none"):
+        check(xp, x, t, "label", weight=weight, ignore_index=4, reduction=reduction,
+              label_smoothing=0.2)
+
+
 def test_gradient_is_rounded_once_to_nearest_even():
     """The bfloat16 gradient is exactly the float32 gradient (of the same logits, upcast)
     rounded to nearest even: the float16 rule."""
