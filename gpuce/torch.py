@@ -16,24 +16,34 @@ as opaque calls (``fullgraph=True`` traces without a break; nothing of the NumPy
 traced)::
 
     gpuce::cross_entropy(Tensor logits, Tensor target, Tensor? weight, str reduction,
-        SymInt ignore_index, float label_smoothing, float z_loss, bool input_grad)
-        -> (Tensor loss, Tensor grad)
+        SymInt ignore_index, float label_smoothing, float z_loss, bool input_grad,
+        float softcap=0., bool return_stats=False, bool check_labels=True)
+        -> (Tensor loss, Tensor grad, Tensor z_loss, Tensor accuracy, Tensor lse)
     gpuce::cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target,
         Tensor? weight, str reduction, SymInt ignore_index, float label_smoothing,
-        float z_loss, bool input_grad, bool target_grad, bool weight_grad)
+        float z_loss, bool input_grad, bool target_grad, bool weight_grad,
+        float softcap=0., bool check_labels=True)
         -> (Tensor d_logits, Tensor d_target, Tensor d_weight)
     gpuce::linear_cross_entropy(Tensor x, Tensor w, Tensor target, Tensor? bias,
         Tensor? ce_weight, str reduction, SymInt ignore_index, float label_smoothing,
-        float z_loss, SymInt? chunk_size, bool input_grad, bool need_grad)
-        -> (Tensor loss, Tensor d_x, Tensor d_w, Tensor d_b)
+        float z_loss, SymInt? chunk_size, bool input_grad, bool need_grad,
+        float softcap=0., bool return_stats=False, bool check_labels=True)
+        -> (Tensor loss, Tensor d_x, Tensor d_w, Tensor d_b, Tensor z_loss, Tensor accuracy,
+            Tensor lse)
     gpuce::linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor w, Tensor target,
         Tensor? bias, Tensor? ce_weight, str reduction, SymInt ignore_index,
-        float label_smoothing, float z_loss, SymInt? chunk_size, bool input_grad)
+        float label_smoothing, float z_loss, SymInt? chunk_size, bool input_grad,
+        float softcap=0., bool check_labels=True)
         -> (Tensor d_x, Tensor d_w, Tensor d_b)
     gpuce::linear_cross_entropy_target_backward(Tensor grad_loss, Tensor x, Tensor w,
         Tensor target, Tensor? bias, Tensor? ce_weight, str reduction, float label_smoothing,
-        SymInt? chunk_size, bool target_grad, bool weight_grad)
+        SymInt? chunk_size, bool target_grad, bool weight_grad, float softcap=0.)
         -> (Tensor d_target, Tensor d_ce_weight)
+
+The LLM-head options (softcap, 0. for none; return_stats; check_labels) come last, with
+defaults.  The statistics (z-loss part, token accuracy, per-row lse: gpuce.SceStats) are
+outputs of the forward operators, empty tensors unless return_stats, and carry no gradient
+(marked non-differentiable).
 
 The forward operators take the class axis last.  With a ``True`` grad flag they compute the
 gradient of the returned loss in the same fused pass and return it beside the loss (an empty
@@ -59,6 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _validation as _V
 from . import linear as _linear
 from ._backend import is_cupy_array
 from ._validation import bfloat16_dtype
@@ -165,6 +176,45 @@ def _none(like):
     return like.new_empty((0,))
 
 
+def _acc_of(dtype):
+    """The accumulation dtype of an input dtype (float32 for the 16-bit ones)."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _stats_tensors(st, like, return_stats):
+    """A SceStats of arrays as the operators' three stats outputs: z_loss in the loss's dtype
+    (like's), accuracy (empty for probability targets) and lse in the accumulation dtype;
+    three empty tensors without return_stats."""
+    if not return_stats:
+        return _none(like), _none(like), _none(like)
+    acc = _acc_of(like.dtype)
+    return (_to_tensor(st.z_loss, like.dtype),
+            _none(like) if st.accuracy is None else _to_tensor(st.accuracy, acc),
+            _to_tensor(st.lse, acc))
+
+
+def _stats_fake(like, lead, reduction, label, return_stats):
+    """The fake (meta) stats outputs matching :func:`_stats_tensors`."""
+    if not return_stats:
+        return _none(like), _none(like), _none(like)
+    shape = tuple(lead) if reduction == "none" else ()
+    acc = _acc_of(like.dtype)
+    return (like.new_empty(shape), like.new_empty(shape, dtype=acc) if label else _none(like),
+            like.new_empty(tuple(lead), dtype=acc))
+
+
+def _llm_options(softcap, return_stats, check_labels):
+    """The checked (softcap as a float, 0. for none; return_stats; check_labels)."""
+    return _V.check_softcap(softcap), _V._flag(return_stats, "return_stats"), \
+        _V._flag(check_labels, "check_labels")
+
+
+def _capped(logits, softcap):
+    """softcap · tanh(logits / softcap) as a new tensor (for the backward operators that form
+    log q again), or the logits themselves."""
+    return logits if not softcap else torch.tanh(logits / softcap) * softcap
+
+
 @contextlib.contextmanager
 def _device_of(t):
     """For a CUDA tensor: CuPy on its device and on torch's current stream there, so that
@@ -258,41 +308,52 @@ def _raise_double_backward(name):
 @torch.library.custom_op("gpuce::cross_entropy", mutates_args=(), device_types=("cpu", "cuda"))
 def _ce_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
            ignore_index: int, label_smoothing: float, z_loss: float,
-           input_grad: bool) -> tuple[Tensor, Tensor]:
-    """gpuce.softmax_cross_entropy on (..., C) logits: the loss (logits' dtype) and, with
-    input_grad, the gradient of the loss with respect to the logits (else empty)."""
+           input_grad: bool, softcap: float = 0.0, return_stats: bool = False,
+           check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """gpuce.softmax_cross_entropy on (..., C) logits: the loss (logits' dtype), with
+    input_grad the gradient of the loss with respect to the logits (else empty), and with
+    return_stats the statistics z_loss, accuracy, lse (else empty)."""
     with _device_of(logits):
         out = _sce(_to_array(logits), _to_array(target), weight=_to_array(weight),
                    reduction=reduction, ignore_index=ignore_index,
-                   label_smoothing=label_smoothing, z_loss=z_loss, return_grad=input_grad)
-        loss, grad = out if input_grad else (out, None)
+                   label_smoothing=label_smoothing, z_loss=z_loss, return_grad=input_grad,
+                   softcap=softcap or None, return_stats=return_stats,
+                   check_labels=check_labels)
+        out = out if isinstance(out, tuple) else (out,)
+        loss, grad = out[0], (out[1] if input_grad else None)
         return (_to_tensor(loss, logits.dtype),
-                _none(logits) if grad is None else _to_tensor(grad, logits.dtype))
+                _none(logits) if grad is None else _to_tensor(grad, logits.dtype),
+                *_stats_tensors(out[-1], logits, return_stats))
 
 
 @_ce_op.register_fake
-def _ce_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad):
+def _ce_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad,
+             softcap=0.0, return_stats=False, check_labels=True):
     _check_reduction(reduction)
     shape = logits.shape[:-1] if reduction == "none" else ()
     return (logits.new_empty(shape),
-            logits.new_empty(logits.shape) if input_grad else _none(logits))
+            logits.new_empty(logits.shape) if input_grad else _none(logits),
+            *_stats_fake(logits, logits.shape[:-1], reduction, not target.is_floating_point(),
+                         return_stats))
 
 
 def _ce_setup_context(ctx, inputs, output):
     """Keeps the forward pass's gradient; the logits and the target only where backward
     needs them (gradients for the target or the weight, or no gradient computed forward),
     so that the N x C logits are not held until backward for nothing."""
-    logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad = inputs
+    (logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad,
+     softcap, _, check_labels) = inputs
     need_x, need_t, need_w = ctx.needs_input_grad[:3]
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(*output[1:])  # the gradient and the statistics
     ctx.recompute = need_x and not input_grad
     keep = ctx.recompute or need_t or need_w
     ctx.save_for_backward(output[1] if input_grad else None, *((logits, target, weight) if keep
                                                               else (None, None, None)))
     ctx.opts = (reduction, ignore_index, label_smoothing, z_loss)
+    ctx.llm = (softcap, check_labels)
 
 
-def _ce_autograd_backward(ctx, grad_loss, _grad_of_grad):
+def _ce_autograd_backward(ctx, grad_loss, *_grads_of_other_outputs):
     grad, logits, target, weight = ctx.saved_tensors
     need_x, need_t, need_w = ctx.needs_input_grad[:3]
     reduction = ctx.opts[0]
@@ -302,10 +363,10 @@ def _ce_autograd_backward(ctx, grad_loss, _grad_of_grad):
         d_x = grad * (go.unsqueeze(-1) if reduction == "none" else go)
     if ctx.recompute or need_t or need_w:
         d = torch.ops.gpuce.cross_entropy_backward(grad_loss, logits, target, weight, *ctx.opts,
-                                                   ctx.recompute, need_t, need_w)
+                                                   ctx.recompute, need_t, need_w, *ctx.llm)
         d_x = d[0] if ctx.recompute else d_x
         d_t, d_w = (d[1] if need_t else None), (d[2] if need_w else None)
-    return _first_order_only("cross_entropy", (d_x, d_t, d_w)) + (None,) * 5
+    return _first_order_only("cross_entropy", (d_x, d_t, d_w)) + (None,) * 8
 
 
 _ce_op.register_autograd(_ce_autograd_backward, setup_context=_ce_setup_context)
@@ -315,27 +376,29 @@ _ce_op.register_autograd(_ce_autograd_backward, setup_context=_ce_setup_context)
                          device_types=("cpu", "cuda"))
 def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                     reduction: str, ignore_index: int, label_smoothing: float, z_loss: float,
-                    input_grad: bool, target_grad: bool,
-                    weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    input_grad: bool, target_grad: bool, weight_grad: bool,
+                    softcap: float = 0.0,
+                    check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of Σ g·L (g = grad_loss) with respect to the logits (gpuce's fused pass
     again: for a forward pass that did not compute it), the probability target and the
     class weight; empty where not asked for.
 
     With p′ = (1−ε) p + ε/C and A_ic = −log q_ic · s_i (s_i the row's share of g: g_i for
     reduction="none", g for "sum", g/N for "mean", N the number of rows):
-    ∂/∂p_ic = (1−ε) w_c A_ic and ∂/∂w_c = Σ_i p′_ic A_ic (log q from gpuce.log_softmax).
+    ∂/∂p_ic = (1−ε) w_c A_ic and ∂/∂w_c = Σ_i p′_ic A_ic (log q from gpuce.log_softmax,
+    of the capped logits s·tanh(f/s) with a softcap).
     """
     d_input, d_target, d_weight = _none(logits), _none(logits), _none(logits)
     if input_grad:
         grad = _ce_op(logits, target, weight, reduction, ignore_index, label_smoothing,
-                      z_loss, True)[1]
+                      z_loss, True, softcap, False, check_labels)[1]
         go = grad_loss.to(grad.dtype)
         d_input = grad * (go.unsqueeze(-1) if reduction == "none" else go)
     if target_grad or weight_grad:
         c = logits.shape[-1]
         acc = torch.float32 if logits.dtype in _HALF else logits.dtype
         with _device_of(logits):
-            log_q = _to_tensor(_log_softmax(_to_array(logits), axis=-1), acc)
+            log_q = _to_tensor(_log_softmax(_to_array(_capped(logits, softcap)), axis=-1), acc)
         scale = _row_scale(grad_loss.to(acc), reduction, logits.numel() // c if c else 0)
         dt, dw = _soft_target_grads(log_q, target, weight, scale, label_smoothing, target_grad,
                                     weight_grad)
@@ -348,7 +411,8 @@ def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: O
 
 @_ce_backward_op.register_fake
 def _ce_backward_fake(grad_loss, logits, target, weight, reduction, ignore_index,
-                      label_smoothing, z_loss, input_grad, target_grad, weight_grad):
+                      label_smoothing, z_loss, input_grad, target_grad, weight_grad,
+                      softcap=0.0, check_labels=True):
     return (logits.new_empty(logits.shape) if input_grad else _none(logits),
             target.new_empty(target.shape) if target_grad else _none(logits),
             weight.new_empty(weight.shape) if weight_grad else _none(logits))
@@ -358,7 +422,8 @@ _ce_backward_op.register_autograd(_raise_double_backward("cross_entropy"))
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0):
+                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+                  return_stats=False, check_labels=True):
     """``torch.nn.functional.cross_entropy`` on gpuce's fused kernels.
 
     Parameters
@@ -373,10 +438,24 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         them).
     z_loss : float, keyword only
         gpuce's extra z_loss · lse² term per row (0 = torch's loss).
+    softcap : float > 0, keyword only
+        Logit soft-capping (Gemma 2/3): the loss of softcap · tanh(input / softcap), its
+        gradient chained through the cap, in the same fused pass (None: off).
+    return_stats : bool, keyword only
+        Also return a :class:`gpuce.SceStats` of tensors computed in the same pass, with no
+        gradient: ``z_loss`` (the z-loss part of the loss, reduced like it; input's dtype),
+        ``accuracy`` (class indices only, else None: the share of non-ignored rows whose
+        class attains the row maximum, ties correct, NaN rows wrong, NaN when no row
+        counts; float32, float64 for float64 input) and ``lse`` (per row of the (capped)
+        logits, the loss's "none" shape, ignored rows included).  For reduction="none",
+        z_loss and accuracy are per row (0 and NaN for ignored rows).
+    check_labels : bool, keyword only
+        False: a class index outside [0, C) other than ignore_index is not reported (no
+        host sync for the check on CUDA); its row's loss and gradient are NaN.
 
     Returns
     -------
-    Tensor
+    Tensor, or (Tensor, SceStats) with return_stats
         The loss, in input's dtype (as torch).
 
     Notes
@@ -415,11 +494,15 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise RuntimeError("gpuce.torch.cross_entropy with class-index targets is not "
                            "differentiable with respect to weight (as torch's nll_loss); "
                            "pass weight.detach(), or probability targets")
+    softcap, return_stats, check_labels = _llm_options(softcap, return_stats, check_labels)
     x = input.movedim(1, -1) if input.dim() >= 2 else input  # gpuce: classes last
     t = target.movedim(1, -1) if prob and target.dim() >= 2 else target
-    loss, _ = _ce_op(x, t, weight, reduction, int(ignore_index), float(label_smoothing),
-                     float(z_loss), grad_mode and input.requires_grad)
-    return loss
+    out = _ce_op(x, t, weight, reduction, int(ignore_index), float(label_smoothing),
+                 float(z_loss), grad_mode and input.requires_grad, softcap, return_stats,
+                 check_labels)
+    if not return_stats:
+        return out[0]
+    return out[0], _V.SceStats(out[2], None if prob else out[3], out[4])
 
 
 # ---------------------------------------------------------------------------------------
@@ -427,13 +510,16 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 # ---------------------------------------------------------------------------------------
 
 def _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoothing,
-                  z_loss, chunk_size, input_grad, row_scale=None):
-    """gpuce's chunked pass with return_grad: (loss, dX or None, dW, db or None) arrays."""
+                  z_loss, chunk_size, input_grad, row_scale=None, softcap=0.0,
+                  return_stats=False, check_labels=True):
+    """gpuce's chunked pass with return_grad: (loss, LinearGrads) arrays, and the SceStats
+    last with return_stats."""
     arrays = [_to_array(v) for v in (x, w, target, bias, ce_weight, row_scale)]
     return _linear.linear_cross_entropy(
         *arrays[:3], bias=arrays[3], weight=arrays[4], grad_row_scale=arrays[5],
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, chunk_size=chunk_size, return_grad=True, input_grad=input_grad)
+        z_loss=z_loss, chunk_size=chunk_size, return_grad=True, input_grad=input_grad,
+        softcap=softcap or None, return_stats=return_stats, check_labels=check_labels)
 
 
 def _grad_tensors(grads, x, w, bias):
@@ -447,46 +533,58 @@ def _grad_tensors(grads, x, w, bias):
 def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
             ce_weight: Optional[Tensor], reduction: str, ignore_index: int,
             label_smoothing: float, z_loss: float, chunk_size: Optional[int], input_grad: bool,
-            need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            need_grad: bool, softcap: float = 0.0, return_stats: bool = False,
+            check_labels: bool = True
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gpuce.linear_cross_entropy: the loss and, with need_grad (reductions "mean" and
     "sum" only), the gradients (dX only with input_grad, db only with a bias) of the loss,
-    computed in the same chunked pass (empty tensors where not computed)."""
+    computed in the same chunked pass, then with return_stats the statistics z_loss,
+    accuracy, lse (empty tensors where not computed)."""
     with _device_of(x):
         if need_grad and reduction != "none":
-            loss, grads = _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index,
-                                        label_smoothing, z_loss, chunk_size, input_grad)
-            return (_to_tensor(loss, x.dtype),) + _grad_tensors(grads, x, w, bias)
+            out = _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index,
+                                label_smoothing, z_loss, chunk_size, input_grad, None, softcap,
+                                return_stats, check_labels)
+            return ((_to_tensor(out[0], x.dtype),) + _grad_tensors(out[1], x, w, bias)
+                    + _stats_tensors(out[-1], x, return_stats))
         arrays = [_to_array(v) for v in (x, w, target, bias, ce_weight)]
-        loss = _linear.linear_cross_entropy(
+        out = _linear.linear_cross_entropy(
             *arrays[:3], bias=arrays[3], weight=arrays[4], reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            chunk_size=chunk_size)
-        return (_to_tensor(loss, x.dtype), _none(x), _none(x), _none(x))
+            chunk_size=chunk_size, softcap=softcap or None, return_stats=return_stats,
+            check_labels=check_labels)
+        loss, st = out if return_stats else (out, None)
+        return ((_to_tensor(loss, x.dtype), _none(x), _none(x), _none(x))
+                + _stats_tensors(st, x, return_stats))
 
 
 @_lce_op.register_fake
 def _lce_fake(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoothing, z_loss,
-              chunk_size, input_grad, need_grad):
+              chunk_size, input_grad, need_grad, softcap=0.0, return_stats=False,
+              check_labels=True):
     _check_reduction(reduction)
     loss = x.new_empty(x.shape[:1] if reduction == "none" else ())
+    stats = _stats_fake(x, x.shape[:1], reduction, not target.is_floating_point(), return_stats)
     if not need_grad or reduction == "none":
-        return loss, _none(x), _none(x), _none(x)
+        return (loss, _none(x), _none(x), _none(x)) + stats
     return (loss, x.new_empty(x.shape) if input_grad else _none(x), w.new_empty(w.shape),
-            _none(x) if bias is None else bias.new_empty(bias.shape))
+            _none(x) if bias is None else bias.new_empty(bias.shape)) + stats
 
 
 def _lce_setup_context(ctx, inputs, output):
     """Keeps the forward pass's gradients; the inputs only where backward runs gpuce's pass
     again (reduction="none", gradients for the target or ce_weight, or none computed)."""
-    x, w, target, bias, ce_weight, reduction, *opts, input_grad, need_grad = inputs
+    (x, w, target, bias, ce_weight, reduction, *opts, input_grad, need_grad, softcap, _,
+     check_labels) = inputs
     need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])  # the gradients and the statistics
     have = need_grad and reduction != "none" and (input_grad or not need_x)
     ctx.recompute = (need_x or need_w or need_b) and not have
     keep = ctx.recompute or need_t or need_cw
-    ctx.save_for_backward(*(output[1:] if have else (None,) * 3),
+    ctx.save_for_backward(*(output[1:4] if have else (None,) * 3),
                           *((x, w, target, bias, ce_weight) if keep else (None,) * 5))
     ctx.opts = (reduction, *opts)  # reduction, ignore_index, label_smoothing, z_loss, chunk_size
+    ctx.llm = (softcap, check_labels)
 
 
 def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
@@ -495,7 +593,7 @@ def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
     reduction, _, label_smoothing, _, chunk_size = ctx.opts
     if ctx.recompute:
         d_x, d_w, d_b = torch.ops.gpuce.linear_cross_entropy_backward(
-            grad_loss, x, w, target, bias, ce_weight, *ctx.opts, need_x)
+            grad_loss, x, w, target, bias, ce_weight, *ctx.opts, need_x, *ctx.llm)
     elif need_x or need_w or need_b:
         go = grad_loss.to(d_w.dtype)
         d_x, d_w, d_b = (g * go if need else None for g, need in zip((d_x, d_w, d_b),
@@ -504,10 +602,10 @@ def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
     if need_t or need_cw:
         d_t, d_cw = torch.ops.gpuce.linear_cross_entropy_target_backward(
             grad_loss, x, w, target, bias, ce_weight, reduction, label_smoothing, chunk_size,
-            need_t, need_cw)
+            need_t, need_cw, ctx.llm[0])
     grads = tuple(g if need else None for g, need in zip((d_x, d_w, d_t, d_b, d_cw),
                                                          (need_x, need_w, need_t, need_b, need_cw)))
-    return _first_order_only("linear_cross_entropy", grads) + (None,) * 7
+    return _first_order_only("linear_cross_entropy", grads) + (None,) * 10
 
 
 _lce_op.register_autograd(_lce_autograd_backward, setup_context=_lce_setup_context)
@@ -518,7 +616,8 @@ _lce_op.register_autograd(_lce_autograd_backward, setup_context=_lce_setup_conte
 def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
                      bias: Optional[Tensor], ce_weight: Optional[Tensor], reduction: str,
                      ignore_index: int, label_smoothing: float, z_loss: float,
-                     chunk_size: Optional[int], input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     chunk_size: Optional[int], input_grad: bool, softcap: float = 0.0,
+                     check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of Σ g·L (g = grad_loss) for X (with input_grad), W and the bias (empty
     without one): gpuce's chunked pass again, each gradient row scaled by g_i
     (``grad_row_scale``) before the products for reduction="none", the result scaled by g
@@ -526,7 +625,8 @@ def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
     with _device_of(x):
         scale = grad_loss.contiguous() if reduction == "none" else None
         _, grads = _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index,
-                                 label_smoothing, z_loss, chunk_size, input_grad, scale)
+                                 label_smoothing, z_loss, chunk_size, input_grad, scale, softcap,
+                                 False, check_labels)
         d = _grad_tensors(grads, x, w, bias)
     if reduction != "none":
         go = grad_loss.to(d[1].dtype)
@@ -536,7 +636,8 @@ def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
 
 @_lce_backward_op.register_fake
 def _lce_backward_fake(grad_loss, x, w, target, bias, ce_weight, reduction, ignore_index,
-                       label_smoothing, z_loss, chunk_size, input_grad):
+                       label_smoothing, z_loss, chunk_size, input_grad, softcap=0.0,
+                       check_labels=True):
     return (x.new_empty(x.shape) if input_grad else _none(x), w.new_empty(w.shape),
             _none(x) if bias is None else bias.new_empty(bias.shape))
 
@@ -549,7 +650,8 @@ _lce_backward_op.register_autograd(_raise_double_backward("linear_cross_entropy"
 def _lce_target_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
                             bias: Optional[Tensor], ce_weight: Optional[Tensor], reduction: str,
                             label_smoothing: float, chunk_size: Optional[int],
-                            target_grad: bool, weight_grad: bool) -> tuple[Tensor, Tensor]:
+                            target_grad: bool, weight_grad: bool,
+                            softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """Gradients of Σ g·L for a probability target (N, C) and the class weight ce_weight (as
     in cross_entropy_backward), the logits X Wᵀ + b formed chunk by chunk (rows of
     chunk_size, or about 2^22 logits a chunk): the target gradient is the one N x C output."""
@@ -565,6 +667,7 @@ def _lce_target_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Ten
         logits = x[lo:hi].to(acc) @ wt
         if bias is not None:
             logits += bias.to(acc)
+        logits = _capped(logits, softcap)
         with _device_of(x):
             log_q = _to_tensor(_log_softmax(_to_array(logits), axis=-1), acc)
         scale = _row_scale(go[lo:hi] if reduction == "none" else go, reduction, n)
@@ -579,7 +682,7 @@ def _lce_target_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Ten
 
 @_lce_target_backward_op.register_fake
 def _lce_target_backward_fake(grad_loss, x, w, target, bias, ce_weight, reduction,
-                              label_smoothing, chunk_size, target_grad, weight_grad):
+                              label_smoothing, chunk_size, target_grad, weight_grad, softcap=0.0):
     return (target.new_empty(target.shape) if target_grad else _none(x),
             ce_weight.new_empty(ce_weight.shape) if weight_grad else _none(x))
 
@@ -588,7 +691,8 @@ _lce_target_backward_op.register_autograd(_raise_double_backward("linear_cross_e
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, reduction="mean",
-                         ignore_index=-100, label_smoothing=0.0, z_loss=0.0, chunk_size=None):
+                         ignore_index=-100, label_smoothing=0.0, z_loss=0.0, chunk_size=None,
+                         softcap=None, return_stats=False, check_labels=True):
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the N x C logits.
 
     Parameters
@@ -604,10 +708,13 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, re
         As torch; z_loss as gpuce.softmax_cross_entropy.
     chunk_size : int, optional
         Rows per chunk (None: chosen from the free memory).
+    softcap, return_stats, check_labels
+        As in :func:`cross_entropy` (the cap applies to each chunk's logits in the chunk
+        buffer; the statistics' row axes are input.shape[:-1]).
 
     Returns
     -------
-    Tensor
+    Tensor, or (Tensor, SceStats) with return_stats
         The loss in input's dtype: a scalar, or input.shape[:-1] for reduction="none".
 
     Notes
@@ -653,32 +760,45 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, re
     if tuple(target.shape) != want:
         raise ValueError(f"target must have shape {want} (input {tuple(input.shape)}, "
                          f"weight {tuple(weight.shape)}), got {tuple(target.shape)}")
+    softcap, return_stats, check_labels = _llm_options(softcap, return_stats, check_labels)
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1, target.shape[-1]) if prob else target.reshape(-1)
     need = grad_mode and any(v is not None and v.requires_grad for v in (input, weight, bias))
-    loss = _lce_op(x, weight, t, bias, ce_weight, reduction, int(ignore_index),
-                   float(label_smoothing), float(z_loss), chunk_size,
-                   need and input.requires_grad, need and reduction != "none")[0]
-    return loss.reshape(lead) if reduction == "none" else loss
+    out = _lce_op(x, weight, t, bias, ce_weight, reduction, int(ignore_index),
+                  float(label_smoothing), float(z_loss), chunk_size,
+                  need and input.requires_grad, need and reduction != "none", softcap,
+                  return_stats, check_labels)
+    loss = out[0].reshape(lead) if reduction == "none" else out[0]
+    if not return_stats:
+        return loss
+    z, acc, lse = out[4:]
+    if reduction == "none":
+        z, acc = z.reshape(lead), (acc if prob else acc.reshape(lead))
+    return loss, _V.SceStats(z, None if prob else acc, lse.reshape(lead))
 
 
 class CrossEntropyLoss(torch.nn.Module):
     """``torch.nn.CrossEntropyLoss`` on gpuce's kernels (same constructor; ``weight`` is a
-    buffer, as in torch), plus gpuce's keyword-only ``z_loss``."""
+    buffer, as in torch), plus gpuce's keyword-only ``z_loss``, ``softcap``, ``return_stats``
+    (forward then returns ``(loss, stats)``) and ``check_labels``."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                 reduction="mean", label_smoothing=0.0, *, z_loss=0.0):
+                 reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+                 return_stats=False, check_labels=True):
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = _legacy_reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        _llm_options(softcap, return_stats, check_labels)  # errors at construction
+        self.softcap, self.return_stats, self.check_labels = softcap, return_stats, check_labels
 
     def forward(self, input, target):
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
-                             z_loss=self.z_loss)
+                             z_loss=self.z_loss, softcap=self.softcap,
+                             return_stats=self.return_stats, check_labels=self.check_labels)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -686,7 +806,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     with the language-model head's ``weight`` (and ``bias``) passed per call."""
 
     def __init__(self, ce_weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                 z_loss=0.0, chunk_size=None):
+                 z_loss=0.0, chunk_size=None, softcap=None, return_stats=False,
+                 check_labels=True):
         super().__init__()
         self.register_buffer("ce_weight", ce_weight)
         self.reduction = reduction
@@ -694,9 +815,13 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.chunk_size = chunk_size
+        _llm_options(softcap, return_stats, check_labels)  # errors at construction
+        self.softcap, self.return_stats, self.check_labels = softcap, return_stats, check_labels
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(input, weight, target, bias, ce_weight=self.ce_weight,
                                     reduction=self.reduction, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                                    chunk_size=self.chunk_size)
+                                    chunk_size=self.chunk_size, softcap=self.softcap,
+                                    return_stats=self.return_stats,
+                                    check_labels=self.check_labels)
