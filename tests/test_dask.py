@@ -186,6 +186,17 @@ def test_check_labels_false(client):
     assert math.isnan(float(got))
 
 
+def test_bad_softcap_raises_when_the_graph_is_built():
+    x, t = split(np.zeros((80, 3))), split(np.zeros(80, np.int64))
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="softcap"):
+            gpuce.softmax_cross_entropy(x, t, softcap=bad)
+        with pytest.raises(ValueError, match="softcap"):
+            gpuce.linear_cross_entropy(x, np.zeros((4, 3)), t, softcap=bad)
+    with pytest.raises(TypeError, match="softcap"):
+        gpuce.softmax_cross_entropy(x, t, softcap=True)
+
+
 def test_large_operands_are_broadcast(client, monkeypatch):
     """With a client, W at least SCATTER_MIN_BYTES goes to the workers by Client.scatter."""
     import gpuce._dask as D
