@@ -391,3 +391,25 @@ def test_gpu_matches_numpy(impl, reduction):
         np.testing.assert_allclose(to_numpy(g), r, rtol=1e-4, atol=1e-6)
     for r, g in zip(ref[2], got[2]):
         np.testing.assert_allclose(to_numpy(g), r, rtol=1e-4, atol=1e-6)
+
+
+# -- finite differences (float64): the chain rule through the cap, independently of the formulas
+
+@pytest.mark.parametrize("kind", ["label", "prob"])
+def test_softcap_gradient_by_finite_differences(xp, kind):
+    rng = rng_for("fd", kind)
+    x, t = make_inputs(rng, (6, 5), kind, np.float64, ignore_frac=0.2)
+    w = xp.asarray(rng.random(5) + 0.5)
+    opts = dict(weight=w, label_smoothing=0.1, z_loss=0.05, softcap=2.0, reduction="mean")
+    t_dev = xp.asarray(t)
+    _, grad = gpuce.softmax_cross_entropy(xp.asarray(x), t_dev, return_grad=True, **opts)
+    h = 1e-6
+    fd = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += h
+        down[idx] -= h
+        fd[idx] = (float(gpuce.softmax_cross_entropy(xp.asarray(up), t_dev, **opts))
+                   - float(gpuce.softmax_cross_entropy(xp.asarray(down), t_dev, **opts))) / (2 * h)
+    assert np.abs(fd).max() > 1e-3
+    np.testing.assert_allclose(to_numpy(grad), fd, rtol=1e-6, atol=1e-8)

@@ -257,3 +257,17 @@ def test_compiled_matches_eager():
     gb = torch.autograd.grad(want[0], (X, W))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b)
+
+
+def test_gradcheck_with_softcap():
+    x, t = tensors(gen("gradcheck"), 4, 5, "label")
+    x2, p = tensors(gen("gradcheck p"), 4, 5, "prob")
+    p.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda v: gt.cross_entropy(v, t, softcap=2.0, z_loss=0.05, label_smoothing=0.1), (x,))
+    assert torch.autograd.gradcheck(
+        lambda v, q: gt.cross_entropy(v, q, softcap=2.0, reduction="none"), (x2, p))
+    X = torch.randn(4, 3, dtype=torch.float64, generator=gen("gX")).requires_grad_()
+    W = torch.randn(5, 3, dtype=torch.float64, generator=gen("gW")).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: gt.linear_cross_entropy(a, b, t, softcap=1.5, chunk_size=3), (X, W))
