@@ -10,19 +10,33 @@ import numpy as np
 
 
 def _best_backend(requested: str):
-    from ._backend import cupy_available
-
+    """(array module, label) for ``gpuce demo --backend``: CuPy when it is installed and sees
+    a GPU (or when asked for, else SystemExit saying which of the two is missing)."""
     if requested == "numpy":
         return np, "numpy (CPU)"
-    if requested in ("auto", "cupy") and cupy_available():
+    missing = _why_no_gpu()
+    if missing is None:
         import cupy
 
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         return cupy, f"cupy (GPU: {name})"
     if requested == "cupy":
-        raise SystemExit("gpuce demo: --backend cupy asked for, but CuPy sees no GPU")
-    return np, "numpy (CPU; no GPU visible to CuPy)"
+        raise SystemExit(f"gpuce demo: --backend cupy asked for, but {missing}")
+    return np, f"numpy (CPU; {missing})"
+
+
+def _why_no_gpu():
+    """None when CuPy imports and sees a GPU; else why not, in words."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install -e '.[cuda13]' or '.[cuda12]')"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, or the driver finds no device
+        return f"CuPy is installed but sees no GPU ({type(e).__name__}: {e})"
+    return None if n > 0 else "CuPy is installed but sees no GPU (0 devices)"
 
 
 def sce_check(xp, n=4096, c=1000, seed=0, out=print) -> bool:
@@ -66,40 +80,113 @@ def demo(args) -> int:
 
 
 def check_kernels(args) -> int:
-    from . import _nvrtc
+    """Compile every kernel through NVRTC, print ptxas's report and apply the test suite's
+    spill rule (:mod:`gpuce._kernel_checks`).  0 exactly when the rule holds everywhere."""
+    from . import _kernel_checks
 
-    results = _nvrtc.compile_all(archs=tuple(args.arch))
-    worst = 0
+    archs = tuple(args.arch)
+    try:
+        jobs = _kernel_checks.compile_jobs(archs)
+    except ImportError as e:
+        print(f"check-kernels: FAILED: cannot compile without CuPy and NVRTC ({e}); "
+              "pip install -e '.[test]'")
+        return 1
+    results = []
+    bar = _progress_bar(len(jobs), "check-kernels")
+    for i, (label, job) in enumerate(jobs, 1):
+        if bar is None:
+            print(f"[{i:{len(str(len(jobs)))}d}/{len(jobs)}] {label}", file=sys.stderr, flush=True)
+        try:
+            results.extend(job())
+        except RuntimeError as e:  # NVRTC refused a source: the suite fails the same way
+            if bar is not None:
+                bar.close()
+            print(e)
+            print(f"check-kernels: FAILED: {label} does not compile")
+            return 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    shown = args.arch[-1]
     for r in results:
-        names = {v: k for k, v in (r.lowered or {}).items()}  # mangled -> template expression
-        for fn, regs in r.registers.items():
-            st, ld = r.spills.get(fn, (0, 0))
-            worst = max(worst, st + ld)
-            if r.arch == args.arch[-1]:
+        names = _kernel_checks.entry_names(r)
+        if r.arch == shown:
+            for fn, regs in r.registers.items():
+                st, ld = r.spills.get(fn, (0, 0))
                 print(f"{names.get(fn, fn):56s} {r.arch}  regs {regs:3d}  spill {st}/{ld} B")
+    bad = _kernel_checks.violations(results)
+    for v in bad:
+        print("over budget:", v)
     entries = sum(len(r.registers) for r in results)
-    print(f"compiled {entries} kernel entries in {len(results)} NVRTC programs for {', '.join(args.arch)}")
-    return 1 if worst else 0
+    where = f"{entries} kernel entries in {len(results)} NVRTC programs for {', '.join(archs)}"
+    if bad:
+        print(f"check-kernels: FAILED: {len(bad)} of {where} break the spill rule (listed above)")
+        return 1
+    print(f"check-kernels: OK: {where}, every one within the spill rule "
+          f"(fused: 0 B, {_kernel_checks.DOUBLE_ABI_SPILL_BUDGET} B when accumulating in double; "
+          "others: 0 B on sm_90)")
+    return 0
+
+
+def _progress_bar(total, desc):
+    """A tqdm bar on a terminal (stderr a TTY, tqdm installed); else None."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc)
+
+
+def bench(argv) -> int:
+    """``gpuce bench``: the benchmark suite (:func:`gpuce.benchmark.main`), with two CLI rules:
+    ``--dry`` writes into a fresh temporary directory unless ``--results-dir`` is given (never
+    into the source tree), and progress bars stay off when stderr is not a terminal."""
+    from .benchmark import main as bench_main
+
+    argv = list(argv)
+    given = {a.split("=", 1)[0] for a in argv}
+    if "--dry" in given and "--results-dir" not in given and "--merge" not in given:
+        import tempfile
+
+        out = tempfile.mkdtemp(prefix="gpuce-bench-dry-")
+        print(f"gpuce bench --dry: results under {out} (pass --results-dir to choose)")
+        argv += ["--results-dir", out]
+    if not sys.stderr.isatty() and "--no-progress" not in given and not {"-h", "--help"} & given:
+        argv.append("--no-progress")
+    return bench_main(argv)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark suite has its own options
-        from .benchmark import main as bench_main
+        return bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
-        return bench_main(argv[1:])
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpuce", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the main job on the best backend")
-    d.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
+    d.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto",
+                   help="auto (default): CuPy when it is installed and sees a GPU, else NumPy; "
+                        "numpy: the CPU; cupy: the GPU, or an error saying what is missing")
     d.add_argument("--png", default="gpuce-demo-loss.png", help="where to write the loss curve")
     d.set_defaults(func=demo)
-    k = sub.add_parser("check-kernels", help="compile every kernel with NVRTC, print ptxas usage")
-    k.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
+    k = sub.add_parser("check-kernels",
+                       help="compile every kernel with NVRTC (no GPU needed), print ptxas's "
+                            "registers and spills, apply the test suite's spill rule; exit 0 "
+                            "exactly when it holds")
+    k.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], metavar="SM",
+                   help="target architectures (default: sm_80 sm_90, as the test suite); the "
+                        "report is printed for the last")
     k.set_defaults(func=check_kernels)
-    sub.add_parser("bench", help="benchmark suite (gpuce bench --help)")
-    args = p.parse_args(argv)
-    return args.func(args)
+    sub.add_parser("bench", help="benchmark suite: loss + gradient against a device copy and "
+                                 "other libraries; --dry runs without a GPU (gpuce bench --help)")
+    return p
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""The ``gpuce`` command: help on every option, no eval, ``bench --dry`` outside the source tree,
+``check-kernels``' verdict and exit code (the spill rule of gpuce._kernel_checks), the demo's
+backend messages and its quiet progress off a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpuce import _kernel_checks, cli
+from gpuce._nvrtc import CompileResult
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _actions(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield f"{parser.prog} {choice.dest}", choice
+            for sub in action.choices.values():
+                yield from _actions(sub)
+        elif not isinstance(action, argparse._HelpAction):
+            yield f"{parser.prog} {'/'.join(action.option_strings) or action.dest}", action
+
+
+def test_every_option_has_help():
+    seen = dict(_actions(cli.build_parser()))
+    assert "gpuce demo --backend" in seen and "gpuce check-kernels --arch" in seen
+    missing = [name for name, action in seen.items() if not action.help]
+    assert not missing, f"options without help text: {missing}"
+
+
+def test_no_eval_in_gpuce():
+    calls = []
+    for path in sorted((ROOT / "gpuce").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
+                calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not calls, f"eval/exec in gpuce: {calls}"
+
+
+def test_bench_dry_writes_to_a_temporary_directory(monkeypatch, capsys, tmp_path):
+    from gpuce import benchmark
+
+    def refuse():
+        raise AssertionError("gpuce bench --dry must not write into the source tree")
+
+    monkeypatch.setattr(benchmark, "default_results_dir", refuse)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert cli.main(["bench", "--dry", "--classes", "10", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    (made,) = tmp_path.glob("gpuce-bench-dry-*")
+    assert (made / "dry_sce.csv").exists()
+    assert str(made) in out
+
+
+def test_bench_dry_into_a_given_directory(capsys, tmp_path):
+    assert cli.main(["bench", "--dry", "--classes", "10", "--repeat", "2", "--results-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "dry_sce.csv").exists()
+
+
+def test_bench_off_a_terminal_adds_no_progress(monkeypatch):
+    from gpuce import benchmark
+
+    seen = []
+    monkeypatch.setattr(benchmark, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    cli.main(["bench", "--classes", "10"])
+    cli.main(["bench", "--help"])
+    assert seen == [["--classes", "10", "--no-progress"], ["--help"]]
+
+
+# ---------------------------------------------------------------- the spill rule and check-kernels
+
+def _result(name, arch, spills, stack=None, lowered=None, registers=None):
+    regs = {fn: 40 for fn in spills} if registers is None else registers
+    return CompileResult(name, arch, "", regs, spills, stack or {fn: 0 for fn in spills}, lowered)
+
+
+def test_spill_rule():
+    fused = "gpuce_sce_fused_sm_90"
+    lowered = {"sce_block<float, float, int>": "_Zf", "sce_block<double, double, int>": "_Zd"}
+    ok = [
+        _result(fused, "sm_90", {"_Zf": (0, 0), "_Zd": (128, 128)}, {"_Zf": 0, "_Zd": 128}, lowered),
+        _result("gpuce_sce_stats_f32", "sm_80", {"k": (16, 16)}),  # sm_80: not checked for specs
+        _result("gpuce_sce_stats_f32", "sm_90", {"k": (0, 0)}, {"k": 32}),
+    ]
+    assert _kernel_checks.violations(ok) == []
+    bad = [
+        _result(fused, "sm_80", {"_Zf": (4, 0), "_Zd": (0, 0)}, None, lowered),  # float: 0 B
+        _result(fused, "sm_90", {"_Zf": (0, 0), "_Zd": (0, 132)}, None, lowered),  # double: 128 B
+        _result(fused, "sm_90", {"_Zf": (0, 0), "_Zd": (0, 0)}, {"_Zf": 8, "_Zd": 0}, lowered),  # stack
+        _result("gpuce_sce_stats_f32", "sm_90", {"k": (0, 4)}),
+        _result("gpuce_sce_grad_f32", "sm_90", {}, registers={}),  # no ptxas report
+    ]
+    found = _kernel_checks.violations(bad)
+    assert [(v.program, v.arch, v.entry) for v in found] == [
+        (fused, "sm_80", "sce_block<float, float, int>"),
+        (fused, "sm_90", "sce_block<double, double, int>"),
+        (fused, "sm_90", "sce_block<float, float, int>"),
+        ("gpuce_sce_stats_f32", "sm_90", "k"),
+        ("gpuce_sce_grad_f32", "sm_90", "gpuce_sce_grad_f32"),
+    ]
+    assert "budget 128 B" in str(found[1]) and "no ptxas report" in found[4].why
+
+
+def _fake_jobs(results):
+    return lambda archs: [(f"{r.name} {r.arch}", lambda r=r: [r]) for r in results]
+
+
+def test_check_kernels_verdict_ok(monkeypatch, capsys):
+    monkeypatch.setattr(_kernel_checks, "compile_jobs",
+                        _fake_jobs([_result("gpuce_sce_stats_f32", a, {"k": (0, 0)}) for a in ("sm_80", "sm_90")]))
+    assert cli.main(["check-kernels"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1].startswith("check-kernels: OK: 2 kernel entries in 2 NVRTC programs")
+    assert "[1/2] gpuce_sce_stats_f32 sm_80" in err and "[2/2]" in err  # progress (not a TTY)
+
+
+def test_check_kernels_verdict_failed(monkeypatch, capsys):
+    monkeypatch.setattr(_kernel_checks, "compile_jobs",
+                        _fake_jobs([_result("gpuce_sce_stats_f32", "sm_90", {"k": (8, 8)})]))
+    assert cli.main(["check-kernels", "--arch", "sm_90"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("check-kernels: FAILED: 1 of 1 kernel entries")
+    assert any(line.startswith("over budget: k (gpuce_sce_stats_f32, sm_90)") for line in lines)
+
+
+def test_check_kernels_compile_error(monkeypatch, capsys):
+    def broken():
+        raise RuntimeError("NVRTC failed on x for sm_90: ...")
+
+    monkeypatch.setattr(_kernel_checks, "compile_jobs", lambda archs: [("x sm_90", broken)])
+    assert cli.main(["check-kernels", "--arch", "sm_90"]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "check-kernels: FAILED: x sm_90 does not compile"
+
+
+def test_compile_jobs_cover_compile_all():
+    """The CLI compiles the programs compile_all does (labels only: nothing is compiled here)."""
+    pytest.importorskip("cupy")
+    from gpuce import _cupy_kernels
+
+    jobs = _kernel_checks.compile_jobs(("sm_80", "sm_90"))
+    n_specs = sum(len(s.specializations) for s in _cupy_kernels.SPECS.values())
+    assert len(jobs) == 2 * n_specs + 2
+    assert jobs[-1][0].startswith("gpuce_sce_fused_sm_90")
+
+
+# ------------------------------------------------------------------------------- the demo
+
+def test_demo_says_cupy_is_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    xp, label = cli._best_backend("auto")
+    assert xp is np and "CuPy is not installed" in label
+    with pytest.raises(SystemExit, match="--backend cupy asked for, but CuPy is not installed"):
+        cli._best_backend("cupy")
+
+
+def test_demo_says_no_gpu_is_visible(monkeypatch):
+    cupy = pytest.importorskip("cupy")
+
+    def no_device():
+        raise cupy.cuda.runtime.CUDARuntimeError(100)  # cudaErrorNoDevice
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", no_device)
+    xp, label = cli._best_backend("auto")
+    assert xp is np and "CuPy is installed but sees no GPU" in label
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", lambda: 0)
+    with pytest.raises(SystemExit, match="CuPy is installed but sees no GPU"):
+        cli._best_backend("cupy")
+
+
+def test_demo_quiet_off_a_terminal_and_plots_the_gap(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("tqdm")
+    from gpuce import _demo
+
+    import matplotlib.axes
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    ylabels = []
+    set_ylabel = matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel",
+                        lambda self, text, *a, **k: ylabels.append(text) or set_ylabel(self, text, *a, **k))
+    lines = []
+    assert _demo.train_digits(np, "numpy (CPU)", png=str(tmp_path / "curve.png"), out=lines.append)
+    assert capsys.readouterr().err == ""  # no progress bar
+    assert any("accuracy" in line for line in lines)
+    assert (tmp_path / "curve.png").exists()
+    assert ylabels and ylabels[0].startswith("gap to the optimum")
