@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from . import _kernel_source
 
 # dtype name -> short tag used in kernel names
-_TAG = {"float16": "f16", "float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64"}
-ACC_OF = {"float16": "float32", "float32": "float32", "float64": "float64"}
-FLOATS = ("float16", "float32", "float64")
+_TAG = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64"}
+ACC_OF = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
+FLOATS = ("float16", "bfloat16", "float32", "float64")
 INTS = ("int32", "int64")
 
 
@@ -76,6 +76,7 @@ class KernelSpec:
 
 CTYPE = {
     "float16": "float16",
+    "bfloat16": "bfloat16",
     "float32": "float",
     "float64": "double",
     "int32": "int",
@@ -92,8 +93,8 @@ def _label_specs():
     return tuple({"T": t, "A": ACC_OF[t], "I": i} for t in FLOATS for i in INTS)
 
 
-def _prob_specs():
-    return tuple({"T": t, "A": ACC_OF[t], "Y": y} for t in FLOATS for y in FLOATS)
+def _prob_specs():  # targets of the logits' dtype, or read in float32 / float64 (mixed dtypes)
+    return tuple({"T": t, "A": ACC_OF[t], "Y": y} for t in FLOATS for y in sorted({t, ACC_OF[t]}))
 
 
 SPECS = {
@@ -130,14 +131,14 @@ SPECS = {
         KernelSpec(
             name="gpuce_sce_stats_label",
             kind="reduction",
-            in_params="T x, I lbl, int32 col, A w, A eps_over_c, I ign",
-            out_params="A mx, A ls, A tlab, A smooth, A asum",
+            in_params="T x, I lbl, int32 col, A w, A eps_over_c, I ign, A cap",
+            out_params="A mx, A ls, A tlab, A smooth, A asum, A hit",
             map_expr=(
-                "gpuce::RowStat<A>::element(A(x), gpuce::label_coef(lbl != ign, w, eps_over_c), "
-                "lbl == I(col))"
+                "gpuce::RowStat<A>::element(gpuce::softcap_value(A(x), cap), "
+                "gpuce::label_coef(lbl != ign, w, eps_over_c), lbl == I(col))"
             ),
             reduce_expr="gpuce::merge(a, b)",
-            post_map_expr="gpuce::finish_row(a, mx, ls, tlab, smooth, asum)",
+            post_map_expr="gpuce::finish_row(a, mx, ls, tlab, smooth, asum, hit)",
             identity="_type_reduce::identity()",
             reduce_type="gpuce::RowStat<{A}>",
             specializations=_label_specs(),
@@ -145,14 +146,14 @@ SPECS = {
         KernelSpec(
             name="gpuce_sce_stats_prob",
             kind="reduction",
-            in_params="T x, Y y, A w, A one_minus_eps, A eps_over_c",
-            out_params="A mx, A ls, A tlab, A smooth, A asum",
+            in_params="T x, Y y, A w, A one_minus_eps, A eps_over_c, A cap",
+            out_params="A mx, A ls, A tlab, A smooth, A asum, A hit",
             map_expr=(
-                "gpuce::RowStat<A>::element(A(x), gpuce::prob_coef(A(y), w, one_minus_eps, eps_over_c), "
-                "false)"
+                "gpuce::RowStat<A>::element(gpuce::softcap_value(A(x), cap), "
+                "gpuce::prob_coef(A(y), w, one_minus_eps, eps_over_c), false)"
             ),
             reduce_expr="gpuce::merge(a, b)",
-            post_map_expr="gpuce::finish_row(a, mx, ls, tlab, smooth, asum)",
+            post_map_expr="gpuce::finish_row(a, mx, ls, tlab, smooth, asum, hit)",
             identity="_type_reduce::identity()",
             reduce_type="gpuce::RowStat<{A}>",
             specializations=_prob_specs(),
@@ -168,23 +169,23 @@ SPECS = {
         KernelSpec(
             name="gpuce_sce_grad_label",
             kind="elementwise",
-            in_params="T x, A mx, A ls, A g, A wl, I lbl, int32 col, A w, A eps_over_c, A scale, I ign",
+            in_params="T x, A mx, A ls, A g, A wl, I lbl, int32 col, A w, A eps_over_c, A scale, I ign, A cap",
             out_params="T grad",
             operation=(
                 "bool act = lbl != ign;\n"
                 "grad = T(gpuce::grad_element(act, A(x), mx, ls, g, gpuce::label_coef(act, w, eps_over_c), "
-                "wl, lbl == I(col), scale))"
+                "wl, lbl == I(col), scale, cap))"
             ),
             specializations=_label_specs(),
         ),
         KernelSpec(
             name="gpuce_sce_grad_prob",
             kind="elementwise",
-            in_params="T x, Y y, A mx, A ls, A g, A w, A one_minus_eps, A eps_over_c, A scale",
+            in_params="T x, Y y, A mx, A ls, A g, A w, A one_minus_eps, A eps_over_c, A scale, A cap",
             out_params="T grad",
             operation=(
                 "grad = T(gpuce::grad_element(true, A(x), mx, ls, g, "
-                "gpuce::prob_coef(A(y), w, one_minus_eps, eps_over_c), A(0), false, scale))"
+                "gpuce::prob_coef(A(y), w, one_minus_eps, eps_over_c), A(0), false, scale, cap))"
             ),
             specializations=_prob_specs(),
         ),

@@ -1,28 +1,32 @@
 """Fused softmax cross-entropy (``impl="fused"``): host side of kernels/gpuce_sce_fused.cu.
 
-One launch reads each row of logits once and writes loss, lse and the gradient once; the
-row stays on chip in between:
+One launch reads each row of logits once, writes the gradient once and finishes the batch
+sums on the device (see the kernel file's header); ``reduction="mean"`` with integer labels
+adds one small prologue launch for the denominator.  The kernel kinds, by row length:
 
-``tile``     C <= 32, dense rows: 128 rows a block staged through shared memory with
-             coalesced loads and stores, one thread per row;
-``warp``     G lanes of a warp per row (several rows a warp for small C), in registers;
-``block``    a block per row: ITEMS packs a thread in registers (+ SITEMS 16-byte packs
-             copied into shared memory with cp.async);
-``cluster``  sm_90: a thread-block cluster of CL blocks per row, partials exchanged through
-             distributed shared memory;
-``twopass``  one block per row reading the row twice (online max / sum-exp, then the
-             gradient) -- only where none of the single-read variants fits.
+========  ===================================================================================
+kind      layout
+========  ===================================================================================
+tile      C <= 32, dense rows: 128 rows a block, one thread a row, staged through shared memory
+warp      G = 4..32 lanes a row (256 / G rows a block), 16-byte packs in each lane's own
+          shared-memory ring, rows copied S - 1 ahead with cp.async
+block     the block is the team (64..512 threads), same ring
+cluster   sm_90: a cluster of CL = 2, 4, 8 blocks a row, partials exchanged through the
+          peers' shared memory
+twopass   a block a row, the row read twice: rows too long for the rings
+========  ===================================================================================
 
-:func:`variants` is the one list of template instantiations: the runtime builds its
-RawModules from it and the offline NVRTC test compiles all of it.  :func:`candidates` lists
-every variant that can run a shape, in order of preference; :func:`choose` takes the first
-(tests and the benchmark can pin another with :data:`PIN`).
+:func:`variants` is the one list of template instantiations: the runtime builds its RawModules
+from it and the offline NVRTC test compiles all of it.  :func:`plan` is the launch heuristic
+(a few lines of table, see :data:`WARP_PACKS` and friends); :func:`candidates` lists every
+plan that can run a shape (tests and the benchmark run each); :func:`explain` says in words
+what a call would run.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,210 +34,244 @@ from . import _kernel_source
 
 SOURCE = "gpuce_sce_fused.cu"
 
-CT = {"float16": "__half", "float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
-ACC = {"float16": "float32", "float32": "float32", "float64": "float64"}
-VEC_MAX = {"float16": 8, "float32": 4, "float64": 2}  # 16-byte packs
-REG_ELEMS = {"float16": 32, "float32": 32, "float64": 4}  # row values a thread keeps in registers
-REG_SCALARS = {"float16": 16, "float32": 16, "float64": 4}  # ... loaded one by one (VEC = 1)
-WARP_GROUPS = (4, 8, 16, 32)  # lanes a row in the warp kernel
-CLUSTERS = (2, 4, 8)
-TILE_ROWS = 128
-TILE_MAX_C = 32
-MAX_TEAM_THREADS = 256  # __launch_bounds__(256, 3 or 2) on the warp, block and cluster kernels
-WARP_THREADS = 256
-SMEM_ITEMS = (1, 3)  # shared-memory packs a thread, in multiples of the register packs
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+CT = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double",
+      "int32": "int", "int64": "long long"}
+ACC = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+VEC_MAX = {d: 16 // ITEMSIZE[d] for d in DTYPES}  # 16-byte packs
+TARGETS = (("label", "int32"), ("label", "int64"), ("prob", "int32"))
 
-STATIC_SMEM = 1024  # bound on the kernels' own __shared__ scratch (reductions, cluster partials)
-PIN = None  # a Variant to run instead of the chooser's pick (tests, benchmark); None: choose
+TILE_ROWS = 128  # GPUCE_TILE_ROWS
+TILE_MAX_C = 32  # GPUCE_TILE_MAX_C
+TEAM_MAX_THREADS = 512  # GPUCE_TEAM_THREADS
+WARP_GROUPS = (4, 8, 16, 32)
+WARP_THREADS = 256
+WARP_PACKS = 4  # a warp team is chosen while each lane holds at most this many packs of a row
+BLOCK_PACKS = 8  # a block team aims at this many packs a thread
+CLUSTERS = (2, 4, 8)
+PART_BYTES = 32 * 1024  # a block's share of a row it aims at (cluster size from it)
+STAGES = (3, 2)  # ring depths tried, deepest first
+RING_BUDGET = 96 * 1024  # a ring deeper than 2 stages only within this much shared memory
+STATIC_SMEM = 2048  # bound on the kernels' own __shared__ scratch
+WS_PARTIALS = 8  # GPUCE_WS_PARTIALS
+WS_WORDS = 5  # GPUCE_NWORDS
+MAX_BLOCKS_PER_SM = 32
+DENOM_THREADS = 256
 
 
 @dataclass(frozen=True)
 class Variant:
+    """One template instantiation: kernel kind, logits dtype, target kind, label index dtype
+    (int32 for probability targets, where it is unused), pack width, lanes, cluster size."""
+
     kind: str  # tile | warp | block | cluster | twopass
-    dtype: str  # logits dtype
-    label: str  # "int32" | "int64" | "prob"
+    dtype: str
+    target: str  # "label" | "prob"
+    index: str  # "int32" | "int64"
     vec: int
-    items: int = 0  # warp, block, cluster: packs a thread in registers
-    group: int = 0  # warp: lanes per row
-    cluster: int = 0  # cluster: blocks per row
-    sitems: int = 0  # block, cluster: packs a thread in shared memory
-    ahead: bool = False  # warp, block, cluster with labels: each row's label loaded a row ahead
+    group: int = 0  # warp: lanes a row
+    cluster: int = 0  # cluster: blocks a row
 
     @property
     def min_arch(self) -> int:
         return 90 if self.kind == "cluster" else 80
 
     def expr(self) -> str:
-        t, a = CT[self.dtype], CT[ACC[self.dtype]]
-        i = CT["int32"] if self.label == "prob" else CT[self.label]
-        mode = 1 if self.label == "prob" else 0
-        head = f"gpuce::sce_{self.kind}<{t}, {i}, {a}, {mode}, {self.vec}"
-        tail = ", true>" if self.ahead else ">"
+        t, i, a = CT[self.dtype], CT[self.index], CT[ACC[self.dtype]]
+        mode = 1 if self.target == "prob" else 0
+        head = f"{t}, {i}, {a}, {mode}, {self.vec}"
         if self.kind == "warp":
-            return f"{head}, {self.items}, {self.group}{tail}"
+            return f"gpuce::sce_team<{head}, {self.group}>"
         if self.kind == "block":
-            return f"{head}, {self.items}, {self.sitems}{tail}"
+            return f"gpuce::sce_team<{head}, 0>"
         if self.kind == "cluster":
-            return f"{head}, {self.items}, {self.sitems}, {self.cluster}{tail}"
-        return f"{head}>"
-
-    def per_thread(self) -> int:
-        """Row values one thread holds (registers + shared memory)."""
-        return (self.items + self.sitems) * self.vec
+            return f"gpuce::sce_cluster<{head}, {self.cluster}>"
+        return f"gpuce::sce_{self.kind}<{head}>"
 
     def describe(self) -> str:
-        extra = {"warp": f"G{self.group}xI{self.items}", "block": f"I{self.items}+S{self.sitems}",
-                 "cluster": f"CL{self.cluster}xI{self.items}+S{self.sitems}"}.get(self.kind, "")
-        return f"{self.kind}{'-' + extra if extra else ''}-v{self.vec}{'-ahead' if self.ahead else ''}"
+        extra = {"warp": f"-G{self.group}", "cluster": f"-CL{self.cluster}"}.get(self.kind, "")
+        return f"{self.kind}{extra}-v{self.vec}"
 
 
-def max_items(dtype: str, vec: int) -> int:
-    """Packs a thread keeps in registers (fewer when loaded one by one; probability-target
-    kernels hold as many, under a looser register cap)."""
-    return min(REG_ELEMS[dtype], REG_SCALARS[dtype]) if vec == 1 else REG_ELEMS[dtype] // vec
-
-
-def warp_shapes(dtype: str, vec: int):
-    """(G, ITEMS) shapes of the warp kernel: G in 4..32 lanes a row, ITEMS in 1..max packs a
-    lane, ordered by capacity G * ITEMS * vec and then by G -- so the first that holds a row
-    is the tightest, with the fewest lanes: more rows a warp and more loads in flight a lane,
-    and shorter shuffle trees."""
-    shapes = []
-    for g in WARP_GROUPS:
-        it = 1
-        while it <= max_items(dtype, vec):
-            shapes.append((g, it))
-            it *= 2
-    return sorted(shapes, key=lambda s: (s[0] * s[1], s[0]))
+def denominator_expr(index: str, acc: str) -> str:
+    return f"gpuce::sce_denominator<{CT[index]}, {CT[acc]}>"
 
 
 def variants():
-    """Every instantiation gpuce may launch."""
+    """Every instantiation gpuce may launch (the offline compile list)."""
     out = []
-    for dtype in ("float16", "float32", "float64"):
-        for label in ("int32", "int64", "prob"):
-            for vec in sorted({1, VEC_MAX[dtype]}):
-                im = max_items(dtype, vec)
-                out.append(Variant("tile", dtype, label, vec))
-                for g, items in warp_shapes(dtype, vec):
-                    out.append(Variant("warp", dtype, label, vec, items, g))
-                out.append(Variant("block", dtype, label, vec, im))
-                if vec == VEC_MAX[dtype]:
-                    for k in SMEM_ITEMS:
-                        out.append(Variant("block", dtype, label, vec, im, sitems=k * im))
-                    for cl in CLUSTERS:
-                        for s in (0,) + tuple(k * im for k in SMEM_ITEMS):
-                            out.append(Variant("cluster", dtype, label, vec, im, cluster=cl, sitems=s))
-                out.append(Variant("twopass", dtype, label, vec))
-    # labels loaded one row ahead: the label-target forms of the 16-byte-pack kernels
-    out += [replace(v, ahead=True) for v in out if v.label != "prob" and v.vec == VEC_MAX[v.dtype]
-            and v.kind in ("warp", "block", "cluster")]
+    for dtype in DTYPES:
+        vm = VEC_MAX[dtype]
+        for target, index in TARGETS:
+            def v(kind, vec, **kw):
+                return Variant(kind, dtype, target, index, vec, **kw)
+            out += [v("tile", 1), v("tile", vm)]
+            out += [v("warp", vm, group=g) for g in WARP_GROUPS]
+            out += [v("block", 1), v("block", vm)]
+            if ACC[dtype] == "float32":
+                out += [v("cluster", vm, cluster=cl) for cl in CLUSTERS]
+            out += [v("twopass", 1), v("twopass", vm)]
     return out
+
+
+def denominator_exprs():
+    return [denominator_expr(i, a) for i in ("int32", "int64") for a in ("float32", "float64")]
 
 
 @dataclass(frozen=True)
 class Device:
-    """What the chooser needs to know about the GPU."""
+    """What the planner needs to know about the GPU."""
 
     arch: int  # e.g. 90
     sms: int
-    smem_optin: int  # max dynamic shared memory per block, bytes
+    smem_optin: int  # max dynamic shared memory a block, bytes
+    smem_per_sm: int = 228 * 1024
+    threads_per_sm: int = 2048
 
 
-def _ceil32(k: int) -> int:
-    return 32 * -(-k // 32)
+@dataclass(frozen=True)
+class Plan:
+    """A variant and its launch shape: threads a block, packs a thread (P), ring stages (S),
+    dynamic shared memory, and rows a block handles at a time."""
+
+    variant: Variant
+    threads: int
+    packs: int = 0
+    stages: int = 0
+    smem: int = 0
+    rows_per_block: int = 1
+
+    def describe(self) -> str:
+        s = f"{self.variant.describe()} {self.threads}t"
+        if self.variant.kind in ("warp", "block", "cluster"):
+            s += f" P{self.packs} S{self.stages}"
+        return s + f" {self.smem // 1024}KiB"
 
 
-def block_threads(v: Variant, c: int) -> int:
-    if v.kind == "warp":
-        return WARP_THREADS
-    if v.kind == "tile":
-        return TILE_ROWS
-    if v.kind in ("block", "cluster"):
-        return max(64, _ceil32(-(-c // (max(1, v.cluster) * v.per_thread()))))
-    packs = -(-c // v.vec)  # twopass: about 4 packs a thread, 128..1024 threads
-    return int(min(1024, max(128, 32 * -(-packs // (4 * 32)))))
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-def smem_bytes(v: Variant, c: int) -> int:
-    acc = np.dtype(ACC[v.dtype]).itemsize
-    if v.kind == "tile":
-        e = TILE_ROWS * c
-        return (e + (e >> 5) + 1) * acc
-    if v.kind in ("block", "cluster"):
-        return block_threads(v, c) * v.sitems * 16  # raw 16-byte packs
-    return 0
+def _team_plan(v: Variant, c: int, threads: int, dev: Device, stages=STAGES):
+    """The ring plan of a warp/block/cluster variant, or None when no ring fits."""
+    pack = ITEMSIZE[v.dtype] * v.vec
+    nt = v.group if v.kind == "warp" else threads * max(1, v.cluster)
+    p = _ceil(_ceil(c, v.vec), nt)
+    per_stage = p * threads * pack * (2 if v.target == "prob" else 1)
+    for s in stages:
+        smem = s * per_stage
+        if (s <= 2 or smem <= RING_BUDGET) and smem + STATIC_SMEM <= dev.smem_optin:
+            rows = threads // v.group if v.kind == "warp" else 1
+            return Plan(v, threads, p, s, smem, rows)
+    return None
 
 
-def fits(v: Variant, c: int, dev: Device) -> bool:
-    """Whether variant ``v`` can run rows of ``c`` classes on ``dev``."""
-    if v.min_arch > dev.arch:
-        return False
-    if v.kind == "tile":
-        return c <= TILE_MAX_C and smem_bytes(v, c) <= 48 * 1024
-    if v.kind == "warp":
-        return v.group * v.items * v.vec >= c
-    if v.kind in ("block", "cluster"):
-        return block_threads(v, c) <= MAX_TEAM_THREADS and smem_bytes(v, c) <= dev.smem_optin - STATIC_SMEM
-    return True  # twopass
+def tile_plan(v: Variant) -> Plan:
+    """The tile kernel's launch shape: 128 rows of up to 32 values (as A, one pad a 32), and
+    as many of the targets (MODE 1)."""
+    smem = (TILE_ROWS * TILE_MAX_C + TILE_ROWS) * np.dtype(ACC[v.dtype]).itemsize * (2 if v.target == "prob" else 1)
+    return Plan(v, TILE_ROWS, smem=smem, rows_per_block=TILE_ROWS)
+
+
+def _block_threads(packs: int, per_thread: int) -> int:
+    return int(min(TEAM_MAX_THREADS, max(64, 32 * _ceil(_ceil(packs, per_thread), 32))))
+
+
+def candidates(dtype: str, target: str, index: str, c: int, vec: int, dev: Device,
+               tile_vec: int | None = None) -> tuple:
+    """Every plan that runs rows of ``c`` classes, the preferred first.
+
+    ``vec`` is the pack width the rows allow (:func:`vec_for`); ``tile_vec`` the one the dense
+    tile allows, or None when the rows are not dense (no tile).
+    """
+    return _candidates(dtype, target, index, c, vec, dev, tile_vec)
 
 
 @functools.lru_cache(maxsize=4096)  # called on every launch; all arguments are hashable
-def candidates(dtype: str, label: str, c: int, vec: int, dev: Device, tile_vec: int | None = None):
-    """Every variant kind that runs a row of ``c`` classes, most preferred first.
+def _candidates(dtype, target, index, c, vec, dev, tile_vec):
+    def v(kind, vv, **kw):
+        return Variant(kind, dtype, target, index, vv, **kw)
 
-    ``vec`` is the pack width the rows allow (see :func:`vec_for`); ``tile_vec`` the one the
-    dense tile allows, or None when the rows are not dense (no tile).  Of each kind (tile,
-    warp, block, cluster, block and cluster with shared-memory items) the smallest shape that
-    holds the row; preference: tile, warp, block, cluster, the shared-memory forms, then (label
-    targets) the same shapes with labels loaded a row ahead -- not yet measured on a GPU, so
-    last -- and twopass.
-    """
-    im = max_items(dtype, vec)
-    out = [Variant("tile", dtype, label, tile_vec)] if tile_vec is not None else []
-    out += [Variant("warp", dtype, label, vec, it, g) for g, it in warp_shapes(dtype, vec)]
-    out.append(Variant("block", dtype, label, vec, im))
+    out = []
+    if tile_vec is not None and c <= TILE_MAX_C:
+        p = tile_plan(v("tile", tile_vec))
+        if p.smem + STATIC_SMEM <= dev.smem_optin:
+            out.append(p)
+    packs = _ceil(c, vec)
     if vec == VEC_MAX[dtype]:
-        out += [Variant("cluster", dtype, label, vec, im, cluster=cl) for cl in CLUSTERS]
-        out += [Variant("block", dtype, label, vec, im, sitems=k * im) for k in SMEM_ITEMS]
-        out += [Variant("cluster", dtype, label, vec, im, cluster=cl, sitems=k * im)
-                for k in SMEM_ITEMS for cl in CLUSTERS]
-    seen, picked = set(), []
-    for v in out:
-        key = (v.kind, v.sitems > 0)
-        if key not in seen and fits(v, c, dev):
-            seen.add(key)
-            picked.append(v)
-    if label != "prob" and vec == VEC_MAX[dtype]:  # the same shapes with the label a row ahead
-        picked += [replace(v, ahead=True) for v in picked if v.kind in ("warp", "block", "cluster")]
-    picked.append(Variant("twopass", dtype, label, vec))
-    return tuple(picked)
+        for g in WARP_GROUPS:
+            if packs <= g * WARP_PACKS:
+                p = _team_plan(v("warp", vec, group=g), c, WARP_THREADS, dev)
+                if p:
+                    out.append(p)
+                break
+    threads = _block_threads(packs, BLOCK_PACKS)
+    part = _ceil(packs, threads) * threads * ITEMSIZE[dtype] * vec
+    block = _team_plan(v("block", vec), c, threads, dev)
+    if block and (part <= PART_BYTES or vec == 1 or ACC[dtype] != "float32" or dev.arch < 90):
+        out.append(block)
+    if vec == VEC_MAX[dtype] and ACC[dtype] == "float32" and dev.arch >= 90:
+        for cl in CLUSTERS:
+            t = _block_threads(_ceil(packs, cl), BLOCK_PACKS)
+            p = _team_plan(v("cluster", vec, cluster=cl), c, t, dev)
+            if p and (p.packs * t * ITEMSIZE[dtype] * vec <= PART_BYTES or cl == CLUSTERS[-1]):
+                out.append(p)
+                break
+    if block and block not in out:
+        out.append(block)
+    out.append(Plan(v("twopass", vec), _block_threads(packs, 4 * BLOCK_PACKS)))
+    return tuple(out)
 
 
-def choose(dtype: str, label: str, c: int, vec: int, dev: Device, tile_vec: int | None = None) -> Variant:
-    """The preferred variant for a row of ``c`` classes (see :func:`candidates`)."""
-    return candidates(dtype, label, c, vec, dev, tile_vec)[0]
+def plan(dtype, target, index, c, vec, dev, tile_vec=None) -> Plan:
+    """The preferred plan (the first of :func:`candidates`)."""
+    return candidates(dtype, target, index, c, vec, dev, tile_vec)[0]
 
 
-def grid_blocks(v: Variant, n: int, c: int, dev: Device) -> int:
-    if v.kind == "warp":
-        return int(max(1, min(-(-n // (WARP_THREADS // v.group)), dev.sms * 16)))
-    if v.kind == "tile":
-        return int(max(1, min(-(-n // TILE_ROWS), dev.sms * 16)))
-    if v.kind == "cluster":
-        return int(v.cluster * max(1, min(n, dev.sms * 8 // v.cluster)))
-    return int(max(1, min(n, dev.sms * 8)))
+def occupancy_estimate(p: Plan, dev: Device) -> int:
+    """Blocks an SM holds, from threads and shared memory alone (the runtime asks the driver)."""
+    by_threads = dev.threads_per_sm // p.threads
+    by_smem = dev.smem_per_sm // (p.smem + STATIC_SMEM + 1024)
+    return int(max(1, min(by_threads, by_smem, MAX_BLOCKS_PER_SM)))
+
+
+def grid_blocks(p: Plan, n: int, dev: Device, per_sm: int) -> int:
+    """One wave: every block resident at once, each walking a fixed share of the rows (the
+    grid depends only on the shape and the device, so the row-to-block mapping, and with it
+    every sum, is the same run to run)."""
+    cl = max(1, p.variant.cluster)
+    teams = _ceil(n, p.rows_per_block)
+    wave = max(cl, (dev.sms * per_sm) // cl * cl)
+    return int(max(cl, min(teams * cl, wave)))
+
+
+def explain_plan(p: Plan, c: int, n: int, dev: Device, per_sm: int) -> str:
+    v = p.variant
+    why = {
+        "tile": f"C = {c} <= {TILE_MAX_C} with dense rows: {TILE_ROWS} rows a block, one thread a row",
+        "warp": f"{_ceil(c, v.vec)} packs of {v.vec} fit {v.group} lanes x {p.packs} packs",
+        "block": f"a row of {c} takes a block of {p.threads} threads x {p.packs} packs",
+        "cluster": f"a row of {c} is split over a cluster of {v.cluster} blocks of {p.threads} threads",
+        "twopass": "no ring of shared memory holds the row: it is read twice",
+    }[v.kind]
+    g = grid_blocks(p, n, dev, per_sm)
+    return (f"{v.expr()}: {why}; ring of {p.stages} stages, {p.smem} B of shared memory a block; "
+            f"grid {g} blocks ({per_sm} an SM x {dev.sms} SMs)")
 
 
 # ------------------------------------------------------------------------------------ runtime
 
 @functools.lru_cache(maxsize=None)
-def _function(expr: str):
+def _module(exprs: tuple):
     import cupy
 
-    mod = cupy.RawModule(code=_kernel_source.expand(SOURCE), options=("--std=c++17",),
-                         name_expressions=(expr,))
-    return mod.get_function(expr)
+    return cupy.RawModule(code=_kernel_source.expand(SOURCE), options=("--std=c++17",),
+                          name_expressions=exprs)
+
+
+def function(expr: str):
+    return _module((expr,)).get_function(expr)
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,13 +280,28 @@ def _device(dev_id: int) -> Device:
 
     p = cupy.cuda.runtime.getDeviceProperties(dev_id)
     return Device(10 * int(p["major"]) + int(p["minor"]), int(p["multiProcessorCount"]),
-                  int(p["sharedMemPerBlockOptin"]))
+                  int(p["sharedMemPerBlockOptin"]), int(p["sharedMemPerMultiprocessor"]),
+                  int(p["maxThreadsPerMultiProcessor"]))
 
 
 def current_device() -> Device:
     import cupy
 
     return _device(cupy.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=1024)
+def _occupancy(expr: str, threads: int, smem: int) -> int:
+    """Blocks of ``expr`` an SM holds (the driver's occupancy API; for a kernel it cannot
+    answer for, the estimate from threads and shared memory)."""
+    from cupy_backends.cuda.api import driver
+
+    fn = function(expr)
+    try:
+        return max(1, min(MAX_BLOCKS_PER_SM, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, smem))))
+    except Exception:
+        p = Plan(Variant("block", "float32", "label", "int64", 4), threads, smem=smem)
+        return occupancy_estimate(p, current_device())
 
 
 def vec_for(dtype: str, c: int, *arrays_and_lds) -> int:
@@ -262,67 +315,108 @@ def vec_for(dtype: str, c: int, *arrays_and_lds) -> int:
     return v
 
 
-def tile_vec_for(dtype: str, c: int, x2, grad_out) -> int | None:
+def tile_vec_for(dtype: str, c: int, *arrays) -> int | None:
     """Pack width of the dense tile kernel: None unless the rows are dense (row stride C in
-    the logits and the gradient); VEC_MAX when both base pointers are 16-byte aligned."""
-    isz = x2.dtype.itemsize
-    arrs = [x2] + ([grad_out] if grad_out is not None else [])
-    if c > TILE_MAX_C or any(arr.strides[0] != c * isz for arr in arrs):
+    every array); VEC_MAX when every base pointer is 16-byte aligned."""
+    if c > TILE_MAX_C or any(arr.strides[0] != c * arr.itemsize for arr in arrays):
         return None
-    return VEC_MAX[dtype] if all(arr.data.ptr % 16 == 0 for arr in arrs) else 1
+    return VEC_MAX[dtype] if all(arr.data.ptr % 16 == 0 for arr in arrays) else 1
 
 
-def launch(x2, lbl, y2, w, a, scale, loss, lse, grad_out):
-    """Run the chosen fused variant (or :data:`PIN`); returns the :class:`Variant` that ran.
+_WORKSPACES = {}
 
-    x2 (N, C) logits with unit column stride; lbl (N,) int32/int64 labels or None; y2 (N, C)
-    probabilities of x2's dtype or None; w (C,) weights in the accumulation dtype, or None
-    for all ones; scale a 0-d device scalar (the reduction's scale); loss, lse (N,)
-    accumulation dtype outputs; grad_out (N, C) with unit column stride, or None for loss only.
-    """
+
+def workspace(cp, dev: Device):
+    """The launch workspace of the current device and stream (zeroed once; every launch leaves
+    it as it found it).  Calls on one stream run in order, so they can share it."""
+    stream = cp.cuda.get_current_stream()
+    key = (cp.cuda.Device().id, stream.ptr)
+    if key not in _WORKSPACES:  # the stream object is kept alive with its workspace
+        _WORKSPACES[key] = (cp.zeros(WS_PARTIALS + WS_WORDS * dev.sms * MAX_BLOCKS_PER_SM, cp.int64), stream)
+    return _WORKSPACES[key][0]
+
+
+def choose(x2, target_kind, index, y2, grad_out, pinned=None) -> tuple:
+    """``(plan, vec, device)`` for logits ``x2`` (unit column stride), the targets and the
+    gradient output; ``pinned`` (a :class:`Plan` or :class:`Variant`) replaces the heuristic's
+    pick after a check that it can run this shape."""
     n, c = x2.shape
     dtype = x2.dtype.name
-    acc = np.dtype(ACC[dtype]).type
-    label = "prob" if lbl is None else lbl.dtype.name
-    isz = x2.dtype.itemsize
-    ldx = x2.strides[0] // isz
-    pairs = [(x2, ldx)]
-    if grad_out is not None:
-        ldg = grad_out.strides[0] // isz
-        pairs.append((grad_out, ldg))
-    else:
-        ldg = 0
-    vec = vec_for(dtype, c, *pairs)
+    isz = x2.itemsize
+    arrays = [x2] + [a for a in (y2, grad_out) if a is not None]
+    vec = vec_for(dtype, c, *[(a, a.strides[0] // isz) for a in arrays])
+    tv = tile_vec_for(dtype, c, *arrays)
     dev = current_device()
-    tv = tile_vec_for(dtype, c, x2, grad_out)
-    if PIN is None:
-        v = choose(dtype, label, c, vec, dev, tv)
-    else:
-        v = PIN
-        ok = (v.dtype, v.label) == (dtype, label) and fits(v, c, dev) and (
-            v.vec in (1, vec) if v.kind != "tile" else tv is not None and v.vec in (1, tv))
-        if not ok:
-            raise ValueError(f"pinned variant {v.describe()} ({v.dtype}, {v.label}) cannot run "
-                             f"{dtype} rows of {c} classes with {label} targets here")
-    fn = _function(v.expr())
-    shm = smem_bytes(v, c)
-    if shm + STATIC_SMEM > 48 * 1024:  # dynamic + static shared memory past the default 48 KiB
-        fn.max_dynamic_shared_size_bytes = shm
+    cands = candidates(dtype, target_kind, index, c, vec, dev, tv)
+    if pinned is None:
+        return cands[0], vec, dev
+    want = pinned.variant if isinstance(pinned, Plan) else pinned
+    for p in cands:
+        if p.variant == want:
+            return p, vec, dev
+    raise ValueError(f"pinned variant {want.describe()} ({want.dtype}, {want.target}, {want.index}) cannot "
+                     f"run {dtype} rows of {c} classes here; candidates: "
+                     f"{', '.join(p.variant.describe() for p in cands)}")
+
+
+def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, loss_out, lse_out,
+           correct_out, grad_out, total_out, stats_out, bad_out, pinned=None, grid=None) -> Plan:
+    """Run the fused path: the denominator prologue (reduction "mean" with labels), then the
+    fused kernel.  Nothing else is launched and nothing waits for the device.
+
+    x2 (N, C) logits with unit column stride; lbl (N,) int32/int64 labels or None; y2 (N, C)
+    probabilities of x2's dtype or None; w (C,) weights in ``acc`` or None (all ones); the
+    outputs are device arrays or None: loss_out, lse_out, correct_out (N,) in ``acc``;
+    grad_out (N, C) with unit column stride; total_out 0-d; stats_out (2,) [z part,
+    accuracy]; bad_out 0-d int64 (the first bad label position, N when none).  ``grid``
+    overrides the one-wave grid (the probe's sweep; a multiple of the cluster size).
+    """
     import cupy
 
-    dummy_lbl = lbl if lbl is not None else cupy.zeros(1, cupy.int32)
-    dummy_y = y2 if y2 is not None else x2[:1]
-    ldy = (y2.strides[0] // isz) if y2 is not None else 0
+    n, c = x2.shape
+    target = "prob" if lbl is None else "label"
+    index = "int32" if lbl is None else lbl.dtype.name
+    p, _, dev = choose(x2, target, index, y2, grad_out, pinned)
+    ws = workspace(cupy, dev)
+    at = np.dtype(acc).type
     null = np.uint64(0)
-    args = (x2, np.int64(ldx), dummy_lbl, dummy_y, np.int64(ldy), w if w is not None else null,
-            np.int64(n), np.int32(c), acc(a.label_smoothing / c), acc(1.0 - a.label_smoothing),
-            acc(a.z_loss), np.int64(a.ignore_index), scale, loss, lse,
-            grad_out if grad_out is not None else null, np.int64(ldg))
-    threads = block_threads(v, c)
-    if threads > fn.max_threads_per_block:  # only the two-pass kernel has no __launch_bounds__
-        threads = (fn.max_threads_per_block // 32) * 32
-        if v.kind != "twopass":
-            raise RuntimeError(f"{v.describe()}: {block_threads(v, c)} threads a block exceed "
-                               f"the kernel's limit of {fn.max_threads_per_block}")
-    fn((grid_blocks(v, n, c, dev),), (threads,), args, shared_mem=shm)
-    return v
+    inv_from_ws = 0
+    inv = 1.0
+    if reduction == "mean":
+        if lbl is None:
+            inv = 1.0 / n
+        else:
+            inv_from_ws = 1
+            expr = denominator_expr(index, np.dtype(acc).name)
+            blocks = int(max(1, min(_ceil(n, DENOM_THREADS), dev.sms * 4)))
+            function(expr)((blocks,), (DENOM_THREADS,), (lbl, w if w is not None else null, np.int64(n),
+                                                         np.int32(c), np.int64(ignore_index), ws))
+    isz = x2.itemsize
+    expr = p.variant.expr()
+    fn = function(expr)
+    if p.smem + STATIC_SMEM > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = p.smem
+    if grid is None:
+        grid = grid_blocks(p, n, dev, _occupancy(expr, p.threads, p.smem))
+
+    def ptr(a):
+        return a if a is not None else null
+
+    args = [x2, np.int64(x2.strides[0] // isz), lbl if lbl is not None else null, ptr(y2),
+            np.int64(y2.strides[0] // isz if y2 is not None else 0), ptr(w), np.int64(n), np.int32(c),
+            at(eps / c), at(1.0 - eps), at(z), at(softcap or 0.0), np.int64(ignore_index), np.float64(inv),
+            np.int32(inv_from_ws), ptr(loss_out), ptr(lse_out), ptr(correct_out), ptr(grad_out),
+            np.int64(grad_out.strides[0] // isz if grad_out is not None else 0), ws, ptr(total_out),
+            ptr(stats_out), ptr(bad_out)]
+    if p.variant.kind in ("warp", "block", "cluster"):
+        args += [np.int32(p.packs), np.int32(p.stages)]
+    fn((grid,), (p.threads,), tuple(args), shared_mem=p.smem)
+    return p
+
+
+def explain(x2, target_kind="label", index="int64", y2=None, grad_out=None) -> str:
+    """Which kernel a call on these arrays would run, and why (CuPy arrays, a visible GPU)."""
+    p, _, dev = choose(x2, target_kind, index, y2, grad_out)
+    per_sm = _occupancy(p.variant.expr(), p.threads, p.smem)
+    return explain_plan(p, x2.shape[1], x2.shape[0], dev, per_sm)
+

@@ -26,9 +26,10 @@ CUPY_HEADERS = (
     "cupy/atomics.cuh",
     "cupy/math_constants.h",
     "cupy/float16.cuh",
+    "cupy/bfloat16.cuh",
 )
 
-_DTYPE_NAMES = {"bool", "int32", "int64", "float16", "float32", "float64"}
+_DTYPE_NAMES = {"bool", "int32", "int64", "float16", "bfloat16", "float32", "float64"}
 
 
 @dataclass
@@ -185,6 +186,6 @@ def compile_fused(archs=("sm_80", "sm_90")) -> list[CompileResult]:
     out = []
     for arch in archs:
         cc = int(arch.split("_")[1])
-        exprs = [v.expr() for v in _fused.variants() if cc >= v.min_arch]
+        exprs = [v.expr() for v in _fused.variants() if cc >= v.min_arch] + _fused.denominator_exprs()
         out.append(compile_source(src, f"gpuce_sce_fused_{arch}", arch, ("--std=c++17",), exprs))
     return out

@@ -1,31 +1,35 @@
 """CuPy softmax cross-entropy: host code launching the GPU kernels.
 
-Common prologue (no host sync except the label check):
+No host synchronisation happens before the last launch of a call; the one read after it is
+the label check's 8-byte result (skipped with ``check_labels=False``), and it raises
+ValueError naming the first bad label.
 
-1. ``gpuce_label_check`` (integer labels only): one small kernel writing the first bad
-   position, one 8-byte read -- the only host sync of a call (made after the fused launch).
-2. per-row label weights (CuPy array ops), the mean's denominator (CuPy's sum) and the
-   gradient scale as device arrays, so no kernel waits on the host.
+``impl="fused"`` (the RawKernels of kernels/gpuce_sce_fused.cu, launched by gpuce._fused):
+at most two launches -- the denominator prologue (reduction "mean" with integer labels) and
+the fused kernel, which reads each row once, writes the gradient once and finishes the
+batch sums on the device (float64 partials per block, the last block adding them in block
+order: bit-identical run to run).  Per-row losses are written only for reduction "none",
+per-row lse only when statistics are asked for.  Array conversions (labels of another
+integer type, weights of another dtype, probability targets of another dtype, a non-unit
+column stride) add a copy launch each, only when the caller's arrays need them.
 
 ``impl="portable"`` (CuPy ElementwiseKernel / ReductionKernel, two reads + one write):
 
-3. ``gpuce_sce_stats_*`` (ReductionKernel): per-row lse and loss terms, one read.
-4. ``gpuce_sce_rows`` (ElementwiseKernel over N): per-row loss and gradient coefficient.
-5. ``gpuce_sce_grad_*`` (ElementwiseKernel): second read and the one write of the gradient,
-   reusing lse and the coefficients of 3-4.
-
-``impl="fused"`` (RawKernel family of kernels/gpuce_sce_fused.cu, see gpuce._fused): one
-launch reads each row once and writes loss, lse and the gradient.
+1. ``gpuce_label_check`` (integer labels): the first bad position (atomicMin), read after
+   the last launch;
+2. per-row label weights and the mean's denominator and scale as device arrays (CuPy ops);
+3. ``gpuce_sce_stats_*`` (ReductionKernel): per-row lse and loss terms, one read;
+4. ``gpuce_sce_rows`` (ElementwiseKernel over N): per-row loss and gradient coefficient;
+5. ``gpuce_sce_grad_*`` (ElementwiseKernel): second read and the one write of the gradient.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import _fused
 from ._cupy_kernels import get_kernel
-from ._validation import SceArgs, label_error
-
-last_variant = None  # the fused variant of the latest fused call (for benchmarks and tests)
+from ._validation import SceArgs, SceRows, SceStats, label_error
 
 
 def kernel_labels(cp, target, a: SceArgs):
@@ -42,7 +46,7 @@ def kernel_labels(cp, target, a: SceArgs):
 def check_labels(cp, target, a: SceArgs):
     """Raise for the first out-of-range label (one sync)."""
     lbl = kernel_labels(cp, target, a)
-    finish_label_check(lbl, start_label_check(cp, lbl, a), a)
+    raise_bad_label(lbl, start_label_check(cp, lbl, a), a)
 
 
 def start_label_check(cp, lbl, a: SceArgs):
@@ -53,104 +57,11 @@ def start_label_check(cp, lbl, a: SceArgs):
     return first
 
 
-def label_weights(cp, lbl, w, a: SceArgs):
-    """Each row's weight w[t] (0 for ignored rows and, until the check raises, for
-    out-of-range labels) in the accumulation dtype."""
-    ok = (lbl != a.ignore_index) & (lbl >= 0) & (lbl < a.c)
-    return cp.where(ok, w[cp.where(ok, lbl, 0)], 0).astype(a.acc)
-
-
-def finish_label_check(lbl, first, a: SceArgs):
+def raise_bad_label(lbl, first, a: SceArgs):
     """Read the check's result (the one host sync of a call) and raise for a bad label."""
-    pos = int(first.get()[0])
+    pos = int(first.get().ravel()[0])
     if pos < lbl.size:
         raise label_error(pos, int(lbl.ravel()[pos].get()), a.lead_shape, a.c, a.ignore_index)
-
-
-def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="portable"):
-    """Same contract as :func:`gpuce._sce_numpy.softmax_cross_entropy`, on CuPy arrays;
-    ``total`` is a 0-d device array (no sync).
-
-    The fused path reads the label check's result after its launch (the kernel turns an
-    out-of-range label into a NaN row, never an out-of-bounds read), so the one host sync
-    comes after the work; with ``grad_out`` the logits themselves, or on the portable path,
-    the check is read before anything is written."""
-    import cupy as cp
-
-    n, c = x2.shape
-    acc = a.acc
-    wuser = None if weight is None else cp.ascontiguousarray(weight.astype(acc, copy=False))
-    w = cp.ones(c, acc) if wuser is None else wuser  # the portable kernels read a weight vector
-
-    lbl, pending = None, None
-    if a.kind == "label":
-        lbl = kernel_labels(cp, target, a)
-        if not a.labels_checked:
-            pending = start_label_check(cp, lbl, a)
-            if impl != "fused" or grad_out is x2:
-                finish_label_check(lbl, pending, a)
-                pending = None
-        wk = label_weights(cp, lbl, w, a)
-        denom = wk.sum(dtype=cp.float64)
-    else:
-        denom = cp.asarray(float(n), dtype=cp.float64)
-    nz = denom != 0
-    if a.reduction == "mean":
-        scale = cp.where(nz, 1.0 / cp.where(nz, denom, 1.0), 0.0).astype(acc)
-    else:
-        scale = cp.ones((), acc)
-
-    if impl == "fused":
-        loss = _fused(cp, x2, lbl, target if a.kind == "prob" else None, wuser, a, scale, grad_out)
-        if pending is not None:
-            finish_label_check(lbl, pending, a)
-    else:
-        if lbl is not None:
-            active = lbl != a.ignore_index
-        else:
-            active, wk = True, None
-        loss = _portable(cp, x2, lbl, target if a.kind == "prob" else None, w, a, scale, grad_out,
-                         active, wk)
-    if a.reduction == "none":
-        return loss, None
-    total = loss.sum(dtype=cp.float64)
-    if a.reduction == "mean":  # divided in float64, as the NumPy path does
-        total = cp.where(nz, total / cp.where(nz, denom, 1.0), 0.0)
-    return loss, total.astype(acc)
-
-
-def _portable(cp, x2, lbl, y, w, a, scale, grad_out, active, wk):
-    n, c = x2.shape
-    acc = a.acc
-    tname, aname = x2.dtype.name, acc.name
-    eps_c = a.label_smoothing / c
-    ome = 1.0 - a.label_smoothing
-    col = cp.arange(c, dtype=cp.int32)
-    mx, ls, tlab, smooth, asum = (cp.empty(n, acc) for _ in range(5))
-    if lbl is not None:
-        wl = (ome * wk).astype(acc)  # (1 - eps) w_k per row
-        iname = lbl.dtype.name
-        lbl2 = lbl[:, None]
-        get_kernel("gpuce_sce_stats_label", T=tname, A=aname, I=iname)(
-            x2, lbl2, col, w, eps_c, a.ignore_index, mx, ls, tlab, smooth, asum, axis=1
-        )
-    else:
-        get_kernel("gpuce_sce_stats_prob", T=tname, A=aname, Y=y.dtype.name)(
-            x2, y, w, ome, eps_c, mx, ls, tlab, smooth, asum, axis=1
-        )
-        wl = cp.zeros(n, acc)
-    loss, g = get_kernel("gpuce_sce_rows", A=aname)(active, mx, ls, tlab, smooth, asum, wl, a.z_loss)
-    if grad_out is not None:
-        if lbl is not None:
-            get_kernel("gpuce_sce_grad_label", T=tname, A=aname, I=iname)(
-                x2, mx[:, None], ls[:, None], g[:, None], wl[:, None], lbl2, col, w, eps_c, scale,
-                a.ignore_index, grad_out,
-            )
-        else:
-            get_kernel("gpuce_sce_grad_prob", T=tname, A=aname, Y=y.dtype.name)(
-                x2, y, mx[:, None], ls[:, None], g[:, None], w, ome, eps_c, scale, grad_out
-            )
-    return loss
 
 
 def _unit_cols(cp, arr):
@@ -158,23 +69,141 @@ def _unit_cols(cp, arr):
     return arr if arr.strides[1] == arr.itemsize else cp.ascontiguousarray(arr)
 
 
-def _fused(cp, x2, lbl, y, w, a, scale, grad_out):
-    global last_variant
-    from . import _fused as F
+def _weight(cp, weight, acc):
+    return None if weight is None else cp.ascontiguousarray(weight.astype(acc, copy=False))
 
-    n, _ = x2.shape
-    xk = _unit_cols(cp, x2)  # labels and weights arrive as dense vectors already
-    if y is not None:
-        y = _unit_cols(cp, y.astype(x2.dtype, copy=False))
+
+def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out, impl="fused", variant=None) -> SceRows:
+    """Same contract as :func:`gpuce._sce_numpy.softmax_cross_entropy`, on CuPy arrays: a
+    :class:`SceRows` whose ``total`` is a 0-d device array (no sync before the last launch).
+    ``variant`` pins a fused variant (tests, benchmark)."""
+    import cupy as cp
+
+    if a.kind == "prob" and target.dtype != x2.dtype:
+        # probability targets of another dtype are read in float32 (float64 for float64
+        # logits), never rounded to the logits' dtype: the portable kernels take them so
+        target = target.astype(np.float64 if x2.dtype == np.float64 else np.float32, copy=False)
+        impl = "portable"
+    if impl == "fused":
+        return _fused_rows(cp, x2, target, weight, a, grad_out, variant)
+    return _portable_rows(cp, x2, target, weight, a, grad_out)
+
+
+def _z_rows(cp, lse, lbl, a):
+    """Per-row z-loss parts z lse^2 (0 for ignored rows, and everywhere when z = 0)."""
+    acc = a.acc
+    if a.z_loss == 0.0:
+        return cp.zeros(lse.shape, acc)
+    z = acc.type(a.z_loss) * lse * lse
+    return z if lbl is None else cp.where(lbl != a.ignore_index, z, acc.type(0)).astype(acc)
+
+
+def _fused_rows(cp, x2, target, weight, a, grad_out, variant):
+    n, c = x2.shape
+    acc = a.acc
+    w = _weight(cp, weight, acc)
+    lbl = y2 = None
+    if a.kind == "label":
+        lbl = kernel_labels(cp, target, a)
+    else:
+        y2 = _unit_cols(cp, target)
+    xk = _unit_cols(cp, x2)
     out = None
     if grad_out is not None:
-        if grad_out is x2:  # inplace: write into the kernel's own input when it is x2 itself
-            out = xk
-        else:
-            out = _unit_cols(cp, grad_out)
-    loss = cp.empty(n, a.acc)
-    lse = cp.empty(n, a.acc)
-    last_variant = F.launch(xk, lbl, y, w, a, scale, loss, lse, out)
-    if grad_out is not None and out is not grad_out:
+        out = xk if grad_out is x2 else _unit_cols(cp, grad_out)
+    none = a.reduction == "none"
+    check = a.kind == "label" and a.check_labels and not a.labels_checked
+    rows = cp.empty(n, acc) if none else None
+    total = None if none else cp.empty((), acc)
+    lse = cp.empty(n, acc) if a.return_stats else None
+    correct = cp.empty(n, acc) if (a.return_stats and none and a.kind == "label") else None
+    stats_out = cp.empty(2, acc) if (a.return_stats and not none) else None
+    bad = cp.empty((), cp.int64) if check else None
+    _fused.launch(
+        xk, lbl, y2, w, acc=acc, eps=a.label_smoothing, z=a.z_loss, softcap=a.softcap,
+        ignore_index=a.ignore_index, reduction=a.reduction, loss_out=rows, lse_out=lse,
+        correct_out=correct, grad_out=out, total_out=total, stats_out=stats_out, bad_out=bad,
+        pinned=variant)
+    if grad_out is not None and out is not grad_out:  # a unit-column copy was written
         grad_out[...] = out
-    return loss
+    if bad is not None:
+        raise_bad_label(lbl, bad, a)
+    stats = None
+    if a.return_stats:
+        if none:
+            zrows = _z_rows(cp, lse, lbl, a)
+            stats = SceStats(zrows, correct, lse)
+        else:
+            stats = SceStats(stats_out[0], stats_out[1] if a.kind == "label" else None, lse)
+    return SceRows(rows, total, stats)
+
+
+def _portable_rows(cp, x2, target, weight, a, grad_out):
+    n, c = x2.shape
+    acc = a.acc
+    wuser = _weight(cp, weight, acc)
+    w = cp.ones(c, acc) if wuser is None else wuser  # the portable kernels read a weight vector
+    lbl = pending = None
+    if a.kind == "label":
+        lbl = kernel_labels(cp, target, a)
+        if a.check_labels and not a.labels_checked:
+            pending = start_label_check(cp, lbl, a)
+        ok = (lbl != a.ignore_index) & (lbl >= 0) & (lbl < a.c)
+        bad = (lbl != a.ignore_index) & ~ok
+        wk = cp.where(ok, w[cp.where(ok, lbl, 0)], 0).astype(acc)  # the denominator's weights
+        wl = cp.where(bad, acc.type(np.nan), wk * acc.type(1.0 - a.label_smoothing)).astype(acc)
+        denom = wk.sum(dtype=cp.float64)
+        active = lbl != a.ignore_index
+    else:
+        denom = cp.asarray(float(n), dtype=cp.float64)
+        wl = cp.zeros(n, acc)
+        active = cp.ones(n, bool)
+    nz = denom != 0
+    inv = cp.where(nz, 1.0 / cp.where(nz, denom, 1.0), 0.0) if a.reduction == "mean" else cp.ones((), cp.float64)
+    scale = inv.astype(acc)
+    tname, aname = x2.dtype.name, acc.name
+    eps_c = a.label_smoothing / c
+    ome = 1.0 - a.label_smoothing
+    cap = acc.type(a.softcap)
+    col = cp.arange(c, dtype=cp.int32)
+    mx, ls, tlab, smooth, asum, hit = (cp.empty(n, acc) for _ in range(6))
+    if lbl is not None:
+        iname = lbl.dtype.name
+        lbl2 = lbl[:, None]
+        get_kernel("gpuce_sce_stats_label", T=tname, A=aname, I=iname)(
+            x2, lbl2, col, w, eps_c, a.ignore_index, cap, mx, ls, tlab, smooth, asum, hit, axis=1)
+    else:
+        y2 = target
+        get_kernel("gpuce_sce_stats_prob", T=tname, A=aname, Y=y2.dtype.name)(
+            x2, y2, w, ome, eps_c, cap, mx, ls, tlab, smooth, asum, hit, axis=1)
+    loss, g = get_kernel("gpuce_sce_rows", A=aname)(active, mx, ls, tlab, smooth, asum, wl, a.z_loss)
+    if grad_out is not None:
+        if lbl is not None:
+            get_kernel("gpuce_sce_grad_label", T=tname, A=aname, I=iname)(
+                x2, mx[:, None], ls[:, None], g[:, None], wl[:, None], lbl2, col, w, eps_c, scale,
+                a.ignore_index, cap, grad_out)
+        else:
+            get_kernel("gpuce_sce_grad_prob", T=tname, A=aname, Y=y2.dtype.name)(
+                x2, y2, mx[:, None], ls[:, None], g[:, None], w, ome, eps_c, scale, cap, grad_out)
+    total = None
+    if a.reduction != "none":
+        total = (loss.sum(dtype=cp.float64) * inv).astype(acc)
+    stats = None
+    if a.return_stats:
+        lse = (mx + ls).astype(acc)
+        zrows = _z_rows(cp, lse, lbl, a)
+        correct = None
+        if lbl is not None:
+            correct = cp.where(active, cp.where(cp.isnan(wl), acc.type(0), hit), acc.type(np.nan)).astype(acc)
+        if a.reduction == "none":
+            stats = SceStats(zrows, correct, lse)
+        else:
+            acc_total = None
+            if correct is not None:
+                cnt = active.sum(dtype=cp.float64)
+                acc_total = cp.where(cnt > 0, cp.nansum(correct, dtype=cp.float64) / cp.where(cnt > 0, cnt, 1.0),
+                                     np.nan).astype(acc)
+            stats = SceStats((zrows.sum(dtype=cp.float64) * inv).astype(acc), acc_total, lse)
+    if pending is not None:
+        raise_bad_label(lbl, pending, a)
+    return SceRows(loss, total, stats)

@@ -90,6 +90,33 @@ __device__ __forceinline__ RowStat<A> merge(const RowStat<A>& p, const RowStat<A
     return r;
 }
 
+// Logit soft-capping: the loss sees cap * tanh(f / cap) (cap > 0; cap == 0: f itself), and
+// d/df of it is 1 - tanh^2.  tanh is written out for float so that it inlines (a few ulp):
+// an odd polynomial near 0, 1 - 2 / (e^{2|v|} + 1) elsewhere; double calls the library's.
+__device__ __forceinline__ float tanh_acc(float v) {
+    const float a = fabsf(v);
+    if (a < 0.3f) {
+        const float x2 = v * v;
+        const float p = -0.33333333f + x2 * (0.13333333f + x2 * (-0.053968254f + x2 * (0.021869488f + x2 * -0.0088632355f)));
+        return v + v * x2 * p;
+    }
+    return copysignf(1.0f - 2.0f * __frcp_rn(exp2f(2.0f * a * 1.4426950408889634f) + 1.0f), v);
+}
+__device__ __forceinline__ double tanh_acc(double v) { return tanh(v); }
+
+template <typename A>
+__device__ __forceinline__ A softcap_value(A f, A cap) {
+    return cap > A(0) ? cap * tanh_acc(f / cap) : f;
+}
+
+// d softcap_value / df.
+template <typename A>
+__device__ __forceinline__ A softcap_slope(A f, A cap) {
+    if (!(cap > A(0))) return A(1);
+    const A t = tanh_acc(f / cap);
+    return A(1) - t * t;
+}
+
 // Per-column coefficient of the loss, sum_c coef_c * (lse - x_c):
 //   integer labels:        coef_c = (eps / C) * w_c          (0 on ignored rows)
 //   probability targets:   coef_c = w_c * ((1 - eps) * y_c + eps / C)
@@ -121,13 +148,16 @@ __device__ __forceinline__ void finish_lse(const LseStat<A>& r, A& mx, A& ls) {
 //   tlab   = lse - x_label, formed as (m - t) + ls
 //   smooth = sum_c coef_c * (lse - x_c) = a * ls - b
 //   asum   = sum_c coef_c
+//   hit    = 1 when the label value attains the (finite) row max, else 0 (token accuracy)
 template <typename A>
-__device__ __forceinline__ void finish_row(const RowStat<A>& r, A& mx, A& ls, A& tlab, A& smooth, A& asum) {
+__device__ __forceinline__ void finish_row(const RowStat<A>& r, A& mx, A& ls, A& tlab, A& smooth, A& asum,
+                                           A& hit) {
     mx = r.e.m;
     ls = log(r.e.s);
     tlab = (r.e.m - r.t) + ls;
     smooth = (r.a == A(0)) ? A(0) : r.a * ls - r.b;
     asum = r.a;
+    hit = (isfinite(r.e.m) && r.t == r.e.m) ? A(1) : A(0);
 }
 
 // Per-row loss and gradient coefficient from the reduction outputs.
@@ -159,15 +189,17 @@ __device__ __forceinline__ void finish_stats(bool active, A m, A ms, A s, A a, A
     finish_loss(active, mx, ls, tlab, smooth, a, wl, z, loss, g);
 }
 
-// d loss / d x_j for one element, times the reduction's scale.
+// d loss / d f_j for one element (f the raw logit, the loss seeing softcap_value(f, cap)),
+// times the reduction's scale.
 template <typename A>
-__device__ __forceinline__ A grad_element(bool active, A x, A mx, A ls, A g, A coef, A wl, bool is_label,
-                                          A scale) {
+__device__ __forceinline__ A grad_element(bool active, A f, A mx, A ls, A g, A coef, A wl, bool is_label,
+                                          A scale, A cap) {
     if (!active) return A(0);
     if (!isfinite(mx + ls)) return quiet_nan<A>();
+    const A x = softcap_value(f, cap);
     A p = exp((x - mx) - ls);
     A d = p * g - coef - (is_label ? wl : A(0));
-    return d * scale;
+    return d * scale * softcap_slope(f, cap);
 }
 
 }  // namespace gpuce

@@ -1,161 +1,83 @@
-// gpuce: fused softmax cross-entropy -- each row of logits is read from device memory once
-// and the gradient written once; the "twopass" variant (reads the row twice) is the fallback
-// where no single-read variant fits.
+// gpuce: fused softmax cross-entropy.  One launch reads each row of logits from device memory
+// once (the "twopass" fallback twice, the second read meant to hit L2), writes the gradient
+// once, and finishes the batch statistics (loss sum, z-loss part, token accuracy, the first
+// bad label) on the device: every block adds its rows in a fixed order into float64 partials,
+// and the last block to finish (an atomic ticket) sums the partials in block order.  Results
+// are bit-identical run to run: the grid and the row-to-block mapping depend only on the shape
+// and the device, and no floating-point atomics are used.
 //
-// All variants share one parameter list and the maths of gpuce_rowstat.cuh:
-//   lse   = m + log s                        s = sum_c e_c,  e_c = exp(x_c - m)
-//   loss  = wl * ((m - x_k) + log s) + (a log s - b) + z lse^2      (finish_stats)
-//   grad  = scale * (e_j G / s - coef_j - wl [j = k])
-// MODE 0: integer labels (coef_j = (eps/C) w_j, wl = (1-eps) w_k; rows with
-//         label == ignore_index give loss 0 and a zero gradient row and are not read; a label
-//         outside [0, C) gives a NaN row -- the host raises for it after the launch).
+// Maths (A is the accumulation type: float, or double for double logits).  A row's values are
+// v_j = f_j, or v_j = s tanh(f_j / s) with softcap s > 0.  Each thread keeps a partial state
+// of the values it owns (Part: max m, finite shift ms, s = sum exp(v - ms), a = sum coef,
+// b = sum coef (v - ms), the label value); the team combines the states once (a symmetric
+// merge, so every thread of the team ends with the same bits), then
+//   lse  = ms + log s
+//   loss = wl (lse - v_k) + (a log s - b) + z lse^2                       (finish_stats)
+//   grad = scale (exp(v_j - ms) G / s - coef_j - wl [j = k]) (1 - tanh^2)  G = wl + a + 2 z lse
+// MODE 0: integer labels (coef_j = (eps/C) w_j, wl = (1-eps) w_k; rows with label ==
+//         ignore_index give loss 0 and a zero gradient row; a label outside [0, C) gives a NaN
+//         row and is recorded as the first bad position, never an out-of-bounds read).
 // MODE 1: probability targets y (coef_j = w_j ((1-eps) y_j + eps/C), wl = 0).
-// w may be null (all weights 1).
+// w may be null (all weights 1).  Rows are always read (never gated on their label), so a
+// row's loads wait only on their address.
 //
-// The single-read family keeps a row on chip between its read and its gradient write:
-//   sce_tile     C <= 32: a block stages 128 dense rows through shared memory with coalesced
-//                (16-byte) loads and stores; one thread per row does the maths;
-//   sce_warp     G lanes of a warp per row (32 / G rows per warp), ITEMS packs per lane in
-//                registers: C <= G * ITEMS * VEC;
-//   sce_block    a block per row: ITEMS packs per thread in registers and SITEMS more in
-//                shared memory (thread-private slots, no bank conflicts);
-//   sce_cluster  sm_90: a thread-block cluster of CL such blocks per row, the partial max and
-//                sums exchanged through distributed shared memory (two cluster barriers a row).
-// e_c = exp(x_c - m) is computed once and kept in place of x_c, so each element costs one
-// exponential; the label logit x_k is read by itself (an L1/L2 hit), so no per-element label
-// compare is needed in the sums.
-// Reductions are fixed-order trees (xor butterflies, then warps and cluster ranks in index
-// order): the same input gives bit-identical loss and gradient run to run.  No floating-point
-// atomics.  Offsets are 64-bit (row * ld); C itself must be < 2^31.
-// The warp / block / cluster kernels carry __launch_bounds__(256, 3) (labels; 2 for probability
-// targets): blocks of at most 256 threads, three of them an SM (80 registers a thread: the 32
-// register-resident row values and the rest), so one block's loads overlap another's maths.  Beyond what registers
-// hold, 16-byte packs go to shared memory with cp.async (no registers held in flight).
+// Kernels:
+//   sce_tile       C <= 32, dense rows: a block stages 128 rows (one thread a row) through
+//                  shared memory; the next tile's 16-byte loads are issued into registers
+//                  before the current tile is computed.
+//   sce_team<G>    G lanes a row (G = 4..32), or the whole block (G = 0), or a thread-block
+//                  cluster of CL blocks (sm_90): every thread copies its own 16-byte packs of
+//                  the rows S - 1 rows ahead into its own shared-memory slots with cp.async
+//                  (no barrier needed for the data), one team exchange a row (shuffles; a
+//                  block adds one barrier on row-parity buffers; a cluster adds tagged stores
+//                  into the peers' shared memory, polled, no cluster barrier a row).
+//   sce_twopass    a block a row, reading the row twice: rows too long for shared memory.
+//   sce_denominator  the prologue of reduction="mean" with labels: sum of w_k over the
+//                  non-ignored rows, finished by the last block into the workspace.
+// Offsets are 64-bit (row * ld).  C itself must be < 2^31.
 //
-// Template instantiations are named by gpuce/_fused.py (name expressions), which is also
-// the list the offline NVRTC test compiles.
+// Workspace (long long words, one per device and stream, zeroed once; the last block of every
+// launch leaves it as it found it):
+//   ws[0] ticket of sce_tile/team/twopass   ws[1] ticket of sce_denominator
+//   ws[3] 1 / denominator (double bits), written by sce_denominator
+//   ws[GPUCE_WS_PARTIALS + 5 b + q]  block b's partials: loss, z part, correct, active (double
+//                                    bits), the first bad label position
+//
+// Template instantiations are named by gpuce/_fused.py (name expressions), which is also the
+// list the offline NVRTC test compiles.
 
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 #include <cooperative_groups.h>
 #include "gpuce_rowstat.cuh"
 
+#define GPUCE_WS_PARTIALS 8
+#define GPUCE_NPART 4  // float64 partials a block: loss, z part, correct, active
+#define GPUCE_NWORDS 5  // ... and the first bad label
+#define GPUCE_TEAM_THREADS 512
+#define GPUCE_TILE_ROWS 128
+#define GPUCE_TILE_MAX_C 32
+
 namespace gpuce {
 
+typedef long long gpuce_i64;
+
+// ------------------------------------------------------------------------- storage types
 template <typename A, typename T> __device__ __forceinline__ A load_acc(T v) { return A(v); }
 template <> __device__ __forceinline__ float load_acc<float, __half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float load_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
 template <typename T, typename A> __device__ __forceinline__ T store_t(A v) { return T(v); }
 template <> __device__ __forceinline__ __half store_t<__half, float>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_t<__nv_bfloat16, float>(float v) {
+    return __float2bfloat16_rn(v);
+}
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
     T v[VEC];
 };
-
-template <typename A>
-__device__ __forceinline__ A shfl_xor(A v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
-
-// Butterfly reductions inside aligned groups of G lanes (G a power of two <= 32); every
-// lane of the group ends with the same bits.
-template <int G, typename A>
-__device__ __forceinline__ A group_sum(A v) {
-#pragma unroll
-    for (int o = G / 2; o > 0; o >>= 1) v += shfl_xor(v, o);
-    return v;
-}
-template <int G, typename A>
-__device__ __forceinline__ A group_max(A v) {
-#pragma unroll
-    for (int o = G / 2; o > 0; o >>= 1) v = nanmax(v, shfl_xor(v, o));
-    return v;
-}
-
-// Block-wide reductions; `red` is shared scratch of at least 32 * 4 values.  Results are
-// broadcast to all threads.  Warps are combined in index order (deterministic).
-template <typename A>
-__device__ A block_max(A v, A* red) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    v = group_max<32>(v);
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    A r = red[0];
-    for (int i = 1; i < nw; ++i) r = nanmax(r, red[i]);
-    return r;
-}
-
-template <typename A>
-__device__ void block_sum4(A& p, A& q, A& r, A& s, A* red) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    p = group_sum<32>(p); q = group_sum<32>(q); r = group_sum<32>(r); s = group_sum<32>(s);
-    __syncthreads();
-    if (lane == 0) { red[4 * warp] = p; red[4 * warp + 1] = q; red[4 * warp + 2] = r; red[4 * warp + 3] = s; }
-    __syncthreads();
-    p = red[0]; q = red[1]; r = red[2]; s = red[3];
-    for (int i = 1; i < nw; ++i) { p += red[4 * i]; q += red[4 * i + 1]; r += red[4 * i + 2]; s += red[4 * i + 3]; }
-}
-
-// One exponential: exp2 of a product for float (d = x - m is formed exactly first, so the
-// product's rounding costs |d| * 2^-24 relative, nothing for the large terms), exp for double.
-__device__ __forceinline__ float ex(float d) { return exp2f(d * 1.4426950408889634f); }
-__device__ __forceinline__ double ex(double d) { return exp(d); }
-
-template <typename A>
-__device__ void block_sum3(A& p, A& q, A& r, A* red) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    p = group_sum<32>(p); q = group_sum<32>(q); r = group_sum<32>(r);
-    __syncthreads();
-    if (lane == 0) { red[4 * warp] = p; red[4 * warp + 1] = q; red[4 * warp + 2] = r; }
-    __syncthreads();
-    p = red[0]; q = red[1]; r = red[2];
-    for (int i = 1; i < nw; ++i) { p += red[4 * i]; q += red[4 * i + 1]; r += red[4 * i + 2]; }
-}
-
-// The label fields of a row from its label `lab`: active (not ignored), the label column k
-// (-1 for none) and wl = (1 - eps) w_k, NaN for an out-of-range label (a NaN row, never an
-// out-of-bounds read).  The one place the label is interpreted, for every kernel.
-template <typename A>
-__device__ __forceinline__ void label_fields(long long lab, long long ignore_index, int c, const A* w,
-                                             A one_minus_eps, bool& active, int& k, A& wl) {
-    active = lab != ignore_index;
-    k = -1;
-    wl = A(0);
-    if (active && (lab < 0 || lab >= c)) wl = quiet_nan<A>();
-    else if (active) { k = (int)lab; wl = one_minus_eps * (w ? w[k] : A(1)); }
-}
-
-// Per-row constants of the two-pass kernel.
-template <int MODE, typename T, typename I, typename A>
-struct RowCtx {
-    bool active;
-    int k;          // label column (MODE 0, active rows), else -1
-    A wl;           // (1 - eps) w_k or 0
-    const T* yrow;  // MODE 1
-};
-
-template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ RowCtx<MODE, T, I, A> row_ctx(long long row, const I* labels, const T* y,
-                                                         long long ldy, const A* w, A one_minus_eps,
-                                                         long long ignore_index, int c) {
-    RowCtx<MODE, T, I, A> r;
-    r.yrow = nullptr;
-    r.k = -1;
-    r.wl = A(0);
-    if (MODE == 0) {
-        label_fields((long long)labels[row], ignore_index, c, w, one_minus_eps, r.active, r.k, r.wl);
-    } else {
-        r.active = true;
-        r.yrow = y + row * ldy;
-    }
-    return r;
-}
-
-template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ A coef_at(const RowCtx<MODE, T, I, A>& r, int col, const A* w, A eps_over_c,
-                                     A one_minus_eps) {
-    A wc = w ? w[col] : A(1);
-    if (MODE == 0) return label_coef(r.active, wc, eps_over_c);
-    return prob_coef(load_acc<A>(r.yrow[col]), wc, one_minus_eps, eps_over_c);
-}
 
 template <typename T, int VEC>
 __device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
@@ -171,541 +93,783 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& r) {
     else p[0] = r.v[0];
 }
 
-template <typename A, typename T, int VEC>
-__device__ __forceinline__ Pack<A, VEC> to_acc(const Pack<T, VEC>& p) {
-    Pack<A, VEC> r;
-#pragma unroll
-    for (int u = 0; u < VEC; ++u) r.v[u] = load_acc<A>(p.v[u]);
-    return r;
-}
-
-// The gradient of VEC consecutive logits xv (columns col0...), stored at grow + col0.
-template <int MODE, typename T, typename I, typename A, int VEC>
-__device__ __forceinline__ void store_grad(T* grow, int col0, const Pack<A, VEC>& xv,
-                                           const RowCtx<MODE, T, I, A>& ctx, const A* w, A eps_over_c,
-                                           A one_minus_eps, A mx, A ls, A g, A scale) {
-    Pack<T, VEC> p;
-#pragma unroll
-    for (int u = 0; u < VEC; ++u) {
-        const int col = col0 + u;
-        const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-        p.v[u] = store_t<T>(grad_element(ctx.active, xv.v[u], mx, ls, g, cf, ctx.wl, col == ctx.k, scale));
+// ------------------------------------------------------------------------- asynchronous copies
+// cp.async global -> shared of one pack (16 bytes, or one 4- / 8-byte element); 2-byte
+// elements have no cp.async form and are copied through a register.  The host emulator
+// (GPUCE_SIMT) copies at once.
+template <typename T, int VEC>
+__device__ __forceinline__ void copy_pack_async(Pack<T, VEC>* dst, const T* src) {
+#if defined(__CUDA_ARCH__) && !defined(GPUCE_SIMT)
+    constexpr int BYTES = sizeof(T) * VEC;
+    if (BYTES == 16 || BYTES == 8 || BYTES == 4) {
+        const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+        if (BYTES == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+        else if (BYTES == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src) : "memory");
+        else asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+    } else {
+        *dst = load_pack<T, VEC>(src);
     }
-    store_pack<T, VEC>(grow + col0, p);
+#else
+    *dst = load_pack<T, VEC>(src);
+#endif
 }
 
+__device__ __forceinline__ void copy_commit() {
+#if defined(__CUDA_ARCH__) && !defined(GPUCE_SIMT)
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most `pending` of this thread's committed groups are still in flight.
+__device__ __forceinline__ void copy_wait(int pending) {
+#if defined(__CUDA_ARCH__) && !defined(GPUCE_SIMT)
+    switch (pending) {
+        case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+        case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+        case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+        default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    }
+#endif
+}
+
+// ------------------------------------------------------------------------- exponentials
+// exp(d) for d = v - ms formed exactly first (so a large shift costs no relative precision):
+// one multiply by log2(e) and ex2 for float, exp for double.
+__device__ __forceinline__ float ex(float d) { return exp2f(d * 1.4426950408889634f); }
+__device__ __forceinline__ double ex(double d) { return exp(d); }
+
+// s * exp(from - to), 0 when s == 0 (an empty or all -inf partial has nothing to rescale).
 template <typename A>
-__device__ __forceinline__ void store_row(long long row, bool active, A loss, A mx, A ls, A* loss_out, A* lse_out) {
-    loss_out[row] = loss;
-    if (lse_out) lse_out[row] = active ? mx + ls : quiet_nan<A>();  // lse of ignored rows: NaN
+__device__ __forceinline__ A rescaled(A s, A from, A to) {
+    return (s == A(0) || from == to) ? s : s * ex(from - to);
 }
 
-#define GPUCE_SCE_PARAMS                                                                          \
-    const T *__restrict__ x, long long ldx, const I *__restrict__ labels, const T *__restrict__ y, \
-        long long ldy, const A *__restrict__ w, long long n, int c, A eps_over_c, A one_minus_eps, \
-        A z, long long ignore_index, const A *__restrict__ scale_ptr, A *__restrict__ loss_out,   \
-        A *__restrict__ lse_out, T *__restrict__ grad, long long ldg
-
-// Blocks an SM must hold (the register cap): 3 for labels (80 registers), 2 for probability
-// targets (the target row's addresses and loads need more).
-#define GPUCE_BLOCKS_PER_SM(MODE) ((MODE) == 0 ? 3 : 2)
-
-#define GPUCE_SCE_ARGS                                                                             \
-    Args<T, I, A> g = {x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, ignore_index, \
-                       grad ? *scale_ptr : A(0), loss_out, lse_out, grad, ldg}
-
+// ------------------------------------------------------------------------- per-row arguments
 template <typename T, typename I, typename A>
 struct Args {
     const T* x; long long ldx; const I* labels; const T* y; long long ldy; const A* w; long long n; int c;
-    A eps_over_c; A one_minus_eps; A z; long long ignore_index; A scale; A* loss_out; A* lse_out; T* grad;
-    long long ldg;
+    A eps_over_c; A one_minus_eps; A z; A cap; long long ignore_index; A scale;
+    A* loss_out; A* lse_out; A* correct_out; T* grad; long long ldg;
 };
 
-// The row's label context (label_fields; an invalid row is inactive), from the row index or
-// from a label loaded earlier.  The AHEAD kernels
-// load each row's label one row ahead (load_label), so that a row's loads never wait for its
-// label -- in the others the row's packs are loaded only once the label says the row is not
-// ignored (a global-load round trip before every row's loads, visible in the SASS as the
-// branch over the LDG.E.128s).
-template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ long long load_label(const Args<T, I, A>& g, long long row) {
-    return (MODE == 0 && row < g.n) ? (long long)g.labels[row] : 0;
+#define GPUCE_SCE_PARAMS                                                                              \
+    const T *__restrict__ x, long long ldx, const I *__restrict__ labels, const T *__restrict__ y,     \
+        long long ldy, const A *__restrict__ w, long long n, int c, A eps_over_c, A one_minus_eps, A z, \
+        A cap, long long ignore_index, double inv_denom, int inv_from_ws, A *__restrict__ loss_out,   \
+        A *__restrict__ lse_out, A *__restrict__ correct_out, T *__restrict__ grad, long long ldg,     \
+        long long *__restrict__ ws, A *__restrict__ total_out, A *__restrict__ stats_out,             \
+        long long *__restrict__ bad_out
+
+// The reduction's scale (1 / denominator for "mean", else 1) and the Args of a launch.
+#define GPUCE_SCE_SETUP                                                                               \
+    const double inv = inv_from_ws ? __longlong_as_double(ws[3]) : inv_denom;                        \
+    const Args<T, I, A> g = {x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap,     \
+                             ignore_index, A(inv), loss_out, lse_out, correct_out, grad, ldg}
+
+// The value the loss sees: the logit, or s tanh(f / s) with softcap s > 0.
+template <typename T, typename I, typename A>
+__device__ __forceinline__ A value_of(const Args<T, I, A>& g, A f) {
+    return softcap_value(f, g.cap);
 }
 
+// coef_j (MODE 0: eps/C w_j; MODE 1: w_j ((1 - eps) y_j + eps/C)).
 template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ void label_ctx_from(const Args<T, I, A>& g, long long lab, bool valid, bool& active,
-                                               int& k, A& wl) {
-    active = valid;
-    k = -1;
-    wl = A(0);
-    if (MODE == 0 && valid) label_fields(lab, g.ignore_index, g.c, g.w, g.one_minus_eps, active, k, wl);
-}
-
-template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ void label_ctx(const Args<T, I, A>& g, long long row, bool valid, bool& active, int& k,
-                                          A& wl) {
-    // label_fields written out: this is the text that compiled to the kernels that passed the
-    // GPU suite; factoring it into the call changes their SASS (scheduling), so it stays.
-    active = valid;
-    k = -1;
-    wl = A(0);
-    if (MODE == 0 && valid) {
-        const long long lab = (long long)g.labels[row];
-        active = lab != g.ignore_index;
-        if (active && (lab < 0 || lab >= g.c)) wl = quiet_nan<A>();
-        else if (active) { k = (int)lab; wl = g.one_minus_eps * (g.w ? g.w[k] : A(1)); }
-    }
-}
-
-// coef_j (MODE 0: eps/C w_j; MODE 1: w_j ((1 - eps) y_j + eps/C)); only called when some
-// coefficient can be non-zero.
-template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ A coef_of(const Args<T, I, A>& g, const T* yrow, int col) {
+__device__ __forceinline__ A coef_of(const Args<T, I, A>& g, A yv, int col) {
     const A wc = g.w ? g.w[col] : A(1);
     if (MODE == 0) return g.eps_over_c * wc;
-    return prob_coef(load_acc<A>(yrow[col]), wc, g.one_minus_eps, g.eps_over_c);
+    return prob_coef(yv, wc, g.one_minus_eps, g.eps_over_c);
 }
 
-// Reduction teams: the threads that share a row.
-template <int G>
-struct WarpTeam {  // G lanes of one warp
-    template <typename A> __device__ __forceinline__ A max(A v) const { return group_max<G>(v); }
-    template <typename A> __device__ __forceinline__ void sum3(A& p, A& q, A& r) const {
-        p = group_sum<G>(p); q = group_sum<G>(q); r = group_sum<G>(r);
+// A row's label: active (not ignored), the label column k (-1 for none), wl = (1 - eps) w_k,
+// bad (outside [0, C): wl NaN, the row NaN).  The one place a label is interpreted.
+template <typename A>
+struct Label {
+    bool active, bad;
+    int k;
+    A wl;
+};
+
+template <int MODE, typename T, typename I, typename A>
+__device__ __forceinline__ Label<A> label_of(const Args<T, I, A>& g, long long lab, bool valid) {
+    Label<A> r;
+    r.active = valid;
+    r.bad = false;
+    r.k = -1;
+    r.wl = A(0);
+    if (MODE == 0 && valid) {
+        r.active = lab != g.ignore_index;
+        if (r.active && (lab < 0 || lab >= g.c)) {
+            r.bad = true;
+            r.wl = quiet_nan<A>();
+        } else if (r.active) {
+            r.k = (int)lab;
+            r.wl = g.one_minus_eps * (g.w ? g.w[r.k] : A(1));
+        }
     }
+    return r;
+}
+
+template <int MODE, typename T, typename I, typename A>
+__device__ __forceinline__ long long load_label(const Args<T, I, A>& g, long long row, bool valid) {
+    return (MODE == 0 && valid) ? (long long)g.labels[row] : 0;
+}
+
+// ------------------------------------------------------------------------- partial row state
+template <typename A>
+struct Part {
+    A m;   // max of the values seen (NaN-propagating)
+    A ms;  // finite shift: m when finite, else 0
+    A s;   // sum exp(v - ms)
+    A a;   // sum coef
+    A b;   // sum coef (v - ms), coef != 0 only
+    A xk;  // the label value (0 unless this thread owns the label column)
 };
 
 template <typename A>
-struct BlockTeam {  // one block
-    A* red;
-    __device__ __forceinline__ A max(A v) const { return block_max(v, red); }
-    __device__ __forceinline__ void sum3(A& p, A& q, A& r) const { block_sum3(p, q, r, red); }
-};
+__device__ __forceinline__ Part<A> part_identity() {
+    Part<A> p;
+    p.m = neg_inf<A>();
+    p.ms = p.s = p.a = p.b = p.xk = A(0);
+    return p;
+}
 
-// The result of one row's pass: what the gradient needs.
+// Move the partial to a new maximum (before adding values at the new shift).
+template <typename A>
+__device__ __forceinline__ void part_raise(Part<A>& p, A mnew) {
+    const A m = nanmax(p.m, mnew);
+    const A ms = isfinite(m) ? m : A(0);
+    p.s = rescaled(p.s, p.ms, ms);
+    p.b += shift(p.a, p.ms, ms);
+    p.m = m;
+    p.ms = ms;
+}
+
+// Combine two partials.  Symmetric in its arguments (IEEE addition and the NaN-propagating
+// max commute), so butterfly partners end with identical bits.
+template <typename A>
+__device__ __forceinline__ Part<A> part_merge(const Part<A>& p, const Part<A>& q) {
+    Part<A> r;
+    r.m = nanmax(p.m, q.m);
+    if (isnan(p.m) || isnan(q.m)) r.m = quiet_nan<A>();
+    r.ms = isfinite(r.m) ? r.m : A(0);
+    r.s = rescaled(p.s, p.ms, r.ms) + rescaled(q.s, q.ms, r.ms);
+    r.a = p.a + q.a;
+    r.b = (p.b + shift(p.a, p.ms, r.ms)) + (q.b + shift(q.a, q.ms, r.ms));
+    r.xk = p.xk + q.xk;
+    return r;
+}
+
+template <typename A>
+__device__ __forceinline__ A shfl_xor(A v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+
+template <int G, typename A>
+__device__ __forceinline__ Part<A> group_merge(Part<A> p) {
+#pragma unroll
+    for (int o = G / 2; o > 0; o >>= 1) {
+        Part<A> q;
+        q.m = shfl_xor(p.m, o); q.ms = shfl_xor(p.ms, o); q.s = shfl_xor(p.s, o);
+        q.a = shfl_xor(p.a, o); q.b = shfl_xor(p.b, o); q.xk = shfl_xor(p.xk, o);
+        p = part_merge(p, q);
+    }
+    return p;
+}
+
+#define GPUCE_PART_WORDS 6
+template <typename A>
+__device__ __forceinline__ void part_store(A* d, const Part<A>& p) {
+    d[0] = p.m; d[1] = p.ms; d[2] = p.s; d[3] = p.a; d[4] = p.b; d[5] = p.xk;
+}
+template <typename A>
+__device__ __forceinline__ Part<A> part_load(const A* d) {
+    Part<A> p;
+    p.m = d[0]; p.ms = d[1]; p.s = d[2]; p.a = d[3]; p.b = d[4]; p.xk = d[5];
+    return p;
+}
+
+// Whole-block merge: warps by shuffles, then every thread folds the warps' partials in warp
+// order from red (double-buffered by row parity: one barrier a row).  red holds
+// 2 * 32 * GPUCE_PART_WORDS values.
+template <typename A>
+__device__ __forceinline__ Part<A> block_merge(Part<A> p, A* red, int parity) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    p = group_merge<32>(p);
+    A* buf = red + parity * 32 * GPUCE_PART_WORDS;
+    if (lane == 0) part_store(buf + warp * GPUCE_PART_WORDS, p);
+    __syncthreads();
+    Part<A> r = part_load(buf);
+    for (int i = 1; i < nw; ++i) r = part_merge(r, part_load(buf + i * GPUCE_PART_WORDS));
+    return r;
+}
+
+// ------------------------------------------------------------------------- finishing a row
+// What a row's gradient needs, and its contribution to the batch statistics.
 template <typename A>
 struct RowOut {
     bool active, bad;
     int k;
-    A r;       // G * scale / s: grad_j = e_j r - scale coef_j - scale wl [j = k]
-    A wls;     // wl * scale
-    A ms;      // the finite shift (e_j = exp(x_j - ms))
+    A ms;    // the finite shift: e_j = exp(v_j - ms)
+    A r;     // G * scale / s
+    A wls;   // wl * scale
+    A loss, lse, zpart, correct;
 };
 
-// 16-byte asynchronous copy global -> shared (sm_80 cp.async, no registers held while in
-// flight); the host emulator copies at once.
-__device__ __forceinline__ void copy_async16(void* dst_shared, const void* src_global) {
-#if defined(__CUDA_ARCH__) && !defined(GPUCE_SIMT)
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst_shared);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src_global) : "memory");
-#else
-    memcpy(dst_shared, src_global, 16);
-#endif
-}
-__device__ __forceinline__ void copy_async_wait_all() {
-#if defined(__CUDA_ARCH__) && !defined(GPUCE_SIMT)
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-
-// One row with a team of nt threads (this one is tid).  Pack it of the row, it < ITEMS + SITEMS,
-// starts at column (it * nt + tid) * VEC.  The first ITEMS packs go to registers (v, converted
-// to A), the other SITEMS (16-byte packs only) are copied asynchronously into this thread's own
-// shared-memory slots sp[j * sstride] as raw T.  Writes loss and lse (the team's thread 0);
-// leaves e_c = exp(x_c - m) in v (the shared-memory part keeps x and is exponentiated again).
-template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS, bool AHEAD, class Team>
-__device__ __forceinline__ RowOut<A> row_pass(const Args<T, I, A>& g, const Team& team, long long row, bool valid,
-                                              int tid, int nt, A (&v)[ITEMS * VEC], Pack<T, VEC>* sp, int sstride,
-                                              long long lab) {
+template <int MODE, typename T, typename I, typename A>
+__device__ __forceinline__ RowOut<A> finish_row(const Args<T, I, A>& g, const Part<A>& p, const Label<A>& lb) {
     RowOut<A> o;
-    A wl;
-    if (AHEAD) label_ctx_from<MODE>(g, lab, valid, o.active, o.k, wl);
-    else label_ctx<MODE>(g, row, valid, o.active, o.k, wl);  // the row's loads wait for the label
-    const long long rr = valid ? row : 0;
-    const T* xrow = g.x + rr * g.ldx;
-    const T* yrow = MODE == 1 ? g.y + rr * g.ldy : nullptr;
-#pragma unroll 4
-    for (int j = 0; j < SITEMS; ++j) {
-        const int col0 = ((ITEMS + j) * nt + tid) * VEC;
-        if (o.active && col0 < g.c) copy_async16(sp + j * sstride, xrow + col0);
-    }
-    const A xk = (o.k >= 0) ? load_acc<A>(xrow[o.k]) : A(0);
-    A m = neg_inf<A>();
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-        const int col0 = (it * nt + tid) * VEC;
-        Pack<A, VEC> p;
-        if (o.active && col0 < g.c) {
-            p = to_acc<A>(load_pack<T, VEC>(xrow + col0));
-        } else {
-#pragma unroll
-            for (int u = 0; u < VEC; ++u) p.v[u] = neg_inf<A>();
-        }
-#pragma unroll
-        for (int u = 0; u < VEC; ++u) {
-            m = nanmax(m, p.v[u]);
-            v[it * VEC + u] = p.v[u];
-        }
-    }
-    if (SITEMS > 0) {
-        copy_async_wait_all();  // this thread's own slots: no barrier needed
-#pragma unroll 2
-        for (int j = 0; j < SITEMS; ++j) {
-            const int col0 = ((ITEMS + j) * nt + tid) * VEC;
-            if (o.active && col0 < g.c) {
-                const Pack<A, VEC> p = to_acc<A>(sp[j * sstride]);
-#pragma unroll
-                for (int u = 0; u < VEC; ++u) m = nanmax(m, p.v[u]);
-            }
-        }
-    }
-    m = team.max(m);
-    const A ms = isfinite(m) ? m : A(0);
-    const bool coefs = MODE == 1 || g.eps_over_c != A(0);
-    A s = A(0), a = A(0), b = A(0);
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-        const int col0 = (it * nt + tid) * VEC;
-#pragma unroll
-        for (int u = 0; u < VEC; ++u) {
-            const A d = v[it * VEC + u] - ms;
-            const A e = ex(d);
-            s += e;
-            v[it * VEC + u] = e;
-            if (coefs && o.active && col0 + u < g.c) {
-                const A cf = coef_of<MODE>(g, yrow, col0 + u);
-                a += cf;
-                if (cf != A(0)) b += cf * d;
-            }
-        }
-    }
-#pragma unroll 2
-    for (int j = 0; j < SITEMS; ++j) {
-        const int col0 = ((ITEMS + j) * nt + tid) * VEC;
-        if (!(o.active && col0 < g.c)) continue;
-        const Pack<A, VEC> p = to_acc<A>(sp[j * sstride]);
-#pragma unroll
-        for (int u = 0; u < VEC; ++u) {
-            const A d = p.v[u] - ms;
-            s += ex(d);
-            if (coefs) {
-                const A cf = coef_of<MODE>(g, yrow, col0 + u);
-                a += cf;
-                if (cf != A(0)) b += cf * d;
-            }
-        }
-    }
-    team.sum3(s, a, b);
+    o.active = lb.active;
+    o.k = lb.k;
     A mx, ls, loss, gg;
-    finish_stats(o.active, m, ms, s, a, b, o.k >= 0 ? xk - ms : A(0), wl, g.z, mx, ls, loss, gg);
-    if (valid && tid == 0) {
-        g.loss_out[row] = loss;
-        if (g.lse_out) g.lse_out[row] = o.active ? mx + ls : quiet_nan<A>();  // ignored rows are not read
-    }
-    o.bad = !isfinite(mx + ls) || isnan(wl);
-    o.r = gg * g.scale / s;
-    o.wls = wl * g.scale;
-    o.ms = ms;
+    finish_stats(lb.active, p.m, p.ms, p.s, p.a, p.b, lb.k >= 0 ? p.xk - p.ms : A(0), lb.wl, g.z, mx, ls, loss, gg);
+    o.lse = mx + ls;
+    o.bad = lb.active && (!isfinite(o.lse) || lb.bad);
+    o.loss = o.bad ? quiet_nan<A>() : loss;
+    o.zpart = (lb.active && g.z != A(0)) ? g.z * o.lse * o.lse : A(0);
+    o.correct = (MODE == 0 && lb.k >= 0 && isfinite(p.m) && p.xk == p.m) ? A(1) : A(0);
+    o.ms = p.ms;
+    o.r = gg * (g.scale / p.s);
+    o.wls = lb.wl * g.scale;
     return o;
 }
 
-// grad_j = e_j r - scale coef_j - scale wl [j = k] for the VEC columns at col0.
+// Per-row outputs (the team's leader) and the thread's running batch sums (float64, rows
+// added in the thread's own order).
+struct Acc {
+    double loss, zpart, correct, active;
+    long long bad;  // the first bad label position seen (LLONG_MAX for none)
+};
+#define GPUCE_ACC_INIT {0.0, 0.0, 0.0, 0.0, 0x7fffffffffffffffLL}
+
+template <int MODE, typename T, typename I, typename A>
+__device__ __forceinline__ void emit_row(const Args<T, I, A>& g, long long row, const RowOut<A>& o, bool bad_label,
+                                         Acc& acc) {
+    if (g.loss_out) g.loss_out[row] = o.active ? o.loss : A(0);
+    if (g.lse_out) g.lse_out[row] = o.lse;
+    if (g.correct_out) g.correct_out[row] = o.active ? o.correct : quiet_nan<A>();
+    if (o.active) {
+        acc.loss += (double)o.loss;
+        acc.zpart += (double)o.zpart;
+        acc.correct += (double)o.correct;
+        acc.active += 1.0;
+    }
+    if (bad_label && row < acc.bad) acc.bad = row;
+}
+
+// grad_j = (e_j r - scale coef_j - wls [j = k]) (1 - tanh^2) of one column, from the raw logit
+// f and the target yv (MODE 1); 0 for an inactive row, NaN for a bad one.
+template <int MODE, typename T, typename I, typename A>
+__device__ __forceinline__ A grad_elem(const Args<T, I, A>& g, const RowOut<A>& o, int col, A f, A yv) {
+    if (!o.active) return A(0);
+    if (o.bad) return quiet_nan<A>();
+    A v = f, dcap = A(1);
+    if (g.cap > A(0)) {
+        const A t = tanh_acc(f / g.cap);
+        v = g.cap * t;
+        dcap = A(1) - t * t;
+    }
+    A d = ex(v - o.ms) * o.r;
+    if (MODE == 1 || g.eps_over_c != A(0)) d -= g.scale * coef_of<MODE>(g, yv, col);
+    if (col == o.k) d -= o.wls;
+    return d * dcap;
+}
+
+// The gradient of the VEC columns at col0, stored at grow + col0.
 template <int MODE, typename T, typename I, typename A, int VEC>
-__device__ __forceinline__ void store_grad_pack(const Args<T, I, A>& g, const RowOut<A>& o, const T* yrow, T* grow,
-                                                int col0, const Pack<A, VEC>& e, bool coefs) {
-    A d[VEC];
+__device__ __forceinline__ void store_grad_pack(const Args<T, I, A>& g, const RowOut<A>& o, T* grow, int col0,
+                                                const A (&fv)[VEC], const A (&yv)[VEC]) {
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u]));
+    store_pack<T, VEC>(grow + col0, out);
+}
+
+// Add VEC values (raw logits fv, targets yv) at columns col0.. to the partial.
+template <int MODE, typename T, typename I, typename A, int VEC>
+__device__ __forceinline__ void add_pack(const Args<T, I, A>& g, Part<A>& p, int col0, int k, const A (&fv)[VEC],
+                                         const A (&yv)[VEC]) {
+    A v[VEC];
+    A pm = neg_inf<A>();
 #pragma unroll
     for (int u = 0; u < VEC; ++u) {
-        d[u] = e.v[u] * o.r;
-        if (coefs) d[u] -= g.scale * coef_of<MODE>(g, yrow, col0 + u);
+        v[u] = value_of(g, fv[u]);
+        pm = nanmax(pm, v[u]);
     }
-    if (o.k >= col0 && o.k < col0 + VEC) {  // the label column (one thread of the team)
-#pragma unroll
-        for (int u = 0; u < VEC; ++u)
-            if (col0 + u == o.k) d[u] -= o.wls;
-    }
-    Pack<T, VEC> p;
-#pragma unroll
-    for (int u = 0; u < VEC; ++u) p.v[u] = store_t<T>(d[u]);
-    store_pack<T, VEC>(grow + col0, p);
-}
-
-// The gradient of the row from e (v), the raw shared-memory packs and the row's RowOut.
-template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS>
-__device__ __forceinline__ void row_grad(const Args<T, I, A>& g, const RowOut<A>& o, long long row, int tid, int nt,
-                                         const A (&v)[ITEMS * VEC], const Pack<T, VEC>* sp, int sstride) {
-    constexpr int P = ITEMS + SITEMS;
-    T* grow = g.grad + row * g.ldg;
-    if (!o.active || o.bad) {  // zeros for an ignored row, NaN for a bad one
-        Pack<T, VEC> f;
-#pragma unroll
-        for (int u = 0; u < VEC; ++u) f.v[u] = store_t<T>(o.active ? quiet_nan<A>() : A(0));
-#pragma unroll 4
-        for (int it = 0; it < P; ++it) {
-            const int col0 = (it * nt + tid) * VEC;
-            if (col0 < g.c) store_pack<T, VEC>(grow + col0, f);
-        }
-        return;
-    }
+    part_raise(p, pm);
     const bool coefs = MODE == 1 || g.eps_over_c != A(0);
-    const T* yrow = MODE == 1 ? g.y + row * g.ldy : nullptr;
 #pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-        const int col0 = (it * nt + tid) * VEC;
-        if (col0 < g.c) {
-            Pack<A, VEC> e;
-#pragma unroll
-            for (int u = 0; u < VEC; ++u) e.v[u] = v[it * VEC + u];
-            store_grad_pack<MODE>(g, o, yrow, grow, col0, e, coefs);
+    for (int u = 0; u < VEC; ++u) {
+        const A d = v[u] - p.ms;
+        p.s += ex(d);
+        if (coefs) {
+            const A cf = coef_of<MODE>(g, yv[u], col0 + u);
+            p.a += cf;
+            if (cf != A(0)) p.b += cf * d;
         }
-    }
-#pragma unroll 2
-    for (int j = 0; j < SITEMS; ++j) {
-        const int col0 = ((ITEMS + j) * nt + tid) * VEC;
-        if (col0 < g.c) {
-            Pack<A, VEC> e = to_acc<A>(sp[j * sstride]);
-#pragma unroll
-            for (int u = 0; u < VEC; ++u) e.v[u] = ex(e.v[u] - o.ms);
-            store_grad_pack<MODE>(g, o, yrow, grow, col0, e, coefs);
-        }
+        if (col0 + u == k) p.xk = v[u];
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// "warp": G lanes per row, 32 / G rows per warp, the row in registers.  Needs c % VEC == 0 and
-// 16-byte aligned rows when VEC > 1.
-template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int G, bool AHEAD = false>
-__global__ void __launch_bounds__(256, GPUCE_BLOCKS_PER_SM(MODE)) sce_warp(GPUCE_SCE_PARAMS) {
-    GPUCE_SCE_ARGS;
-    const int lane = threadIdx.x & (G - 1);
-    const long long groups = ((long long)gridDim.x * blockDim.x) / G;
-    const long long first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / G;
-    // every lane of a warp runs the same number of iterations (shuffles need all 32)
-    const long long warp_first = first - (threadIdx.x & 31) / G;
-    A v[ITEMS * VEC];
-    long long lab = AHEAD ? load_label<MODE>(g, first) : 0;
-    for (long long base = warp_first; base < n; base += groups) {
-        const long long row = base + (first - warp_first);
-        const bool valid = row < n;
-        const long long lab_next = AHEAD ? load_label<MODE>(g, row + groups) : 0;
-        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, 0, AHEAD>(g, WarpTeam<G>{}, row, valid, lane, G, v,
-                                                                         nullptr, 0, lab);
-        if (grad && valid) row_grad<T, I, A, MODE, VEC, ITEMS, 0>(g, o, row, lane, G, v, nullptr, 0);
-        lab = lab_next;
+// ------------------------------------------------------------------------- batch finishing
+// Block sums of the thread accumulators in a fixed order (and the block's first bad label),
+// written as block b's partials; the last block of the launch (ticket) combines the partials
+// in block order and writes the outputs: total_out = loss sum * inv; stats_out = {z part sum
+// * inv, correct / active (NaN when no row is active)}; bad_out = the first bad label
+// position (n when none).  It then resets the ticket for the next launch on the stream.
+__device__ __forceinline__ double block_sum_fixed(double v, double* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    double r = red[0];
+    for (int i = 1; i < nw; ++i) r += red[i];
+    return r;
+}
+
+__device__ __forceinline__ long long block_min(long long v, long long* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = min(v, (long long)__shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    long long r = red[0];
+    for (int i = 1; i < nw; ++i) r = min(r, red[i]);
+    return r;
+}
+
+template <typename A>
+__device__ void finish_launch(Acc acc, long long* ws, int ticket, long long n, double inv, A* total_out,
+                              A* stats_out, long long* bad_out) {
+    __shared__ double red[32];
+    __shared__ gpuce_i64 redi[32];
+    __shared__ int last[1];
+    long long* part = ws + GPUCE_WS_PARTIALS;
+    const double v[GPUCE_NPART] = {acc.loss, acc.zpart, acc.correct, acc.active};
+#pragma unroll
+    for (int q = 0; q < GPUCE_NPART; ++q) {
+        const double s = block_sum_fixed(v[q], red);
+        if (threadIdx.x == 0) part[GPUCE_NWORDS * blockIdx.x + q] = __double_as_longlong(s);
+    }
+    const long long bad = block_min(acc.bad, redi);
+    if (threadIdx.x == 0) {
+        part[GPUCE_NWORDS * blockIdx.x + GPUCE_NPART] = bad;
+        __threadfence();
+        const unsigned long long t = atomicAdd(reinterpret_cast<unsigned long long*>(ws + ticket), 1ull);
+        last[0] = t == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last[0]) return;
+    __threadfence();
+    double tot[GPUCE_NPART];
+#pragma unroll
+    for (int q = 0; q < GPUCE_NPART; ++q) {
+        double s = 0.0;
+        for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+            s += __longlong_as_double(__ldcg(part + GPUCE_NWORDS * b + q));
+        tot[q] = block_sum_fixed(s, red);
+    }
+    long long first = 0x7fffffffffffffffLL;
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+        first = min(first, __ldcg(part + GPUCE_NWORDS * b + GPUCE_NPART));
+    first = block_min(first, redi);
+    if (threadIdx.x == 0) {
+        if (total_out) *total_out = A(tot[0] * inv);
+        if (stats_out) {
+            stats_out[0] = A(tot[1] * inv);
+            stats_out[1] = tot[3] > 0.0 ? A(tot[2] / tot[3]) : quiet_nan<A>();
+        }
+        if (bad_out) *bad_out = first < n ? first : n;
+        ws[ticket] = 0;
+        __threadfence();
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// "block": one block per row (grid-stride over rows); ITEMS packs a thread in registers and
-// SITEMS 16-byte packs in dynamic shared memory (SITEMS * 16 * blockDim.x bytes).
-template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS, bool AHEAD = false>
-__global__ void __launch_bounds__(256, GPUCE_BLOCKS_PER_SM(MODE)) sce_block(GPUCE_SCE_PARAMS) {
-    GPUCE_SCE_ARGS;
+// ------------------------------------------------------------------------- cluster exchange
+// Clusters: the block partials of a row go to every block of the cluster as tagged 64-bit
+// words (value bits | tag << 32, tag = the row's step + 1) stored into the peers' shared
+// memory, buffered by row parity; each block polls its own buffer until every rank's words
+// carry the row's tag, then folds them in rank order.  A buffer is written again two rows
+// later, by which time every block has read it (a block sends row i + 1 only after reading
+// row i).  Float partials only (the tag needs the word's upper half).
+typedef unsigned long long gpuce_u64;
+
+template <typename A, int CL>
+struct ClusterXchg {  // CL == 1: nothing to exchange
+    static_assert(CL == 1, "cluster teams exchange float partials only");
+    __device__ __forceinline__ void init() {}
+    __device__ __forceinline__ void finish() {}
+    __device__ __forceinline__ Part<A> merge(const Part<A>& p, int, unsigned, int) { return p; }
+};
+
+__device__ __forceinline__ int cluster_block_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return (int)cooperative_groups::this_cluster().block_rank();
+#else
+    return 0;
+#endif
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void st_remote_tagged(unsigned long long* local_addr, int rank, unsigned long long v) {
+#if defined(GPUCE_SIMT)
+    simt_store_remote(local_addr, rank, v);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(local_addr), raddr;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(raddr) : "r"(addr), "r"(rank));
+    asm volatile("st.relaxed.cluster.shared::cluster.u64 [%0], %1;\n" ::"r"(raddr), "l"(v) : "memory");
+#endif
+}
+
+__device__ __forceinline__ unsigned long long ld_tagged(const unsigned long long* p) {
+#if defined(GPUCE_SIMT)
+    return simt_load_relaxed(p);
+#else
+    unsigned long long v;
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ld.relaxed.cluster.shared::cta.u64 %0, [%1];\n" : "=l"(v) : "r"(addr) : "memory");
+    return v;
+#endif
+}
+
+template <int CL>
+struct ClusterXchg<float, CL> {
+    unsigned long long* buf;  // [2][CL][GPUCE_PART_WORDS] tagged words
+    __device__ __forceinline__ void init() {
+        __shared__ gpuce_u64 words[2 * CL * GPUCE_PART_WORDS];
+        buf = words;
+        for (int i = threadIdx.x; i < 2 * CL * GPUCE_PART_WORDS; i += blockDim.x) words[i] = 0ull;
+        cooperative_groups::this_cluster().sync();  // zeroed everywhere before any peer writes
+    }
+    __device__ __forceinline__ void finish() {
+        cooperative_groups::this_cluster().sync();  // no block leaves while a peer may still write
+    }
+    __device__ __forceinline__ Part<float> merge(const Part<float>& p, int rank, unsigned tag, int parity) {
+        unsigned long long* mine = buf + (parity * CL + rank) * GPUCE_PART_WORDS;
+        for (int q = threadIdx.x; q < CL * GPUCE_PART_WORDS; q += blockDim.x) {  // word q % 6 to rank q / 6
+            const int dst = q / GPUCE_PART_WORDS, wd = q % GPUCE_PART_WORDS;
+            const float v = wd == 0 ? p.m : wd == 1 ? p.ms : wd == 2 ? p.s : wd == 3 ? p.a : wd == 4 ? p.b : p.xk;
+            st_remote_tagged(mine + wd, dst, (gpuce_u64)__float_as_uint(v) | ((gpuce_u64)tag << 32));
+        }
+        Part<float> r;
+#pragma unroll
+        for (int q = 0; q < CL; ++q) {
+            const gpuce_u64* src = buf + (parity * CL + q) * GPUCE_PART_WORDS;
+            float vals[GPUCE_PART_WORDS];
+#pragma unroll
+            for (int wd = 0; wd < GPUCE_PART_WORDS; ++wd) {
+                gpuce_u64 word = ld_tagged(src + wd);
+                while ((unsigned)(word >> 32) != tag) word = ld_tagged(src + wd);
+                vals[wd] = __uint_as_float((unsigned)word);
+            }
+            const Part<float> pq = part_load(vals);
+            r = q == 0 ? pq : part_merge(r, pq);
+        }
+        return r;
+    }
+};
+#endif
+
+// ------------------------------------------------------------------------- sce_team
+// G lanes a row (G in 4..32; 256 / G rows a block at a time), or G == 0: the block is the
+// team (CL blocks of a cluster with CL > 1).  Pack it (< P) of a row is at column
+// (it * NT + tid) * VEC, NT the team's threads; thread tid keeps it in its own slot of the
+// S-stage ring in dynamic shared memory: slots[((stage * P + it) * blockDim.x + threadIdx.x)]
+// (then the targets' ring, MODE 1).  Row i + S - 1 is copied while row i is computed.
+template <typename T, typename I, typename A, int MODE, int VEC, int G, int CL>
+__device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
+    GPUCE_SCE_SETUP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    __shared__ A red[32 * 4];
-    Pack<T, VEC>* sp = reinterpret_cast<Pack<T, VEC>*>(smem_raw) + threadIdx.x;
-    A v[ITEMS * VEC];
-    long long lab = AHEAD ? load_label<MODE>(g, blockIdx.x) : 0;
-    for (long long row = blockIdx.x; row < n; row += gridDim.x) {
-        const long long lab_next = AHEAD ? load_label<MODE>(g, row + gridDim.x) : 0;
-        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS, AHEAD>(
-            g, BlockTeam<A>{red}, row, true, threadIdx.x, blockDim.x, v, sp, blockDim.x, lab);
-        lab = lab_next;
-        if (grad) row_grad<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, o, row, threadIdx.x, blockDim.x, v, sp, blockDim.x);
+    __shared__ A red[2 * 32 * GPUCE_PART_WORDS];
+    Pack<T, VEC>* xs = reinterpret_cast<Pack<T, VEC>*>(smem_raw);
+    Pack<T, VEC>* ys = xs + (size_t)S * P * blockDim.x;
+    const int bt = blockDim.x;
+    const int rank = CL > 1 ? cluster_block_rank() : 0;
+    const int nt = G > 0 ? G : bt * CL;
+    const int tid = G > 0 ? (threadIdx.x & (G - 1)) : rank * bt + threadIdx.x;
+    const long long teams_per_block = G > 0 ? bt / G : 1;
+    const long long nteams = (long long)(gridDim.x / CL) * teams_per_block;
+    const long long team = (long long)(blockIdx.x / CL) * teams_per_block + (G > 0 ? threadIdx.x / G : 0);
+    // every lane of a warp runs the same number of rows (the shuffles need all 32)
+    const long long warp_team0 = G > 0 ? team - ((threadIdx.x & 31) / G) : team;
+    const int packs = (c + VEC - 1) / VEC;
+    Acc acc = GPUCE_ACC_INIT;
+    ClusterXchg<A, CL> xchg;
+    xchg.init();
+
+    auto issue = [&](long long row, int stage) {
+        const bool ok = row < n;
+        const T* xrow = g.x + (ok ? row : 0) * g.ldx;
+        const T* yrow = MODE == 1 ? g.y + (ok ? row : 0) * g.ldy : nullptr;
+        for (int it = 0; it < P; ++it) {
+            const int q = it * nt + tid;
+            if (ok && q < packs) {
+                const size_t slot = ((size_t)stage * P + it) * bt + threadIdx.x;
+                copy_pack_async<T, VEC>(xs + slot, xrow + (size_t)q * VEC);
+                if (MODE == 1) copy_pack_async<T, VEC>(ys + slot, yrow + (size_t)q * VEC);
+            }
+        }
+        copy_commit();
+    };
+
+    for (int s = 0; s < S - 1; ++s) issue(team + s * nteams, s);
+    int parity = 0;
+    for (long long i = 0; warp_team0 + i * nteams < n; ++i) {
+        const long long row = team + i * nteams;
+        const bool valid = row < n;
+        const int stage = (int)(i % S);
+        issue(team + (i + S - 1) * nteams, (int)((i + S - 1) % S));
+        const long long lab = load_label<MODE>(g, row, valid);
+        copy_wait(S - 1);
+        const Label<A> lb = label_of<MODE>(g, lab, valid);
+        Part<A> p = part_identity<A>();
+        for (int it = 0; it < P; ++it) {
+            const int q = it * nt + tid;
+            if (!(valid && q < packs)) continue;
+            const size_t slot = ((size_t)stage * P + it) * bt + threadIdx.x;
+            const Pack<T, VEC> xp = xs[slot];
+            A fv[VEC], yv[VEC];
+#pragma unroll
+            for (int u = 0; u < VEC; ++u) {
+                fv[u] = load_acc<A>(xp.v[u]);
+                yv[u] = A(0);
+            }
+            if (MODE == 1) {
+                const Pack<T, VEC> yp = ys[slot];
+#pragma unroll
+                for (int u = 0; u < VEC; ++u) yv[u] = load_acc<A>(yp.v[u]);
+            }
+            add_pack<MODE, T, I, A, VEC>(g, p, q * VEC, lb.k, fv, yv);
+        }
+        if (G > 0) p = group_merge<(G > 0 ? G : 32)>(p);
+        else {
+            p = block_merge(p, red, parity);
+            if (CL > 1) p = xchg.merge(p, rank, (unsigned)(i + 1), parity);
+        }
+        parity ^= 1;
+        const RowOut<A> o = finish_row<MODE>(g, p, lb);
+        if (valid && tid == 0) emit_row<MODE>(g, row, o, lb.bad, acc);
+        if (g.grad && valid) {
+            T* grow = g.grad + row * g.ldg;
+            for (int it = 0; it < P; ++it) {
+                const int q = it * nt + tid;
+                if (q >= packs) continue;
+                const size_t slot = ((size_t)stage * P + it) * bt + threadIdx.x;
+                const Pack<T, VEC> xp = xs[slot];
+                A fv[VEC], yv[VEC];
+#pragma unroll
+                for (int u = 0; u < VEC; ++u) {
+                    fv[u] = load_acc<A>(xp.v[u]);
+                    yv[u] = A(0);
+                }
+                if (MODE == 1) {
+                    const Pack<T, VEC> yp = ys[slot];
+#pragma unroll
+                    for (int u = 0; u < VEC; ++u) yv[u] = load_acc<A>(yp.v[u]);
+                }
+                store_grad_pack<MODE, T, I, A, VEC>(g, o, grow, q * VEC, fv, yv);
+            }
+        }
     }
+    copy_wait(0);
+    xchg.finish();
+    finish_launch<A>(acc, ws, 0, n, inv, total_out, stats_out, bad_out);
 }
 
-// ---------------------------------------------------------------------------------------------
-// "tile": C <= 32 dense rows (ldx == c, and ldg == c), 128 rows a block.  The tile is copied
-// into shared memory (as A, element i at i + i / 32: a thread's row of c values spreads over
-// the banks) with VEC-wide coalesced loads, each thread reduces its own row and writes its
-// gradient back in place, and the tile goes out with coalesced stores.  The base pointers
-// must be 16-byte aligned when VEC > 1.
-#define GPUCE_TILE_ROWS 128
+template <typename T, typename I, typename A, int MODE, int VEC, int G>
+__global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_team(GPUCE_SCE_PARAMS, int P, int S) {
+    team_rows<T, I, A, MODE, VEC, G, 1>(x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap,
+                                        ignore_index, inv_denom, inv_from_ws, loss_out, lse_out, correct_out, grad,
+                                        ldg, ws, total_out, stats_out, bad_out, P, S);
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+template <typename T, typename I, typename A, int MODE, int VEC, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS, 1)
+    sce_cluster(GPUCE_SCE_PARAMS, int P, int S) {
+    team_rows<T, I, A, MODE, VEC, 0, CL>(x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap,
+                                         ignore_index, inv_denom, inv_from_ws, loss_out, lse_out, correct_out,
+                                         grad, ldg, ws, total_out, stats_out, bad_out, P, S);
+}
+#endif
+
+// ------------------------------------------------------------------------- sce_tile
+// C <= 32, dense rows (ldx == ldg == c): 128 rows a block, one thread a row.  The tile's
+// elements are loaded with coalesced VEC-wide loads into registers one tile ahead, then
+// written to shared memory as A (element i at i + i / 32: a thread's row spreads over the
+// banks); each thread computes its row in place and the gradient leaves with coalesced
+// stores.  The base pointers must be 16-byte aligned when VEC > 1.
 template <typename T, typename I, typename A, int MODE, int VEC>
-__global__ void __launch_bounds__(GPUCE_TILE_ROWS) sce_tile(GPUCE_SCE_PARAMS) {
-    GPUCE_SCE_ARGS;
+__global__ void __launch_bounds__(GPUCE_TILE_ROWS, 1) sce_tile(GPUCE_SCE_PARAMS) {
+    GPUCE_SCE_SETUP;
+    constexpr int R = GPUCE_TILE_ROWS;
+    constexpr int NP = (GPUCE_TILE_MAX_C + VEC - 1) / VEC;  // packs a thread at most (R * C / VEC / R)
     extern __shared__ __align__(16) unsigned char smem_raw[];
     A* tile = reinterpret_cast<A*>(smem_raw);
+    A* ytile = tile + (R * GPUCE_TILE_MAX_C + R);
     const int t = threadIdx.x;
-    const bool coefs = MODE == 1 || eps_over_c != A(0);
-    for (long long row0 = (long long)blockIdx.x * GPUCE_TILE_ROWS; row0 < n; row0 += (long long)gridDim.x * GPUCE_TILE_ROWS) {
-        const int rows = (int)min((long long)GPUCE_TILE_ROWS, n - row0);
-        const long long e0 = row0 * c;  // first element of the tile (dense rows)
+    Acc acc = GPUCE_ACC_INIT;
+    Pack<T, VEC> pre[NP], ypre[MODE == 1 ? NP : 1];
+    long long lab_pre = 0;
+    const long long step = (long long)gridDim.x * R;
+
+    auto fetch = [&](long long row0) {
+        if (row0 >= n) return;
+        const int rows = (int)min((long long)R, n - row0);
+        const int packs = rows * c / VEC;
+        const long long e0 = row0 * c;
+#pragma unroll
+        for (int j = 0; j < NP; ++j) {
+            const int q = j * R + t;
+            if (q < packs) {
+                pre[j] = load_pack<T, VEC>(x + e0 + (long long)q * VEC);
+                if (MODE == 1) ypre[j] = load_pack<T, VEC>(y + e0 + (long long)q * VEC);
+            }
+        }
+        lab_pre = load_label<MODE>(g, row0 + t, t < rows);
+    };
+
+    fetch((long long)blockIdx.x * R);
+    for (long long row0 = (long long)blockIdx.x * R; row0 < n; row0 += step) {
+        const int rows = (int)min((long long)R, n - row0);
+        const long long e0 = row0 * c;
         const int elems = rows * c;
         const int packs = elems / VEC;
-        for (int q = t; q < packs; q += GPUCE_TILE_ROWS) {
-            const Pack<A, VEC> p = to_acc<A>(load_pack<T, VEC>(x + e0 + (long long)q * VEC));
 #pragma unroll
-            for (int u = 0; u < VEC; ++u) { const int i = q * VEC + u; tile[i + (i >> 5)] = p.v[u]; }
-        }
-        for (int i = packs * VEC + t; i < elems; i += GPUCE_TILE_ROWS) tile[i + (i >> 5)] = load_acc<A>(x[e0 + i]);
-        __syncthreads();
-        if (t < rows) {
-            const long long row = row0 + t;
-            bool active; int k; A wl;
-            label_ctx<MODE>(g, row, true, active, k, wl);
-            const int base = t * c;
-            const T* yrow = MODE == 1 ? y + row * ldy : nullptr;
-            A m = neg_inf<A>();
-            for (int j = 0; j < c; ++j) m = nanmax(m, tile[base + j + ((base + j) >> 5)]);
-            const A ms = isfinite(m) ? m : A(0);
-            A s = A(0), a = A(0), b = A(0), xk = A(0);
-            for (int j = 0; j < c; ++j) {
-                const int i = base + j + ((base + j) >> 5);
-                const A d = tile[i] - ms;
-                if (j == k) xk = d;
-                const A e = ex(d);
-                s += e;
-                tile[i] = e;
-                if (coefs && active) {
-                    const A cf = coef_of<MODE>(g, yrow, j);
-                    a += cf;
-                    if (cf != A(0)) b += cf * d;
+        for (int j = 0; j < NP; ++j) {
+            const int q = j * R + t;
+            if (q < packs) {
+#pragma unroll
+                for (int u = 0; u < VEC; ++u) {
+                    const int i = q * VEC + u;
+                    tile[i + (i >> 5)] = load_acc<A>(pre[j].v[u]);
+                    if (MODE == 1) ytile[i + (i >> 5)] = load_acc<A>(ypre[j].v[u]);
                 }
             }
-            A mx, ls, loss, gg;
-            finish_stats(active, m, ms, s, a, b, xk, wl, z, mx, ls, loss, gg);
-            loss_out[row] = loss;
-            if (lse_out) lse_out[row] = active ? mx + ls : quiet_nan<A>();
+        }
+        for (int i = packs * VEC + t; i < elems; i += R) {  // scalar tail of the tile
+            tile[i + (i >> 5)] = load_acc<A>(x[e0 + i]);
+            if (MODE == 1) ytile[i + (i >> 5)] = load_acc<A>(y[e0 + i]);
+        }
+        const long long lab = lab_pre;
+        __syncthreads();
+        fetch(row0 + step);  // the next tile's loads are in flight while this one is computed
+        if (t < rows) {
+            const long long row = row0 + t;
+            const Label<A> lb = label_of<MODE>(g, lab, true);
+            const int base = t * c;
+            Part<A> p = part_identity<A>();
+            for (int j = 0; j < c; ++j) {
+                const int i = base + j + ((base + j) >> 5);
+                A fv[1] = {tile[i]}, yv[1] = {MODE == 1 ? ytile[i] : A(0)};
+                add_pack<MODE, T, I, A, 1>(g, p, j, lb.k, fv, yv);
+            }
+            const RowOut<A> o = finish_row<MODE>(g, p, lb);
+            emit_row<MODE>(g, row, o, lb.bad, acc);
             if (grad) {
-                const bool bad = !isfinite(mx + ls) || isnan(wl);
-                const A r = gg * g.scale / s, wls = wl * g.scale;
-                for (int j = 0; j < c; ++j) {
+                for (int j = 0; j < c; ++j) {  // the gradient in place of the logit (rounded to T once)
                     const int i = base + j + ((base + j) >> 5);
-                    A d;
-                    if (!active) d = A(0);
-                    else if (bad) d = quiet_nan<A>();
-                    else {
-                        d = tile[i] * r;
-                        if (coefs) d -= g.scale * coef_of<MODE>(g, yrow, j);
-                        if (j == k) d -= wls;
-                    }
-                    tile[i] = d;
+                    tile[i] = grad_elem<MODE>(g, o, j, tile[i], MODE == 1 ? ytile[i] : A(0));
                 }
             }
         }
         __syncthreads();
         if (grad) {
             T* gout = grad + e0;
-            for (int q = t; q < packs; q += GPUCE_TILE_ROWS) {
+            for (int q = t; q < packs; q += R) {
                 Pack<T, VEC> p;
 #pragma unroll
                 for (int u = 0; u < VEC; ++u) { const int i = q * VEC + u; p.v[u] = store_t<T>(tile[i + (i >> 5)]); }
                 store_pack<T, VEC>(gout + (long long)q * VEC, p);
             }
-            for (int i = packs * VEC + t; i < elems; i += GPUCE_TILE_ROWS) gout[i] = store_t<T>(tile[i + (i >> 5)]);
+            for (int i = packs * VEC + t; i < elems; i += R) gout[i] = store_t<T>(tile[i + (i >> 5)]);
         }
         __syncthreads();  // the tile is reused
     }
+    finish_launch<A>(acc, ws, 0, n, inv, total_out, stats_out, bad_out);
 }
 
-// ---------------------------------------------------------------------------------------------
-// "twopass": one block per row, online max/sum-exp in the first read, gradient in the second.
+// ------------------------------------------------------------------------- sce_twopass
+// One block a row (grid-stride), the row read twice: the statistics, then the gradient.
+// For rows that do not fit the shared-memory rings of sce_team; the second read is meant to
+// hit L2 (one row a block in flight).
 template <typename T, typename I, typename A, int MODE, int VEC>
-__global__ void sce_twopass(GPUCE_SCE_PARAMS) {
-    __shared__ A red[32 * 4];
-    const A scale = grad ? *scale_ptr : A(0);
+__global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_PARAMS) {
+    GPUCE_SCE_SETUP;
+    __shared__ A red[2 * 32 * GPUCE_PART_WORDS];
+    const int packs = (c + VEC - 1) / VEC;
+    Acc acc = GPUCE_ACC_INIT;
+    int parity = 0;
     for (long long row = blockIdx.x; row < n; row += gridDim.x) {
-        RowCtx<MODE, T, I, A> ctx = row_ctx<MODE, T, I, A>(row, labels, y, ldy, w, one_minus_eps, ignore_index, c);
+        const long long lab = load_label<MODE>(g, row, true);
         const T* xrow = x + row * ldx;
-        // per-thread online state, relative to the thread's running max
-        RowStat<A> st = RowStat<A>::identity();
-        for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC) {
-            const Pack<T, VEC> p = load_pack<T, VEC>(xrow + col0);
+        const T* yrow = MODE == 1 ? y + row * ldy : nullptr;
+        const Label<A> lb = label_of<MODE>(g, lab, true);
+        Part<A> p = part_identity<A>();
+        for (int q = threadIdx.x; q < packs; q += blockDim.x) {
+            const Pack<T, VEC> xp = load_pack<T, VEC>(xrow + (size_t)q * VEC);
+            A fv[VEC], yv[VEC];
 #pragma unroll
             for (int u = 0; u < VEC; ++u) {
-                const int col = col0 + u;
-                const A xv = load_acc<A>(p.v[u]);
-                const A cf = coef_at<MODE, T, I, A>(ctx, col, w, eps_over_c, one_minus_eps);
-                st = merge(st, RowStat<A>::element(xv, cf, col == ctx.k));
+                fv[u] = load_acc<A>(xp.v[u]);
+                yv[u] = MODE == 1 ? load_acc<A>(yrow[(size_t)q * VEC + u]) : A(0);
             }
+            add_pack<MODE, T, I, A, VEC>(g, p, q * VEC, lb.k, fv, yv);
         }
-        // block max, then rescale every thread's partial sums to it and add them up
-        const A m = block_max(st.e.m, red);
-        const A ms = isfinite(m) ? m : A(0);
-        A s = st.e.s * rescale(st.e.m, ms);
-        A a = st.a;
-        A b = st.b + shift(st.a, st.e.m, ms);
-        A t = st.t;  // the raw label logit (one thread holds it), made relative below
-        block_sum4(s, a, b, t, red);
-        A mx, ls, loss, g;
-        finish_stats(ctx.active, m, ms, s, a, b, ctx.k >= 0 ? t - ms : A(0), ctx.wl, z, mx, ls, loss, g);
-        if (threadIdx.x == 0) store_row(row, ctx.active, loss, mx, ls, loss_out, lse_out);
+        p = block_merge(p, red, parity);
+        parity ^= 1;
+        const RowOut<A> o = finish_row<MODE>(g, p, lb);
+        if (threadIdx.x == 0) emit_row<MODE>(g, row, o, lb.bad, acc);
         if (grad) {
             T* grow = grad + row * ldg;
-            for (int col0 = threadIdx.x * VEC; col0 < c; col0 += blockDim.x * VEC)
-                store_grad<MODE, T, I, A, VEC>(grow, col0, to_acc<A>(load_pack<T, VEC>(xrow + col0)), ctx, w,
-                                               eps_over_c, one_minus_eps, mx, ls, g, scale);
-        }
-        __syncthreads();  // red is reused by the next row
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// "cluster" (sm_90+): CL blocks of one thread-block cluster share a row, laid out like one
-// block of CL * blockDim.x threads (thread rank * blockDim.x + threadIdx.x); each block reduces
-// its part and the CL partials are combined through distributed shared memory, in rank order
-// in every block (identical results).  pm / ps are written in different phases, so two
-// cluster barriers a row suffice: a block writes pm only after every block has passed the
-// previous row's second barrier (so has read pm), and ps only after the first barrier of the
-// row (every block has read the previous ps).  A last barrier keeps each block's shared
-// memory alive until the others have read it.  Launch with gridDim.x a multiple of CL.
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-template <typename A, int CL>
-struct ClusterTeam {
-    A* red;
-    A* pm;
-    A* ps;
-    __device__ __forceinline__ A max(A v) const {
-        namespace cg = cooperative_groups;
-        cg::cluster_group cl = cg::this_cluster();
-        v = block_max(v, red);
-        if (threadIdx.x == 0) pm[0] = v;
-        cl.sync();
-        A r = *cl.map_shared_rank(pm, 0);
+            for (int q = threadIdx.x; q < packs; q += blockDim.x) {
+                const Pack<T, VEC> xp = load_pack<T, VEC>(xrow + (size_t)q * VEC);
+                A fv[VEC], yv[VEC];
 #pragma unroll
-        for (int q = 1; q < CL; ++q) r = nanmax(r, *cl.map_shared_rank(pm, q));
-        return r;
-    }
-    __device__ __forceinline__ void sum3(A& p, A& q, A& r) const {
-        namespace cg = cooperative_groups;
-        cg::cluster_group cl = cg::this_cluster();
-        block_sum3(p, q, r, red);
-        if (threadIdx.x == 0) { ps[0] = p; ps[1] = q; ps[2] = r; }
-        cl.sync();
-        p = A(0); q = A(0); r = A(0);
-#pragma unroll
-        for (int k = 0; k < CL; ++k) {
-            const A* o = cl.map_shared_rank(ps, k);
-            p += o[0]; q += o[1]; r += o[2];
+                for (int u = 0; u < VEC; ++u) {
+                    fv[u] = load_acc<A>(xp.v[u]);
+                    yv[u] = MODE == 1 ? load_acc<A>(yrow[(size_t)q * VEC + u]) : A(0);
+                }
+                store_grad_pack<MODE, T, I, A, VEC>(g, o, grow, q * VEC, fv, yv);
+            }
         }
     }
-};
-
-template <typename T, typename I, typename A, int MODE, int VEC, int ITEMS, int SITEMS, int CL, bool AHEAD = false>
-__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(256, GPUCE_BLOCKS_PER_SM(MODE)) sce_cluster(GPUCE_SCE_PARAMS) {
-    namespace cg = cooperative_groups;
-    GPUCE_SCE_ARGS;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    __shared__ A red[32 * 4];
-    __shared__ A pm[1];
-    __shared__ A ps[3];
-    Pack<T, VEC>* sp = reinterpret_cast<Pack<T, VEC>*>(smem_raw) + threadIdx.x;
-    const int rank = (int)cg::this_cluster().block_rank();
-    const int tid = rank * blockDim.x + threadIdx.x, nt = CL * blockDim.x;
-    const ClusterTeam<A, CL> team{red, pm, ps};
-    A v[ITEMS * VEC];
-    long long lab = AHEAD ? load_label<MODE>(g, blockIdx.x / CL) : 0;
-    for (long long row = blockIdx.x / CL; row < n; row += gridDim.x / CL) {
-        const long long lab_next = AHEAD ? load_label<MODE>(g, row + gridDim.x / CL) : 0;
-        const RowOut<A> o = row_pass<T, I, A, MODE, VEC, ITEMS, SITEMS, AHEAD>(g, team, row, true, tid, nt, v, sp,
-                                                                              blockDim.x, lab);
-        lab = lab_next;
-        if (grad) row_grad<T, I, A, MODE, VEC, ITEMS, SITEMS>(g, o, row, tid, nt, v, sp, blockDim.x);
-    }
-    cg::this_cluster().sync();
+    finish_launch<A>(acc, ws, 0, n, inv, total_out, stats_out, bad_out);
 }
-#endif
+
+// ------------------------------------------------------------------------- sce_denominator
+// reduction="mean" with labels: D = sum of w_k (1 without weights) over the rows whose label
+// is in [0, C) and not ignore_index; ws[3] = 1 / D (0 when D == 0), as double bits.
+template <typename I, typename A>
+__global__ void __launch_bounds__(256) sce_denominator(const I* __restrict__ labels, const A* __restrict__ w,
+                                                       long long n, int c, long long ignore_index,
+                                                       long long* __restrict__ ws) {
+    __shared__ double red[32];
+    __shared__ int last[1];
+    long long* part = ws + GPUCE_WS_PARTIALS;
+    double s = 0.0;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long lab = (long long)labels[i];
+        if (lab != ignore_index && lab >= 0 && lab < c) s += w ? (double)w[lab] : 1.0;
+    }
+    s = block_sum_fixed(s, red);
+    if (threadIdx.x == 0) {
+        part[blockIdx.x] = __double_as_longlong(s);
+        __threadfence();
+        const unsigned t = atomicAdd(reinterpret_cast<unsigned long long*>(ws + 1), 1ull);
+        last[0] = t == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last[0]) return;
+    __threadfence();
+    double d = 0.0;
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) d += __longlong_as_double(__ldcg(part + b));
+    d = block_sum_fixed(d, red);
+    if (threadIdx.x == 0) {
+        ws[3] = __double_as_longlong(d == 0.0 ? 0.0 : 1.0 / d);
+        ws[1] = 0;
+        __threadfence();
+    }
+}
 
 }  // namespace gpuce

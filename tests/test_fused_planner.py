@@ -1,94 +1,98 @@
-"""The fused kernels' host logic that needs no GPU: the variant list and the chooser."""
+"""The fused kernels' launch planner (no GPU needed): the variant list, the plans it picks
+for each row length, and the grid."""
 
 import pytest
 
 from gpuce import _fused as F
 
 H100 = F.Device(arch=90, sms=132, smem_optin=227 * 1024)
-A100 = F.Device(arch=80, sms=108, smem_optin=163 * 1024)
+A100 = F.Device(arch=80, sms=108, smem_optin=163 * 1024, smem_per_sm=164 * 1024)
 
 
-def _capacity(v, c):
-    """Columns the variant's team covers with its launch configuration."""
-    if v.kind == "warp":
-        return v.group * v.items * v.vec
-    if v.kind in ("block", "cluster"):
-        return max(1, v.cluster) * F.block_threads(v, c) * v.per_thread()
-    return c
+def _covers(p, c):
+    """Columns a plan's team holds in its ring."""
+    v = p.variant
+    if v.kind in ("tile", "twopass"):
+        return c
+    nt = v.group if v.kind == "warp" else p.threads * max(1, v.cluster)
+    return p.packs * nt * v.vec
 
 
-@pytest.mark.parametrize("dtype,c,vec,tile_vec,kind,extra", [
-    ("float32", 10, 1, 4, "tile", None),  # dense tiny rows: the tile, vectorised over the tile
-    ("float32", 10, 1, None, "warp", (4, 4)),  # not dense: 4 lanes x 4 values, 8 rows a warp
-    ("float32", 100, 4, None, "warp", (4, 8)),  # 8 rows a warp, 8 loads in flight a lane
-    ("float32", 500, 4, None, "warp", (16, 8)),
-    ("float32", 1000, 4, None, "warp", (32, 8)),
-    ("float32", 1000, 1, None, "block", None),  # unaligned rows: 16 scalars a thread
+@pytest.mark.parametrize("dtype,c,vec,tile_vec,kind,detail", [
+    ("float32", 10, 1, 4, "tile", None),  # dense tiny rows: the tile
+    ("float32", 12, 4, None, "warp", 4),  # not dense: 4 lanes a row, 64 rows a block
+    ("float32", 100, 4, None, "warp", 8),
+    ("float32", 500, 4, None, "warp", 32),
+    ("float32", 1000, 4, None, "block", None),
+    ("float32", 1001, 1, None, "block", None),  # unaligned rows: one value a pack
     ("float32", 4096, 4, None, "block", None),
-    ("float32", 32768, 4, None, "cluster", (4, 0)),
-    ("float16", 96 * 1024, 8, None, "cluster", (8, 4)),
-    ("float32", 131072, 4, None, "cluster", (8, 8)),
-    ("float32", 262144, 4, None, "cluster", (8, 24)),
-    ("float64", 262144, 2, None, "twopass", None),  # 2 MiB a row: more than 8 SMs hold
+    ("float32", 8192, 4, None, "block", None),  # 32 KiB a row: one block
+    ("float32", 32768, 4, None, "cluster", 4),  # 128 KiB: 4 x 32 KiB
+    ("bfloat16", 32768, 8, None, "cluster", 2),
+    ("float32", 131072, 4, None, "cluster", 8),
+    ("float16", 262144, 8, None, "cluster", 8),
+    ("float32", 262144, 4, None, "twopass", None),  # 1 MiB a row: no ring holds it
+    ("float64", 262144, 2, None, "twopass", None),
 ])
-def test_choose_on_h100(dtype, c, vec, tile_vec, kind, extra):
-    v = F.choose(dtype, "int64", c, vec, H100, tile_vec)
-    assert v.kind == kind
+def test_plan_on_h100(dtype, c, vec, tile_vec, kind, detail):
+    p = F.plan(dtype, "label", "int64", c, vec, H100, tile_vec)
+    assert p.variant.kind == kind
     if kind == "warp":
-        assert (v.group, v.items) == extra
+        assert p.variant.group == detail and p.packs <= F.WARP_PACKS
     if kind == "cluster":
-        assert (v.cluster, v.sitems) == extra
-    if kind in ("block", "cluster"):
-        assert F.block_threads(v, c) <= F.MAX_TEAM_THREADS
-        assert F.smem_bytes(v, c) <= H100.smem_optin - 1024
-    assert _capacity(v, c) >= c
-    assert v in F.variants()  # every choice is compiled by the NVRTC test
+        assert p.variant.cluster == detail
+    if kind in ("warp", "block", "cluster"):
+        assert p.stages >= 2  # the next row is in flight while this one is computed
+        assert p.smem + F.STATIC_SMEM <= H100.smem_optin
+        assert p.threads % 32 == 0 and p.threads <= F.TEAM_MAX_THREADS
+    assert _covers(p, c) >= c
+    assert p.variant in F.variants()  # every choice is compiled by the NVRTC test
 
 
 @pytest.mark.parametrize("c", [3, 10, 32, 100, 1000, 4096, 32768, 131072, 262144])
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-def test_every_candidate_fits_and_is_compiled(dtype, c):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("target", ["label", "prob"])
+def test_every_candidate_fits_and_is_compiled(dtype, c, target):
     vec = F.VEC_MAX[dtype] if c % F.VEC_MAX[dtype] == 0 else 1
-    cands = F.candidates(dtype, "prob", c, vec, H100, F.VEC_MAX[dtype] if c <= F.TILE_MAX_C else None)
-    assert cands[-1].kind == "twopass"
-    assert len({(v.kind, v.sitems > 0, v.ahead) for v in cands}) == len(cands)
-    for v in cands:
-        assert F.fits(v, c, H100) and _capacity(v, c) >= c
-        assert v in F.variants()
+    index = "int32" if target == "prob" else "int64"
+    cands = F.candidates(dtype, target, index, c, vec, H100, F.VEC_MAX[dtype] if c <= F.TILE_MAX_C else None)
+    assert cands[-1].variant.kind == "twopass"
+    assert len({p.variant for p in cands}) == len(cands)
+    for p in cands:
+        assert _covers(p, c) >= c
+        assert p.smem + F.STATIC_SMEM <= H100.smem_optin
+        assert p.variant in F.variants()
 
 
 def test_no_cluster_before_sm90():
-    v = F.choose("float32", "int64", 262144, 4, A100)
-    assert v.kind == "twopass"
-    assert all(v.kind != "cluster" for v in F.candidates("float32", "int64", 32768, 4, A100))
-    assert F.choose("float32", "int64", 32768, 4, A100).kind == "block"  # registers + cp.async
+    assert F.plan("float32", "label", "int64", 262144, 4, A100).variant.kind == "twopass"
+    assert all(p.variant.kind != "cluster" for p in F.candidates("float32", "label", "int64", 32768, 4, A100))
+    assert F.plan("float32", "label", "int64", 32768, 4, A100).variant.kind == "twopass"  # 2 x 128 KiB
+    assert F.plan("float32", "label", "int64", 16384, 4, A100).variant.kind == "block"  # 2 x 64 KiB
 
 
-def test_threads_and_grid():
-    v = F.choose("float32", "int64", 32768, 4, H100)
-    t = F.block_threads(v, 32768)
-    assert t % 32 == 0 and 64 <= t <= 256
-    v = F.choose("float32", "int64", 262144, 4, H100)
-    assert F.grid_blocks(v, 1000, 262144, H100) % v.cluster == 0
-    v = F.choose("float32", "int64", 12, 4, H100)
-    assert v.kind == "warp" and v.group == 4
-    # 64 rows per 256-thread block with 4 lanes a row
-    assert F.grid_blocks(v, 6400, 12, H100) == 100
+def test_grid_is_one_wave_and_a_cluster_multiple():
+    p = F.plan("float32", "label", "int64", 131072, 4, H100)
+    per_sm = F.occupancy_estimate(p, H100)
+    g = F.grid_blocks(p, 10**6, H100, per_sm)
+    assert g % p.variant.cluster == 0 and g <= H100.sms * per_sm
+    assert F.grid_blocks(p, 3, H100, per_sm) == 3 * p.variant.cluster  # no more teams than rows
+    p = F.plan("float32", "label", "int64", 12, 4, H100)
+    assert p.variant.kind == "warp" and p.rows_per_block == 64
+    assert F.grid_blocks(p, 6400, H100, 8) == 100  # 64 rows a block
+    assert F.grid_blocks(p, 10**8, H100, 8) == 132 * 8  # one wave, each block walks its rows
 
 
-def test_variant_names_are_unique():
+def test_variant_names_are_unique_and_every_dtype_is_compiled():
     exprs = [v.expr() for v in F.variants()]
     assert len(exprs) == len(set(exprs))
     assert all(e.startswith("gpuce::sce_") for e in exprs)
+    assert {v.dtype for v in F.variants()} == set(F.DTYPES)
+    assert any("__nv_bfloat16" in e for e in exprs)
+    assert not any(v.kind == "cluster" and v.dtype == "float64" for v in F.variants())
 
 
-def test_label_ahead_forms_follow_the_measured_ones():
-    """The label-a-row-ahead kernels are candidates (tests and the benchmark run them) but not
-    the chooser's pick until a GPU run has measured them."""
-    cands = F.candidates("float32", "int64", 4096, 4, H100)
-    ahead = [v for v in cands if v.ahead]
-    assert ahead and not cands[0].ahead
-    assert [v.kind for v in ahead] == [v.kind for v in cands if not v.ahead and v.kind != "twopass"]
-    assert all(v in F.variants() for v in ahead)
-    assert not any(v.ahead for v in F.candidates("float32", "prob", 4096, 4, H100))
-    assert F.Variant("warp", "float32", "int64", 4, 8, 32, ahead=True).expr().endswith(", 8, 32, true>")
+def test_explain_names_the_kernel_and_why():
+    p = F.plan("float32", "label", "int64", 32768, 4, H100)
+    s = F.explain_plan(p, 32768, 4096, H100, 1)
+    assert "sce_cluster" in s and "cluster of 4" in s and "grid" in s

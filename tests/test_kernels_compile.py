@@ -19,11 +19,11 @@ def test_everything_compiles(results):
         assert r.registers, f"no ptxas report for {r.name} ({r.arch}):\n{r.log}"
 
 
-# The fused warp / block / cluster kernels run under __launch_bounds__(256, 3) (80 registers);
-# ptxas then parks a few per-row scalars (pointers, row constants) in local memory.  What must
-# never go there is the register-resident row (32 values a thread, 128 bytes in float32), so a
-# fused kernel may spill at most this many bytes each way and keep at most this stack frame.
-FUSED_SPILL_BUDGET = 64
+# The fused kernels keep rows in shared memory, not registers, so a float-accumulating kernel
+# must spill nothing.  The double-accumulating ones call libdevice's exp / log / tanh (not
+# inlined), and ptxas saves a few registers around those calls: they may spill at most this
+# many bytes each way (a demoted per-thread array would exceed it).
+DOUBLE_ABI_SPILL_BUDGET = 128
 
 
 def test_no_spills_on_sm90(results):
@@ -33,16 +33,17 @@ def test_no_spills_on_sm90(results):
     assert not spilled, f"kernels spill to local memory on sm_90: {spilled}"
 
 
-def test_fused_rows_stay_in_registers_on_sm90(results):
-    (r,) = [r for r in results if r.arch == "sm_90" and r.name.startswith("gpuce_sce_fused_")]
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_fused_kernels_do_not_spill(results, arch):
+    (r,) = [r for r in results if r.arch == arch and r.name.startswith("gpuce_sce_fused_")]
     names = {entry: expr for expr, entry in r.lowered.items()}
-    over = {names.get(fn, fn): (sp, r.stack.get(fn)) for fn, sp in r.spills.items()
-            if max(sp) > FUSED_SPILL_BUDGET or (r.stack.get(fn) or 0) > FUSED_SPILL_BUDGET}
-    assert not over, f"fused kernels spill more than {FUSED_SPILL_BUDGET} bytes: {over}"
-    # the kernels without a register cap spill nothing at all
-    free = {names.get(fn, fn): sp for fn, sp in r.spills.items()
-            if ("sce_tile" in names.get(fn, "") or "sce_twopass" in names.get(fn, "")) and max(sp)}
-    assert not free, free
+    over = {}
+    for fn, sp in r.spills.items():
+        expr = names.get(fn, fn)
+        budget = DOUBLE_ABI_SPILL_BUDGET if ", double," in expr or "double>" in expr else 0
+        if max(sp) > budget or (r.stack.get(fn) or 0) > budget:
+            over[expr] = (sp, r.stack.get(fn))
+    assert not over, f"fused kernels spill: {over}"
 
 
 def test_every_helper_is_used():
@@ -64,7 +65,7 @@ def test_every_fused_variant_compiled(results):
     assert set(fused) == {"sm_80", "sm_90"}
     for arch, r in fused.items():
         cc = int(arch.split("_")[1])
-        want = {v.expr() for v in _fused.variants() if cc >= v.min_arch}
+        want = {v.expr() for v in _fused.variants() if cc >= v.min_arch} | set(_fused.denominator_exprs())
         assert set(r.lowered) == want
         for expr, entry in r.lowered.items():
             assert entry in r.registers, f"{expr} has no ptxas entry for {arch}"

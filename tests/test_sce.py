@@ -334,38 +334,49 @@ def test_gpu_matches_numpy_path(impl, kind, dtype, c):
 @pytest.mark.gpu
 @pytest.mark.parametrize("plain", [True, False], ids=["plain", "weighted-smoothed"])
 @pytest.mark.parametrize("kind", ["label", "prob"])
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16", np.float32, np.float64])
 @pytest.mark.parametrize("c", [10, 32, 100, 1000, 4100, 20000, 70000, 262144])
-def test_gpu_every_candidate_variant(c, dtype, kind, plain, monkeypatch):
-    """Every variant the chooser could pick for a shape (tile, warp, block, cluster, their
-    shared-memory forms, twopass), pinned one by one, against the NumPy path: the benchmark
-    times the same list, so any of them may become the chooser's pick."""
+def test_gpu_every_candidate_variant(c, dtype, kind, plain):
+    """Every plan the heuristic could pick for a shape (tile, warp, block, cluster, twopass),
+    pinned one by one, against the NumPy path: the benchmark times the same list, so any of
+    them may become the pick.  Also the two-launch contract's outputs: loss, gradient,
+    statistics and a softcap."""
     import cupy as cp
 
     from gpuce import _fused as F
     from gpuce import _sce_cupy
+    from gpuce._validation import bfloat16_dtype, sce_args
 
-    rng = np.random.default_rng(23)
+    dtype = bfloat16_dtype() if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(zlib.crc32(f"every-candidate-{c}-{dtype}-{kind}-{plain}".encode()))
     n = max(3, min(200, 2**20 // c))
-    x, t = make_inputs(rng, (n, c), kind, dtype)
-    kw = {} if plain else dict(weight=(rng.random(c) + 0.5).astype(np.float32), label_smoothing=0.05,
-                               z_loss=1e-3)
-    l_np, g_np = gpuce.softmax_cross_entropy(x, t, return_grad=True, **kw)
-    kw_d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    x, t = make_inputs(rng, (n, c), kind, np.float32)
+    x = x.astype(dtype)
+    if kind == "prob":
+        t = t.astype(dtype)
+    kw = dict(reduction="mean", ignore_index=-100, weight=None, label_smoothing=0.0, z_loss=0.0) if plain else \
+        dict(reduction="sum", ignore_index=-100, weight=(rng.random(c) + 0.5).astype(np.float32),
+             label_smoothing=0.05, z_loss=1e-3)
+    opts = dict(softcap=None if plain else 20.0, return_stats=True)
+    l_np, g_np, s_np = gpuce.softmax_cross_entropy(x, t, return_grad=True, **kw, **opts)
     xd, td = cp.asarray(x), cp.asarray(t)
-    dname = np.dtype(dtype).name
-    vec = F.vec_for(dname, c, (xd, c))
-    cands = F.candidates(dname, "prob" if kind == "prob" else "int64", c, vec, F.current_device(),
-                         F.tile_vec_for(dname, c, xd, xd))
-    assert cands[-1].kind == "twopass"  # rows no single-read variant holds: the fallback alone
-    rtol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-10}[dtype]
-    for v in cands:
-        monkeypatch.setattr(F, "PIN", v)
-        l_cp, g_cp = gpuce.softmax_cross_entropy(xd, td, return_grad=True, impl="fused", **kw_d)
-        assert _sce_cupy.last_variant == v
-        np.testing.assert_allclose(l_cp.get(), l_np, rtol=rtol, err_msg=v.describe())
-        np.testing.assert_allclose(g_cp.get().astype(np.float64), g_np.astype(np.float64), rtol=rtol,
-                                   atol=rtol / n, err_msg=v.describe())
+    wd = None if kw["weight"] is None else cp.asarray(kw["weight"])
+    a = sce_args(xd, td, return_grad=True, inplace=False, **{**kw, "weight": wd}, **opts)
+    cands = F.candidates(dtype.name, kind, "int32" if kind == "prob" else td.dtype.name, c,
+                         F.vec_for(dtype.name, c, (xd, c)), F.current_device(), F.tile_vec_for(dtype.name, c, xd))
+    assert cands[-1].variant.kind == "twopass"  # rows no ring holds: the fallback
+    rtol = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}[dtype.name]
+    for p in cands:
+        g = cp.empty_like(xd)
+        out = _sce_cupy.softmax_cross_entropy(xd, td, wd, a, g, "fused", p.variant)
+        msg = p.describe()
+        np.testing.assert_allclose(out.total.get(), l_np, rtol=rtol, err_msg=msg)
+        np.testing.assert_allclose(g.get().astype(np.float64), g_np.astype(np.float64), rtol=rtol,
+                                   atol=rtol / n, err_msg=msg)
+        np.testing.assert_allclose(out.stats.lse.get(), s_np.lse, rtol=rtol, err_msg=msg)
+        np.testing.assert_allclose(out.stats.z_loss.get(), s_np.z_loss, rtol=rtol, atol=1e-7, err_msg=msg)
+        if kind == "label":
+            np.testing.assert_allclose(out.stats.accuracy.get(), s_np.accuracy, rtol=1e-6, err_msg=msg)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,8 @@ using std::isnan;
 using std::log;
 static inline float __int_as_float(unsigned int i) { float f; std::memcpy(&f, &i, 4); return f; }
 static inline double __longlong_as_double(unsigned long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+static inline float __frcp_rn(float x) { return 1.0f / x; }
+using std::tanh;
 
 #include GPUCE_ROWSTAT
 
@@ -52,8 +54,8 @@ static void run(const A* x, long long n, int c, int mode, const long long* lbl, 
             RowStat<A> r = RowStat<A>::identity();
             if (method == 0) for (auto& s : st) r = merge(r, s);
             else r = merge(r, reduce_tree(st, 0, st.size()));
-            A tlab, smooth, asum;
-            finish_row(r, mx, ls, tlab, smooth, asum);
+            A tlab, smooth, asum, hit;
+            finish_row(r, mx, ls, tlab, smooth, asum, hit);
             finish_loss(active, mx, ls, tlab, smooth, asum, wl, z, l, g);
         } else {
             A m = neg_inf<A>();
@@ -73,7 +75,7 @@ static void run(const A* x, long long n, int c, int mode, const long long* lbl, 
         loss[i] = l;
         lse[i] = mx + ls;
         for (int j = 0; j < c; ++j)
-            grad[i * c + j] = grad_element(active, xr[j], mx, ls, g, coef(j), wl, j == k, scale);
+            grad[i * c + j] = grad_element(active, xr[j], mx, ls, g, coef(j), wl, j == k, scale, A(0));
     }
 }
 

@@ -25,7 +25,7 @@ inline dim3 blockDim, gridDim;
 
 struct WarpCtx {
     std::barrier<> bar{32};
-    double slots[32];
+    unsigned char slots[32][8];
 };
 
 struct BlockCtx {
@@ -56,13 +56,15 @@ inline void __syncthreads() { tl_block->bar.arrive_and_wait(); }
 
 template <typename A>
 inline A __shfl_xor_sync(unsigned, A v, int o) {
+    static_assert(sizeof(A) <= 8, "shuffle of at most 8 bytes");
     const int lane = threadIdx.x & 31;
     WarpCtx* w = tl_block->warps[threadIdx.x / 32].get();
-    w->slots[lane] = static_cast<double>(v);  // float -> double -> float is exact
+    std::memcpy(w->slots[lane], &v, sizeof(A));
     w->bar.arrive_and_wait();
-    const double r = w->slots[lane ^ o];
+    A r;
+    std::memcpy(&r, w->slots[lane ^ o], sizeof(A));
     w->bar.arrive_and_wait();
-    return static_cast<A>(r);
+    return r;
 }
 
 // __shared__ T name[n]  ->  T* name = simt_shared<T>(site, n)
@@ -144,4 +146,48 @@ void simt_launch(unsigned grid, unsigned block, size_t shm, F body, unsigned clu
         }
         for (auto& th : threads) th.join();
     }
+}
+
+// ---- what the fused kernels use beyond the above
+#include <atomic>
+#include <cstdint>
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h) {
+    uint32_t u = uint32_t(h.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return __nv_bfloat16{uint16_t(u >> 16)};
+}
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline long long __double_as_longlong(double d) { long long i; std::memcpy(&i, &d, 8); return i; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+using std::copysign;
+inline float copysignf(float a, float b) { return std::copysign(a, b); }
+inline float fabsf(float a) { return std::fabs(a); }
+using std::tanh;
+
+template <typename T>
+inline T __ldcg(const T* p) { return std::atomic_ref<T>(*const_cast<T*>(p)).load(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+// the cluster exchange's tagged words: a store into another block's shared memory, a poll
+inline void simt_store_remote(unsigned long long* local, int rank, unsigned long long v) {
+    unsigned long long* dst = cooperative_groups::this_cluster().map_shared_rank(local, rank);
+    std::atomic_ref<unsigned long long>(*dst).store(v);
+}
+inline unsigned long long simt_load_relaxed(const unsigned long long* p) {
+    std::this_thread::yield();
+    return std::atomic_ref<unsigned long long>(*const_cast<unsigned long long*>(p)).load();
 }

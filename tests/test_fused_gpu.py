@@ -1,0 +1,116 @@
+"""The fused path's call contract on a GPU: no host sync before the last launch (the call is
+captured into a CUDA graph, which fails on any sync), bit-identical results run to run, a bad
+label raising ValueError with the device still usable, check_labels=False giving NaN rows,
+and torch's current stream.  Skipped without a GPU."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+import gpuce
+
+pytestmark = pytest.mark.gpu
+
+
+def _inputs(cp, n, c, dtype="float32", seed="x"):
+    rng = np.random.default_rng(zlib.crc32(seed.encode()))
+    x = cp.asarray((rng.standard_normal((n, c)) * 3).astype(dtype))
+    y = cp.asarray(rng.integers(0, c, n))
+    y[::7] = -100
+    return x, y
+
+
+@pytest.mark.parametrize("c", [10, 1000, 4096, 40000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_call_has_no_host_sync(c, reduction):
+    """With check_labels=False the whole call is captured into a CUDA graph (a host sync or
+    a read-back inside the capture is an error), and replaying it gives the eager result."""
+    import cupy as cp
+
+    x, y = _inputs(cp, 513, c, seed=f"sync-{c}")
+    ref = gpuce.softmax_cross_entropy(x, y, reduction=reduction, return_grad=True, check_labels=False)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        gpuce.softmax_cross_entropy(x, y, reduction=reduction, return_grad=True, check_labels=False)  # warm
+        s.synchronize()
+        s.begin_capture()
+        out = gpuce.softmax_cross_entropy(x, y, reduction=reduction, return_grad=True, check_labels=False)
+        graph = s.end_capture()
+        graph.launch()
+        s.synchronize()
+    np.testing.assert_array_equal(out[0].get(), ref[0].get())
+    np.testing.assert_array_equal(out[1].get(), ref[1].get())
+
+
+@pytest.mark.parametrize("c", [10, 100, 4096, 131072])
+def test_bit_identical_run_to_run(c):
+    import cupy as cp
+
+    x, y = _inputs(cp, max(64, 2**22 // c), c, seed=f"bits-{c}")
+    a = gpuce.softmax_cross_entropy(x, y, return_grad=True, return_stats=True)
+    for _ in range(3):
+        b = gpuce.softmax_cross_entropy(x, y, return_grad=True, return_stats=True)
+        assert a[0].get().tobytes() == b[0].get().tobytes()
+        assert a[1].get().tobytes() == b[1].get().tobytes()
+        assert a[2].accuracy.get().tobytes() == b[2].accuracy.get().tobytes()
+
+
+@pytest.mark.parametrize("impl", ["fused", "portable"])
+def test_bad_label_raises_and_the_device_stays_usable(impl):
+    import cupy as cp
+
+    x, y = _inputs(cp, 300, 1000, seed="bad")
+    y[123] = 1000
+    y[200] = -5
+    with pytest.raises(ValueError, match=r"label 1000 at position \(123,\)"):
+        gpuce.softmax_cross_entropy(x, y, return_grad=True, impl=impl)
+    y[123] = 3
+    y[200] = 4
+    loss, grad = gpuce.softmax_cross_entropy(x, y, return_grad=True, impl=impl)  # the next call works
+    l_np, g_np = gpuce.softmax_cross_entropy(x.get(), y.get(), return_grad=True)
+    np.testing.assert_allclose(loss.get(), l_np, rtol=1e-5)
+    np.testing.assert_allclose(grad.get(), g_np, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["fused", "portable"])
+def test_check_labels_false_gives_nan_rows(impl):
+    import cupy as cp
+
+    x, y = _inputs(cp, 40, 100, seed="nanrows")
+    y[5] = 100
+    loss, grad = gpuce.softmax_cross_entropy(x, y, reduction="none", return_grad=True, check_labels=False,
+                                             impl=impl)
+    loss, grad = loss.get(), grad.get()
+    assert np.isnan(loss[5]) and np.isnan(grad[5]).all()
+    ok = np.arange(40) != 5
+    assert np.isfinite(loss[ok]).all() and np.isfinite(grad[ok]).all()
+
+
+def test_two_streams_keep_their_own_workspace():
+    """Concurrent calls on two streams (each with its own ticket and partials) give the
+    results of the calls made one at a time."""
+    import cupy as cp
+
+    x, y = _inputs(cp, 4096, 1000, seed="streams")
+    want = [gpuce.softmax_cross_entropy(x[i::2], y[i::2]).get() for i in range(2)]
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    outs = []
+    for _ in range(5):
+        for i, s in enumerate(streams):
+            with s:
+                outs.append((i, gpuce.softmax_cross_entropy(x[i::2], y[i::2])))
+    for s in streams:
+        s.synchronize()
+    for i, o in outs:
+        assert o.get() == want[i]
+
+
+def test_explain_says_which_kernel():
+    import cupy as cp
+
+    from gpuce import _fused
+
+    x, _ = _inputs(cp, 8, 32768, seed="explain")
+    s = _fused.explain(x)
+    assert "sce_" in s and "grid" in s
