@@ -2,7 +2,7 @@
 
 One call of each provider computes the mean loss of ``F.cross_entropy(X Wᵀ, y)`` and the
 gradients dX and dW, at Cut Cross-Entropy's published shape N=8192, D=2304, C=256000
-(float32 and float16), on one GPU:
+(float32, float16 and bfloat16), on one GPU:
 
 * ``gpuce``            gpuce.linear_cross_entropy, automatic chunk size
 * ``gpuce[chunk=K]``   the same with chunk_size=K (the time/memory trade-off)
@@ -150,7 +150,8 @@ def run(dtypes, repeat, chunks, shape, dry):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"],
+                   help="logits dtypes (bfloat16: ml_dtypes on the CuPy side)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--chunks", type=int, nargs="*", default=[1024], help="extra fixed chunk sizes")
     p.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("N", "D", "C"))

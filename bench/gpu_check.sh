@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (run from the repo root):
-#   GPU test suite -> demo -> benchmark suite -> linear benchmark; logs, CSVs and plots under
-#   $OUT (8 files at most come back), a short table last.  Back here, record the run with
+#   GPU test suite -> probe -> demo -> benchmark suite -> ncu -> linear and large-vocabulary
+#   benchmarks; logs, CSVs and plots under $OUT (8 files at most come back), a short table
+#   last.  Back here, record the run with
 #   `gpuce bench --merge <files_at>/gpu_sce.csv --readme README.md` (upserts into
-#   bench/results/gpu_sce.csv, redraws the plot and the README table).
+#   bench/results/gpu_sce.csv, redraws the plot and the README table), copy probe.csv to
+#   bench/results/probe.csv, and write prediction and outcome into docs/performance.md.
 # Usage on the device:  bash bench/gpu_check.sh
 #   OUT        where logs go (default ./gpu_out)
-#   PARTS      which steps, default "tests demo bench linear lce"; a device call is limited to
-#              10 minutes, so a session may run PARTS="tests demo" and PARTS="bench linear"
+#   PARTS      which steps, default "tests probe bench"; also "demo", "ncu", "linear", "lce".
+#              A device call is limited to 10 minutes (8 planned): the first call of a session
+#              runs the default, the next one what it left out.
 #   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5";
 #              add --variants to time every fused variant that fits each shape (fused[...] rows:
 #              how the chooser's order is set, e.g. the label-a-row-ahead forms against the rest)
@@ -24,7 +27,7 @@
 # and name .whl in the device call's carry; this script installs what it finds there.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
-PARTS=${PARTS:-tests demo bench linear lce}
+PARTS=${PARTS:-tests probe bench}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # no install: hatchling is not there, nothing can be fetched
@@ -41,14 +44,28 @@ if has tests; then
     ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   rc=${PIPESTATUS[0]}
 fi
+if has probe; then  # the fused path's costs, one table (bench/probe.py)
+  timeout "${T_PROBE:-90}" python3 bench/probe.py --out "$OUT" 2>&1 | tee "$OUT/probe.log" | tail -30
+fi
 if has demo; then
   timeout "${T_DEMO:-60}" python3 -m gpuce.cli demo --backend cupy --png /tmp/demo-loss.png 2>&1 | tee "$OUT/demo.log"
 fi
 if has bench; then
-  timeout "${T_BENCH:-240}" python3 -m bench --no-progress --results-dir "$OUT" ${BENCH_ARGS:---repeat 10} 2>&1 | tee "$OUT/bench.log"
+  timeout "${T_BENCH:-240}" python3 -m bench --no-progress --results-dir "$OUT" ${BENCH_ARGS:---totals 2**28 2**30 --classes 1000 4096 32768 131072 262144 --dtypes float32 float16 bfloat16 --repeat 10} 2>&1 | tee "$OUT/bench.log"
   # the issue's small-C target is stated at N = 2^24 rows (same CSV, its own rows)
   timeout "${T_BENCH_SMALL:-60}" python3 -m bench --no-progress --results-dir "$OUT" --rows 2**24 --classes 10 100 \
-    --dtypes float32 --repeat 10 2>&1 | tee -a "$OUT/bench.log"
+    --dtypes float32 --providers gpuce-fused gpuce-portable torch-eager --repeat 10 2>&1 | tee -a "$OUT/bench.log"
+  # Gemma's head: C = 256000, logits capped at 30 tanh(f / 30), bf16, against Liger with the same option
+  timeout "${T_BENCH_SOFTCAP:-90}" python3 -m bench --no-progress --results-dir "$OUT" --totals 2**30 --classes 256000 \
+    --dtypes bfloat16 --softcap 30 --repeat 10 2>&1 | tee -a "$OUT/bench.log"
+fi
+if has ncu; then  # hardware counters of one fused launch (Firecracker machines: ncu works there)
+  timeout "${T_NCU:-120}" ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --section LaunchStats -k regex:sce_ --launch-count 2 python3 -c "
+import cupy as cp, gpuce
+x = cp.random.standard_normal((2**28 // 4096, 4096), dtype=cp.float32); y = cp.random.randint(0, 4096, x.shape[0])
+gpuce.softmax_cross_entropy(x, y, return_grad=True); cp.cuda.Device().synchronize()
+" > "$OUT/ncu.log" 2>&1; tail -40 "$OUT/ncu.log"
 fi
 if has linear; then
   timeout "${T_LINEAR:-60}" python3 bench/bench_linear.py --gpu 2>&1 | tee /tmp/bench_linear.log
@@ -60,6 +77,7 @@ if has lce; then
 fi
 echo "=== summary ($PARTS) ==="
 has tests && tail -1 "$OUT/gpu_tests.log"
+has probe && grep -E "^\|" "$OUT/probe.log" | tail -40
 has demo && grep -E "check:|accuracy|backend" "$OUT/demo.log"
 has bench && grep -E "^\|" "$OUT/bench.log" | tail -12
 has linear && grep -E "ratio" /tmp/bench_linear.log

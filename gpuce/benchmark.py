@@ -3,18 +3,23 @@
 Sweeps softmax cross-entropy forward+backward (loss and gradient with respect to the
 logits) over C at fixed N*C, for several providers on the same data in the same run:
 
-    gpuce-fused     the single-read RawKernel family (the variant that ran is in ``note``)
+    gpuce-fused     the single-read RawKernel family (the plan that ran is in ``note``)
     gpuce-portable  the ElementwiseKernel / ReductionKernel path
     naive-cupy      array-op CuPy (max, exp, sum, divide, index)
     torch-eager     torch.nn.functional.cross_entropy forward + backward, through DLPack
+    torch-compile   the same under torch.compile(dynamic=False) (compiled in the warm-up)
     liger           Liger-Kernel's LigerCrossEntropyFunction (when importable)
     copy            a device-to-device copy of the logits: the bandwidth yardstick
 
-Metrics: p20 / p50 / p80 ms (cupyx.profiler.benchmark, CUDA events), GB/s counted as one
-read and one write of the logits (2 * itemsize * N * C bytes; 8 N C for float32), the
-fraction of the copy's time, and the peak extra device memory of one call.  Rows are
-upserted into a tidy CSV keyed by (op, provider, mode, dtype, N, C, gpu_name); the plot
-and the README table are drawn from the CSV, never by hand.
+Metrics: p20 / p50 / p80 ms of the whole call as a user sees it (cupyx.profiler.benchmark,
+CUDA events), its host time per call (``cpu_ms``, the benchmark's cpu_times), for
+gpuce-fused the kernels alone relaunched with the call's arguments (``kernel_ms``), GB/s
+counted as one read and one write of the logits, the fraction of the copy's time, the byte
+floor (``floor_ms``: logits read + gradient written + labels read, over the copy's measured
+bandwidth) and the fraction of it, and the peak extra device memory of one call.  Rows are
+upserted into a tidy CSV keyed by (op, provider, mode, dtype, N, C, gpu_name); the plot,
+the fixed/marginal split (:func:`fixed_marginal`) and the README table are drawn from the
+CSV, never by hand.
 
 ``--dry`` runs the same harness with no GPU (NumPy providers, tiny sizes) to check the
 machinery: CSV, plot and table.
@@ -35,7 +40,7 @@ import numpy as np
 
 KEY = ("op", "provider", "mode", "dtype", "N", "C", "gpu_name")
 FIELDS = KEY + ("p20_ms", "p50_ms", "p80_ms", "gbps", "frac_of_copy", "peak_extra_mib", "note",
-                "timestamp", "version")
+                "timestamp", "version", "cpu_ms", "kernel_ms", "floor_ms", "frac_of_floor")
 CLASSES = (10, 100, 1000, 4096, 32768, 131072, 262144)
 TOTALS = (2**28, 2**30)
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -90,16 +95,19 @@ def read_rows(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------ providers
 
-def _gpu_providers(cp, with_torch=True):
+def _gpu_providers(cp, with_torch=True, softcap=None):
+    """Providers of the sweep; with ``softcap`` every provider caps the logits at
+    softcap * tanh(f / softcap) (gpuce in its kernels, torch eagerly, Liger with its option;
+    naive CuPy and torch.compile are left out)."""
     import gpuce
 
     provs = {}
 
     def fused(x, y):
-        return gpuce.softmax_cross_entropy(x, y, return_grad=True, impl="fused")
+        return gpuce.softmax_cross_entropy(x, y, return_grad=True, impl="fused", softcap=softcap)
 
     def portable(x, y):
-        return gpuce.softmax_cross_entropy(x, y, return_grad=True, impl="portable")
+        return gpuce.softmax_cross_entropy(x, y, return_grad=True, impl="portable", softcap=softcap)
 
     def naive(x, y):
         xf = x.astype(cp.float32)
@@ -115,13 +123,28 @@ def _gpu_providers(cp, with_torch=True):
 
     provs["gpuce-fused"] = fused
     provs["gpuce-portable"] = portable
-    provs["naive-cupy"] = naive
+    if softcap is None:
+        provs["naive-cupy"] = naive
     if with_torch:
         try:
             import torch
 
             if torch.cuda.is_available():
+                if softcap is not None:
+                    def capped_ce(t, y):
+                        return torch.nn.functional.cross_entropy(softcap * torch.tanh(t / softcap), y)
+
+                    provs["torch-eager"] = _torch_provider(torch, capped_ce)
+                    liger = _liger_provider(torch, softcap)
+                    if liger is not None:
+                        provs["liger"] = liger
+                    return provs
                 provs["torch-eager"] = _torch_provider(torch)
+                for knob in ("cache_size_limit", "recompile_limit"):  # one compile per shape
+                    if hasattr(torch._dynamo.config, knob):
+                        setattr(torch._dynamo.config, knob, 256)
+                provs["torch-compile"] = _torch_provider(
+                    torch, torch.compile(torch.nn.functional.cross_entropy, dynamic=False))
                 liger = _liger_provider(torch)
                 if liger is not None:
                     provs["liger"] = liger
@@ -130,7 +153,8 @@ def _gpu_providers(cp, with_torch=True):
     return provs
 
 
-def _torch_provider(torch):
+def _torch_provider(torch, ce=None):
+    ce = ce or torch.nn.functional.cross_entropy
     state = {}
 
     def run(x, y):
@@ -140,14 +164,14 @@ def _torch_provider(torch):
             state.update(key=key, x=t.detach().clone().requires_grad_(True), y=torch.from_dlpack(y))
         tx = state["x"]
         tx.grad = None
-        loss = torch.nn.functional.cross_entropy(tx, state["y"])
+        loss = ce(tx, state["y"])
         loss.backward()
         return loss, tx.grad
 
     return run
 
 
-def _liger_provider(torch):
+def _liger_provider(torch, softcap=None):
     try:
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
     except Exception:
@@ -161,8 +185,13 @@ def _liger_provider(torch):
                          y=torch.from_dlpack(y))
         tx = state["x"]
         tx.grad = None
-        loss = LigerCrossEntropyFunction.apply(tx, state["y"], None)  # weight is positional
-        loss = loss[0] if isinstance(loss, tuple) else loss
+        if softcap is None:
+            loss = LigerCrossEntropyFunction.apply(tx, state["y"], None)  # weight is positional
+        else:  # the keyword API: the Function's positional order changed across Liger releases
+            from liger_kernel.transformers.functional import liger_cross_entropy
+
+            loss = liger_cross_entropy(tx, state["y"], softcap=softcap)
+        loss = loss[0] if isinstance(loss, tuple) else getattr(loss, "loss", loss)
         loss.backward()
         return loss, tx.grad
 
@@ -171,11 +200,48 @@ def _liger_provider(torch):
 
 # ------------------------------------------------------------------------------ measuring
 
-def _gpu_time(cp, fn, repeat):
+def _np_dtype(name):
+    from ._validation import bfloat16_dtype
+
+    return bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
+
+
+def _gpu_time(cp, fn, repeat, with_cpu=False):
+    """p20/p50/p80 ms of ``fn`` on the device (CUDA events around the whole call), and with
+    ``with_cpu`` also the p50 host time of a call."""
     from cupyx.profiler import benchmark
 
     r = benchmark(fn, n_repeat=repeat, n_warmup=2)
-    return np.percentile(r.gpu_times[0] * 1e3, [20, 50, 80])
+    t = np.percentile(r.gpu_times[0] * 1e3, [20, 50, 80])
+    return (t, float(np.median(r.cpu_times) * 1e3)) if with_cpu else t
+
+
+def fused_kernel_only(cp, x, y, reduction="mean", grid=None):
+    """A closure relaunching gpuce's fused kernels (the prologue too, for "mean") with the
+    arguments of one ``softmax_cross_entropy(x, y, return_grad=True)`` call, prepared once:
+    no validation, no allocation, no label read-back."""
+    from . import _fused
+    from ._validation import acc_dtype
+
+    acc = acc_dtype(x.dtype)
+    grad = cp.empty_like(x)
+    total = cp.empty((), acc)
+    rows = cp.empty(x.shape[0], acc) if reduction == "none" else None
+    lbl = cp.ascontiguousarray(y)
+
+    def run():
+        return _fused.launch(x, lbl, None, None, acc=acc, eps=0.0, z=0.0, softcap=0.0, ignore_index=-100,
+                             reduction=reduction, loss_out=rows, lse_out=None, correct_out=None,
+                             grad_out=grad, total_out=None if rows is not None else total, stats_out=None,
+                             bad_out=None, grid=grid)
+
+    return run
+
+
+def byte_floor(n, c, itemsize, label_bytes, reduction="mean"):
+    """Bytes a fused forward+backward must move: the logits read, the gradient written, the
+    labels read, and the per-row loss written for reduction "none"."""
+    return 2 * n * c * itemsize + n * label_bytes + (4 * n if reduction == "none" else 0)
 
 
 def _peak_extra_mib(cp, fn):
@@ -206,7 +272,7 @@ def _peak_extra_mib(cp, fn):
 
 
 def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on_rows=None,
-              variants=False, rows=None):
+              variants=False, rows=None, softcap=None):
     """Measure every (N*C, dtype, C) point; ``on_rows(rows)`` is called after each point (the
     CLI upserts there, so a sweep cut short by a time limit keeps what it measured).
     ``variants``: also time every other fused variant that can run the shape (pinned through
@@ -215,11 +281,9 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
     target is stated at N = 2^24)."""
     import cupy as cp
 
-    from . import _sce_cupy
-
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    provs = _gpu_providers(cp)
+    provs = _gpu_providers(cp, softcap=softcap)
     if providers:
         provs = {k: v for k, v in provs.items() if k in providers}
     plan = [(t, c, d) for t in (totals if rows is None else [None]) for d in dtypes for c in classes]
@@ -227,24 +291,35 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
     rows = []
     for total, c, dtype in plan:
         n = max(1, total // c) if rows is None else int(rows)
-        x = cp.random.standard_normal((n, c), dtype=cp.float32).astype(dtype)
+        x = cp.random.standard_normal((n, c), dtype=cp.float32).astype(_np_dtype(dtype))
         y = cp.random.randint(0, c, n).astype(cp.int64)
         dst = cp.empty_like(x)
         res = {"copy": (_gpu_time(cp, lambda: cp.copyto(dst, x), repeat), 0.0, "")}
+        extra = {}
         for name, fn in provs.items():
             try:
-                t = _gpu_time(cp, lambda: fn(x, y), repeat)
+                t, cpu = _gpu_time(cp, lambda: fn(x, y), repeat, with_cpu=True)
                 peak = _peak_extra_mib(cp, lambda: fn(x, y))
-                note = _sce_cupy.last_variant.describe() if name == "gpuce-fused" else ""
+                note = ""
+                extra[name] = {"cpu_ms": f"{cpu:.4f}"}
+                if name == "gpuce-fused":
+                    from . import _fused
+
+                    note = _fused.choose(x, "label", y.dtype.name, None, x)[0].describe()
+                    k = _gpu_time(cp, fused_kernel_only(cp, x, y), repeat)
+                    extra[name]["kernel_ms"] = f"{k[1]:.4f}"
                 res[name] = (t, peak, note)
             except Exception as e:  # out of memory for a provider: record and go on
                 res[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:80]}")
             cp.get_default_memory_pool().free_all_blocks()
         if variants:
-            res.update(_variant_times(cp, x, y, repeat, provs["gpuce-fused"], res))
+            res.update(_variant_times(cp, x, y, repeat))
         nbytes = 2 * x.itemsize * n * c
-        point = [_row("softmax_cross_entropy" if name != "copy" else "copy", name, "full",
-                      np.dtype(dtype).name, n, c, gpu, t, nbytes, res["copy"][0], peak, note)
+        floor = byte_floor(n, c, x.itemsize, y.itemsize) / (nbytes / res["copy"][0][1])  # ms
+        op = "softmax_cross_entropy" if softcap is None else f"softmax_cross_entropy_softcap{softcap:g}"
+        point = [_row(op if name != "copy" else "copy", name, "full",
+                      np.dtype(dtype).name, n, c, gpu, t, nbytes, res["copy"][0], peak, note,
+                      floor_ms=floor, **extra.get(name, {}))
                  for name, (t, peak, note) in res.items()]
         rows += point
         if on_rows is not None:
@@ -262,27 +337,28 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
     return rows, gpu
 
 
-def _variant_times(cp, x, y, repeat, fused, res):
-    """Every candidate fused variant but the chooser's pick, pinned, on the same data."""
-    from . import _fused as F
-    from . import _sce_cupy
+def _variant_times(cp, x, y, repeat):
+    """Every candidate fused plan but the heuristic's pick, pinned, on the same data."""
+    from . import _fused, _sce_cupy
+    from ._validation import sce_args
 
-    n, c = x.shape
-    dt = x.dtype.name
-    chosen = _sce_cupy.last_variant
+    chosen, _, _ = _fused.choose(x, "label", y.dtype.name, None, x)
+    a = sce_args(x, y, reduction="mean", ignore_index=-100, weight=None, label_smoothing=0.0,
+                 z_loss=0.0, return_grad=True, inplace=False)
+    grad = cp.empty_like(x)
     out = {}
-    for v in F.candidates(dt, y.dtype.name, c, F.vec_for(dt, c, (x, c)), F.current_device(),
-                          F.tile_vec_for(dt, c, x, x)):
-        if v == chosen:
+    for p in _fused.candidates(x.dtype.name, "label", y.dtype.name, x.shape[1],
+                               _fused.vec_for(x.dtype.name, x.shape[1], (x, x.shape[1])),
+                               _fused.current_device(), _fused.tile_vec_for(x.dtype.name, x.shape[1], x)):
+        if p.variant == chosen.variant:
             continue
-        F.PIN = v
+        name = f"fused[{p.variant.describe()}]"
         try:
-            t = _gpu_time(cp, lambda: fused(x, y), repeat)
-            out[f"fused[{v.describe()}]"] = (t, None, v.describe())
+            t = _gpu_time(cp, lambda: _sce_cupy.softmax_cross_entropy(x, y, None, a, grad, "fused", p.variant),
+                          repeat)
+            out[name] = (t, None, p.describe())
         except Exception as e:
-            out[f"fused[{v.describe()}]"] = (None, None, f"failed: {type(e).__name__}: {str(e)[:80]}")
-        finally:
-            F.PIN = None
+            out[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:80]}")
         cp.get_default_memory_pool().free_all_blocks()
     return out
 
@@ -322,12 +398,14 @@ def cpu_sweep(classes, totals, dtypes, repeat, note=""):
     return rows, name
 
 
-def _row(op, provider, mode, dtype, n, c, gpu, t, nbytes, copy_t, peak, note):
-    r = dict(op=op, provider=provider, mode=mode, dtype=dtype, N=n, C=c, gpu_name=gpu, note=note)
+def _row(op, provider, mode, dtype, n, c, gpu, t, nbytes, copy_t, peak, note, floor_ms=None, **extra):
+    r = dict(op=op, provider=provider, mode=mode, dtype=dtype, N=n, C=c, gpu_name=gpu, note=note, **extra)
     if t is not None:
         r.update(p20_ms=f"{t[0]:.4f}", p50_ms=f"{t[1]:.4f}", p80_ms=f"{t[2]:.4f}",
                  gbps=f"{nbytes / (t[1] / 1e3) / 1e9:.1f}",
                  frac_of_copy=f"{copy_t[1] / t[1]:.3f}" if copy_t is not None else "")
+        if floor_ms is not None:
+            r.update(floor_ms=f"{floor_ms:.4f}", frac_of_floor=f"{floor_ms / t[1]:.3f}")
     if peak is not None:
         r["peak_extra_mib"] = f"{peak:.1f}"
     return r
@@ -424,13 +502,54 @@ def update_readme(readme: Path, text: str, section: str = "bench") -> bool:
     return True
 
 
+def fixed_marginal(rows, gpu_name: str, dtype="float32"):
+    """Fit t = a + b * (N*C) through the two largest sizes of each (provider, C): the fixed
+    part ``a`` (ms, host work and launch gaps a user pays per call) and the marginal part as
+    a fraction of the copy's marginal time.  Returns a list of dicts."""
+    sel = [r for r in rows if r["gpu_name"] == gpu_name and r["dtype"] == dtype and r.get("p50_ms")]
+    out = []
+    for prov in sorted({r["provider"] for r in sel}):
+        for c in sorted({int(r["C"]) for r in sel if r["provider"] == prov}):
+            pts = sorted((int(r["N"]) * c, float(r["p50_ms"])) for r in sel
+                         if r["provider"] == prov and int(r["C"]) == c)
+            cp_ = sorted((int(r["N"]) * c, float(r["p50_ms"])) for r in sel
+                         if r["provider"] == "copy" and int(r["C"]) == c)
+            if len(pts) < 2 or len(cp_) < 2:
+                continue
+            (s1, t1), (s2, t2) = pts[-2], pts[-1]
+            (_, c1), (_, c2) = cp_[-2], cp_[-1]
+            if s2 == s1:
+                continue
+            b = (t2 - t1) / (s2 - s1)
+            bc = (c2 - c1) / (s2 - s1)
+            out.append({"provider": prov, "C": c, "fixed_ms": t1 - b * s1,
+                        "marginal_frac_of_copy": bc / b if b > 0 else float("nan")})
+    return out
+
+
+def parse_count(text: str) -> int:
+    """A positive count written as ``1048576``, ``2**30``, ``2^30`` or ``1e6`` (no eval)."""
+    t = str(text).strip().replace("^", "**")
+    try:
+        if "**" in t:
+            base, exp = t.split("**", 1)
+            v = int(base) ** int(exp)
+        else:
+            v = int(float(t)) if any(ch in t for ch in ".eE") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count like 4096, 2**30 or 1e6, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}")
+    return v
+
+
 # ------------------------------------------------------------------------------ entry point
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="gpuce bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=int, nargs="+", default=list(CLASSES))
-    p.add_argument("--totals", type=lambda s: int(eval(s, {})), nargs="+", default=list(TOTALS),
+    p.add_argument("--totals", type=parse_count, nargs="+", default=list(TOTALS),
                    help="N*C values, e.g. 2**28 2**30")
     p.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
     p.add_argument("--providers", nargs="+", default=None)
@@ -442,10 +561,13 @@ def main(argv=None) -> int:
                    help="record the rows of a CSV measured elsewhere (e.g. on a lent GPU) instead "
                         "of measuring; redraws the plot and, with --readme, the table")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--rows", type=lambda s: int(eval(s, {})), default=None,
+    p.add_argument("--rows", type=parse_count, default=None,
                    help="a fixed N for every C (e.g. 2**24) instead of N = total // C")
     p.add_argument("--variants", action="store_true",
                    help="also time every other fused variant that can run each shape")
+    p.add_argument("--softcap", type=float, default=None,
+                   help="cap the logits at S tanh(f / S) in every provider (Gemma: 30); rows get op "
+                        "softmax_cross_entropy_softcapS")
     a = p.parse_args(argv)
     results = a.results_dir or default_results_dir()
     if a.merge:
@@ -462,11 +584,18 @@ def main(argv=None) -> int:
         csv_path = results / "gpu_sce.csv"
         rows, name = gpu_sweep(a.classes, a.totals, a.dtypes, a.repeat, a.providers,
                                progress=not a.no_progress, on_rows=lambda r: upsert(csv_path, r),
-                               variants=a.variants, rows=a.rows)
+                               variants=a.variants, rows=a.rows, softcap=a.softcap)
     upsert(csv_path, rows)
     all_rows = read_rows(csv_path)
     txt = table(all_rows, name, a.dtypes[0])
     print(txt)
+    for d in a.dtypes:
+        split = fixed_marginal(all_rows, name, d)
+        if split:
+            print(f"\nfixed / marginal split ({d}, two largest N*C):")
+            for r in split:
+                print(f"  {r['provider']:>16} C={r['C']:>7}: fixed {r['fixed_ms']:.3f} ms, "
+                      f"marginal {r['marginal_frac_of_copy']:.2f} of the copy")
     try:
         png = plot(all_rows, csv_path.with_suffix(".png"), name, a.dtypes[0])
         if png:
