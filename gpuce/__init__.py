@@ -9,6 +9,8 @@ from .sce import softmax_cross_entropy
 from .linear import LinearGrads, linear_cross_entropy
 from .softmax import log_softmax, logsumexp, softmax
 from ._validation import SceStats
+from ._impl import use_impl
+from ._explain import explain
 
 __version__ = "0.1.0"
 
@@ -33,5 +35,7 @@ __all__ = [
     "linear_cross_entropy",
     "LinearGrads",
     "SceStats",
+    "use_impl",
+    "explain",
     "SoftmaxClassifier",
 ]

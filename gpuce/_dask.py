@@ -26,6 +26,8 @@ import numpy as np
 
 from . import _validation as V
 from ._backend import array_module, is_dask_array
+from ._impl import auto_impl, use_impl
+from ._rows import mean_denominator, sum_squares
 
 
 def _da():
@@ -186,8 +188,6 @@ def _check_block_labels(t, row0, a):
 
 
 def _block_denominator(t, w, a):
-    from .linear import mean_denominator
-
     return mean_denominator(array_module(t, w), t, w, a) if a.reduction == "mean" else 0.0
 
 
@@ -316,16 +316,16 @@ def _outputs(loss, grad, stats, a):
 
 # -- softmax_cross_entropy ---------------------------------------------------------------------
 
-def _sce_part(x, t, w, a, row0, opts):
-    from .sce import softmax_cross_entropy
-
+def _sce_part(run, x, t, w, a, row0, opts):
+    """One row block: ``run`` is the in-memory softmax_cross_entropy (gpuce.sce passes it, so
+    this module never imports gpuce.sce)."""
     if a.check_labels:
         _check_block_labels(t, row0, a)
     red = "none" if a.reduction == "none" else "sum"
     if a.return_grad and _acc_partials(x.dtype):
         x = x.astype(a.acc)  # exact; the gradient is rounded to x's dtype once, in _scaled
-    out = softmax_cross_entropy(x, t, weight=w, reduction=red, return_grad=a.return_grad,
-                                return_stats=a.return_stats, **opts)
+    out = run(x, t, weight=w, reduction=red, return_grad=a.return_grad,
+              return_stats=a.return_stats, **opts)
     loss, g, st = _split_out(out, a)
     return {"loss": loss if red == "none" else loss.astype(np.float64),
             "denom": _block_denominator(t, w, a), "grad": g, **_stats_part(t, st, a)}
@@ -338,7 +338,7 @@ def _sce_finish(total, a):
             **_stats_finish(total, a, scale)}
 
 
-def softmax_cross_entropy(logits, target, *, reduction, ignore_index, weight, label_smoothing,
+def softmax_cross_entropy(run, logits, target, *, reduction, ignore_index, weight, label_smoothing,
                           z_loss, return_grad, inplace, impl, softcap=None, return_stats=False,
                           check_labels=True):
     if inplace:
@@ -357,7 +357,7 @@ def softmax_cross_entropy(logits, target, *, reduction, ignore_index, weight, la
                 impl=impl, softcap=softcap, check_labels=check_labels)
     wd = _constant(weight, "weight")
     xs, ts = logits.to_delayed().ravel(), target.to_delayed().ravel()
-    parts = [_call(_sce_part, "sce-part", x, t, wd, a, r0, opts)
+    parts = [_call(_sce_part, "sce-part", run, x, t, wd, a, r0, opts)
              for x, t, r0 in zip(xs, ts, _row_starts(logits))]
     lead_shapes = [(n,) + tuple(a.lead_shape[1:]) for n in logits.chunks[0]]
     grad_shapes = [s + (a.c,) for s in lead_shapes]
@@ -377,14 +377,15 @@ def softmax_cross_entropy(logits, target, *, reduction, ignore_index, weight, la
 
 # -- linear_cross_entropy ----------------------------------------------------------------------
 
-def _linear_part(X, y, W, b, w, a, row0, opts):
-    from .linear import linear_cross_entropy
-
+def _linear_part(run, X, y, W, b, w, a, row0, opts):
+    """One row block: ``run`` is the in-memory linear_cross_entropy (gpuce.linear passes it)."""
     if a.check_labels:
         _check_block_labels(y, row0, a)
     red = "none" if a.reduction == "none" else "sum"
-    out = linear_cross_entropy(X, W, y, bias=b, weight=w, reduction=red, return_grad=a.return_grad,
-                               _acc_grads=True, return_stats=a.return_stats, **opts)
+    opts = dict(opts)
+    with use_impl(opts.pop("impl")):  # the choice in force when the graph was built
+        out = run(X, W, y, bias=b, weight=w, reduction=red, return_grad=a.return_grad,
+                  _acc_grads=True, return_stats=a.return_stats, **opts)
     loss, g, st = _split_out(out, a)
     return {"loss": loss if red == "none" else loss.astype(np.float64),
             "denom": _block_denominator(y, w, a),
@@ -393,8 +394,6 @@ def _linear_part(X, y, W, b, w, a, row0, opts):
 
 
 def _linear_finish(total, W, a, reg):
-    from .linear import sum_squares
-
     xp = array_module(W)
     scale = _scale_of(total, a.reduction)
     out = {"scale": scale}
@@ -413,18 +412,16 @@ def _linear_finish(total, W, a, reg):
     return out
 
 
-def linear_cross_entropy(X, W, y, *, bias, reg, reduction, ignore_index, weight, label_smoothing,
+def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, weight, label_smoothing,
                          z_loss, return_grad, input_grad, check_finite, chunk_size, softcap=None,
                          return_stats=False, check_labels=True):
-    from .linear import LinearGrads, linear_args
-
     da = _da()
     W, bias, weight = (v.compute() if is_dask_array(v) else v for v in (W, bias, weight))
     X = _as_dask(X)
     _rows_only(X, "X", what="feature")
     y = _align_rows(y, X, "y")
     array_module(X._meta, y._meta, W, bias, weight)  # raises for NumPy mixed with CuPy
-    reg, chunk_size, a = linear_args(  # check_finite runs in each block's task
+    reg, chunk_size, a = V.linear_args(  # check_finite runs in each block's task
         None, X, W, y, bias=bias, reg=reg, weight=weight, chunk_size=chunk_size,
         check_finite=False, reduction=reduction, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
@@ -434,9 +431,9 @@ def linear_cross_entropy(X, W, y, *, bias, reg, reduction, ignore_index, weight,
     c = W.shape[0]
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                 input_grad=input_grad, check_finite=check_finite, chunk_size=chunk_size,
-                softcap=softcap, check_labels=check_labels)
+                softcap=softcap, check_labels=check_labels, impl=auto_impl())
     Wd, bd, wd = _constant(W, "W"), _constant(bias, "bias"), _constant(weight, "weight")
-    parts = [_call(_linear_part, "linear-part", xb, yb, Wd, bd, wd, a, r0, opts)
+    parts = [_call(_linear_part, "linear-part", run, xb, yb, Wd, bd, wd, a, r0, opts)
              for xb, yb, r0 in zip(X.to_delayed().ravel(), y.to_delayed().ravel(), _row_starts(X))]
     keep = ("denom",)
     if a.reduction != "none":
@@ -457,4 +454,4 @@ def linear_cross_entropy(X, W, y, *, bias, reg, reduction, ignore_index, weight,
           if bias is not None else None)
     dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X, scale=fin["scale"])
           if input_grad else None)
-    return _outputs(loss, LinearGrads(dX, dW, db), stats, a)
+    return _outputs(loss, V.LinearGrads(dX, dW, db), stats, a)

@@ -1,4 +1,4 @@
-"""``gpuce demo``: train the seed's linear softmax classifier on the digits data set.
+"""``gpuce demo``: train the linear softmax classifier (L = Σ L_i + λ/2 ‖W‖²) on the digits data set.
 
 Runs on the GPU when CuPy sees one, else on NumPy; prints backend and device, the
 objective, train/test accuracy, fit time and a finite-difference check of dW at the

@@ -319,3 +319,74 @@ def check_inplace_aliasing(xp, logits, target, weight, a: SceArgs):
         if shares_memory(xp, logits, arr):
             raise ValueError(f"inplace=True needs a {name} that does not share memory with the "
                              f"logits (the gradient overwrites them); pass a copy of the {name}")
+
+
+# -- the linear model (gpuce.linear and its dask form) -------------------------------------------
+
+class LinearGrads(NamedTuple):
+    """Gradients of the returned loss: ``X`` (N, D) or None, ``W`` (C, D), ``bias`` (C,) or None."""
+
+    X: object
+    W: object
+    bias: object
+
+
+class ShapeOnly:
+    """Shape and dtype of an array not yet allocated: the (N, C) logits of the linear model,
+    which are never formed whole, described to :func:`sce_args`."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+
+def check_chunk_size(chunk_size):
+    """None (automatic) or a positive int."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"chunk_size must be a positive integer or None, got {type(chunk_size).__name__}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return int(chunk_size)
+
+
+def linear_args(xp, X, W, y, *, bias, reg, weight, chunk_size, check_finite, **sce_opts):
+    """Every up-front check of linear_cross_entropy (in-memory or dask): returns
+    ``(reg, chunk_size, a)`` with ``a`` the SceArgs of the whole N x C problem."""
+    reg = check_linear_args(xp, X, W, y, bias, reg, check_finite)
+    chunk_size = check_chunk_size(chunk_size)
+    a = sce_args(ShapeOnly((X.shape[0], W.shape[0]), X.dtype), y, weight=weight, inplace=False,
+                   **sce_opts)
+    return reg, chunk_size, a
+
+
+def check_linear_args(xp, X, W, y, bias, reg, check_finite=True):
+    """Validation for the linear model (shapes, dtypes, finiteness) before any work."""
+    for a, name in ((X, "X"), (W, "W")):
+        check_float(a, name)
+        if a.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    if X.dtype != W.dtype:
+        raise TypeError(f"X and W must have the same dtype, got {X.dtype} and {W.dtype}")
+    n, d = X.shape
+    c, dw = W.shape
+    if y.ndim not in (1, 2):
+        raise ValueError(f"y must be (N,) integer labels or (N, C) probabilities, got shape {y.shape}")
+    if d != dw:
+        raise ValueError(f"X has {d} features but W has {dw} (W must be (C, D) = (classes, features))")
+    if y.shape[0] != n:
+        raise ValueError(f"y has {y.shape[0]} rows but X has {n}")
+    if y.ndim == 2 and y.shape[1] != c:
+        raise ValueError(f"probability targets y must have shape ({n}, {c}), got {y.shape}")
+    if bias is not None:
+        check_float(bias, "bias")
+        if bias.shape != (c,):
+            raise ValueError(f"bias must have shape ({c},), got {bias.shape}")
+    reg = _real(reg, "reg")
+    if not (np.isfinite(reg) and reg >= 0):
+        raise ValueError(f"reg must be a finite number >= 0, got {reg}")
+    if check_finite:
+        for a, name in ((X, "X"), (W, "W"), (bias, "bias")):
+            if a is not None and a.size and not bool(xp.isfinite(a).all()):
+                raise ValueError(f"{name} contains NaN or infinity")
+    return reg

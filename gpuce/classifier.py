@@ -1,4 +1,4 @@
-"""SoftmaxClassifier: the seed's linear softmax classifier as a scikit-learn estimator.
+"""SoftmaxClassifier: the linear softmax classifier as a scikit-learn estimator.
 
 Objective (intercept unpenalised)::
 

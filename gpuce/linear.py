@@ -1,4 +1,4 @@
-"""The seed's linear softmax classifier: scores f = X Wᵀ + b, total loss and its gradients.
+"""The linear softmax classifier: scores f = X Wᵀ + b, total loss and its gradients.
 
 ``linear_cross_entropy`` never holds the whole N x C logits matrix: it walks the rows in
 chunks (``chunk_size`` rows, chosen from the free memory unless given), and per chunk
@@ -14,18 +14,14 @@ peak extra memory is chunk x C + N x D + C x D.  On the GPU the products go thro
 (float16 and bfloat16: 16-bit storage, float32 compute) and ‖W‖² is one ReductionKernel.
 
 bfloat16 dW accumulates in a float32 C x D array, rounded to bfloat16 once at the end
-(DW_ACCUMULATE).  Rounding dW to bfloat16 after every chunk's GEMM adds one rounding of
-relative size up to 2⁻⁹ per chunk, and those add up: measured on the CPU (bfloat16 X, W and
-G, every chunk product exact in float32, against the float64 sum of the same products),
-the relative Frobenius error of dW was 7.9e-3 with 43 chunks, 1.4e-2 with 128 and 3.5e-2
-with 512 (N = 8192..16384, C = 256..512), against 1.7e-3 for float32 accumulation, which
-is the error of rounding the exact dW to bfloat16 once.  The price is C x D float32 (twice
+(DW_ACCUMULATE).  Rounding dW to bfloat16 after every chunk's GEMM would add one rounding of
+relative size up to 2⁻⁹ per chunk, and those add up with the chunk count, where float32
+accumulation keeps the error of rounding the exact dW to bfloat16 once (the measurement:
+docs/semantics.md, "Large vocabularies").  The price is C x D float32 (twice
 bfloat16 dW) of extra memory.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import numpy as np
 
@@ -34,6 +30,8 @@ from dataclasses import replace
 from . import _validation as V
 from ._backend import array_module, asarray, is_dask_array
 from ._blas import gemm
+from ._rows import check_labels, mean_denominator, sum_squares
+from ._validation import LinearGrads, linear_args
 from .sce import BlockStats, results, run_rows
 
 # Automatic chunk size: the chunk's logits buffer is kept to AUTO_CHUNK_FRACTION of the
@@ -47,32 +45,6 @@ ROW_OVERHEAD_BYTES = 64  # per-row scalars of the kernels' prologue (weights, lo
 # dtype in which dW accumulates across chunks, by input dtype (others: the input's own).
 # bfloat16 in float32: see the module docstring for the measured errors.
 DW_ACCUMULATE = {"bfloat16": np.dtype(np.float32)}
-
-
-class LinearGrads(NamedTuple):
-    """Gradients of the returned loss: ``X`` (N, D) or None, ``W`` (C, D), ``bias`` (C,) or None."""
-
-    X: object
-    W: object
-    bias: object
-
-
-class _Meta:
-    """Shape and dtype of an array not yet allocated (for the up-front argument checks)."""
-
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
-
-
-def check_chunk_size(chunk_size):
-    """None (automatic) or a positive int."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"chunk_size must be a positive integer or None, got {type(chunk_size).__name__}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    return int(chunk_size)
 
 
 def free_device_bytes(cp) -> int:
@@ -90,63 +62,6 @@ def auto_chunk_size(xp, n, c, itemsize, grads_bytes) -> int:
     return int(max(1, min(n, target // row)))
 
 
-def linear_args(xp, X, W, y, *, bias, reg, weight, chunk_size, check_finite, **sce_opts):
-    """Every up-front check of linear_cross_entropy (in-memory or dask): returns
-    ``(reg, chunk_size, a)`` with ``a`` the SceArgs of the whole N x C problem."""
-    reg = check_linear_args(xp, X, W, y, bias, reg, check_finite)
-    chunk_size = check_chunk_size(chunk_size)
-    a = V.sce_args(_Meta((X.shape[0], W.shape[0]), X.dtype), y, weight=weight, inplace=False,
-                   **sce_opts)
-    return reg, chunk_size, a
-
-
-def check_linear_args(xp, X, W, y, bias, reg, check_finite=True):
-    """Validation for the linear model (shapes, dtypes, finiteness) before any work."""
-    for a, name in ((X, "X"), (W, "W")):
-        V.check_float(a, name)
-        if a.ndim != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
-    if X.dtype != W.dtype:
-        raise TypeError(f"X and W must have the same dtype, got {X.dtype} and {W.dtype}")
-    n, d = X.shape
-    c, dw = W.shape
-    if y.ndim not in (1, 2):
-        raise ValueError(f"y must be (N,) integer labels or (N, C) probabilities, got shape {y.shape}")
-    if d != dw:
-        raise ValueError(f"X has {d} features but W has {dw} (W must be (C, D) = (classes, features))")
-    if y.shape[0] != n:
-        raise ValueError(f"y has {y.shape[0]} rows but X has {n}")
-    if y.ndim == 2 and y.shape[1] != c:
-        raise ValueError(f"probability targets y must have shape ({n}, {c}), got {y.shape}")
-    if bias is not None:
-        V.check_float(bias, "bias")
-        if bias.shape != (c,):
-            raise ValueError(f"bias must have shape ({c},), got {bias.shape}")
-    reg = V._real(reg, "reg")
-    if not (np.isfinite(reg) and reg >= 0):
-        raise ValueError(f"reg must be a finite number >= 0, got {reg}")
-    if check_finite:
-        for a, name in ((X, "X"), (W, "W"), (bias, "bias")):
-            if a is not None and a.size and not bool(xp.isfinite(a).all()):
-                raise ValueError(f"{name} contains NaN or infinity")
-    return reg
-
-
-def sum_squares(xp, W):
-    """Σ W² of a 2-D W in the accumulation dtype.  On the GPU a ReductionKernel over each
-    row, then CuPy's sum of the C partials: a ReductionKernel over all elements (axis=None)
-    runs on a single block in CuPy, about 0.75 ns an element measured on an H200."""
-    acc = V.acc_dtype(W.dtype)
-    if xp is np:
-        w = W.astype(acc, copy=False).ravel()
-        return acc.type(np.dot(w, w))
-    from ._cupy_kernels import get_kernel
-
-    rows = xp.empty(W.shape[0], acc)
-    get_kernel("gpuce_sumsq", T=W.dtype.name, A=acc.name)(W, rows, axis=1)
-    return rows.sum(dtype=acc)
-
-
 def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignore_index=-100,
                          weight=None, label_smoothing=0.0, z_loss=0.0, return_grad=False,
                          input_grad=True, check_finite=True, chunk_size=None,
@@ -154,7 +69,7 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
                          check_labels=True, _acc_grads=False):
     r"""Loss of the linear softmax classifier f = X Wᵀ (+ bias) with L2 penalty on W.
 
-    ``reduction="sum"`` with ``reg=λ`` is the seed's total loss::
+    ``reduction="sum"`` with ``reg=λ`` is the classifier's total loss::
 
         L_total = Σ_i L_i + λ/2 ‖W‖²,      ∂L_total/∂W = (Ŷ − Y)ᵀ X + λ W
 
@@ -221,7 +136,8 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         if grad_row_scale is not None:
             raise ValueError("grad_row_scale is not supported for dask arrays")
 
-        return dask_linear(X, W, y, bias=bias, reg=reg, reduction=reduction,
+        # each row block runs through this function with in-memory arrays
+        return dask_linear(linear_cross_entropy, X, W, y, bias=bias, reg=reg, reduction=reduction,
                            ignore_index=ignore_index, weight=weight, label_smoothing=label_smoothing,
                            z_loss=z_loss, return_grad=return_grad, input_grad=input_grad,
                            check_finite=check_finite, chunk_size=chunk_size, softcap=softcap,
@@ -314,37 +230,8 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
     return results(xp, a, loss, grads, st)
 
 
-def check_labels(xp, y, a):
-    """Raise for the first label outside [0, C) other than ignore_index (one sync on CuPy)."""
-    if xp is np:
-        from ._sce_numpy import check_labels as check
-
-        return check(y.astype(np.int64, copy=False), a)
-    from ._sce_cupy import check_labels as check
-
-    return check(xp, y, a)
-
-
 # linear_cross_entropy's check_labels argument shadows the function inside it
 check_label_range = check_labels
-
-
-def mean_denominator(xp, y, weight, a) -> float:
-    """The "mean" reduction's denominator over the rows of ``y`` (all rows, or one dask
-    block's), as softmax_cross_entropy: the weight sum of the non-ignored labels, or the row
-    count for probability targets.  One sync on CuPy."""
-    if a.kind != "label":
-        return float(np.prod(y.shape[:-1], dtype=np.int64))
-    y = y.ravel()
-    if y.dtype.kind == "u":  # compared with a negative ignore_index as int64 (checked to fit)
-        y = y.astype(np.int64)
-    # rows with a label outside [0, C) (check_labels=False: NaN rows) count as ignored here
-    active = (y != a.ignore_index) & (y >= 0) & (y < a.c)
-    if weight is None:
-        wk = active.astype(a.acc)
-    else:
-        wk = xp.where(active, weight[xp.where(active, y, 0)], 0).astype(a.acc)
-    return float(wk.sum(dtype=np.float64))
 
 
 def column_sums(xp, G, acc):

@@ -13,11 +13,9 @@ import numpy as np
 from . import _validation as V
 from ._backend import array_module, asarray, is_dask_array
 from ._blocks import row_blocks, rows_viewable
+from ._impl import check_impl, resolve_impl
+from ._rows import check_labels, mean_denominator
 
-IMPLS = ("auto", "fused", "portable")
-# impl="auto" on CuPy arrays: the fused single-read kernels (gpuce._fused), which pass the GPU
-# suite (bench/gpu_check.sh) on an H200; "portable" stays available as the reference path.
-AUTO_IMPL = "fused"
 # Logits without an (N, C) view are walked in blocks of about this many elements (one block
 # at most is copied): chunk-sized on the CPU, large enough on the GPU to keep launches full.
 WALK_BLOCK_ELEMENTS_NUMPY = 1 << 20
@@ -47,7 +45,7 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
       ``mean`` divides by the number of rows N (as torch).
 
     The gradient is ``dL_i/df_ij = q_ij G_i - coef_ij - (1-eps) w_{k_i} [j = k_i]`` with
-    ``G_i = sum_c coef_ic + (1-eps) w_{k_i} + 2 z lse_i`` (the seed's ``ŷ - y`` for
+    ``G_i = sum_c coef_ic + (1-eps) w_{k_i} + 2 z lse_i`` (the textbook ``ŷ - y`` for
     eps = z = 0, unit weights), times the reduction's scale.
 
     With ``softcap=s`` every formula above reads the capped logits ``g_ij = s tanh(f_ij / s)``
@@ -89,7 +87,8 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         caller's arrays are never written.  Not for dask arrays.  The target and the
         weight must not share memory with the logits (ValueError).
     impl : {"auto", "fused", "portable"}
-        GPU implementation: "fused" is the single-read RawKernel family
+        GPU implementation ("auto": "fused", or what :func:`gpuce.use_impl` chose for the
+        calls in its ``with`` block): "fused" is the single-read RawKernel family
         (kernels/gpuce_sce_fused.cu), "portable" the ElementwiseKernel /
         ReductionKernel path (two reads of the logits).  NumPy inputs always take the
         NumPy path.
@@ -151,14 +150,15 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     --------
     torch.nn.functional.cross_entropy
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    check_impl(impl)
     if is_dask_array(logits) or is_dask_array(target):
         from ._dask import softmax_cross_entropy as dask_sce
 
-        return dask_sce(logits, target, reduction=reduction, ignore_index=ignore_index,
+        # each row block runs through this function with in-memory arrays
+        return dask_sce(softmax_cross_entropy, logits, target, reduction=reduction, ignore_index=ignore_index,
                         weight=weight, label_smoothing=label_smoothing, z_loss=z_loss,
-                        return_grad=return_grad, inplace=inplace, impl=impl, softcap=softcap,
+                        return_grad=return_grad, inplace=inplace, impl=resolve_impl(impl),
+                        softcap=softcap,
                         return_stats=return_stats, check_labels=check_labels)
     xp = array_module(logits, target, weight)
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
@@ -270,26 +270,19 @@ class BlockStats:
         return V.SceStats((self.z * scale).astype(a.acc), accuracy, self.lse)
 
 
-def run_rows(xp, x2, target, weight, a: V.SceArgs, grad_out, impl="auto"):
+def run_rows(xp, x2, target, weight, a: V.SceArgs, grad_out, impl="auto", variant=None):
     """The backend's work on validated (N, C) logits: a :class:`gpuce._validation.SceRows`
     ``(rows, total, stats)``, the gradient written into ``grad_out`` when given (it may be
     ``x2`` itself).  ``total`` is None for reduction "none"; ``rows`` may be None for "sum"
-    and "mean" (use ``total``).  Used by softmax_cross_entropy, the block walk and the
-    chunked linear model."""
+    and "mean" (use ``total``).  ``variant`` pins a fused kernel variant (CuPy; tests and the
+    benchmark).  Used by softmax_cross_entropy, the block walk and the chunked linear model."""
     if xp is np:
         from ._sce_numpy import softmax_cross_entropy as run
 
         return run(x2, target, weight, a, grad_out)
     from ._sce_cupy import softmax_cross_entropy as run
 
-    out = run(x2, target, weight, a, grad_out, impl=AUTO_IMPL if impl == "auto" else impl)
-    if isinstance(out, V.SceRows):
-        return out
-    # a backend that still returns (rows, total): it knows no softcap and no statistics
-    if a.softcap or a.return_stats:
-        raise NotImplementedError("softcap and return_stats are not available on this CuPy "
-                                  "backend yet")
-    return V.SceRows(out[0], out[1], None)
+    return run(x2, target, weight, a, grad_out, impl=resolve_impl(impl), variant=variant)
 
 
 def walk_blocks(xp, logits, target, weight, a: V.SceArgs, impl="auto"):
@@ -303,8 +296,6 @@ def walk_blocks(xp, logits, target, weight, a: V.SceArgs, impl="auto"):
     "mean".  Extra memory: one block's copy of the logits (and target) when the block itself
     has no (rows, C) view, plus the backend's own chunk buffers.
     """
-    from .linear import check_labels, mean_denominator
-
     c = a.c
     if a.kind == "label" and a.check_labels:
         check_labels(xp, target, a)  # over all rows first: errors name the caller's position

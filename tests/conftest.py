@@ -1,6 +1,6 @@
-"""Shared fixtures: the backend (NumPy always, CuPy only with a GPU) and helpers."""
+"""Shared fixtures: the backend (NumPy always, CuPy only with a GPU).  Helpers that test modules
+import (tolerances, to_numpy) live in tests/helpers.py."""
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -20,41 +20,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=["numpy", pytest.param("cupy-portable", marks=pytest.mark.gpu),
                         pytest.param("cupy-fused", marks=pytest.mark.gpu)])
-def xp(request, monkeypatch):
+def xp(request):
     """The array module of a test.  On the GPU every test runs twice: with the portable
     ElementwiseKernel/ReductionKernel path and with the fused RawKernels (impl="auto"
-    is pointed at each in turn)."""
+    is pointed at each in turn by gpuce.use_impl)."""
     if request.param == "numpy":
-        return np
+        yield np
+        return
     import cupy
 
-    import gpuce.sce
+    import gpuce
 
-    monkeypatch.setattr(gpuce.sce, "AUTO_IMPL", request.param.split("-")[1])
-    return cupy
-
-
-def to_numpy(a):
-    """Host copy of a NumPy or CuPy array (or scalar)."""
-    if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
-        return a.get()
-    return np.asarray(a)
-
-
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-
-# dtype-keyed tolerances (relative, absolute) against the float64 reference
-TOL = {
-    np.dtype(np.float64): (1e-10, 1e-12),
-    np.dtype(np.float32): (2e-5, 1e-6),
-    np.dtype(np.float16): (2e-3, 2e-3),
-    # bfloat16 outputs (gradients, softmax, log_softmax, logsumexp): each element is computed
-    # in float32 (relative error ~1e-6) and rounded once to nearest even into 8 significant
-    # bits (7 stored + the implicit one), a relative error of at most 2^-9 ~ 1.95e-3; rtol
-    # 2^-8 (one ulp) leaves twice that.  atol covers the float32 cancellation in q G - t
-    # near zero (~1e-7 of the row's largest term), times the gradient's scale in check().
-    BFLOAT16: (2.0**-8, 1e-6),
-}
-# The loss of bfloat16 logits is never rounded to bfloat16: it is accumulated and returned in
-# float32 from inputs that float32 holds exactly, so it meets float32's tolerance.
-LOSS_TOL = {**TOL, BFLOAT16: TOL[np.dtype(np.float32)]}
+    with gpuce.use_impl(request.param.split("-")[1]):
+        yield cupy

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpuce
-from conftest import to_numpy
+from helpers import to_numpy
 
 
 def sce(xp, x, t, **kw):
@@ -137,7 +137,7 @@ def test_information_shape_mismatch(xp):
         gpuce.kl_div(xp.ones((2, 3)), xp.ones((2, 4)))
 
 
-# ---- issue 12 §3: uint64 labels, class weights, aliasing with inplace=True ---------------
+# ---- uint64 labels, class weights, aliasing with inplace=True ---------------
 
 @pytest.mark.parametrize("big", [2**63, 2**64 - 1])
 def test_uint64_label_above_int64_quotes_callers_value(xp, big):

@@ -18,7 +18,7 @@ from hypothesis.extra import numpy as hnp
 
 import gpuce
 import reference as R
-from conftest import BFLOAT16, LOSS_TOL, TOL, to_numpy
+from helpers import BFLOAT16, LOSS_TOL, TOL, to_numpy
 from gpuce import _blas
 
 BF = BFLOAT16

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpuce
-from conftest import to_numpy
+from helpers import to_numpy
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402

@@ -436,7 +436,7 @@ def test_works_without_sklearn():
 # -- the same rules on every backend (CuPy inputs take gpuce's own checks) ----------------
 
 def test_validation_on_backend(xp):
-    from conftest import to_numpy
+    from helpers import to_numpy
 
     X, y = blobs("backend validation", c=2)
     Xb, yb = xp.asarray(X), xp.asarray(y)

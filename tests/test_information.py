@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import gpuce
-from conftest import to_numpy
+from helpers import to_numpy
 
 
 def ref_rows(fn, p, q=None):

@@ -8,7 +8,7 @@ import pytest
 
 import gpuce
 import reference as R
-from conftest import to_numpy
+from helpers import to_numpy
 
 
 def ref_linear(X, W, y, bias, reg, kind, **kw):
@@ -68,7 +68,7 @@ def test_float32(xp):
 
 
 def test_seed_total_loss_and_gradient():
-    """reduction='sum' is the seed's L_total = Σ L_i + λ/2 ‖W‖², dW = (Ŷ − Y)ᵀX + λW."""
+    """reduction='sum' is the total loss L_total = Σ L_i + λ/2 ‖W‖², dW = (Ŷ − Y)ᵀX + λW."""
     rng = np.random.default_rng(2)
     X, W, y = data(rng, 12, 4, 3, "label", np.float64)
     y = np.abs(y) % 3

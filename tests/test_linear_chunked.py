@@ -11,7 +11,7 @@ import pytest
 import gpuce
 import gpuce.linear as L
 from gpuce import _blas
-from conftest import to_numpy
+from helpers import to_numpy
 from test_linear import data, ref_linear
 
 OPTIONS = list(itertools.product(["label", "prob"], ["mean", "sum", "none"], [False, True],

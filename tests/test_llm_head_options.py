@@ -12,7 +12,7 @@ import pytest
 
 import gpuce
 import reference as R
-from conftest import TOL, to_numpy
+from helpers import TOL, to_numpy
 
 
 def rng_for(*key):

@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 import gpuce
 import reference as R
-from conftest import TOL, to_numpy
+from helpers import TOL, to_numpy
 
 
 def make_inputs(rng, shape, kind, dtype, ignore_frac=0.2, ignore_index=-100):

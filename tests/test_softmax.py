@@ -6,7 +6,7 @@ import scipy.special as sp
 
 import gpuce
 import reference as R
-from conftest import TOL, to_numpy
+from helpers import TOL, to_numpy
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 import gpuce.torch as gt  # noqa: E402
-from conftest import BFLOAT16, TOL  # noqa: E402
+from helpers import BFLOAT16, TOL  # noqa: E402
 
 BF = torch.bfloat16
 # the gradient and the (bfloat16) loss are rounded once from float32: TOL[bfloat16]'s one ulp

@@ -1,4 +1,4 @@
-"""Inputs with no (N, C) view are walked in row blocks, never copied whole (issue 12 §3):
+"""Inputs with no (N, C) view are walked in row blocks, never copied whole:
 softmax_cross_entropy on e.g. (T, B, C).transpose(1, 0, 2), and the NumPy softmax family."""
 
 import importlib
@@ -13,7 +13,7 @@ import pytest
 import gpuce
 import gpuce.sce as S
 from gpuce._blocks import row_blocks, rows_viewable
-from conftest import TOL, to_numpy
+from helpers import TOL, to_numpy
 from test_sce import ref_for
 
 SM = importlib.import_module("gpuce.softmax")  # the module (gpuce.softmax is the function)

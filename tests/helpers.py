@@ -1,0 +1,30 @@
+"""Helpers the test modules share: host copies and dtype-keyed tolerances."""
+
+import ml_dtypes
+import numpy as np
+
+
+def to_numpy(a):
+    """Host copy of a NumPy or CuPy array (or scalar)."""
+    if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
+
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+# dtype-keyed tolerances (relative, absolute) against the float64 reference
+TOL = {
+    np.dtype(np.float64): (1e-10, 1e-12),
+    np.dtype(np.float32): (2e-5, 1e-6),
+    np.dtype(np.float16): (2e-3, 2e-3),
+    # bfloat16 outputs (gradients, softmax, log_softmax, logsumexp): each element is computed
+    # in float32 (relative error ~1e-6) and rounded once to nearest even into 8 significant
+    # bits (7 stored + the implicit one), a relative error of at most 2^-9 ~ 1.95e-3; rtol
+    # 2^-8 (one ulp) leaves twice that.  atol covers the float32 cancellation in q G - t
+    # near zero (~1e-7 of the row's largest term), times the gradient's scale in check().
+    BFLOAT16: (2.0**-8, 1e-6),
+}
+# The loss of bfloat16 logits is never rounded to bfloat16: it is accumulated and returned in
+# float32 from inputs that float32 holds exactly, so it meets float32's tolerance.
+LOSS_TOL = {**TOL, BFLOAT16: TOL[np.dtype(np.float32)]}
