@@ -52,8 +52,9 @@ BLOCK_PACKS = 8  # a block team aims at this many packs a thread
 CLUSTERS = (2, 4, 8)
 PART_BYTES = 32 * 1024  # a block's share of a row it aims at (cluster size from it)
 STAGES = (3, 2)  # ring depths tried, deepest first
+REG_PACKS = 16  # the register-stage cluster kernel: 16-byte packs a thread kept in registers
 RING_BUDGET = 96 * 1024  # a ring deeper than 2 stages only within this much shared memory
-STATIC_SMEM = 2048  # bound on the kernels' own __shared__ scratch
+STATIC_SMEM = 4096  # bound on the kernels' own __shared__ scratch (checked by the compile test)
 WS_PARTIALS = 8  # GPUCE_WS_PARTIALS
 WS_WORDS = 5  # GPUCE_NWORDS
 MAX_BLOCKS_PER_SM = 32
@@ -72,6 +73,7 @@ class Variant:
     vec: int
     group: int = 0  # warp: lanes a row
     cluster: int = 0  # cluster: blocks a row
+    regs: int = 0  # cluster: packs a thread held in registers (a register stage; 0: none)
 
     @property
     def min_arch(self) -> int:
@@ -85,12 +87,16 @@ class Variant:
             return f"gpuce::sce_team<{head}, {self.group}>"
         if self.kind == "block":
             return f"gpuce::sce_team<{head}, 0>"
+        if self.kind == "cluster" and self.regs:
+            return f"gpuce::sce_cluster_regs<{head}, {self.cluster}, {self.regs}>"
         if self.kind == "cluster":
             return f"gpuce::sce_cluster<{head}, {self.cluster}>"
         return f"gpuce::sce_{self.kind}<{head}>"
 
     def describe(self) -> str:
         extra = {"warp": f"-G{self.group}", "cluster": f"-CL{self.cluster}"}.get(self.kind, "")
+        if self.regs:
+            extra += f"-R{self.regs}"
         return f"{self.kind}{extra}-v{self.vec}"
 
 
@@ -111,6 +117,8 @@ def variants():
             out += [v("block", 1), v("block", vm)]
             if ACC[dtype] == "float32":
                 out += [v("cluster", vm, cluster=cl) for cl in CLUSTERS]
+            if dtype == "float32" and target == "label":
+                out.append(v("cluster", vm, cluster=CLUSTERS[-1], regs=REG_PACKS))
             out += [v("twopass", 1), v("twopass", vm)]
     return out
 
@@ -158,6 +166,10 @@ def _team_plan(v: Variant, c: int, threads: int, dev: Device, stages=STAGES):
     pack = ITEMSIZE[v.dtype] * v.vec
     nt = v.group if v.kind == "warp" else threads * max(1, v.cluster)
     p = _ceil(_ceil(c, v.vec), nt)
+    if v.regs:  # one shared-memory stage beside the register one, exactly v.regs packs a thread
+        smem = v.regs * threads * pack
+        ok = p <= v.regs and smem + STATIC_SMEM <= dev.smem_optin
+        return Plan(v, threads, v.regs, 1, smem, 1) if ok else None
     per_stage = p * threads * pack * (2 if v.target == "prob" else 1)
     for s in stages:
         smem = s * per_stage
@@ -212,12 +224,20 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec):
     if block and (part <= PART_BYTES or vec == 1 or ACC[dtype] != "float32" or dev.arch < 90):
         out.append(block)
     if vec == VEC_MAX[dtype] and ACC[dtype] == "float32" and dev.arch >= 90:
+        found = False
         for cl in CLUSTERS:
             t = _block_threads(_ceil(packs, cl), BLOCK_PACKS)
             p = _team_plan(v("cluster", vec, cluster=cl), c, t, dev)
             if p and (p.packs * t * ITEMSIZE[dtype] * vec <= PART_BYTES or cl == CLUSTERS[-1]):
                 out.append(p)
+                found = True
                 break
+        if not found and dtype == "float32" and target == "label":  # no ring of two stages fits
+            cl = CLUSTERS[-1]
+            t = _block_threads(_ceil(packs, cl), REG_PACKS)
+            p = _team_plan(v("cluster", vec, cluster=cl, regs=REG_PACKS), c, t, dev)
+            if p:
+                out.append(p)
     if block and block not in out:
         out.append(block)
     out.append(Plan(v("twopass", vec), _block_threads(packs, 4 * BLOCK_PACKS)))

@@ -10,6 +10,10 @@ function's registers, stack frame and spill stores/loads.  The rule:
   frame.  A double-accumulating one calls libdevice's exp / log / tanh (not inlined) and ptxas
   saves a few registers around those calls: it may spill, and keep a stack frame of, at most
   :data:`DOUBLE_ABI_SPILL_BUDGET` bytes each way (a demoted per-thread array would exceed it);
+* the register-stage cluster kernel (``sce_cluster_regs``, float32 rows of up to 1 MiB) keeps
+  16 packs a thread in registers by design and may spill at most
+  :data:`REG_STAGE_SPILL_BUDGET` bytes (a few scalars beside the 64 row values; whether it
+  beats the two-pass kernel is for a GPU run to say, see docs/performance.md);
 * every other kernel (the portable path's specs) spills nothing on sm_90.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DOUBLE_ABI_SPILL_BUDGET = 128
+REG_STAGE_SPILL_BUDGET = 192
 FUSED_PROGRAM_PREFIX = "gpuce_sce_fused_"
 
 
@@ -34,6 +39,8 @@ def spill_budget(program: str, arch: str, expr: str):
     """Bytes the entry ``expr`` of ``program`` may spill on ``arch``; None where the rule
     does not look (non-fused kernels on an arch other than sm_90)."""
     if is_fused(program):
+        if "sce_cluster_regs" in expr:
+            return REG_STAGE_SPILL_BUDGET
         return DOUBLE_ABI_SPILL_BUDGET if accumulates_in_double(expr) else 0
     return 0 if arch == "sm_90" else None
 

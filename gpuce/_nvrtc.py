@@ -41,6 +41,7 @@ class CompileResult:
     spills: dict  # entry function -> (spill stores, spill loads) in bytes
     stack: dict  # entry function -> stack frame bytes
     lowered: dict = None  # name expression -> entry function (template instantiations)
+    smem: dict = None  # entry function -> static shared memory bytes
 
 
 def cupy_options() -> tuple:
@@ -125,6 +126,7 @@ def harness_source(spec, types: dict) -> str:
 
 _REG = re.compile(r"Function properties for (\S+)\s*\n\s*ptxas\s*\.\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Compiling entry function '(\S+)'.*?Used (\d+) registers", re.S)
+_SMEM = re.compile(r"Compiling entry function '(\S+)'[^\n]*\n(?:(?!Compiling entry)[^\n]*\n)*?[^\n]*?(\d+) bytes smem")
 
 
 def compile_source(source: str, name: str, arch: str, extra_options=(),
@@ -156,13 +158,15 @@ def compile_source(source: str, name: str, arch: str, extra_options=(),
             raise RuntimeError(f"NVRTC produced no cubin for {name} ({arch})")
     finally:
         nvrtc.destroyProgram(prog)
-    regs, spills, stack = {}, {}, {}
+    regs, spills, stack, smem = {}, {}, {}, {}
     for fn, r in _USED.findall(log):
         regs[fn] = int(r)
+    for fn, b in _SMEM.findall(log):
+        smem[fn] = int(b)
     for fn, st, ss, sl in _REG.findall(log):
         stack[fn] = int(st)
         spills[fn] = (int(ss), int(sl))
-    return CompileResult(name, arch, log, regs, spills, stack, lowered)
+    return CompileResult(name, arch, log, regs, spills, stack, lowered, smem)
 
 
 def compile_all(archs=("sm_80", "sm_90")) -> list[CompileResult]:

@@ -31,6 +31,9 @@
 //                  (no barrier needed for the data), one team exchange a row (shuffles; a
 //                  block adds one barrier on row-parity buffers; a cluster adds tagged stores
 //                  into the peers' shared memory, polled, no cluster barrier a row).
+//   sce_cluster_regs  the cluster form with the current row in registers (RP packs a
+//                  thread) and one shared-memory stage for the next: rows whose two-stage
+//                  ring does not fit (float32 rows of 1 MiB).
 //   sce_twopass    a block a row, reading the row twice: rows too long for shared memory.
 //   sce_denominator  the prologue of reduction="mean" with labels: sum of w_k over the
 //                  non-ignored rows, finished by the last block into the workspace.
@@ -382,6 +385,13 @@ __device__ __forceinline__ void store_grad_pack(const Args<T, I, A>& g, const Ro
     store_pack<T, VEC>(grow + col0, out);
 }
 
+// A pack of T as VEC values in A (the targets: 0 when absent).
+template <typename A, typename T, int VEC>
+__device__ __forceinline__ void unpack(const Pack<T, VEC>& p, A (&v)[VEC]) {
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) v[u] = load_acc<A>(p.v[u]);
+}
+
 // Add VEC values (raw logits fv, targets yv) at columns col0.. to the partial.
 template <int MODE, typename T, typename I, typename A, int VEC>
 __device__ __forceinline__ void add_pack(const Args<T, I, A>& g, Part<A>& p, int col0, int k, const A (&fv)[VEC],
@@ -576,8 +586,9 @@ struct ClusterXchg<float, CL> {
 // (it * NT + tid) * VEC, NT the team's threads; thread tid keeps it in its own slot of the
 // S-stage ring in dynamic shared memory: slots[((stage * P + it) * blockDim.x + threadIdx.x)]
 // (then the targets' ring, MODE 1).  Row i + S - 1 is copied while row i is computed.
-template <typename T, typename I, typename A, int MODE, int VEC, int G, int CL>
+template <typename T, typename I, typename A, int MODE, int VEC, int G, int CL, int RP = 0>
 __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
+    static_assert(RP == 0 || (MODE == 0 && G == 0), "the register stage is for block / cluster label kernels");
     GPUCE_SCE_SETUP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ A red[2 * 32 * GPUCE_PART_WORDS];
@@ -612,34 +623,45 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
         copy_commit();
     };
 
-    for (int s = 0; s < S - 1; ++s) issue(team + s * nteams, s);
+    // RP > 0 (a register stage): row i is moved from the one shared-memory stage into
+    // registers, and row i + 1 is copied into that stage while row i is computed
+    Pack<T, VEC> rx[RP > 0 ? RP : 1];
+    auto pack_at = [&](const Pack<T, VEC>* ring, int stage, int it) -> Pack<T, VEC> {
+        if constexpr (RP > 0) return rx[it];
+        else return ring[((size_t)stage * P + it) * bt + threadIdx.x];
+    };
+    if (RP > 0) issue(team, 0);
+    else
+        for (int s = 0; s < S - 1; ++s) issue(team + s * nteams, s);
     int parity = 0;
     for (long long i = 0; warp_team0 + i * nteams < n; ++i) {
         const long long row = team + i * nteams;
         const bool valid = row < n;
-        const int stage = (int)(i % S);
-        issue(team + (i + S - 1) * nteams, (int)((i + S - 1) % S));
+        const int stage = RP > 0 ? 0 : (int)(i % S);
+        if (RP == 0) issue(team + (i + S - 1) * nteams, (int)((i + S - 1) % S));
         const long long lab = load_label<MODE>(g, row, valid);
-        copy_wait(S - 1);
+        copy_wait(RP > 0 ? 0 : S - 1);
+        if constexpr (RP > 0) {
+#pragma unroll
+            for (int it = 0; it < RP; ++it) {
+                const int q = it * nt + tid;
+                if (valid && q < packs) rx[it] = xs[(size_t)it * bt + threadIdx.x];
+            }
+        }
         const Label<A> lb = label_of<MODE>(g, lab, valid);
         Part<A> p = part_identity<A>();
-        for (int it = 0; it < P; ++it) {
+#pragma unroll
+        for (int it = 0; it < (RP > 0 ? RP : P); ++it) {
             const int q = it * nt + tid;
             if (!(valid && q < packs)) continue;
-            const size_t slot = ((size_t)stage * P + it) * bt + threadIdx.x;
-            const Pack<T, VEC> xp = xs[slot];
-            A fv[VEC], yv[VEC];
-#pragma unroll
-            for (int u = 0; u < VEC; ++u) {
-                fv[u] = load_acc<A>(xp.v[u]);
-                yv[u] = A(0);
-            }
-            if (MODE == 1) {
-                const Pack<T, VEC> yp = ys[slot];
-#pragma unroll
-                for (int u = 0; u < VEC; ++u) yv[u] = load_acc<A>(yp.v[u]);
-            }
+            A fv[VEC], yv[VEC] = {};
+            unpack(pack_at(xs, stage, it), fv);
+            if (MODE == 1) unpack(ys[((size_t)stage * P + it) * bt + threadIdx.x], yv);
             add_pack<MODE, T, I, A, VEC>(g, p, q * VEC, lb.k, fv, yv);
+        }
+        if (RP > 0) {  // the stage's reads are done (their values consumed, and __syncwarp
+            __syncwarp();  // orders this thread's shared accesses): copy the next row into it
+            issue(team + (i + 1) * nteams, 0);
         }
         if (G > 0) p = group_merge<(G > 0 ? G : 32)>(p);
         else {
@@ -651,22 +673,13 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
         if (valid && tid == 0) emit_row<MODE>(g, row, o, lb.bad, acc);
         if (g.grad && valid) {
             T* grow = g.grad + row * g.ldg;
-            for (int it = 0; it < P; ++it) {
+#pragma unroll
+            for (int it = 0; it < (RP > 0 ? RP : P); ++it) {
                 const int q = it * nt + tid;
                 if (q >= packs) continue;
-                const size_t slot = ((size_t)stage * P + it) * bt + threadIdx.x;
-                const Pack<T, VEC> xp = xs[slot];
-                A fv[VEC], yv[VEC];
-#pragma unroll
-                for (int u = 0; u < VEC; ++u) {
-                    fv[u] = load_acc<A>(xp.v[u]);
-                    yv[u] = A(0);
-                }
-                if (MODE == 1) {
-                    const Pack<T, VEC> yp = ys[slot];
-#pragma unroll
-                    for (int u = 0; u < VEC; ++u) yv[u] = load_acc<A>(yp.v[u]);
-                }
+                A fv[VEC], yv[VEC] = {};
+                unpack(pack_at(xs, stage, it), fv);
+                if (MODE == 1) unpack(ys[((size_t)stage * P + it) * bt + threadIdx.x], yv);
                 store_grad_pack<MODE, T, I, A, VEC>(g, o, grow, q * VEC, fv, yv);
             }
         }
@@ -690,6 +703,16 @@ __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS,
     team_rows<T, I, A, MODE, VEC, 0, CL>(x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap,
                                          ignore_index, inv_denom, inv_from_ws, loss_out, lse_out, correct_out,
                                          grad, ldg, ws, total_out, stats_out, bad_out, P, S);
+}
+
+// The register-stage form (RP packs a thread in registers, one shared-memory stage, P == RP):
+// rows whose ring of two stages would not fit shared memory (float32 rows of 1 MiB).
+template <typename T, typename I, typename A, int MODE, int VEC, int CL, int RP>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS, 1)
+    sce_cluster_regs(GPUCE_SCE_PARAMS, int P, int S) {
+    team_rows<T, I, A, MODE, VEC, 0, CL, RP>(x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap,
+                                             ignore_index, inv_denom, inv_from_ws, loss_out, lse_out, correct_out,
+                                             grad, ldg, ws, total_out, stats_out, bad_out, P, S);
 }
 #endif
 
@@ -807,13 +830,9 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
         const Label<A> lb = label_of<MODE>(g, lab, true);
         Part<A> p = part_identity<A>();
         for (int q = threadIdx.x; q < packs; q += blockDim.x) {
-            const Pack<T, VEC> xp = load_pack<T, VEC>(xrow + (size_t)q * VEC);
-            A fv[VEC], yv[VEC];
-#pragma unroll
-            for (int u = 0; u < VEC; ++u) {
-                fv[u] = load_acc<A>(xp.v[u]);
-                yv[u] = MODE == 1 ? load_acc<A>(yrow[(size_t)q * VEC + u]) : A(0);
-            }
+            A fv[VEC], yv[VEC] = {};
+            unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
+            if (MODE == 1) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
             add_pack<MODE, T, I, A, VEC>(g, p, q * VEC, lb.k, fv, yv);
         }
         p = block_merge(p, red, parity);
@@ -823,13 +842,9 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
         if (grad) {
             T* grow = grad + row * ldg;
             for (int q = threadIdx.x; q < packs; q += blockDim.x) {
-                const Pack<T, VEC> xp = load_pack<T, VEC>(xrow + (size_t)q * VEC);
-                A fv[VEC], yv[VEC];
-#pragma unroll
-                for (int u = 0; u < VEC; ++u) {
-                    fv[u] = load_acc<A>(xp.v[u]);
-                    yv[u] = MODE == 1 ? load_acc<A>(yrow[(size_t)q * VEC + u]) : A(0);
-                }
+                A fv[VEC], yv[VEC] = {};
+                unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
+                if (MODE == 1) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
                 store_grad_pack<MODE, T, I, A, VEC>(g, o, grow, q * VEC, fv, yv);
             }
         }

@@ -71,6 +71,9 @@ CASES = [
     (team(V("cluster", "float16", "prob", 8, cluster=4), 4096, 64), 4096, 4),
     (team(V("cluster", "bfloat16", "int32", 8, cluster=8), 8192, 32), 8192, 8),
     (team(V("cluster", "float32", "prob", 4, cluster=2), 6000, 64), 6000, 2),
+    # the register stage: 16 packs a thread in registers, one shared-memory stage
+    (team(V("cluster", "float32", "int64", 4, cluster=8, regs=16), 12000, 32), 12000, 8),
+    (team(V("cluster", "float32", "int32", 4, cluster=8, regs=16), 16384, 32), 16384, 8),
 ]
 
 

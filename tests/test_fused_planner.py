@@ -31,7 +31,8 @@ def _covers(p, c):
     ("bfloat16", 32768, 8, None, "cluster", 2),
     ("float32", 131072, 4, None, "cluster", 8),
     ("float16", 262144, 8, None, "cluster", 8),
-    ("float32", 262144, 4, None, "twopass", None),  # 1 MiB a row: no ring holds it
+    ("float32", 262144, 4, None, "cluster", 8),  # 1 MiB a row: the register-stage cluster kernel
+    ("float32", 524288, 4, None, "twopass", None),  # 2 MiB: nothing holds it
     ("float64", 262144, 2, None, "twopass", None),
 ])
 def test_plan_on_h100(dtype, c, vec, tile_vec, kind, detail):
@@ -42,7 +43,9 @@ def test_plan_on_h100(dtype, c, vec, tile_vec, kind, detail):
     if kind == "cluster":
         assert p.variant.cluster == detail
     if kind in ("warp", "block", "cluster"):
-        assert p.stages >= 2  # the next row is in flight while this one is computed
+        # the next row is in flight while this one is computed (in a ring stage, or in the one
+        # shared-memory stage beside a register stage)
+        assert p.stages >= 2 or (p.variant.regs and p.stages == 1)
         assert p.smem + F.STATIC_SMEM <= H100.smem_optin
         assert p.threads % 32 == 0 and p.threads <= F.TEAM_MAX_THREADS
     assert _covers(p, c) >= c
@@ -62,6 +65,15 @@ def test_every_candidate_fits_and_is_compiled(dtype, c, target):
         assert _covers(p, c) >= c
         assert p.smem + F.STATIC_SMEM <= H100.smem_optin
         assert p.variant in F.variants()
+
+
+def test_register_stage_only_where_no_ring_fits():
+    p = F.plan("float32", "label", "int64", 262144, 4, H100)
+    assert p.variant.regs == F.REG_PACKS and p.packs == F.REG_PACKS and p.stages == 1
+    assert p.smem == F.REG_PACKS * p.threads * 16
+    for c in (1000, 32768, 131072):
+        assert not F.plan("float32", "label", "int64", c, 4, H100).variant.regs
+    assert not any(p.variant.regs for p in F.candidates("float32", "prob", "int32", 262144, 4, H100))
 
 
 def test_no_cluster_before_sm90():

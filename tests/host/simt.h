@@ -191,3 +191,4 @@ inline unsigned long long simt_load_relaxed(const unsigned long long* p) {
     std::this_thread::yield();
     return std::atomic_ref<unsigned long long>(*const_cast<unsigned long long*>(p)).load();
 }
+inline void __syncwarp(unsigned = 0xffffffffu) { tl_block->warps[threadIdx.x / 32]->bar.arrive_and_wait(); }
