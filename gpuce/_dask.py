@@ -17,17 +17,17 @@ passed in (``gpuce._backend.is_dask_array`` looks it up in ``sys.modules``).
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import sys
 import uuid
 
 import numpy as np
 
-from . import _validation as V
 from ._backend import array_module, is_dask_array
-from ._impl import auto_impl, use_impl
+from ._impl import auto_impl, resolve_impl, use_impl
 from ._rows import mean_denominator, sum_squares
+from ._validation import (LinearGrads, SceStats, acc_dtype, check_axis, check_float,
+                          check_same_shape, label_error, linear_args, sce_args)
 
 
 def _da():
@@ -129,25 +129,16 @@ def _call(fn, prefix, *args):
 
 # -- row-wise functions ------------------------------------------------------------------------
 
-def along_axis(keep_axis: bool):
-    """Decorator of a row-wise public function ``fn(*arrays, axis=-1)``: dask arrays are mapped
-    block by block (the ``axis`` must lie in one chunk)."""
+def map_rows(keep_axis: bool):
+    """The dask form of a row-wise function ``fn(*arrays, axis=-1)`` (for
+    :func:`gpuce._dispatch.backends`): map it block by block (the ``axis`` must lie in one
+    chunk)."""
 
-    def deco(fn):
-        sig = inspect.signature(fn)
+    def dask_form(fn, arguments):
+        axis = arguments.pop("axis")
+        return _map_along(fn, list(arguments.values()), axis, keep_axis)
 
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arrays = [v for k, v in bound.arguments.items() if k != "axis"]
-            if not any(is_dask_array(a) for a in arrays):
-                return fn(*args, **kwargs)
-            return _map_along(fn, arrays, bound.arguments["axis"], keep_axis)
-
-        return wrapper
-
-    return deco
+    return dask_form
 
 
 def _map_along(fn, arrays, axis, keep_axis):
@@ -155,10 +146,10 @@ def _map_along(fn, arrays, axis, keep_axis):
     first = next(a for a in arrays if is_dask_array(a))
     arrays = [a if is_dask_array(a) else _as_dask(a) for a in arrays]
     for a, name in zip(arrays, "xq" if len(arrays) == 2 else "x"):
-        V.check_float(a, name)
+        check_float(a, name)
     if len(arrays) == 2:
-        V.check_same_shape(*arrays)
-    axis = V.check_axis(axis, first.ndim)
+        check_same_shape(*arrays)
+    axis = check_axis(axis, first.ndim)
     if arrays[0].numblocks[axis] != 1:
         raise ValueError(
             f"the dask array is chunked along axis {axis}, the axis {fn.__name__} reduces over "
@@ -183,7 +174,7 @@ def _check_block_labels(t, row0, a):
     if bool(bad.any()):
         pos = int(bad.ravel().argmax())
         per_row = int(np.prod(a.lead_shape[1:], dtype=np.int64))
-        raise V.label_error(row0 * per_row + pos, int(t.ravel()[pos]), a.lead_shape, a.c,
+        raise label_error(row0 * per_row + pos, int(t.ravel()[pos]), a.lead_shape, a.c,
                             a.ignore_index)
 
 
@@ -225,7 +216,7 @@ def _scaled(g, scale, dtype=None):
 def _acc_partials(dtype) -> bool:
     """True where block gradients are kept in float32 until scaled and summed: float16 and
     bfloat16 inputs, so that the reduction's scale and the sum over blocks round once."""
-    return V.acc_dtype(dtype) != np.dtype(dtype)
+    return acc_dtype(dtype) != np.dtype(dtype)
 
 
 def _from_parts(parts, field, shapes, dtype, meta_like, scale=None):
@@ -296,13 +287,13 @@ def _stats_arrays(parts, fin, a, lead_shapes, like):
         z = _from_parts(parts, "z_rows", lead_shapes, a.acc, like)
         acc = (_from_parts(parts, "acc_rows", lead_shapes, a.acc, like)
                if a.kind == "label" else None)
-        return V.SceStats(z, acc, lse)
+        return SceStats(z, acc, lse)
 
     def scalar(key):
         value = _call(_as_acc, "stat", fin[key], a.acc, like._meta)
         return da.from_delayed(value, shape=(), dtype=a.acc, meta=_meta(like, 0, a.acc))
 
-    return V.SceStats(scalar("z_loss"), scalar("accuracy") if a.kind == "label" else None, lse)
+    return SceStats(scalar("z_loss"), scalar("accuracy") if a.kind == "label" else None, lse)
 
 
 def _as_acc(v, acc, meta):
@@ -341,13 +332,16 @@ def _sce_finish(total, a):
 def softmax_cross_entropy(run, logits, target, *, reduction, ignore_index, weight, label_smoothing,
                           z_loss, return_grad, inplace, impl, softcap=None, return_stats=False,
                           check_labels=True):
+    """The dask form of gpuce.softmax_cross_entropy; ``run`` is its in-memory form, run on
+    each row block with the impl in force now (:func:`gpuce.use_impl`)."""
+    impl = resolve_impl(impl)
     if inplace:
         raise ValueError("inplace=True is not supported for dask arrays (their blocks are "
                          "computed lazily); use return_grad=True")
     logits = _as_dask(logits)
     _rows_only(logits, "logits")
     target = _align_rows(target, logits, "target")
-    a = V.sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
+    a = sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
                    label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
                    inplace=False, softcap=softcap, return_stats=return_stats,
                    check_labels=check_labels)
@@ -414,14 +408,18 @@ def _linear_finish(total, W, a, reg):
 
 def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, weight, label_smoothing,
                          z_loss, return_grad, input_grad, check_finite, chunk_size, softcap=None,
-                         return_stats=False, check_labels=True):
+                         return_stats=False, check_labels=True, grad_row_scale=None, _acc_grads=False):
+    """The dask form of gpuce.linear_cross_entropy; ``run`` is its in-memory form, run on
+    each row block (partial sums, accumulation-dtype gradients) with the impl in force now."""
+    if grad_row_scale is not None:
+        raise ValueError("grad_row_scale is not supported for dask arrays")
     da = _da()
     W, bias, weight = (v.compute() if is_dask_array(v) else v for v in (W, bias, weight))
     X = _as_dask(X)
     _rows_only(X, "X", what="feature")
     y = _align_rows(y, X, "y")
     array_module(X._meta, y._meta, W, bias, weight)  # raises for NumPy mixed with CuPy
-    reg, chunk_size, a = V.linear_args(  # check_finite runs in each block's task
+    reg, chunk_size, a = linear_args(  # check_finite runs in each block's task
         None, X, W, y, bias=bias, reg=reg, weight=weight, chunk_size=chunk_size,
         check_finite=False, reduction=reduction, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
@@ -454,4 +452,4 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
           if bias is not None else None)
     dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X, scale=fin["scale"])
           if input_grad else None)
-    return _outputs(loss, V.LinearGrads(dX, dW, db), stats, a)
+    return _outputs(loss, LinearGrads(dX, dW, db), stats, a)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validation as V
 from ._backend import array_module, asarray, is_dask_array
 from ._blocks import rows_viewable
 from ._impl import auto_impl, check_impl, resolve_impl
+from ._validation import sce_args
 
 
 def explain(logits, target, *, impl="auto", return_grad=True, **options) -> str:
@@ -48,7 +48,7 @@ def explain(logits, target, *, impl="auto", return_grad=True, **options) -> str:
     weight = options.get("weight")
     xp = array_module(logits, target, weight)
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
-    a = V.sce_args(logits, target, **{**_defaults(), **options, "weight": weight,
+    a = sce_args(logits, target, **{**_defaults(), **options, "weight": weight,
                                       "return_grad": return_grad})
     lines = []
     walk = a.n and not rows_viewable(logits.shape, logits.strides)

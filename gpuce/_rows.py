@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validation as V
+from ._validation import acc_dtype
 
 
 def check_labels(xp, y, a):
@@ -42,7 +42,7 @@ def sum_squares(xp, W):
     """Σ W² of a 2-D W in the accumulation dtype.  On the GPU a ReductionKernel over each
     row, then CuPy's sum of the C partials: a ReductionKernel over all elements (axis=None)
     runs on a single block in CuPy, far too few for a large W."""
-    acc = V.acc_dtype(W.dtype)
+    acc = acc_dtype(W.dtype)
     if xp is np:
         w = W.astype(acc, copy=False).ravel()
         return acc.type(np.dot(w, w))

@@ -13,26 +13,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validation as V
 from ._backend import array_module, asarray
-from ._dask import along_axis
+from ._dask import map_rows
+from ._dispatch import backends
+from ._validation import acc_dtype, check_axis, check_float, check_same_shape
 
 
 def _prep(*arrays, axis):
     xp = array_module(*arrays)
     arrays = [asarray(xp, a) for a in arrays]
     for name, a in zip("pq", arrays):
-        V.check_float(a, name)
+        check_float(a, name)
     if len(arrays) == 2:
-        V.check_same_shape(*arrays)
-    axis = V.check_axis(axis, arrays[0].ndim)
+        check_same_shape(*arrays)
+    axis = check_axis(axis, arrays[0].ndim)
     # float64 if any input is float64, else float32 (bfloat16 and float16 have no common
     # NumPy type: each is read in float32, exactly)
-    acc = max((V.acc_dtype(a.dtype) for a in arrays), key=lambda d: d.itemsize)
+    acc = max((acc_dtype(a.dtype) for a in arrays), key=lambda d: d.itemsize)
     return xp, [a.astype(acc, copy=False) for a in arrays], axis
 
 
-@along_axis(keep_axis=False)
+@backends("p", dask=map_rows(keep_axis=False))
 def entropy(p, axis=-1):
     """Entropy ``H(P) = -sum_x p(x) log p(x)`` per row, with ``0 log 0 = 0``.
 
@@ -51,7 +52,7 @@ def entropy(p, axis=-1):
     return terms.sum(axis=axis)
 
 
-@along_axis(keep_axis=False)
+@backends("p", "q", dask=map_rows(keep_axis=False))
 def cross_entropy(p, q, axis=-1):
     """Cross-entropy ``H(P,Q) = -sum_x p(x) log q(x)`` per row.
 
@@ -71,7 +72,7 @@ def cross_entropy(p, q, axis=-1):
     return terms.sum(axis=axis)
 
 
-@along_axis(keep_axis=False)
+@backends("p", "q", dask=map_rows(keep_axis=False))
 def kl_div(p, q, axis=-1):
     """Kullback-Leibler divergence ``KL(P||Q) = sum_x p(x) log(p(x)/q(x))`` per row.
 

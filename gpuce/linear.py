@@ -23,16 +23,17 @@ bfloat16 dW) of extra memory.
 
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import replace
 
-from . import _validation as V
-from ._backend import array_module, asarray, is_dask_array
+import numpy as np
+
+from . import _dask
+from ._backend import array_module, asarray
 from ._blas import gemm
+from ._dispatch import backends
 from ._rows import check_labels, mean_denominator, sum_squares
-from ._validation import LinearGrads, linear_args
 from .sce import BlockStats, results, run_rows
+from ._validation import LinearGrads, check_class_weight, check_uint64_labels, linear_args
 
 # Automatic chunk size: the chunk's logits buffer is kept to AUTO_CHUNK_FRACTION of the
 # gradient outputs it serves (dX + dW, the least any implementation must allocate), but at
@@ -62,6 +63,7 @@ def auto_chunk_size(xp, n, c, itemsize, grads_bytes) -> int:
     return int(max(1, min(n, target // row)))
 
 
+@backends("X", "y", dask=lambda run, arguments: _dask.linear_cross_entropy(run, **arguments))
 def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignore_index=-100,
                          weight=None, label_smoothing=0.0, z_loss=0.0, return_grad=False,
                          input_grad=True, check_finite=True, chunk_size=None,
@@ -130,18 +132,6 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         computed in float32, and every gradient is rounded once from float32 to nearest
         even; bfloat16 dW accumulates over the chunks in float32 (see DW_ACCUMULATE).
     """
-    if is_dask_array(X) or is_dask_array(y):
-        from ._dask import linear_cross_entropy as dask_linear
-
-        if grad_row_scale is not None:
-            raise ValueError("grad_row_scale is not supported for dask arrays")
-
-        # each row block runs through this function with in-memory arrays
-        return dask_linear(linear_cross_entropy, X, W, y, bias=bias, reg=reg, reduction=reduction,
-                           ignore_index=ignore_index, weight=weight, label_smoothing=label_smoothing,
-                           z_loss=z_loss, return_grad=return_grad, input_grad=input_grad,
-                           check_finite=check_finite, chunk_size=chunk_size, softcap=softcap,
-                           return_stats=return_stats, check_labels=check_labels)
     xp = array_module(X, W, y, bias, weight, grad_row_scale)
     X, W, y, bias, weight = (asarray(xp, v) for v in (X, W, y, bias, weight))
     reg, chunk_size, a = linear_args(
@@ -158,11 +148,11 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         if grad_row_scale.shape != (n,):
             raise ValueError(f"grad_row_scale must have shape ({n},), got {grad_row_scale.shape}")
     acc = a.acc
-    V.check_class_weight(xp, weight)
+    check_class_weight(xp, weight)
     if weight is not None:
         weight = xp.ascontiguousarray(weight.astype(acc, copy=False))
     if a.kind == "label" and n:
-        V.check_uint64_labels(xp, y, a)  # before any int64 cast, which would wrap them
+        check_uint64_labels(xp, y, a)  # before any int64 cast, which would wrap them
         if a.check_labels:
             check_label_range(xp, y, a)  # over all rows first: errors name the caller's position
     scale = 1.0

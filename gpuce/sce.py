@@ -10,11 +10,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import _validation as V
-from ._backend import array_module, asarray, is_dask_array
+from . import _dask
+from ._backend import array_module, asarray
 from ._blocks import row_blocks, rows_viewable
+from ._dispatch import backends
 from ._impl import check_impl, resolve_impl
 from ._rows import check_labels, mean_denominator
+from ._validation import (SceArgs, SceStats, check_class_weight, check_inplace_aliasing,
+                          check_uint64_labels, sce_args)
 
 # Logits without an (N, C) view are walked in blocks of about this many elements (one block
 # at most is copied): chunk-sized on the CPU, large enough on the GPU to keep launches full.
@@ -22,6 +25,7 @@ WALK_BLOCK_ELEMENTS_NUMPY = 1 << 20
 WALK_BLOCK_ELEMENTS_CUPY = 1 << 24
 
 
+@backends("logits", "target", dask=lambda run, arguments: _dask.softmax_cross_entropy(run, **arguments))
 def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, weight=None,
                           label_smoothing=0.0, z_loss=0.0, return_grad=False, inplace=False,
                           impl="auto", softcap=None, return_stats=False, check_labels=True):
@@ -151,24 +155,15 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     torch.nn.functional.cross_entropy
     """
     check_impl(impl)
-    if is_dask_array(logits) or is_dask_array(target):
-        from ._dask import softmax_cross_entropy as dask_sce
-
-        # each row block runs through this function with in-memory arrays
-        return dask_sce(softmax_cross_entropy, logits, target, reduction=reduction, ignore_index=ignore_index,
-                        weight=weight, label_smoothing=label_smoothing, z_loss=z_loss,
-                        return_grad=return_grad, inplace=inplace, impl=resolve_impl(impl),
-                        softcap=softcap,
-                        return_stats=return_stats, check_labels=check_labels)
     xp = array_module(logits, target, weight)
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
-    a = V.sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
+    a = sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
                    label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
                    inplace=inplace, softcap=softcap, return_stats=return_stats,
                    check_labels=check_labels)
-    V.check_uint64_labels(xp, target, a)
-    V.check_class_weight(xp, weight)
-    V.check_inplace_aliasing(xp, logits, target, weight, a)
+    check_uint64_labels(xp, target, a)
+    check_class_weight(xp, weight)
+    check_inplace_aliasing(xp, logits, target, weight, a)
     if a.n and not rows_viewable(logits.shape, logits.strides):
         return walk_blocks(xp, logits, target, weight, a, impl)
     c = a.c
@@ -199,7 +194,7 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     return results(xp, a, loss, grad, st)
 
 
-def results(xp, a: V.SceArgs, loss, grad, st):
+def results(xp, a: SceArgs, loss, grad, st):
     """The public return value: loss, then grad (return_grad), then the statistics
     (return_stats) as a SceStats shaped like the loss (lse: logits.shape[:-1])."""
     out = (loss,) + ((grad,) if a.return_grad else ())
@@ -208,13 +203,13 @@ def results(xp, a: V.SceArgs, loss, grad, st):
     return out if len(out) > 1 else loss
 
 
-def public_stats(xp, a: V.SceArgs, st: V.SceStats) -> V.SceStats:
+def public_stats(xp, a: SceArgs, st: SceStats) -> SceStats:
     """A backend's SceStats ((N,) rows) shaped for the caller."""
     lse = st.lse.reshape(a.lead_shape)
     if a.reduction == "none":
-        return V.SceStats(st.z_loss.reshape(a.lead_shape),
+        return SceStats(st.z_loss.reshape(a.lead_shape),
                           None if st.accuracy is None else st.accuracy.reshape(a.lead_shape), lse)
-    return V.SceStats(xp.asarray(st.z_loss, dtype=a.acc),
+    return SceStats(xp.asarray(st.z_loss, dtype=a.acc),
                       None if st.accuracy is None else xp.asarray(st.accuracy, dtype=a.acc), lse)
 
 
@@ -230,7 +225,7 @@ class BlockStats:
     back to the host on CuPy.
     """
 
-    def __init__(self, xp, a: V.SceArgs):
+    def __init__(self, xp, a: SceArgs):
         self.xp, self.a = xp, a
         none = a.reduction == "none"
         label = a.kind == "label"
@@ -241,7 +236,7 @@ class BlockStats:
         self.correct = xp.zeros((), np.float64)
         self.counted = xp.zeros((), np.float64)
 
-    def add(self, r0, r1, st: V.SceStats, labels=None):
+    def add(self, r0, r1, st: SceStats, labels=None):
         xp, a = self.xp, self.a
         self.lse[r0:r1] = st.lse
         if a.reduction == "none":
@@ -259,18 +254,18 @@ class BlockStats:
             self.correct += xp.rint(acc * k)
             self.counted += k
 
-    def finish(self, scale) -> V.SceStats:
+    def finish(self, scale) -> SceStats:
         xp, a = self.xp, self.a
         if a.reduction == "none":
-            return V.SceStats(self.z_rows, self.correct_rows, self.lse)
+            return SceStats(self.z_rows, self.correct_rows, self.lse)
         accuracy = None
         if a.kind == "label":
             accuracy = xp.where(self.counted > 0, self.correct / xp.maximum(self.counted, 1),
                                 np.nan).astype(a.acc)
-        return V.SceStats((self.z * scale).astype(a.acc), accuracy, self.lse)
+        return SceStats((self.z * scale).astype(a.acc), accuracy, self.lse)
 
 
-def run_rows(xp, x2, target, weight, a: V.SceArgs, grad_out, impl="auto", variant=None):
+def run_rows(xp, x2, target, weight, a: SceArgs, grad_out, impl="auto", variant=None):
     """The backend's work on validated (N, C) logits: a :class:`gpuce._validation.SceRows`
     ``(rows, total, stats)``, the gradient written into ``grad_out`` when given (it may be
     ``x2`` itself).  ``total`` is None for reduction "none"; ``rows`` may be None for "sum"
@@ -285,7 +280,7 @@ def run_rows(xp, x2, target, weight, a: V.SceArgs, grad_out, impl="auto", varian
     return run(x2, target, weight, a, grad_out, impl=resolve_impl(impl), variant=variant)
 
 
-def walk_blocks(xp, logits, target, weight, a: V.SceArgs, impl="auto"):
+def walk_blocks(xp, logits, target, weight, a: SceArgs, impl="auto"):
     """softmax_cross_entropy of logits that have no (N, C) view (leading dimensions that do
     not merge, e.g. ``(T, B, C).transpose(1, 0, 2)``), without copying them whole.
 

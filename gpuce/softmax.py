@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validation as V
 from ._backend import array_module, asarray
 from ._blocks import row_blocks
-from ._dask import along_axis
+from ._dask import map_rows
+from ._dispatch import backends
+from ._validation import acc_dtype, check_axis, check_float
 
 # The NumPy path walks the rows in blocks of about this many elements (at least one row).
 NUMPY_BLOCK_ELEMENTS = 1 << 18
@@ -25,8 +26,8 @@ NUMPY_BLOCK_ELEMENTS = 1 << 18
 def _prepare(x, axis):
     xp = array_module(x)
     x = asarray(xp, x)
-    V.check_float(x, "x")
-    axis = V.check_axis(axis, x.ndim)
+    check_float(x, "x")
+    axis = check_axis(axis, x.ndim)
     return xp, x, axis
 
 
@@ -37,7 +38,7 @@ def _numpy_rows(x, axis, mode):
     NUMPY_BLOCK_ELEMENTS accumulation-dtype elements (at least one row), never the input's
     size.  Per row: m = max_j x_j (a non-finite m is replaced by 0 as ms), t = x - ms,
     ls = log sum_j exp(t); lse = m + ls, log_softmax = t - ls, softmax = exp(t - ls)."""
-    acc = V.acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xm = np.moveaxis(x, axis, -1)
     lead, c = xm.shape[:-1], xm.shape[-1]
     if mode == "lse":
@@ -77,7 +78,7 @@ def _norm_cupy(x, axis):
 
     from ._cupy_kernels import get_kernel
 
-    acc = V.acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     shape = x.shape[:axis] + (1,) + x.shape[axis + 1:]
     mx, ls = cp.empty(shape, acc), cp.empty(shape, acc)
     if mx.size and x.shape[axis] == 0:
@@ -88,7 +89,7 @@ def _norm_cupy(x, axis):
     return mx, ls
 
 
-@along_axis(keep_axis=False)
+@backends("x", dask=map_rows(keep_axis=False))
 def logsumexp(x, axis=-1):
     """Log-sum-exp along ``axis``: ``lse = m + log sum_j exp(x_j - m)``, ``m = max_j x_j``.
 
@@ -118,14 +119,14 @@ def _map(x, axis, mode, kernel_name):
     xp, x, axis = _prepare(x, axis)
     if xp is np:
         return _numpy_rows(x, axis, mode)
-    acc = V.acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     from ._cupy_kernels import get_kernel
 
     mx, ls = _norm_cupy(x, axis)
     return get_kernel(kernel_name, T=x.dtype.name, A=acc.name)(x, mx, ls)
 
 
-@along_axis(keep_axis=True)
+@backends("x", dask=map_rows(keep_axis=True))
 def softmax(x, axis=-1):
     """Softmax along ``axis``: ``y_j = exp(x_j - lse)`` (formed as ``exp((x_j - m) - log s)``).
 
@@ -146,7 +147,7 @@ def softmax(x, axis=-1):
     return _map(x, axis, "softmax", "gpuce_softmax")
 
 
-@along_axis(keep_axis=True)
+@backends("x", dask=map_rows(keep_axis=True))
 def log_softmax(x, axis=-1):
     """Log-softmax along ``axis``: ``x_j - lse`` (never ``log(softmax)``, which underflows).
 
