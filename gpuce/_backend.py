@@ -50,6 +50,11 @@ def asarray(xp, a):
     return a
 
 
+def to_host(a):
+    """A NumPy copy of a CuPy array (one device-to-host copy); anything else as a NumPy array."""
+    return a.get() if is_cupy_array(a) else np.asarray(a)
+
+
 def cupy_available() -> bool:
     """True when CuPy imports and sees at least one GPU."""
     try:

@@ -28,6 +28,7 @@ def load_digits_split(seed=0):
 
 def fd_check_dW(xp, X, y, W, b, reg, n_entries=6, h=1e-5, seed=0):
     """Central differences of J = Σ L_i + λ/2‖W‖² against the analytic dW at a few entries."""
+    from ._backend import to_host
     from .linear import linear_cross_entropy
 
     def J(Wv):
@@ -35,8 +36,7 @@ def fd_check_dW(xp, X, y, W, b, reg, n_entries=6, h=1e-5, seed=0):
 
     _, g = linear_cross_entropy(X, W, y, bias=b, reg=reg, reduction="sum", return_grad=True,
                                 input_grad=False)
-    dW = g.W.get() if xp is not np else g.W
-    W_host = W.get() if xp is not np else W
+    dW, W_host = to_host(g.W), to_host(W)
     rng = np.random.default_rng(seed)
     errs = []
     for _ in range(n_entries):

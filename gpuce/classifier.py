@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 from scipy.sparse import issparse
 
-from ._backend import array_module, is_cupy_array, is_dask_array
+from ._backend import array_module, is_cupy_array, is_dask_array, to_host
 from ._validation import is_bfloat16
 from .linear import linear_cross_entropy
 from .sce import softmax_cross_entropy
@@ -105,8 +105,8 @@ class _ParamsMixin:
         return self
 
     def score(self, X, y, sample_weight=None):
-        pred = _to_numpy(self.predict(X))
-        y = _to_numpy(y)
+        pred = to_host(self.predict(X))
+        y = to_host(y)
         if y.ndim == 2 and y.shape[1] == 1:
             y = y.ravel()
         return float(np.average(pred == y, weights=sample_weight))
@@ -118,10 +118,6 @@ def _bases():
     except ImportError:
         return (_ParamsMixin,)
     return (ClassifierMixin, BaseEstimator)
-
-
-def _to_numpy(a):
-    return a.get() if is_cupy_array(a) else np.asarray(a)
 
 
 def _is_sparse(X) -> bool:
@@ -202,7 +198,7 @@ def _feature_scale(X):
             import dask
 
             hi, lo = dask.compute(hi, lo)
-        hi, lo = _to_numpy(hi), _to_numpy(lo)
+        hi, lo = to_host(hi), to_host(lo)
     return np.maximum(np.maximum(hi.astype(np.float64), -lo.astype(np.float64)), 1.0)
 
 
@@ -530,7 +526,7 @@ class SoftmaxClassifier(*_bases()):
         W, b = self._params_for(xp, X.dtype)
         loss, _, _ = self._loss_grad(X, W, b if self.fit_intercept else None, y_idx, float(self.reg),
                                      grad=False)
-        return float(_to_numpy(loss.compute() if is_dask_array(loss) else loss))
+        return float(to_host(loss.compute() if is_dask_array(loss) else loss))
 
     @staticmethod
     def _loss_grad(X, W, b, y_idx, reg, grad=True):
@@ -593,9 +589,9 @@ class SoftmaxClassifier(*_bases()):
                 import dask
 
                 loss, gW, gb = dask.compute(loss, gW, gb)
-            grad = [(_to_numpy(gW).astype(np.float64) / scale).ravel()]
+            grad = [(to_host(gW).astype(np.float64) / scale).ravel()]
             if fit_b:
-                grad.append(_to_numpy(gb).astype(np.float64))
+                grad.append(to_host(gb).astype(np.float64))
             return float(loss) / n, np.concatenate(grad) / n
 
         def callback(intermediate_result):
@@ -695,12 +691,12 @@ class SoftmaxClassifier(*_bases()):
 
     def _params_for(self, xp, dtype):
         self._check_fitted()
-        conv = (lambda a: xp.asarray(a)) if xp is not np else _to_numpy
+        conv = (lambda a: xp.asarray(a)) if xp is not np else to_host
         return conv(self.coef_).astype(dtype, copy=False), conv(self.intercept_).astype(dtype, copy=False)
 
     def _encode(self, xp, y):
-        classes = _to_numpy(self.classes_)
-        y = _to_numpy(y)
+        classes = to_host(self.classes_)
+        y = to_host(y)
         if y.ndim == 2 and y.shape[1] == 1:
             y = y.ravel()
         idx = np.searchsorted(classes, y)

@@ -44,3 +44,12 @@ def test_cupy_without_gpu_still_imports():
     code = "import cupy, gpuce; from gpuce._backend import cupy_available; print(cupy_available())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() in ("True", "False")
+
+
+def test_to_host():
+    from gpuce._backend import to_host
+
+    a = np.arange(3.0)
+    assert to_host(a) is a
+    np.testing.assert_array_equal(to_host([1, 2]), np.array([1, 2]))
+    assert to_host(np.float32(2)).dtype == np.float32
