@@ -191,17 +191,18 @@ def _block_threads(packs: int, per_thread: int) -> int:
 
 
 def candidates(dtype: str, target: str, index: str, c: int, vec: int, dev: Device,
-               tile_vec: int | None = None) -> tuple:
+               tile_vec: int | None = None, shifted: bool = False) -> tuple:
     """Every plan that runs rows of ``c`` classes, the preferred first.
 
     ``vec`` is the pack width the rows allow (:func:`vec_for`); ``tile_vec`` the one the dense
-    tile allows, or None when the rows are not dense (no tile).
+    tile allows, or None when the rows are not dense (no tile); ``shifted``: rows may start
+    off a 16-byte boundary (:func:`rows_shifted`), so a row may take one more pack.
     """
-    return _candidates(dtype, target, index, c, vec, dev, tile_vec)
+    return _candidates(dtype, target, index, c, vec, dev, tile_vec, bool(shifted and vec > 1))
 
 
 @functools.lru_cache(maxsize=4096)  # called on every launch; all arguments are hashable
-def _candidates(dtype, target, index, c, vec, dev, tile_vec):
+def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False):
     def v(kind, vv, **kw):
         return Variant(kind, dtype, target, index, vv, **kw)
 
@@ -210,6 +211,7 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec):
         p = tile_plan(v("tile", tile_vec))
         if p.smem + STATIC_SMEM <= dev.smem_optin:
             out.append(p)
+    c = c + vec - 1 if shifted else c  # the columns a shifted row's granules span at most
     packs = _ceil(c, vec)
     if vec == VEC_MAX[dtype]:
         for g in WARP_GROUPS:
@@ -232,7 +234,7 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec):
                 out.append(p)
                 found = True
                 break
-        if not found and dtype == "float32" and target == "label":  # no ring of two stages fits
+        if not found and dtype == "float32" and target == "label" and not shifted:  # no two-stage ring fits
             cl = CLUSTERS[-1]
             t = _block_threads(_ceil(packs, cl), REG_PACKS)
             p = _team_plan(v("cluster", vec, cluster=cl, regs=REG_PACKS), c, t, dev)
@@ -244,9 +246,9 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec):
     return tuple(out)
 
 
-def plan(dtype, target, index, c, vec, dev, tile_vec=None) -> Plan:
+def plan(dtype, target, index, c, vec, dev, tile_vec=None, shifted=False) -> Plan:
     """The preferred plan (the first of :func:`candidates`)."""
-    return candidates(dtype, target, index, c, vec, dev, tile_vec)[0]
+    return candidates(dtype, target, index, c, vec, dev, tile_vec, shifted)[0]
 
 
 def occupancy_estimate(p: Plan, dev: Device) -> int:
@@ -325,14 +327,22 @@ def _occupancy(expr: str, threads: int, smem: int) -> int:
 
 
 def vec_for(dtype: str, c: int, *arrays_and_lds) -> int:
-    """16-byte packs when every row of every array starts 16-byte aligned; else 1."""
-    v = VEC_MAX[dtype]
-    if c % v:
-        return 1
-    for arr, ld in arrays_and_lds:
-        if arr.data.ptr % 16 or ld % v:
+    """16-byte packs (VEC_MAX values) when every array's rows sit at the same offset within
+    their 16-byte granules as the logits' rows (the same base misalignment, row strides equal
+    modulo 16 bytes): each row is then read as the aligned granules that hold it, its edge
+    packs masked in the kernels.  Else 1 (a value a pack).  The first pair is the logits'."""
+    (x, ldx), rest = arrays_and_lds[0], arrays_and_lds[1:]
+    isz = x.itemsize
+    for arr, ld in rest:
+        if (arr.data.ptr - x.data.ptr) % 16 or ((ld - ldx) * isz) % 16:
             return 1
-    return v
+    return VEC_MAX[dtype]
+
+
+def rows_shifted(dtype: str, c: int, x, ldx: int) -> bool:
+    """Whether some row of ``x`` may start off a 16-byte boundary or end inside a granule (then
+    a row takes one more pack than C / VEC)."""
+    return c % VEC_MAX[dtype] != 0 or x.data.ptr % 16 != 0 or (ldx * x.itemsize) % 16 != 0
 
 
 def tile_vec_for(dtype: str, c: int, *arrays) -> int | None:
@@ -356,10 +366,9 @@ def workspace(cp, dev: Device):
     return _WORKSPACES[key][0]
 
 
-def choose(x2, target_kind, index, y2, grad_out, pinned=None) -> tuple:
-    """``(plan, vec, device)`` for logits ``x2`` (unit column stride), the targets and the
-    gradient output; ``pinned`` (a :class:`Plan` or :class:`Variant`) replaces the heuristic's
-    pick after a check that it can run this shape."""
+def candidates_for(x2, target_kind, index, y2=None, grad_out=None) -> tuple:
+    """``(candidates, vec, device)`` for these arrays: logits ``x2`` (unit column stride), the
+    probability targets and the gradient output (None where absent)."""
     n, c = x2.shape
     dtype = x2.dtype.name
     isz = x2.itemsize
@@ -367,7 +376,15 @@ def choose(x2, target_kind, index, y2, grad_out, pinned=None) -> tuple:
     vec = vec_for(dtype, c, *[(a, a.strides[0] // isz) for a in arrays])
     tv = tile_vec_for(dtype, c, *arrays)
     dev = current_device()
-    cands = candidates(dtype, target_kind, index, c, vec, dev, tv)
+    shifted = rows_shifted(dtype, c, x2, x2.strides[0] // isz)
+    return candidates(dtype, target_kind, index, c, vec, dev, tv, shifted), vec, dev
+
+
+def choose(x2, target_kind, index, y2, grad_out, pinned=None) -> tuple:
+    """``(plan, vec, device)`` for logits ``x2`` (unit column stride), the targets and the
+    gradient output; ``pinned`` (a :class:`Plan` or :class:`Variant`) replaces the heuristic's
+    pick after a check that it can run this shape."""
+    cands, vec, dev = candidates_for(x2, target_kind, index, y2, grad_out)
     if pinned is None:
         return cands[0], vec, dev
     want = pinned.variant if isinstance(pinned, Plan) else pinned
@@ -375,7 +392,7 @@ def choose(x2, target_kind, index, y2, grad_out, pinned=None) -> tuple:
         if p.variant == want:
             return p, vec, dev
     raise ValueError(f"pinned variant {want.describe()} ({want.dtype}, {want.target}, {want.index}) cannot "
-                     f"run {dtype} rows of {c} classes here; candidates: "
+                     f"run {x2.dtype.name} rows of {x2.shape[1]} classes here; candidates: "
                      f"{', '.join(p.variant.describe() for p in cands)}")
 
 

@@ -347,9 +347,7 @@ def _variant_times(cp, x, y, repeat):
                  z_loss=0.0, return_grad=True, inplace=False)
     grad = cp.empty_like(x)
     out = {}
-    for p in _fused.candidates(x.dtype.name, "label", y.dtype.name, x.shape[1],
-                               _fused.vec_for(x.dtype.name, x.shape[1], (x, x.shape[1])),
-                               _fused.current_device(), _fused.tile_vec_for(x.dtype.name, x.shape[1], x)):
+    for p in _fused.candidates_for(x, "label", y.dtype.name, None, grad)[0]:
         if p.variant == chosen.variant:
             continue
         name = f"fused[{p.variant.describe()}]"

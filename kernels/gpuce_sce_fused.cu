@@ -375,14 +375,31 @@ __device__ __forceinline__ A grad_elem(const Args<T, I, A>& g, const RowOut<A>& 
     return d * dcap;
 }
 
-// The gradient of the VEC columns at col0, stored at grow + col0.
-template <int MODE, typename T, typename I, typename A, int VEC>
+// A row need not start on a 16-byte boundary: its packs are then the aligned 16-byte granules
+// that hold it, starting `shift` values before column 0 (pack q holds columns
+// q * VEC - shift ...), and the first and last granules hold values of the neighbouring rows
+// (never outside the allocation: a granule never crosses a page), which the edge packs mask
+// out.  The logits, the targets and the gradient share the shift (the host checks it).
+template <typename T, int VEC>
+__device__ __forceinline__ int row_shift(const T* row) {
+    return VEC > 1 ? (int)(((unsigned long long)row % 16) / sizeof(T)) : 0;
+}
+
+// The gradient of the VEC columns at col0 (columns outside [0, C) of an edge pack skipped),
+// stored at grow + col0: one 16-byte store for a whole pack.
+template <int MODE, typename T, typename I, typename A, int VEC, bool EDGES = true>
 __device__ __forceinline__ void store_grad_pack(const Args<T, I, A>& g, const RowOut<A>& o, T* grow, int col0,
                                                 const A (&fv)[VEC], const A (&yv)[VEC]) {
-    Pack<T, VEC> out;
+    if (!EDGES || (col0 >= 0 && col0 + VEC <= g.c)) {
+        Pack<T, VEC> out;
 #pragma unroll
-    for (int u = 0; u < VEC; ++u) out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u]));
-    store_pack<T, VEC>(grow + col0, out);
+        for (int u = 0; u < VEC; ++u) out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u]));
+        store_pack<T, VEC>(grow + col0, out);
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < VEC; ++u)
+        if (col0 + u >= 0 && col0 + u < g.c) grow[col0 + u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u]));
 }
 
 // A pack of T as VEC values in A (the targets: 0 when absent).
@@ -392,15 +409,18 @@ __device__ __forceinline__ void unpack(const Pack<T, VEC>& p, A (&v)[VEC]) {
     for (int u = 0; u < VEC; ++u) v[u] = load_acc<A>(p.v[u]);
 }
 
-// Add VEC values (raw logits fv, targets yv) at columns col0.. to the partial.
-template <int MODE, typename T, typename I, typename A, int VEC>
+// Add VEC values (raw logits fv, targets yv) at columns col0.. to the partial (columns
+// outside [0, C) of an edge pack count as -inf with no coefficient; EDGES = false: the caller
+// guarantees whole packs).
+template <int MODE, typename T, typename I, typename A, int VEC, bool EDGES = true>
 __device__ __forceinline__ void add_pack(const Args<T, I, A>& g, Part<A>& p, int col0, int k, const A (&fv)[VEC],
                                          const A (&yv)[VEC]) {
+    const bool whole = !EDGES || (col0 >= 0 && col0 + VEC <= g.c);
     A v[VEC];
     A pm = neg_inf<A>();
 #pragma unroll
     for (int u = 0; u < VEC; ++u) {
-        v[u] = value_of(g, fv[u]);
+        v[u] = (whole || (col0 + u >= 0 && col0 + u < g.c)) ? value_of(g, fv[u]) : neg_inf<A>();
         pm = nanmax(pm, v[u]);
     }
     part_raise(p, pm);
@@ -409,7 +429,7 @@ __device__ __forceinline__ void add_pack(const Args<T, I, A>& g, Part<A>& p, int
     for (int u = 0; u < VEC; ++u) {
         const A d = v[u] - p.ms;
         p.s += ex(d);
-        if (coefs) {
+        if (coefs && (whole || (col0 + u >= 0 && col0 + u < g.c))) {
             const A cf = coef_of<MODE>(g, yv[u], col0 + u);
             p.a += cf;
             if (cf != A(0)) p.b += cf * d;
@@ -589,6 +609,9 @@ struct ClusterXchg<float, CL> {
 template <typename T, typename I, typename A, int MODE, int VEC, int G, int CL, int RP = 0>
 __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
     static_assert(RP == 0 || (MODE == 0 && G == 0), "the register stage is for block / cluster label kernels");
+    // the register stage takes rows that start on a 16-byte boundary and hold whole packs
+    // (the host checks it), which keeps its unrolled loops free of edge masks
+    constexpr bool EDGES = RP == 0;
     GPUCE_SCE_SETUP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ A red[2 * 32 * GPUCE_PART_WORDS];
@@ -603,7 +626,6 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
     const long long team = (long long)(blockIdx.x / CL) * teams_per_block + (G > 0 ? threadIdx.x / G : 0);
     // every lane of a warp runs the same number of rows (the shuffles need all 32)
     const long long warp_team0 = G > 0 ? team - ((threadIdx.x & 31) / G) : team;
-    const int packs = (c + VEC - 1) / VEC;
     Acc acc = GPUCE_ACC_INIT;
     ClusterXchg<A, CL> xchg;
     xchg.init();
@@ -611,7 +633,10 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
     auto issue = [&](long long row, int stage) {
         const bool ok = row < n;
         const T* xrow = g.x + (ok ? row : 0) * g.ldx;
-        const T* yrow = MODE == 1 ? g.y + (ok ? row : 0) * g.ldy : nullptr;
+        const int sh = EDGES ? row_shift<T, VEC>(xrow) : 0;
+        const int packs = (sh + c + VEC - 1) / VEC;
+        xrow -= sh;
+        const T* yrow = MODE == 1 ? g.y + (ok ? row : 0) * g.ldy - sh : nullptr;
         for (int it = 0; it < P; ++it) {
             const int q = it * nt + tid;
             if (ok && q < packs) {
@@ -640,6 +665,8 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
         const int stage = RP > 0 ? 0 : (int)(i % S);
         if (RP == 0) issue(team + (i + S - 1) * nteams, (int)((i + S - 1) % S));
         const long long lab = load_label<MODE>(g, row, valid);
+        const int sh = EDGES ? row_shift<T, VEC>(g.x + (valid ? row : 0) * g.ldx) : 0;
+        const int packs = (sh + c + VEC - 1) / VEC;
         copy_wait(RP > 0 ? 0 : S - 1);
         if constexpr (RP > 0) {
 #pragma unroll
@@ -657,7 +684,7 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
             A fv[VEC], yv[VEC] = {};
             unpack(pack_at(xs, stage, it), fv);
             if (MODE == 1) unpack(ys[((size_t)stage * P + it) * bt + threadIdx.x], yv);
-            add_pack<MODE, T, I, A, VEC>(g, p, q * VEC, lb.k, fv, yv);
+            add_pack<MODE, T, I, A, VEC, EDGES>(g, p, q * VEC - sh, lb.k, fv, yv);
         }
         if (RP > 0) {  // the stage's reads are done (their values consumed, and __syncwarp
             __syncwarp();  // orders this thread's shared accesses): copy the next row into it
@@ -680,7 +707,7 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
                 A fv[VEC], yv[VEC] = {};
                 unpack(pack_at(xs, stage, it), fv);
                 if (MODE == 1) unpack(ys[((size_t)stage * P + it) * bt + threadIdx.x], yv);
-                store_grad_pack<MODE, T, I, A, VEC>(g, o, grow, q * VEC, fv, yv);
+                store_grad_pack<MODE, T, I, A, VEC, EDGES>(g, o, grow, q * VEC - sh, fv, yv);
             }
         }
     }
@@ -820,20 +847,21 @@ template <typename T, typename I, typename A, int MODE, int VEC>
 __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_PARAMS) {
     GPUCE_SCE_SETUP;
     __shared__ A red[2 * 32 * GPUCE_PART_WORDS];
-    const int packs = (c + VEC - 1) / VEC;
     Acc acc = GPUCE_ACC_INIT;
     int parity = 0;
     for (long long row = blockIdx.x; row < n; row += gridDim.x) {
         const long long lab = load_label<MODE>(g, row, true);
-        const T* xrow = x + row * ldx;
-        const T* yrow = MODE == 1 ? y + row * ldy : nullptr;
+        const int sh = row_shift<T, VEC>(x + row * ldx);
+        const int packs = (sh + c + VEC - 1) / VEC;
+        const T* xrow = x + row * ldx - sh;
+        const T* yrow = MODE == 1 ? y + row * ldy - sh : nullptr;
         const Label<A> lb = label_of<MODE>(g, lab, true);
         Part<A> p = part_identity<A>();
         for (int q = threadIdx.x; q < packs; q += blockDim.x) {
             A fv[VEC], yv[VEC] = {};
             unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
             if (MODE == 1) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
-            add_pack<MODE, T, I, A, VEC>(g, p, q * VEC, lb.k, fv, yv);
+            add_pack<MODE, T, I, A, VEC>(g, p, q * VEC - sh, lb.k, fv, yv);
         }
         p = block_merge(p, red, parity);
         parity ^= 1;
@@ -845,7 +873,7 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
                 A fv[VEC], yv[VEC] = {};
                 unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
                 if (MODE == 1) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
-                store_grad_pack<MODE, T, I, A, VEC>(g, o, grow, q * VEC, fv, yv);
+                store_grad_pack<MODE, T, I, A, VEC>(g, o, grow, q * VEC - sh, fv, yv);
             }
         }
     }

@@ -36,7 +36,9 @@ def V(kind, dtype, target, vec, **kw):
 
 
 def team(v, c, threads):
-    p = F._team_plan(v, c, threads, DEV)
+    """The ring plan of ``v`` for rows of ``c`` (dense rows whose C is not a multiple of the
+    pack start off a 16-byte boundary: one more pack a row at most)."""
+    p = F._team_plan(v, c + v.vec - 1 if c % v.vec else c, threads, DEV)
     assert p is not None, (v, c, threads)
     return p
 
@@ -71,6 +73,13 @@ CASES = [
     (team(V("cluster", "float16", "prob", 8, cluster=4), 4096, 64), 4096, 4),
     (team(V("cluster", "bfloat16", "int32", 8, cluster=8), 8192, 32), 8192, 8),
     (team(V("cluster", "float32", "prob", 4, cluster=2), 6000, 64), 6000, 2),
+    # dense rows that start off a 16-byte boundary: aligned granules, edge packs masked
+    (team(V("block", "float32", "int64", 4), 1001, 64), 1001, 2),
+    (team(V("warp", "bfloat16", "int32", 8, group=16), 333, 64), 333, 2),
+    (team(V("warp", "float16", "prob", 8, group=8), 77, 64), 77, 1),
+    (team(V("cluster", "bfloat16", "int64", 8, cluster=2), 5003, 64), 5003, 2),
+    (F.Plan(V("twopass", "float32", "int64", 4), 64), 1001, 2),
+    (F.Plan(V("twopass", "float16", "prob", 8), 64), 999, 2),
     # the register stage: 16 packs a thread in registers, one shared-memory stage
     (team(V("cluster", "float32", "int64", 4, cluster=8, regs=16), 12000, 32), 12000, 8),
     (team(V("cluster", "float32", "int32", 4, cluster=8, regs=16), 16384, 32), 16384, 8),
@@ -302,10 +311,12 @@ def test_one_team_walks_many_rows(lib, case):
 
 
 def test_every_case_is_compiled_and_planned():
-    """The emulated variants are in the compile list, and each plan's ring holds a row."""
+    """The emulated variants are in the compile list, and each plan's ring holds a row (one
+    more pack for rows that start off a 16-byte boundary)."""
     compiled = set(F.variants())
     for p, c, _ in CASES:
         assert p.variant in compiled
         if p.variant.kind in ("warp", "block", "cluster"):
             nt = p.variant.group or p.threads * max(1, p.variant.cluster)
-            assert p.packs * nt * p.variant.vec >= c
+            v = p.variant.vec
+            assert p.packs * nt * v >= (c + v - 1 if c % v else c)

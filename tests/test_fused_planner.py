@@ -108,3 +108,27 @@ def test_explain_names_the_kernel_and_why():
     p = F.plan("float32", "label", "int64", 32768, 4, H100)
     s = F.explain_plan(p, 32768, 4096, H100, 1)
     assert "sce_cluster" in s and "cluster of 4" in s and "grid" in s
+
+
+class _Arr:
+    """What vec_for / rows_shifted read of a device array: its pointer and item size."""
+
+    def __init__(self, ptr, itemsize):
+        self.data = type("P", (), {"ptr": ptr})()
+        self.itemsize = itemsize
+
+
+def test_rows_off_a_16_byte_boundary_keep_16_byte_packs():
+    """GPT-2's 50257 classes in bfloat16: dense rows start off 16-byte boundaries; the packs
+    stay 16 bytes (the aligned granules that hold each row) while the logits, the targets and
+    the gradient share each row's offset, and a plan holds one more pack a row."""
+    x, g = _Arr(4096, 2), _Arr(1 << 20, 2)
+    assert F.vec_for("bfloat16", 50257, (x, 50257), (g, 50257)) == 8
+    assert F.rows_shifted("bfloat16", 50257, x, 50257)
+    assert not F.rows_shifted("bfloat16", 50264, x, 50264)
+    assert F.vec_for("bfloat16", 50257, (x, 50257), (_Arr(4098, 2), 50257)) == 1  # offsets differ
+    assert F.vec_for("float32", 1000, (x, 1000), (g, 1001)) == 1  # row strides differ mod 16 B
+    p = F.plan("bfloat16", "label", "int64", 50257, 8, H100, None, shifted=True)
+    assert p.variant.vec == 8 and _covers(p, 50257 + 7) >= 50257 + 7
+    p = F.plan("float32", "label", "int64", 1001, 4, H100, None, shifted=True)
+    assert p.variant.kind in ("warp", "block") and _covers(p, 1004) >= 1004
