@@ -231,12 +231,6 @@ def _from_parts(parts, field, shapes, dtype, meta_like, scale=None):
     return da.concatenate(blocks, axis=0)
 
 
-def _scale_of(total, reduction):
-    if reduction != "mean":
-        return 1.0
-    return 0.0 if total["denom"] == 0 else 1.0 / total["denom"]
-
-
 # -- statistics (return_stats) -------------------------------------------------------------
 # A block reports its statistics beside its loss: for "sum"/"mean" the z-loss part of its sum,
 # its number of correct rows (rint(accuracy * counted), exact while a block has fewer than
@@ -323,7 +317,7 @@ def _sce_part(run, x, t, w, a, row0, opts):
 
 
 def _sce_finish(total, a):
-    scale = _scale_of(total, a.reduction)
+    scale = a.mean_scale(total["denom"])
     loss = total["loss"].astype(np.float64) * scale
     return {"loss": _module_of(total["loss"]).asarray(loss, dtype=a.acc), "scale": scale,
             **_stats_finish(total, a, scale)}
@@ -389,7 +383,7 @@ def _linear_part(run, X, y, W, b, w, a, row0, opts):
 
 def _linear_finish(total, W, a, reg):
     xp = array_module(W)
-    scale = _scale_of(total, a.reduction)
+    scale = a.mean_scale(total["denom"])
     out = {"scale": scale}
     if a.reduction != "none":
         loss = xp.asarray(total["loss"].astype(np.float64) * scale, dtype=a.acc)

@@ -82,10 +82,7 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
         active = np.ones(n, bool)
         bad_label = np.zeros(n, bool)
         denom = float(n)
-    if a.reduction == "mean":
-        scale = 0.0 if denom == 0 else 1.0 / denom
-    else:
-        scale = 1.0
+    scale = a.mean_scale(denom)
 
     loss = np.empty(n, acc)
     stats = a.return_stats

@@ -107,6 +107,14 @@ class SceArgs:
     # gives a NaN row instead of an exception
     check_labels: bool = True
 
+    def mean_scale(self, denom) -> float:
+        """The factor the summed loss and the gradient are scaled by: ``1 / denom`` for
+        reduction "mean" (0 when ``denom`` is 0: the zero-denominator rule gives a 0 loss
+        and a 0 gradient, where torch gives NaN), 1 for "sum" and "none"."""
+        if self.reduction != "mean":
+            return 1.0
+        return 0.0 if denom == 0 else 1.0 / denom
+
 
 class SceStats(NamedTuple):
     """Statistics computed in the same pass as the loss (``return_stats=True``).

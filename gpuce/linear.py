@@ -158,7 +158,7 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
     scale = 1.0
     if a.reduction == "mean":
         denom = mean_denominator(xp, y, weight, a)
-        scale = 0.0 if denom == 0 else 1.0 / denom
+        scale = a.mean_scale(denom)
     X, W = xp.ascontiguousarray(X), xp.ascontiguousarray(W)  # cuBLAS reads dense rows
 
     dX = dW = db = None

@@ -297,7 +297,7 @@ def walk_blocks(xp, logits, target, weight, a: SceArgs, impl="auto"):
     denom = scale = 1.0
     if a.reduction == "mean":
         denom = mean_denominator(xp, target, weight, a)
-        scale = 0.0 if denom == 0 else 1.0 / denom
+        scale = a.mean_scale(denom)
     per_block = replace(a, reduction="none" if a.reduction == "none" else "sum",
                         labels_checked=True)
     grad = None
