@@ -58,6 +58,7 @@ STATIC_SMEM = 4096  # bound on the kernels' own __shared__ scratch (checked by t
 WS_PARTIALS = 8  # GPUCE_WS_PARTIALS
 WS_WORDS = 5  # GPUCE_NWORDS
 MAX_BLOCKS_PER_SM = 32
+MAX_CLASSES = 2**31 - 64  # a row's pack count (shift + C + VEC - 1) / VEC is an int in the kernels
 DENOM_THREADS = 256
 
 
@@ -312,18 +313,29 @@ def current_device() -> Device:
     return _device(cupy.cuda.Device().id)
 
 
+def _prepare(fn, smem: int):
+    """Raise the kernel's dynamic shared-memory limit when it needs more than the default."""
+    if smem + STATIC_SMEM > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn
+
+
 @functools.lru_cache(maxsize=1024)
 def _occupancy(expr: str, threads: int, smem: int) -> int:
-    """Blocks of ``expr`` an SM holds (the driver's occupancy API; for a kernel it cannot
-    answer for, the estimate from threads and shared memory)."""
+    """Blocks of ``expr`` an SM holds (the driver's occupancy API, after the shared-memory
+    limit is raised; for a kernel it cannot answer for, the estimate from threads and shared
+    memory)."""
     from cupy_backends.cuda.api import driver
 
-    fn = function(expr)
+    fn = _prepare(function(expr), smem)
     try:
-        return max(1, min(MAX_BLOCKS_PER_SM, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, smem))))
+        per_sm = int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, smem))
     except Exception:
+        per_sm = 0
+    if per_sm < 1:
         p = Plan(Variant("block", "float32", "label", "int64", 4), threads, smem=smem)
         return occupancy_estimate(p, current_device())
+    return min(MAX_BLOCKS_PER_SM, per_sm)
 
 
 def vec_for(dtype: str, c: int, *arrays_and_lds) -> int:
@@ -362,6 +374,10 @@ def workspace(cp, dev: Device):
     stream = cp.cuda.get_current_stream()
     key = (cp.cuda.Device().id, stream.ptr)
     if key not in _WORKSPACES:  # the stream object is kept alive with its workspace
+        if stream.is_capturing():
+            raise RuntimeError("gpuce's first fused call on a stream cannot be inside a CUDA graph "
+                               "capture (its workspace is zeroed then): make one call on the "
+                               "stream before capturing")
         _WORKSPACES[key] = (cp.zeros(WS_PARTIALS + WS_WORDS * dev.sms * MAX_BLOCKS_PER_SM, cp.int64), stream)
     return _WORKSPACES[key][0]
 
@@ -411,6 +427,8 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     import cupy
 
     n, c = x2.shape
+    if c > MAX_CLASSES:
+        raise ValueError(f"the fused kernels take at most {MAX_CLASSES} classes, got {c}")
     target = "prob" if lbl is None else "label"
     index = "int32" if lbl is None else lbl.dtype.name
     p, _, dev = choose(x2, target, index, y2, grad_out, pinned)
@@ -430,11 +448,12 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
                                                          np.int32(c), np.int64(ignore_index), ws))
     isz = x2.itemsize
     expr = p.variant.expr()
-    fn = function(expr)
-    if p.smem + STATIC_SMEM > 48 * 1024:
-        fn.max_dynamic_shared_size_bytes = p.smem
+    fn = _prepare(function(expr), p.smem)
+    cl = max(1, p.variant.cluster)
     if grid is None:
         grid = grid_blocks(p, n, dev, _occupancy(expr, p.threads, p.smem))
+    elif grid % cl or not 0 < grid <= dev.sms * MAX_BLOCKS_PER_SM:  # the workspace holds that many
+        raise ValueError(f"grid {grid} must be a multiple of {cl} in [1, {dev.sms * MAX_BLOCKS_PER_SM}]")
 
     def ptr(a):
         return a if a is not None else null

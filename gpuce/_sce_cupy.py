@@ -101,6 +101,7 @@ def _z_rows(cp, lse, lbl, a):
 def _fused_rows(cp, x2, target, weight, a, grad_out, variant):
     n, c = x2.shape
     acc = a.acc
+    _fused.workspace(cp, _fused.current_device())  # first: it refuses to be made inside a capture
     w = _weight(cp, weight, acc)
     lbl = y2 = None
     if a.kind == "label":
@@ -126,15 +127,14 @@ def _fused_rows(cp, x2, target, weight, a, grad_out, variant):
         pinned=variant)
     if grad_out is not None and out is not grad_out:  # a unit-column copy was written
         grad_out[...] = out
-    if bad is not None:
-        raise_bad_label(lbl, bad, a)
     stats = None
     if a.return_stats:
         if none:
-            zrows = _z_rows(cp, lse, lbl, a)
-            stats = SceStats(zrows, correct, lse)
+            stats = SceStats(_z_rows(cp, lse, lbl, a), correct, lse)
         else:
             stats = SceStats(stats_out[0], stats_out[1] if a.kind == "label" else None, lse)
+    if bad is not None:  # the one read-back, after the last launch
+        raise_bad_label(lbl, bad, a)
     return SceRows(rows, total, stats)
 
 

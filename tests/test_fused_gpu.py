@@ -114,3 +114,45 @@ def test_explain_says_which_kernel():
     x, _ = _inputs(cp, 8, 32768, seed="explain")
     s = _fused.explain(x)
     assert "sce_" in s and "grid" in s
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("c", [50257, 1001, 77])
+def test_rows_off_a_16_byte_boundary_in_place(dtype, c):
+    """A view one column into a wider array (every row off its 16-byte boundary, the base too)
+    with the gradient written in place: the 16-byte-pack path with masked edge packs, the
+    logits and the gradient aliased; neighbouring columns untouched."""
+    import cupy as cp
+
+    from gpuce._validation import bfloat16_dtype
+
+    dt = bfloat16_dtype() if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(zlib.crc32(f"shifted-{c}-{dtype}".encode()))
+    n = 37
+    base_np = (rng.standard_normal((n, c + 2)) * 3).astype(dt)
+    y = rng.integers(0, c, n)
+    want_loss, want_grad = gpuce.softmax_cross_entropy(base_np[:, 1:-1], y, return_grad=True)
+    base = cp.asarray(base_np)
+    x = base[:, 1:-1]
+    loss, g = gpuce.softmax_cross_entropy(x, cp.asarray(y), return_grad=True, inplace=True)
+    rtol = 1e-5 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(loss.get(), want_loss, rtol=rtol)
+    got = base.get()
+    np.testing.assert_allclose(got[:, 1:-1].astype(np.float64), want_grad.astype(np.float64), rtol=rtol,
+                               atol=rtol / n)
+    np.testing.assert_array_equal(got[:, 0], base_np[:, 0])  # the neighbours are not written
+    np.testing.assert_array_equal(got[:, -1], base_np[:, -1])
+
+
+def test_first_call_inside_a_capture_raises():
+    import cupy as cp
+
+    x, y = _inputs(cp, 64, 100, seed="capture-first")
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        s.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="before capturing"):
+                gpuce.softmax_cross_entropy(x, y, check_labels=False)
+        finally:
+            s.end_capture()
