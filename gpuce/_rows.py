@@ -32,10 +32,10 @@ def mean_denominator(xp, y, weight, a) -> float:
     # rows with a label outside [0, C) (check_labels=False: NaN rows) count as ignored here
     active = (y != a.ignore_index) & (y >= 0) & (y < a.c)
     if weight is None:
-        wk = active.astype(a.acc)
+        row_weight = active.astype(a.acc)
     else:
-        wk = xp.where(active, weight[xp.where(active, y, 0)], 0).astype(a.acc)
-    return float(wk.sum(dtype=np.float64))
+        row_weight = xp.where(active, weight[xp.where(active, y, 0)], 0).astype(a.acc)
+    return float(row_weight.sum(dtype=np.float64))
 
 
 def sum_squares(xp, W):

@@ -61,7 +61,7 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
     acc = a.acc
     eps = a.label_smoothing
     eps_c = eps / c
-    ome = 1.0 - eps
+    one_minus_eps = 1.0 - eps
     z = a.z_loss
     w = None if weight is None else weight.astype(acc, copy=False)
 
@@ -73,9 +73,10 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
         bad_label = active & ((lbl < 0) | (lbl >= c))  # only with check_labels=False
         valid = active & ~bad_label
         safe = np.where(valid, lbl, 0)
-        wk = np.where(valid, w[safe] if w is not None else acc.type(1), acc.type(0)).astype(acc)
-        wl = np.where(bad_label, np.nan, ome * wk).astype(acc)
-        denom = float(wk.sum(dtype=np.float64))
+        # w_k of each row (0 for ignored and bad rows) and its label term's coefficient (1-eps) w_k
+        label_weight = np.where(valid, w[safe] if w is not None else acc.type(1), acc.type(0)).astype(acc)
+        label_coef = np.where(bad_label, np.nan, one_minus_eps * label_weight).astype(acc)
+        denom = float(label_weight.sum(dtype=np.float64))
         cw = None if eps == 0.0 else (np.full(c, eps_c, acc) if w is None else (eps_c * w).astype(acc))
         a_row = acc.type(0) if cw is None else acc.type(cw.sum(dtype=np.float64))
     else:
@@ -140,10 +141,10 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
                 nz = cw != 0
                 b = e[:, nz] @ cw[nz] if not nz.all() else e @ cw
                 b = np.where(act, b, 0).astype(acc)
-            wl_c = wl[r0:r1]
+            label_coef_chunk = label_coef[r0:r1]
         else:
             coef = scratch("coef", k)
-            np.multiply(target[r0:r1], ome, out=coef, casting="unsafe")
+            np.multiply(target[r0:r1], one_minus_eps, out=coef, casting="unsafe")
             coef += eps_c
             if w is not None:
                 coef *= w
@@ -152,13 +153,13 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
             prod.fill(0)
             np.multiply(coef, e, out=prod, where=coef != 0)
             b = prod.sum(axis=1)
-            wl_c = np.zeros(k, acc)
+            label_coef_chunk = np.zeros(k, acc)
             t = np.zeros(k, acc)
         np.exp(e, out=e)
         s = e.sum(axis=1)
         ls = np.log(s)
         lse = ms + ls
-        lab = np.where(wl_c != 0, wl_c * (ls - t), 0)
+        lab = np.where(label_coef_chunk != 0, label_coef_chunk * (ls - t), 0)
         smooth = np.where(a_sum != 0, a_sum * ls - b, 0)
         zt = z * lse * lse if z != 0 else 0
         row_loss = lab + smooth + zt
@@ -174,13 +175,13 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
                 ok = finite & ~bad_label[r0:r1] & (t == 0)
                 correct_rows[r0:r1] = np.where(act, ok, np.nan)
         if grad_out is not None:
-            # grad = scale * (softmax * G - coef - wl [j = k]), softmax = e / s
-            g = wl_c + a_sum + 2.0 * z * lse
+            # grad = scale * (softmax * G - coef - label_coef [j = k]), softmax = e / s
+            g = label_coef_chunk + a_sum + 2.0 * z * lse
             e *= (g * scale / s).astype(acc)[:, None]
             if a.kind == "label":
                 if cw is not None:
                     e -= (scale * cw).astype(acc)
-                e[rows, lab_idx] -= (scale * wl_c).astype(acc)
+                e[rows, lab_idx] -= (scale * label_coef_chunk).astype(acc)
             else:
                 coef *= acc.type(scale)
                 e -= coef
