@@ -433,8 +433,6 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     index = "int32" if lbl is None else lbl.dtype.name
     p, _, dev = choose(x2, target, index, y2, grad_out, pinned)
     ws = workspace(cupy, dev)
-    at = np.dtype(acc).type
-    null = np.uint64(0)
     inv_from_ws = 0
     inv = 1.0
     if reduction == "mean":
@@ -444,9 +442,7 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
             inv_from_ws = 1
             expr = denominator_expr(index, np.dtype(acc).name)
             blocks = int(max(1, min(_ceil(n, DENOM_THREADS), dev.sms * 4)))
-            function(expr)((blocks,), (DENOM_THREADS,), (lbl, w if w is not None else null, np.int64(n),
-                                                         np.int32(c), np.int64(ignore_index), ws))
-    isz = x2.itemsize
+            function(expr)((blocks,), (DENOM_THREADS,), denominator_args(lbl, w, n, c, ignore_index, ws))
     expr = p.variant.expr()
     fn = _prepare(function(expr), p.smem)
     cl = max(1, p.variant.cluster)
@@ -455,10 +451,33 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     elif grid % cl or not 0 < grid <= dev.sms * MAX_BLOCKS_PER_SM:  # the workspace holds that many
         raise ValueError(f"grid {grid} must be a multiple of {cl} in [1, {dev.sms * MAX_BLOCKS_PER_SM}]")
 
+    args = kernel_args(p, x2, lbl, y2, w, acc=acc, eps=eps, z=z, softcap=softcap, ignore_index=ignore_index,
+                       inv=inv, inv_from_ws=inv_from_ws, loss_out=loss_out, lse_out=lse_out,
+                       correct_out=correct_out, grad_out=grad_out, ws=ws, total_out=total_out,
+                       stats_out=stats_out, bad_out=bad_out)
+    fn((grid,), (p.threads,), args, shared_mem=p.smem)
+    return p
+
+
+def denominator_args(lbl, w, n, c, ignore_index, ws) -> tuple:
+    """sce_denominator's argument tuple (labels, weights or null, n, C, ignore_index, ws)."""
+    return (lbl, w if w is not None else np.uint64(0), np.int64(n), np.int32(c), np.int64(ignore_index), ws)
+
+
+def kernel_args(p: Plan, x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, inv, inv_from_ws, loss_out,
+                lse_out, correct_out, grad_out, ws, total_out, stats_out, bad_out) -> tuple:
+    """The fused kernel's argument tuple, in the order and widths of GPUCE_SCE_PARAMS (+ P, S
+    for the ring kernels): arrays as themselves, absent ones as a null pointer, integers and
+    floats as NumPy scalars of the parameter's width (tests check it against the source)."""
+    null = np.uint64(0)
+    at = np.dtype(acc).type
+    isz = x2.itemsize
+    n, c = x2.shape
+
     def ptr(a):
         return a if a is not None else null
 
-    args = [x2, np.int64(x2.strides[0] // isz), lbl if lbl is not None else null, ptr(y2),
+    args = [x2, np.int64(x2.strides[0] // isz), ptr(lbl), ptr(y2),
             np.int64(y2.strides[0] // isz if y2 is not None else 0), ptr(w), np.int64(n), np.int32(c),
             at(eps / c), at(1.0 - eps), at(z), at(softcap or 0.0), np.int64(ignore_index), np.float64(inv),
             np.int32(inv_from_ws), ptr(loss_out), ptr(lse_out), ptr(correct_out), ptr(grad_out),
@@ -466,8 +485,7 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
             ptr(stats_out), ptr(bad_out)]
     if p.variant.kind in ("warp", "block", "cluster"):
         args += [np.int32(p.packs), np.int32(p.stages)]
-    fn((grid,), (p.threads,), tuple(args), shared_mem=p.smem)
-    return p
+    return tuple(args)
 
 
 def explain(x2, target_kind="label", index="int64", y2=None, grad_out=None) -> str:

@@ -1,6 +1,7 @@
 """The fused kernels' launch planner (no GPU needed): the variant list, the plans it picks
 for each row length, and the grid."""
 
+import numpy as np
 import pytest
 
 from gpuce import _fused as F
@@ -132,3 +133,84 @@ def test_rows_off_a_16_byte_boundary_keep_16_byte_packs():
     assert p.variant.vec == 8 and _covers(p, 50257 + 7) >= 50257 + 7
     p = F.plan("float32", "label", "int64", 1001, 4, H100, None, shifted=True)
     assert p.variant.kind in ("warp", "block") and _covers(p, 1004) >= 1004
+
+
+# -------------------------------------------------------------- host arguments vs the kernels
+# The emulator builds its own C++ calls, so the host's argument packing is checked here against
+# the kernels' parameter lists, read from the CUDA source: order, pointer or scalar, width.
+
+def _params(text):
+    import re
+
+    out = []
+    for part in text.replace("\\\n", " ").split(","):
+        part = " ".join(part.split())
+        if not part:
+            continue
+        name = re.findall(r"\w+", part)[-1]
+        decl = part[: part.rindex(name)].replace("__restrict__", "").replace("const", "").strip()
+        out.append((name, "ptr" if decl.endswith("*") else decl))
+    return out
+
+
+def _source_params(kernel):
+    import re
+
+    from gpuce import _kernel_source
+
+    src = _kernel_source.read_source(F.SOURCE)
+    if kernel == "sce_denominator":
+        m = re.search(r"sce_denominator\(([^)]*)\)", src)
+        return _params(m.group(1))
+    m = re.search(r"#define GPUCE_SCE_PARAMS(.*?)\n\n", src, re.S)
+    base = _params(m.group(1))
+    return base + ([("P", "int"), ("S", "int")] if kernel in ("warp", "block", "cluster") else [])
+
+
+class _Dev:
+    """A stand-in for a device array: the launch code reads only strides and item size."""
+
+    def __init__(self, shape, itemsize):
+        self.shape, self.itemsize = shape, itemsize
+        self.strides = (shape[-1] * itemsize, itemsize) if len(shape) == 2 else (itemsize,)
+
+
+WIDTH = {"long long": np.int64, "int": np.int32, "double": np.float64}
+
+
+@pytest.mark.parametrize("kind", ["tile", "warp", "block", "cluster", "twopass"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_kernel_arguments_match_the_parameter_list(kind, dtype):
+    acc = np.dtype(F.ACC[dtype])
+    v = F.Variant(kind, dtype, "label", "int64", F.VEC_MAX[dtype], group=8 if kind == "warp" else 0,
+                  cluster=2 if kind == "cluster" else 0)
+    p = F.Plan(v, 64, packs=3, stages=2)
+    n, c = 5, 40
+    x, g, lbl, ws = _Dev((n, c), F.ITEMSIZE[dtype]), _Dev((n, c), F.ITEMSIZE[dtype]), _Dev((n,), 8), _Dev((9,), 8)
+    rows, total = _Dev((n,), acc.itemsize), _Dev((), acc.itemsize)
+    args = F.kernel_args(p, x, lbl, None, None, acc=acc, eps=0.1, z=0.0, softcap=None, ignore_index=-100, inv=0.5,
+                         inv_from_ws=0, loss_out=rows, lse_out=None, correct_out=None, grad_out=g, ws=ws,
+                         total_out=total, stats_out=None, bad_out=None)
+    params = _source_params(kind)
+    assert len(args) == len(params), (len(args), params)
+    for (name, decl), a in zip(params, args):
+        if decl == "ptr":
+            assert isinstance(a, _Dev) or (isinstance(a, np.uint64) and a == 0), (name, a)
+        else:
+            want = acc.type if decl == "A" else WIDTH[decl]
+            assert type(a) is want, (name, decl, type(a))
+    named = dict(zip([nm for nm, _ in params], args))
+    assert named["ldx"] == c and named["ldg"] == c and named["n"] == n and named["c"] == c
+    assert named["ignore_index"] == -100 and named["inv_denom"] == 0.5
+    assert named["x"] is x and named["grad"] is g and named["loss_out"] is rows and named["ws"] is ws
+
+
+def test_denominator_arguments_match_the_parameter_list():
+    args = F.denominator_args(_Dev((5,), 4), None, 5, 40, -100, _Dev((9,), 8))
+    params = _source_params("sce_denominator")
+    assert len(args) == len(params)
+    for (name, decl), a in zip(params, args):
+        if decl == "ptr":
+            assert isinstance(a, _Dev) or a == 0, name
+        else:
+            assert type(a) is WIDTH[decl], (name, decl, type(a))
