@@ -358,9 +358,11 @@ __device__ __forceinline__ void emit_row(const Args<T, I, A>& g, long long row, 
 }
 
 // grad_j = (e_j r - scale coef_j - wls [j = k]) (1 - tanh^2) of one column, from the raw logit
-// f and the target yv (MODE 1); 0 for an inactive row, NaN for a bad one.
+// f and the target yv (MODE 1); 0 for an inactive row, NaN for a bad one.  ``is_label``: j = k
+// (the callers test it once a pack, not once a value).
 template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ A grad_elem(const Args<T, I, A>& g, const RowOut<A>& o, int col, A f, A yv) {
+__device__ __forceinline__ A grad_elem(const Args<T, I, A>& g, const RowOut<A>& o, int col, A f, A yv,
+                                       bool is_label) {
     if (!o.active) return A(0);
     if (o.bad) return quiet_nan<A>();
     A v = f, dcap = A(1);
@@ -371,7 +373,7 @@ __device__ __forceinline__ A grad_elem(const Args<T, I, A>& g, const RowOut<A>& 
     }
     A d = ex(v - o.ms) * o.r;
     if (MODE == 1 || g.eps_over_c != A(0)) d -= g.scale * coef_of<MODE>(g, yv, col);
-    if (col == o.k) d -= o.wls;
+    if (is_label) d -= o.wls;
     return d * dcap;
 }
 
@@ -390,16 +392,32 @@ __device__ __forceinline__ int row_shift(const T* row) {
 template <int MODE, typename T, typename I, typename A, int VEC, bool EDGES = true>
 __device__ __forceinline__ void store_grad_pack(const Args<T, I, A>& g, const RowOut<A>& o, T* grow, int col0,
                                                 const A (&fv)[VEC], const A (&yv)[VEC]) {
-    if (!EDGES || (col0 >= 0 && col0 + VEC <= g.c)) {
+    if constexpr (!EDGES) {  // the register-stage kernel: its unrolled loops stay small
         Pack<T, VEC> out;
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u]));
+        for (int u = 0; u < VEC; ++u)
+            out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k));
+        store_pack<T, VEC>(grow + col0, out);
+        return;
+    }
+    const bool has_k = o.k >= col0 && o.k < col0 + VEC;  // the label column: one pack a row
+    if (col0 >= 0 && col0 + VEC <= g.c) {
+        Pack<T, VEC> out;
+        if (has_k) {
+#pragma unroll
+            for (int u = 0; u < VEC; ++u)
+                out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k));
+        } else {
+#pragma unroll
+            for (int u = 0; u < VEC; ++u) out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], false));
+        }
         store_pack<T, VEC>(grow + col0, out);
         return;
     }
 #pragma unroll
     for (int u = 0; u < VEC; ++u)
-        if (col0 + u >= 0 && col0 + u < g.c) grow[col0 + u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u]));
+        if (col0 + u >= 0 && col0 + u < g.c)
+            grow[col0 + u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k));
 }
 
 // A pack of T as VEC values in A (the targets: 0 when absent).
@@ -819,7 +837,7 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS, 1) sce_tile(GPUCE_SCE_PARAMS)
             if (grad) {
                 for (int j = 0; j < c; ++j) {  // the gradient in place of the logit (rounded to T once)
                     const int i = base + j + ((base + j) >> 5);
-                    tile[i] = grad_elem<MODE>(g, o, j, tile[i], MODE == 1 ? ytile[i] : A(0));
+                    tile[i] = grad_elem<MODE>(g, o, j, tile[i], MODE == 1 ? ytile[i] : A(0), j == o.k);
                 }
             }
         }
