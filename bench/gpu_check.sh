@@ -8,9 +8,10 @@
 #   bench/results/probe.csv, and write prediction and outcome into docs/performance.md.
 # Usage on the device:  bash bench/gpu_check.sh
 #   OUT        where logs go (default ./gpu_out)
-#   PARTS      which steps, default "tests probe bench"; also "demo", "ncu", "linear", "lce".
-#              A device call is limited to 10 minutes (8 planned): the first call of a session
-#              runs the default, the next one what it left out.
+#   PARTS      which steps, default "tests probe" (about 5 minutes); then "bench" (about 8:
+#              the sweep at 2^30 with every provider, 2^28 for the fixed/marginal split, small C,
+#              the softcap row); then "ncu lce linear demo".  A device call is limited to 10
+#              minutes: one call a line, each with its own timeout_s.
 #   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5";
 #              add --variants to time every fused variant that fits each shape (fused[...] rows:
 #              how the chooser's order is set, e.g. the label-a-row-ahead forms against the rest)
@@ -27,7 +28,7 @@
 # and name .whl in the device call's carry; this script installs what it finds there.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
-PARTS=${PARTS:-tests probe bench}
+PARTS=${PARTS:-tests probe}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # no install: hatchling is not there, nothing can be fetched
@@ -51,7 +52,10 @@ if has demo; then
   timeout "${T_DEMO:-60}" python3 -m gpuce.cli demo --backend cupy --png /tmp/demo-loss.png 2>&1 | tee "$OUT/demo.log"
 fi
 if has bench; then
-  timeout "${T_BENCH:-240}" python3 -m bench --no-progress --results-dir "$OUT" ${BENCH_ARGS:---totals 2**28 2**30 --classes 1000 4096 32768 131072 262144 --dtypes float32 float16 bfloat16 --repeat 10} 2>&1 | tee "$OUT/bench.log"
+  timeout "${T_BENCH:-240}" python3 -m bench --no-progress --results-dir "$OUT" ${BENCH_ARGS:---totals 2**30 --classes 1000 4096 32768 131072 262144 --dtypes float32 float16 bfloat16 --repeat 10} 2>&1 | tee "$OUT/bench.log"
+  # the smaller size of the fixed/marginal split (no torch.compile: one compile a shape)
+  timeout "${T_BENCH_SPLIT:-90}" python3 -m bench --no-progress --results-dir "$OUT" --totals 2**28 --classes 1000 4096 32768 131072 262144 \
+    --dtypes float32 float16 --providers gpuce-fused gpuce-portable torch-eager liger --repeat 10 2>&1 | tee -a "$OUT/bench.log"
   # the small-C target is stated at N = 2^24 rows (same CSV, its own rows)
   timeout "${T_BENCH_SMALL:-60}" python3 -m bench --no-progress --results-dir "$OUT" --rows 2**24 --classes 10 100 \
     --dtypes float32 --providers gpuce-fused gpuce-portable torch-eager --repeat 10 2>&1 | tee -a "$OUT/bench.log"
