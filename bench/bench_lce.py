@@ -13,7 +13,7 @@ gradients dX and dW, at Cut Cross-Entropy's published shape N=8192, D=2304, C=25
                        skips small gradient blocks), where importable
 
 Peak memory is what a call adds on top of its inputs (CuPy's pool growth plus torch's peak);
-the lower bound is the dX and dW outputs.  Goals (issue 5): gpuce's peak extra <= 1.1x the
+the lower bound is the dX and dW outputs.  Goals: gpuce's peak extra <= 1.1x the
 lower bound, time <= 1.2x the three GEMMs.  Matrix products run without TF32 in every provider
 that uses cuBLAS (CuPy's and torch's defaults); Triton-based providers choose their own.
 

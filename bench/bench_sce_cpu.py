@@ -1,6 +1,6 @@
 """CPU backend: softmax_cross_entropy (loss + grad) against one read+write copy of the logits.
 
-Goal (issue 2): <= 2.0x a copy for C >= 1000.  The sweep is gpuce.benchmark.cpu_sweep (the
+Goal: <= 2.0x a copy for C >= 1000.  The sweep is gpuce.benchmark.cpu_sweep (the
 same code ``gpuce bench --dry`` checks); rows go to bench/results/cpu_sce.csv and the table
 printed is drawn from that CSV.
 
@@ -22,7 +22,7 @@ CSV = Path(__file__).resolve().parent / "results" / "cpu_sce.csv"
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--elements", type=lambda s: int(eval(s, {})), default=2**23)
+    p.add_argument("--elements", type=B.parse_count, default=2**23, help="N*C, e.g. 2**23")
     p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000, 4096, 32768])
     p.add_argument("--readme", type=Path, default=None, help="regenerate this README's CPU table")

@@ -275,9 +275,9 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
               variants=False, rows=None, softcap=None):
     """Measure every (N*C, dtype, C) point; ``on_rows(rows)`` is called after each point (the
     CLI upserts there, so a sweep cut short by a time limit keeps what it measured).
-    ``variants``: also time every other fused variant that can run the shape (pinned through
-    ``gpuce._fused.PIN``), as providers ``fused[<variant>]`` -- the data the chooser's order is
-    set from.  ``rows``: a fixed N for every C instead of N = total // C (the issue's small-C
+    ``variants``: also time every other fused plan that can run the shape (each pinned through
+    the backend's ``variant`` argument), as providers ``fused[<variant>]`` -- the data the
+    planner's order is set from.  ``rows``: a fixed N for every C instead of N = total // C (the issue's small-C
     target is stated at N = 2^24)."""
     import cupy as cp
 
@@ -400,7 +400,7 @@ def _row(op, provider, mode, dtype, n, c, gpu, t, nbytes, copy_t, peak, note, fl
     r = dict(op=op, provider=provider, mode=mode, dtype=dtype, N=n, C=c, gpu_name=gpu, note=note, **extra)
     if t is not None:
         r.update(p20_ms=f"{t[0]:.4f}", p50_ms=f"{t[1]:.4f}", p80_ms=f"{t[2]:.4f}",
-                 gbps=f"{nbytes / (t[1] / 1e3) / 1e9:.1f}",
+                 gbps=f"{nbytes / (t[1] / 1e3) / 1e9:.4g}",
                  frac_of_copy=f"{copy_t[1] / t[1]:.3f}" if copy_t is not None else "")
         if floor_ms is not None:
             r.update(floor_ms=f"{floor_ms:.4f}", frac_of_floor=f"{floor_ms / t[1]:.3f}")
@@ -410,7 +410,9 @@ def _row(op, provider, mode, dtype, n, c, gpu, t, nbytes, copy_t, peak, note, fl
 
 
 def _bar(total, progress):
-    if not progress:
+    import sys
+
+    if not progress or not sys.stderr.isatty():  # quiet off a terminal (logs, CI)
         return None
     try:
         from tqdm.auto import tqdm
@@ -546,19 +548,23 @@ def parse_count(text: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="gpuce bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classes", type=int, nargs="+", default=list(CLASSES))
+    p.add_argument("--classes", type=int, nargs="+", default=list(CLASSES), help="class counts C of the sweep")
     p.add_argument("--totals", type=parse_count, nargs="+", default=list(TOTALS),
                    help="N*C values, e.g. 2**28 2**30")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
-    p.add_argument("--providers", nargs="+", default=None)
-    p.add_argument("--repeat", type=int, default=20)
-    p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16"],
+                   help="logits dtypes (float16, bfloat16, float32, float64); the first one's table is printed")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="only these providers (names as in the CSV: gpuce-fused, torch-compile, liger, ...)")
+    p.add_argument("--repeat", type=int, default=20, help="timed calls a point (after 2 warm-ups)")
+    p.add_argument("--results-dir", type=Path, default=None,
+                   help="where the CSV and the plot go (default: bench/results of the source tree; "
+                        "with --dry a new temporary directory)")
     p.add_argument("--readme", type=Path, default=None, help="regenerate this README's table")
     p.add_argument("--dry", action="store_true", help="no GPU: NumPy providers, tiny sizes")
     p.add_argument("--merge", type=Path, default=None,
                    help="record the rows of a CSV measured elsewhere (e.g. on a lent GPU) instead "
                         "of measuring; redraws the plot and, with --readme, the table")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
     p.add_argument("--rows", type=parse_count, default=None,
                    help="a fixed N for every C (e.g. 2**24) instead of N = total // C")
     p.add_argument("--variants", action="store_true",
@@ -567,6 +573,10 @@ def main(argv=None) -> int:
                    help="cap the logits at S tanh(f / S) in every provider (Gemma: 30); rows get op "
                         "softmax_cross_entropy_softcapS")
     a = p.parse_args(argv)
+    if a.dry and a.results_dir is None:  # a dry run never writes into the source tree
+        import tempfile
+
+        a.results_dir = Path(tempfile.mkdtemp(prefix="gpuce-bench-dry-"))
     results = a.results_dir or default_results_dir()
     if a.merge:
         rows = read_rows(a.merge)
