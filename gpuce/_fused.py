@@ -101,8 +101,8 @@ class Variant:
         return f"{self.kind}{extra}-v{self.vec}"
 
 
-def denominator_expr(index: str, acc: str) -> str:
-    return f"gpuce::sce_denominator<{CT[index]}, {CT[acc]}>"
+def prologue_expr(index: str, acc: str) -> str:
+    return f"gpuce::sce_prologue<{CT[index]}, {CT[acc]}>"
 
 
 def variants():
@@ -124,8 +124,8 @@ def variants():
     return out
 
 
-def denominator_exprs():
-    return [denominator_expr(i, a) for i in ("int32", "int64") for a in ("float32", "float64")]
+def prologue_exprs():
+    return [prologue_expr(i, a) for i in ("int32", "int64") for a in ("float32", "float64")]
 
 
 @dataclass(frozen=True)
@@ -414,14 +414,16 @@ def choose(x2, target_kind, index, y2, grad_out, pinned=None) -> tuple:
 
 def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, loss_out, lse_out,
            correct_out, grad_out, total_out, stats_out, bad_out, pinned=None, grid=None) -> Plan:
-    """Run the fused path: the denominator prologue (reduction "mean" with labels), then the
-    fused kernel.  Nothing else is launched and nothing waits for the device.
+    """Run the fused path: the prologue where the call needs one (class weights to check, or the
+    denominator of reduction "mean" with labels), then the fused kernel.  Nothing else is
+    launched and nothing waits for the device.
 
     x2 (N, C) logits with unit column stride; lbl (N,) int32/int64 labels or None; y2 (N, C)
     probabilities of x2's dtype or None; w (C,) weights in ``acc`` or None (all ones); the
     outputs are device arrays or None: loss_out, lse_out, correct_out (N,) in ``acc``;
     grad_out (N, C) with unit column stride; total_out 0-d; stats_out (2,) [z part,
-    accuracy]; bad_out 0-d int64 (the first bad label position, N when none).  ``grid``
+    accuracy]; bad_out (2,) int64 (the first bad label position, N when none; the first class
+    weight that is NaN, infinite or negative, -1 when none: the results are then NaN).  ``grid``
     overrides the one-wave grid (the probe's sweep; a multiple of the cluster size).
     """
     import cupy
@@ -435,14 +437,14 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     ws = workspace(cupy, dev)
     inv_from_ws = 0
     inv = 1.0
-    if reduction == "mean":
-        if lbl is None:
-            inv = 1.0 / n
-        else:
-            inv_from_ws = 1
-            expr = denominator_expr(index, np.dtype(acc).name)
-            blocks = int(max(1, min(_ceil(n, DENOM_THREADS), dev.sms * 4)))
-            function(expr)((blocks,), (DENOM_THREADS,), denominator_args(lbl, w, n, c, ignore_index, ws))
+    denominator = reduction == "mean" and lbl is not None
+    if reduction == "mean" and lbl is None:
+        inv = 1.0 / n
+    if denominator or w is not None:  # the prologue: the weights' check and / or the denominator
+        inv_from_ws = int(denominator)
+        blocks = int(max(1, min(_ceil(n, DENOM_THREADS), dev.sms * 4))) if denominator else 1
+        function(prologue_expr(index, np.dtype(acc).name))((blocks,), (DENOM_THREADS,),
+                                                           prologue_args(lbl, w, n, c, ignore_index, denominator, ws))
     expr = p.variant.expr()
     fn = _prepare(function(expr), p.smem)
     cl = max(1, p.variant.cluster)
@@ -459,9 +461,12 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     return p
 
 
-def denominator_args(lbl, w, n, c, ignore_index, ws) -> tuple:
-    """sce_denominator's argument tuple (labels, weights or null, n, C, ignore_index, ws)."""
-    return (lbl, w if w is not None else np.uint64(0), np.int64(n), np.int32(c), np.int64(ignore_index), ws)
+def prologue_args(lbl, w, n, c, ignore_index, denominator, ws) -> tuple:
+    """sce_prologue's argument tuple (labels or null, weights or null, n, C, ignore_index,
+    whether to compute the denominator, ws)."""
+    null = np.uint64(0)
+    return (lbl if lbl is not None else null, w if w is not None else null, np.int64(n), np.int32(c),
+            np.int64(ignore_index), np.int32(bool(denominator)), ws)
 
 
 def kernel_args(p: Plan, x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, inv, inv_from_ws, loss_out,

@@ -190,6 +190,6 @@ def compile_fused(archs=("sm_80", "sm_90")) -> list[CompileResult]:
     out = []
     for arch in archs:
         cc = int(arch.split("_")[1])
-        exprs = [v.expr() for v in _fused.variants() if cc >= v.min_arch] + _fused.denominator_exprs()
+        exprs = [v.expr() for v in _fused.variants() if cc >= v.min_arch] + _fused.prologue_exprs()
         out.append(compile_source(src, f"gpuce_sce_fused_{arch}", arch, ("--std=c++17",), exprs))
     return out

@@ -1,8 +1,10 @@
 """CuPy softmax cross-entropy: host code launching the GPU kernels.
 
 No host synchronisation happens before the last launch of a call; the one read after it is
-the label check's 8-byte result (skipped with ``check_labels=False``), and it raises
-ValueError naming the first bad label.
+the kernels' status of the labels and the class weights (skipped with
+``check_labels=False``), and it raises ValueError naming the first bad label or weight.  With
+``inplace=True`` the check runs before the launch instead (one sync), so that an error leaves
+the caller's logits untouched.
 
 ``impl="fused"`` (the RawKernels of kernels/gpuce_sce_fused.cu, launched by gpuce._fused):
 at most two launches -- the denominator prologue (reduction "mean" with integer labels) and
@@ -29,7 +31,7 @@ import numpy as np
 
 from . import _fused
 from ._cupy_kernels import get_kernel
-from ._validation import SceArgs, SceRows, SceStats, label_error
+from ._validation import SceArgs, SceRows, SceStats, class_weight_error, label_error
 
 
 def kernel_labels(cp, target, a: SceArgs):
@@ -62,6 +64,16 @@ def raise_bad_label(lbl, first, a: SceArgs):
     pos = int(first.get().ravel()[0])
     if pos < lbl.size:
         raise label_error(pos, int(lbl.ravel()[pos].get()), a.lead_shape, a.c, a.ignore_index)
+
+
+def raise_bad_inputs(lbl, w, status, a: SceArgs):
+    """Read the fused path's status -- [first bad label position (N when none), first bad class
+    weight (-1 when none)] -- in one 16-byte copy after the last launch, and raise for either."""
+    first_label, first_weight = (int(v) for v in status.get())
+    if lbl is not None and a.kind == "label" and not a.labels_checked and first_label < lbl.size:
+        raise label_error(first_label, int(lbl.ravel()[first_label].get()), a.lead_shape, a.c, a.ignore_index)
+    if first_weight >= 0:
+        raise class_weight_error(first_weight, float(w[first_weight].get()))
 
 
 def _unit_cols(cp, arr):
@@ -113,13 +125,23 @@ def _fused_rows(cp, x2, target, weight, a, grad_out, variant):
     if grad_out is not None:
         out = xk if grad_out is x2 else _unit_cols(cp, grad_out)
     none = a.reduction == "none"
-    check = a.kind == "label" and a.check_labels and not a.labels_checked
+    # the one read-back: the fused kernel's status of the labels and the class weights
+    check = a.check_labels and ((a.kind == "label" and not a.labels_checked) or w is not None)
+    if check and grad_out is x2:  # in place: validate before the logits are overwritten (a sync)
+        if a.kind == "label" and not a.labels_checked:
+            raise_bad_label(lbl, start_label_check(cp, lbl, a), a)
+        if w is not None:
+            bad_w = ~(cp.isfinite(w) & (w >= 0))
+            if bool(bad_w.any()):
+                pos = int(cp.argmax(bad_w))
+                raise class_weight_error(pos, float(w[pos].get()))
+        check = False
     rows = cp.empty(n, acc) if none else None
     total = None if none else cp.empty((), acc)
     lse = cp.empty(n, acc) if a.return_stats else None
     correct = cp.empty(n, acc) if (a.return_stats and none and a.kind == "label") else None
     stats_out = cp.empty(2, acc) if (a.return_stats and not none) else None
-    bad = cp.empty((), cp.int64) if check else None
+    bad = cp.empty(2, cp.int64) if check else None
     _fused.launch(
         xk, lbl, y2, w, acc=acc, eps=a.label_smoothing, z=a.z_loss, softcap=a.softcap,
         ignore_index=a.ignore_index, reduction=a.reduction, loss_out=rows, lse_out=lse,
@@ -134,7 +156,7 @@ def _fused_rows(cp, x2, target, weight, a, grad_out, variant):
         else:
             stats = SceStats(stats_out[0], stats_out[1] if a.kind == "label" else None, lse)
     if bad is not None:  # the one read-back, after the last launch
-        raise_bad_label(lbl, bad, a)
+        raise_bad_inputs(lbl, w, bad, a)
     return SceRows(rows, total, stats)
 
 
@@ -143,11 +165,24 @@ def _portable_rows(cp, x2, target, weight, a, grad_out):
     acc = a.acc
     wuser = _weight(cp, weight, acc)
     w = cp.ones(c, acc) if wuser is None else wuser  # the portable kernels read a weight vector
+    wbad = None
+    if wuser is not None:  # the first bad class weight (-1: none), read after the last launch
+        bad_w = ~(cp.isfinite(wuser) & (wuser >= 0))
+        wbad = cp.where(bad_w.any(), cp.argmax(bad_w), -1)
     lbl = pending = None
     if a.kind == "label":
         lbl = kernel_labels(cp, target, a)
         if a.check_labels and not a.labels_checked:
             pending = start_label_check(cp, lbl, a)
+    if grad_out is x2 and a.check_labels:  # in place: validate before the logits are overwritten
+        if pending is not None:
+            raise_bad_label(lbl, pending, a)
+            pending = None
+        if wbad is not None:
+            pos = int(wbad.get())
+            if pos >= 0:
+                raise class_weight_error(pos, float(wuser[pos].get()))
+    if a.kind == "label":
         ok = (lbl != a.ignore_index) & (lbl >= 0) & (lbl < a.c)
         bad = (lbl != a.ignore_index) & ~ok
         wk = cp.where(ok, w[cp.where(ok, lbl, 0)], 0).astype(acc)  # the denominator's weights
@@ -160,6 +195,8 @@ def _portable_rows(cp, x2, target, weight, a, grad_out):
         active = cp.ones(n, bool)
     nz = denom != 0
     inv = cp.where(nz, 1.0 / cp.where(nz, denom, 1.0), 0.0) if a.reduction == "mean" else cp.ones((), cp.float64)
+    if wbad is not None:  # a bad class weight: NaN results, as the fused kernels give
+        inv = cp.where(wbad >= 0, np.nan, inv)
     scale = inv.astype(acc)
     tname, aname = x2.dtype.name, acc.name
     eps_c = a.label_smoothing / c
@@ -177,6 +214,8 @@ def _portable_rows(cp, x2, target, weight, a, grad_out):
         get_kernel("gpuce_sce_stats_prob", T=tname, A=aname, Y=y2.dtype.name)(
             x2, y2, w, ome, eps_c, cap, mx, ls, tlab, smooth, asum, hit, axis=1)
     loss, g = get_kernel("gpuce_sce_rows", A=aname)(active, mx, ls, tlab, smooth, asum, wl, a.z_loss)
+    if wbad is not None:
+        loss = cp.where((wbad >= 0) & active, acc.type(np.nan), loss).astype(acc)
     if grad_out is not None:
         if lbl is not None:
             get_kernel("gpuce_sce_grad_label", T=tname, A=aname, I=iname)(
@@ -206,4 +245,8 @@ def _portable_rows(cp, x2, target, weight, a, grad_out):
             stats = SceStats((zrows.sum(dtype=cp.float64) * inv).astype(acc), acc_total, lse)
     if pending is not None:
         raise_bad_label(lbl, pending, a)
+    if wbad is not None and a.check_labels:
+        pos = int(wbad.get())
+        if pos >= 0:
+            raise class_weight_error(pos, float(wuser[pos].get()))
     return SceRows(loss, total, stats)

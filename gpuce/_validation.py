@@ -3,10 +3,10 @@
 Every check raises a real exception (never ``assert``) with a message that says
 what was expected and what came.  :func:`sce_args` looks only at metadata (dtype,
 shape, Python scalars), as does the aliasing check; the label range is checked by each
-backend with :func:`label_error` formatting the message.  Two value checks live here,
-each one small read on the GPU: :func:`check_class_weight` (C values) and
-:func:`check_uint64_labels` (only for the rare uint64 labels, which the backends' int64
-reading would wrap).
+backend with :func:`label_error` formatting the message.  Two value checks live here:
+:func:`check_uint64_labels` (one small read on the GPU, only for the rare uint64 labels, which
+the backends' int64 reading would wrap) and :func:`check_class_weight` (NumPy weights; CuPy
+weights are checked on the device by the kernels and read back after the last launch).
 """
 
 from __future__ import annotations
@@ -265,14 +265,20 @@ def check_uint64_labels(xp, target, a: SceArgs):
     raise label_error(pos, int(flat[pos]), a.lead_shape, a.c, a.ignore_index)
 
 
+def class_weight_error(pos: int, value: float) -> ValueError:
+    """The error for the first class weight that is NaN, infinite or negative."""
+    return ValueError(f"class weights must be finite and >= 0, got weight[{pos}] = {value}")
+
+
 def check_class_weight(xp, weight):
     """Raise ValueError unless every class weight is finite and >= 0.
 
     A class weight is a non-negative importance: a NaN, infinite or negative one would make
-    the mean's denominator meaningless (zero or negative).  The check reads the values:
-    on CuPy one small reduction and one host read of its result (C elements).
+    the mean's denominator meaningless (zero or negative).  NumPy checks here; CuPy arrays are
+    checked on the device by the softmax cross-entropy kernels, which raise the same error
+    from their one read-back after the last launch (no host sync before it).
     """
-    if weight is None or weight.size == 0:
+    if weight is None or weight.size == 0 or not isinstance(weight, np.ndarray):
         return
     if np.dtype(weight.dtype).kind == "u":
         return
@@ -282,7 +288,7 @@ def check_class_weight(xp, weight):
         bad = weight < 0
     if bool(bad.any()):
         pos = int(xp.flatnonzero(bad)[0])
-        raise ValueError(f"class weights must be finite and >= 0, got weight[{pos}] = {float(weight[pos])}")
+        raise class_weight_error(pos, float(weight[pos]))
 
 
 def shares_memory(xp, a, b) -> bool:

@@ -107,7 +107,9 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         training loops that want none): a label outside [0, C) other than ignore_index is
         then not reported; its row's loss and gradient are NaN (so is a "sum"/"mean" loss),
         it adds nothing to the mean's denominator and counts as a wrong prediction.  Never
-        an out-of-bounds read.
+        an out-of-bounds read.  On CuPy the class weights are checked by the same read-back:
+        with False a NaN, infinite or negative weight gives NaN results instead of the
+        ValueError (NumPy still raises).
 
     Dask arrays chunked by rows (class axis whole) are accepted for logits and target: the
     results are then dask arrays (see :mod:`gpuce._dask`).

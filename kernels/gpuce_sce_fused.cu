@@ -35,14 +35,17 @@
 //                  thread) and one shared-memory stage for the next: rows whose two-stage
 //                  ring does not fit (float32 rows of 1 MiB).
 //   sce_twopass    a block a row, reading the row twice: rows too long for shared memory.
-//   sce_denominator  the prologue of reduction="mean" with labels: sum of w_k over the
+//   sce_prologue   before the fused kernel where the call needs it: the class weights'
+//                  check, and for reduction="mean" with labels the sum of w_k over the
 //                  non-ignored rows, finished by the last block into the workspace.
 // Offsets are 64-bit (row * ld).  C itself must be < 2^31.
 //
 // Workspace (long long words, one per device and stream, zeroed once; the last block of every
 // launch leaves it as it found it):
-//   ws[0] ticket of sce_tile/team/twopass   ws[1] ticket of sce_denominator
-//   ws[3] 1 / denominator (double bits), written by sce_denominator
+//   ws[0] ticket of sce_tile/team/twopass   ws[1] ticket of sce_prologue
+//   ws[3] 1 / denominator (double bits), written by sce_prologue
+//   ws[4] the first bad class weight + 1 (0 for none), written by sce_prologue, cleared by the
+//         fused kernel's last block
 //   ws[GPUCE_WS_PARTIALS + 5 b + q]  block b's partials: loss, z part, correct, active (double
 //                                    bits), the first bad label position
 //
@@ -153,6 +156,7 @@ struct Args {
     const T* x; long long ldx; const I* labels; const T* y; long long ldy; const A* w; long long n; int c;
     A eps_over_c; A one_minus_eps; A z; A cap; long long ignore_index; A scale;
     A* loss_out; A* lse_out; A* correct_out; T* grad; long long ldg;
+    bool wbad;  // the prologue found a class weight that is NaN, infinite or negative
 };
 
 #define GPUCE_SCE_PARAMS                                                                              \
@@ -165,9 +169,11 @@ struct Args {
 
 // The reduction's scale (1 / denominator for "mean", else 1) and the Args of a launch.
 #define GPUCE_SCE_SETUP                                                                               \
-    const double inv = inv_from_ws ? __longlong_as_double(ws[3]) : inv_denom;                        \
+    const bool wbad_ = w != nullptr && ws[4] != 0;                                                    \
+    const double inv = wbad_ ? __longlong_as_double(0x7ff8000000000000LL)                              \
+                             : (inv_from_ws ? __longlong_as_double(ws[3]) : inv_denom);                \
     const Args<T, I, A> g = {x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap,     \
-                             ignore_index, A(inv), loss_out, lse_out, correct_out, grad, ldg}
+                             ignore_index, A(inv), loss_out, lse_out, correct_out, grad, ldg, wbad_}
 
 // The value the loss sees: the logit, or s tanh(f / s) with softcap s > 0.
 template <typename T, typename I, typename A>
@@ -324,7 +330,7 @@ __device__ __forceinline__ RowOut<A> finish_row(const Args<T, I, A>& g, const Pa
     A mx, ls, loss, gg;
     finish_stats(lb.active, p.m, p.ms, p.s, p.a, p.b, lb.k >= 0 ? p.xk - p.ms : A(0), lb.wl, g.z, mx, ls, loss, gg);
     o.lse = mx + ls;
-    o.bad = lb.active && (!isfinite(o.lse) || lb.bad);
+    o.bad = lb.active && (!isfinite(o.lse) || lb.bad || g.wbad);
     o.loss = o.bad ? quiet_nan<A>() : loss;
     o.zpart = (lb.active && g.z != A(0)) ? g.z * o.lse * o.lse : A(0);
     o.correct = (MODE == 0 && lb.k >= 0 && isfinite(p.m) && p.xk == p.m) ? A(1) : A(0);
@@ -460,8 +466,8 @@ __device__ __forceinline__ void add_pack(const Args<T, I, A>& g, Part<A>& p, int
 // Block sums of the thread accumulators in a fixed order (and the block's first bad label),
 // written as block b's partials; the last block of the launch (ticket) combines the partials
 // in block order and writes the outputs: total_out = loss sum * inv; stats_out = {z part sum
-// * inv, correct / active (NaN when no row is active)}; bad_out = the first bad label
-// position (n when none).  It then resets the ticket for the next launch on the stream.
+// * inv, correct / active (NaN when no row is active)}; bad_out = {the first bad label
+// position (n when none), the first bad class weight (-1 when none)}.  It then resets the ticket for the next launch on the stream.
 __device__ __forceinline__ double block_sum_fixed(double v, double* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
 #pragma unroll
@@ -527,7 +533,11 @@ __device__ void finish_launch(Acc acc, long long* ws, int ticket, long long n, d
             stats_out[0] = A(tot[1] * inv);
             stats_out[1] = tot[3] > 0.0 ? A(tot[2] / tot[3]) : quiet_nan<A>();
         }
-        if (bad_out) *bad_out = first < n ? first : n;
+        if (bad_out) {
+            bad_out[0] = first < n ? first : n;
+            bad_out[1] = ws[4] - 1;  // the first bad class weight, -1 for none
+        }
+        ws[4] = 0;
         ws[ticket] = 0;
         __threadfence();
     }
@@ -898,15 +908,27 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
     finish_launch<A>(acc, ws, 0, n, inv, total_out, stats_out, bad_out);
 }
 
-// ------------------------------------------------------------------------- sce_denominator
-// reduction="mean" with labels: D = sum of w_k (1 without weights) over the rows whose label
-// is in [0, C) and not ignore_index; ws[3] = 1 / D (0 when D == 0), as double bits.
+// ------------------------------------------------------------------------- sce_prologue
+// Before the fused kernel, where the call needs it: with class weights, block 0 finds the
+// first weight that is NaN, infinite or negative (ws[4] = its index + 1, 0 for none: the fused
+// kernel then gives NaN results and reports it); with ``denominator`` (reduction="mean" with
+// labels), D = sum of w_k (1 without weights) over the rows whose label is in [0, C) and not
+// ignore_index, ws[3] = 1 / D (0 when D == 0), as double bits, finished by the last block.
 template <typename I, typename A>
-__global__ void __launch_bounds__(256) sce_denominator(const I* __restrict__ labels, const A* __restrict__ w,
-                                                       long long n, int c, long long ignore_index,
-                                                       long long* __restrict__ ws) {
+__global__ void __launch_bounds__(256) sce_prologue(const I* __restrict__ labels, const A* __restrict__ w,
+                                                    long long n, int c, long long ignore_index, int denominator,
+                                                    long long* __restrict__ ws) {
     __shared__ double red[32];
+    __shared__ gpuce_i64 redi[32];
     __shared__ int last[1];
+    if (w && blockIdx.x == 0) {
+        long long first = 0x7fffffffffffffffLL;
+        for (int j = threadIdx.x; j < c; j += blockDim.x)
+            if (!(isfinite(w[j]) && w[j] >= A(0)) && j < first) first = j;
+        first = block_min(first, redi);
+        if (threadIdx.x == 0) ws[4] = first < c ? first + 1 : 0;
+    }
+    if (!denominator) return;
     long long* part = ws + GPUCE_WS_PARTIALS;
     double s = 0.0;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
@@ -917,7 +939,7 @@ __global__ void __launch_bounds__(256) sce_denominator(const I* __restrict__ lab
     if (threadIdx.x == 0) {
         part[blockIdx.x] = __double_as_longlong(s);
         __threadfence();
-        const unsigned t = atomicAdd(reinterpret_cast<unsigned long long*>(ws + 1), 1ull);
+        const unsigned long long t = atomicAdd(reinterpret_cast<unsigned long long*>(ws + 1), 1ull);
         last[0] = t == gridDim.x - 1;
     }
     __syncthreads();

@@ -109,15 +109,16 @@ extern "C" void run_{i}(unsigned cluster, unsigned grid, unsigned block, size_t 
 }}'''
 
 
-def _denominator_wrapper():
+def _prologue_wrapper():
     out = []
     for index in ("int32", "int64"):
         for acc in ("float32", "float64"):
-            expr = F.denominator_expr(index, acc)
+            expr = F.prologue_expr(index, acc)
             out.append(f'''
-extern "C" void denom_{index}_{acc}(unsigned grid, unsigned block, const void* labels, const void* w, long long n,
-                                    int c, long long ign, long long* ws) {{
-    simt_launch(grid, block, 0, [=] {{ {expr}((const {F.CT[index]}*)labels, (const {F.CT[acc]}*)w, n, c, ign, ws); }});
+extern "C" void prologue_{index}_{acc}(unsigned grid, unsigned block, const void* labels, const void* w, long long n,
+                                       int c, long long ign, int denominator, long long* ws) {{
+    simt_launch(grid, block, 0, [=] {{ {expr}((const {F.CT[index]}*)labels, (const {F.CT[acc]}*)w, n, c, ign,
+                                              denominator, ws); }});
 }}''')
     return "".join(out)
 
@@ -137,7 +138,7 @@ def lib(tmp_path_factory):
     head = ('#include "simt.h"\n#define __CUDA_ARCH__ 900\n#define GPUCE_SIMT\n#define __global__\n#define __device__\n'
             "#define __forceinline__ inline\n#define __align__(n) alignas(n)\n#define __cluster_dims__(...)\n"
             "#define __launch_bounds__(...)\n#define __restrict__\n")
-    body = head + src + "".join(_wrapper(i, p) for i, (p, _, _) in enumerate(CASES)) + _denominator_wrapper()
+    body = head + src + "".join(_wrapper(i, p) for i, (p, _, _) in enumerate(CASES)) + _prologue_wrapper()
     d = tmp_path_factory.mktemp("simt")
     (d / "fused_host.cpp").write_text(body)
     so = d / "fused_host.so"
@@ -191,7 +192,7 @@ def _reference(x, t, v, w, eps, z, cap):
 RTOL = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 2e-5, "float64": 1e-11}
 
 
-def _run(lib, case, *, weighted, eps, z, cap, reduction, n=37, grid=None, bad_row=None):
+def _run(lib, case, *, weighted, eps, z, cap, reduction, n=37, grid=None, bad_row=None, bad_weight=None):
     p, c, g0 = CASES[case]
     v = p.variant
     rng = np.random.default_rng(zlib.crc32(f"{case}-{weighted}-{eps}-{z}-{cap}-{reduction}-{n}".encode()))
@@ -201,32 +202,40 @@ def _run(lib, case, *, weighted, eps, z, cap, reduction, n=37, grid=None, bad_ro
         t[bad_row + 3] = -7
     acc = np.dtype(F.ACC[v.dtype])
     w = (rng.random(c) + 0.5).astype(acc) if weighted else None
+    if bad_weight is not None:
+        w[bad_weight[0]] = bad_weight[1]
+        w[bad_weight[0] + 1] = -1.0  # the first one is reported
     loss = np.full(n, -7.0, acc)  # poisoned: every row must be written
     lse = np.full(n, -7.0, acc)
     correct = np.full(n, -7.0, acc)
     grad = np.full((n, c), -7.0, x.dtype)
     total = np.full(1, -7.0, acc)
     stats = np.full(2, -7.0, acc)
-    bad = np.full(1, -7, np.int64)
+    bad = np.full(2, -7, np.int64)
     ws = np.zeros(F.WS_PARTIALS + F.WS_WORDS * 64, np.int64)
     labels = t if v.target != "prob" else np.zeros(n, np.int32)
     y = t if v.target == "prob" else x[:1]
     ptr = lambda a: ctypes.c_void_p(a.ctypes.data)  # noqa: E731
     inv, inv_ws = 1.0, 0
     active = (t != -100) if v.target != "prob" else np.ones(n, bool)
-    if reduction == "mean":
-        if v.target == "prob":
-            inv = 1.0 / n
-        else:
-            fn = getattr(lib, f"denom_{v.index}_{acc.name}")
-            fn.restype = None
-            w_ptr = ptr(w) if weighted else ctypes.c_void_p(None)
-            fn(ctypes.c_uint(3), ctypes.c_uint(64), ptr(labels), w_ptr, ctypes.c_longlong(n), ctypes.c_int(c),
-               ctypes.c_longlong(-100), ctypes.cast(ws.ctypes.data, ctypes.POINTER(ctypes.c_longlong)))
+    denominator = reduction == "mean" and v.target != "prob"
+    if reduction == "mean" and v.target == "prob":
+        inv = 1.0 / n
+    if denominator or weighted:  # the prologue, as the host runs it
+        fn = getattr(lib, f"prologue_{v.index}_{acc.name}")
+        fn.restype = None
+        w_ptr = ptr(w) if weighted else ctypes.c_void_p(None)
+        lab_ptr = ptr(labels) if v.target != "prob" else ctypes.c_void_p(None)
+        fn(ctypes.c_uint(3 if denominator else 1), ctypes.c_uint(64), lab_ptr, w_ptr, ctypes.c_longlong(n),
+           ctypes.c_int(c), ctypes.c_longlong(-100), ctypes.c_int(int(denominator)),
+           ctypes.cast(ws.ctypes.data, ctypes.POINTER(ctypes.c_longlong)))
+        assert ws[4] == (bad_weight[0] + 1 if bad_weight is not None else 0)
+        if denominator:
             ok = active & (t >= 0) & (t < c)
             want = (w[t[ok]].astype(np.float64).sum() if weighted else float(ok.sum()))
             got = ws[3:4].view(np.float64)[0]
-            np.testing.assert_allclose(got, 1.0 / want, rtol=1e-12)
+            if bad_weight is None:
+                np.testing.assert_allclose(got, 1.0 / want, rtol=1e-12)
             assert ws[1] == 0  # the ticket is reset
             inv_ws = 1
             inv = got
@@ -242,7 +251,7 @@ def _run(lib, case, *, weighted, eps, z, cap, reduction, n=37, grid=None, bad_ro
        ctypes.c_longlong(-100), ctypes.c_double(inv), ctypes.c_int(inv_ws), ptr(loss), ptr(lse), ptr(correct),
        ptr(grad), ctypes.c_longlong(c), ctypes.cast(ws.ctypes.data, lp), ptr(total), ptr(stats),
        ctypes.cast(bad.ctypes.data, lp), ctypes.c_int(p.packs), ctypes.c_int(p.stages))
-    assert ws[0] == 0  # the ticket is reset for the next launch
+    assert ws[0] == 0 and ws[4] == 0  # the ticket and the weight check are reset for the next launch
     return x, t, w, loss, lse, correct, grad, total, stats, bad, inv, active
 
 
@@ -278,7 +287,7 @@ def test_fused_kernel_on_host(lib, case, options):
                                rtol=max(rtol, 1e-6), atol=1e-9, equal_nan=True)
     want_acc = ref_correct[active].sum() / active.sum() if v.target != "prob" else 0.0
     np.testing.assert_allclose(stats[1], want_acc, rtol=1e-6)
-    assert bad[0] == len(x)  # no bad label: N
+    assert bad[0] == len(x) and bad[1] == -1  # no bad label (N), no bad weight (-1)
 
 
 @pytest.mark.parametrize("case", [i for i, (p, _, _) in enumerate(CASES) if p.variant.target != "prob"],
@@ -293,6 +302,19 @@ def test_bad_labels_give_nan_rows_and_the_first_position(lib, case):
     ok = active.copy()
     ok[[9, 12]] = False
     assert np.isfinite(loss[ok & np.isfinite(lse)]).all()
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("bad_value", [-0.5, np.nan, np.inf])
+def test_bad_class_weight_gives_nan_results_and_its_index(lib, case, bad_value):
+    """A class weight that is negative, NaN or infinite: the prologue finds the first one, the
+    fused kernel turns every active row and the total into NaN (never a silently wrong number)
+    and reports its index for the host's ValueError."""
+    x, t, w, loss, lse, correct, grad, total, stats, bad, inv, active = _run(
+        lib, case, weighted=True, eps=0.0, z=0.0, cap=None, reduction="mean", bad_weight=(3, bad_value))
+    assert bad[1] == 3
+    assert np.isnan(total[0])
+    assert np.isnan(grad[active].astype(np.float64)).all()
 
 
 @pytest.mark.parametrize("case", [i for i, (p, _, _) in enumerate(CASES) if p.variant.kind != "tile"],

@@ -159,8 +159,8 @@ def _source_params(kernel):
     from gpuce import _kernel_source
 
     src = _kernel_source.read_source(F.SOURCE)
-    if kernel == "sce_denominator":
-        m = re.search(r"sce_denominator\(([^)]*)\)", src)
+    if kernel == "sce_prologue":
+        m = re.search(r"sce_prologue\(([^)]*)\)", src)
         return _params(m.group(1))
     m = re.search(r"#define GPUCE_SCE_PARAMS(.*?)\n\n", src, re.S)
     base = _params(m.group(1))
@@ -205,9 +205,9 @@ def test_kernel_arguments_match_the_parameter_list(kind, dtype):
     assert named["x"] is x and named["grad"] is g and named["loss_out"] is rows and named["ws"] is ws
 
 
-def test_denominator_arguments_match_the_parameter_list():
-    args = F.denominator_args(_Dev((5,), 4), None, 5, 40, -100, _Dev((9,), 8))
-    params = _source_params("sce_denominator")
+def test_prologue_arguments_match_the_parameter_list():
+    args = F.prologue_args(_Dev((5,), 4), None, 5, 40, -100, True, _Dev((9,), 8))
+    params = _source_params("sce_prologue")
     assert len(args) == len(params)
     for (name, decl), a in zip(params, args):
         if decl == "ptr":
