@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"| shape | what | ms | host ms | of floor |\n|---|---|---:|---:|---:|")
+    print("| shape | what | ms | host ms | of floor |\n|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['dtype']} {r['N']}x{r['C']} {r['labels']} | {r['what']} | {r['p50_ms']} | {r['cpu_ms']} | "
               f"{r['frac_of_floor']} |")
