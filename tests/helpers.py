@@ -1,7 +1,29 @@
-"""Helpers the test modules share: host copies and dtype-keyed tolerances."""
+"""Helpers the test modules share: deterministic seeds, torch devices, host copies and
+dtype-keyed tolerances."""
+
+import zlib
 
 import ml_dtypes
 import numpy as np
+import pytest
+
+
+def seed_of(*parts):
+    """A deterministic seed from a test's parameters (never hash(): it is salted per process)."""
+    return zlib.crc32(repr(parts).encode()) % 100_000
+
+
+def rng_for(*parts):
+    """A NumPy generator seeded from a test's parameters."""
+    return np.random.default_rng(zlib.crc32(repr(parts).encode()))
+
+
+def torch_devices(torch):
+    """The devices a gpuce.torch test runs on: the CPU, and CUDA (marked gpu) where torch sees it."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append(pytest.param("cuda", marks=pytest.mark.gpu))
+    return out
 
 
 def to_numpy(a):

@@ -6,7 +6,6 @@ torch adapter's bfloat16 tests are in test_torch_bfloat16.py."""
 
 import itertools
 import tracemalloc
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -18,17 +17,13 @@ from hypothesis.extra import numpy as hnp
 
 import gpuce
 import reference as R
-from helpers import BFLOAT16, LOSS_TOL, TOL, to_numpy
+from helpers import BFLOAT16, LOSS_TOL, TOL, rng_for, to_numpy
 from gpuce import _blas
 
 BF = BFLOAT16
 F32 = np.dtype(np.float32)
 # half an ulp of bfloat16 (8 significant bits): the relative error of one rounding to nearest
 UNIT = 2.0**-9
-
-
-def rng_for(*parts):
-    return np.random.default_rng(zlib.crc32(repr(parts).encode()))
 
 
 def bf16(a):

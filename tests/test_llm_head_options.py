@@ -5,18 +5,13 @@ definitions there)."""
 
 import itertools
 import math
-import zlib
 
 import numpy as np
 import pytest
 
 import gpuce
 import reference as R
-from helpers import TOL, to_numpy
-
-
-def rng_for(*key):
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+from helpers import TOL, rng_for, to_numpy
 
 
 def make_inputs(rng, shape, kind, dtype, ignore_frac=0.2):

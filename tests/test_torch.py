@@ -1,7 +1,6 @@
 """gpuce.torch against torch's own cross_entropy (CPU tensors here; CUDA tensors on a GPU)."""
 
 import itertools
-import zlib
 
 import pytest
 
@@ -9,13 +8,11 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 import gpuce.torch as gt  # noqa: E402
+from helpers import seed_of, torch_devices  # noqa: E402
 
 
 def devices():
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out.append(pytest.param("cuda", marks=pytest.mark.gpu))
-    return out
+    return torch_devices(torch)
 
 
 def tensors(seed, n, c, kind, dtype=torch.float64, device="cpu", extra=()):
@@ -28,11 +25,6 @@ def tensors(seed, n, c, kind, dtype=torch.float64, device="cpu", extra=()):
         t = torch.rand((n, c) + extra, generator=g, dtype=torch.float64)
         t = (t / t.sum(1, keepdim=True)).to(dtype)
     return x.to(device).requires_grad_(), t.to(device)
-
-
-def seed_of(*parts):
-    """A deterministic seed from a test's parameters (never hash(): it is salted per process)."""
-    return zlib.crc32(repr(parts).encode()) % 100_000
 
 
 def grads_of(fn, x, reduction, seed=0):

@@ -5,7 +5,6 @@ missing-ml_dtypes error."""
 
 import itertools
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -14,22 +13,15 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 import gpuce.torch as gt  # noqa: E402
-from helpers import BFLOAT16, TOL  # noqa: E402
+from helpers import BFLOAT16, TOL, seed_of, torch_devices  # noqa: E402
 
 BF = torch.bfloat16
 # the gradient and the (bfloat16) loss are rounded once from float32: TOL[bfloat16]'s one ulp
 RTOL, ATOL = TOL[BFLOAT16]
 
 
-def seed_of(*parts):
-    return zlib.crc32(repr(parts).encode()) % 100_000
-
-
 def devices():
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out.append(pytest.param("cuda", marks=pytest.mark.gpu))
-    return out
+    return torch_devices(torch)
 
 
 def data(seed, n, c, kind, device="cpu", extra=()):

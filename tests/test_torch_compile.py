@@ -5,7 +5,6 @@ Each case compiles a fresh function (seconds each on a small CPU): the cases are
 small, each covering several options at once.
 """
 
-import zlib
 
 import pytest
 
@@ -13,18 +12,12 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 import gpuce.torch as gt  # noqa: E402
+from helpers import seed_of, torch_devices  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 
 def devices():
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out.append(pytest.param("cuda", marks=pytest.mark.gpu))
-    return out
-
-
-def seed_of(*parts):
-    return zlib.crc32(repr(parts).encode()) % 100_000
+    return torch_devices(torch)
 
 
 def compiled(fn, fullgraph=True):

@@ -13,13 +13,11 @@ F = torch.nn.functional
 
 import gpuce  # noqa: E402
 import gpuce.torch as gt  # noqa: E402
+from helpers import torch_devices  # noqa: E402
 
 
 def devices():
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out.append(pytest.param("cuda", marks=pytest.mark.gpu))
-    return out
+    return torch_devices(torch)
 
 
 def gen(*key):
