@@ -41,7 +41,7 @@ python3 -c "import cupy, gpuce; print('cupy', cupy.__version__, 'devices', cupy.
 rc=0
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 if has tests; then
-  timeout "${T_TESTS:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:--n 8 --timeout 120} \
+  timeout "${T_TESTS:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:--n 8 --timeout 120} \
     ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   rc=${PIPESTATUS[0]}
 fi
