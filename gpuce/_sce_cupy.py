@@ -7,8 +7,8 @@ the kernels' status of the labels and the class weights (skipped with
 the caller's logits untouched.
 
 ``impl="fused"`` (the RawKernels of kernels/gpuce_sce_fused.cu, launched by gpuce._fused):
-at most two launches -- the denominator prologue (reduction "mean" with integer labels) and
-the fused kernel, which reads each row once, writes the gradient once and finishes the
+at most two launches -- the prologue where the call needs one (the class weights' check; the
+denominator of reduction "mean" with integer labels) and the fused kernel, which reads each row once, writes the gradient once and finishes the
 batch sums on the device (float64 partials per block, the last block adding them in block
 order: bit-identical run to run).  Per-row losses are written only for reduction "none",
 per-row lse only when statistics are asked for.  Array conversions (labels of another
@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _fused
 from ._cupy_kernels import get_kernel
-from ._validation import SceArgs, SceRows, SceStats, class_weight_error, label_error
+from ._validation import SceArgs, SceRows, SceStats, first_bad_weight, label_error, raise_bad_weight
 
 
 def kernel_labels(cp, target, a: SceArgs):
@@ -72,8 +72,7 @@ def raise_bad_inputs(lbl, w, status, a: SceArgs):
     first_label, first_weight = (int(v) for v in status.get())
     if lbl is not None and a.kind == "label" and not a.labels_checked and first_label < lbl.size:
         raise label_error(first_label, int(lbl.ravel()[first_label].get()), a.lead_shape, a.c, a.ignore_index)
-    if first_weight >= 0:
-        raise class_weight_error(first_weight, float(w[first_weight].get()))
+    raise_bad_weight(w, first_weight)
 
 
 def _unit_cols(cp, arr):
@@ -131,10 +130,7 @@ def _fused_rows(cp, x2, target, weight, a, grad_out, variant):
         if a.kind == "label" and not a.labels_checked:
             raise_bad_label(lbl, start_label_check(cp, lbl, a), a)
         if w is not None:
-            bad_w = ~(cp.isfinite(w) & (w >= 0))
-            if bool(bad_w.any()):
-                pos = int(cp.argmax(bad_w))
-                raise class_weight_error(pos, float(w[pos].get()))
+            raise_bad_weight(w, first_bad_weight(cp, w))
         check = False
     rows = cp.empty(n, acc) if none else None
     total = None if none else cp.empty((), acc)
@@ -165,23 +161,21 @@ def _portable_rows(cp, x2, target, weight, a, grad_out):
     acc = a.acc
     wuser = _weight(cp, weight, acc)
     w = cp.ones(c, acc) if wuser is None else wuser  # the portable kernels read a weight vector
-    wbad = None
-    if wuser is not None:  # the first bad class weight (-1: none), read after the last launch
-        bad_w = ~(cp.isfinite(wuser) & (wuser >= 0))
-        wbad = cp.where(bad_w.any(), cp.argmax(bad_w), -1)
+    # the first bad class weight (-1: none), read after the last launch
+    wbad = None if wuser is None else first_bad_weight(cp, wuser)
     lbl = pending = None
     if a.kind == "label":
         lbl = kernel_labels(cp, target, a)
         if a.check_labels and not a.labels_checked:
             pending = start_label_check(cp, lbl, a)
+    weights_read = False
     if grad_out is x2 and a.check_labels:  # in place: validate before the logits are overwritten
         if pending is not None:
             raise_bad_label(lbl, pending, a)
             pending = None
         if wbad is not None:
-            pos = int(wbad.get())
-            if pos >= 0:
-                raise class_weight_error(pos, float(wuser[pos].get()))
+            raise_bad_weight(wuser, wbad)
+            weights_read = True
     if a.kind == "label":
         ok = (lbl != a.ignore_index) & (lbl >= 0) & (lbl < a.c)
         bad = (lbl != a.ignore_index) & ~ok
@@ -245,8 +239,6 @@ def _portable_rows(cp, x2, target, weight, a, grad_out):
             stats = SceStats((zrows.sum(dtype=cp.float64) * inv).astype(acc), acc_total, lse)
     if pending is not None:
         raise_bad_label(lbl, pending, a)
-    if wbad is not None and a.check_labels:
-        pos = int(wbad.get())
-        if pos >= 0:
-            raise class_weight_error(pos, float(wuser[pos].get()))
+    if wbad is not None and a.check_labels and not weights_read:
+        raise_bad_weight(wuser, wbad)
     return SceRows(loss, total, stats)

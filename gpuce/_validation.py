@@ -270,6 +270,24 @@ def class_weight_error(pos: int, value: float) -> ValueError:
     return ValueError(f"class weights must be finite and >= 0, got weight[{pos}] = {value}")
 
 
+def first_bad_weight(xp, weight):
+    """Index of the first class weight that is NaN, infinite or negative, -1 when none, as a
+    0-d array of ``xp`` (on CuPy nothing is read back: the caller reads it when it may)."""
+    if is_float_dtype(weight.dtype):
+        bad = ~(xp.isfinite(weight) & (weight >= 0))
+    else:
+        bad = weight < 0
+    return xp.where(bad.any(), xp.argmax(bad), -1)
+
+
+def raise_bad_weight(weight, first):
+    """Raise :func:`class_weight_error` when ``first`` (from :func:`first_bad_weight`, on the
+    host or the device) names a weight; one read of it."""
+    pos = int(first)
+    if pos >= 0:
+        raise class_weight_error(pos, float(weight[pos]))
+
+
 def check_class_weight(xp, weight):
     """Raise ValueError unless every class weight is finite and >= 0.
 
@@ -282,13 +300,7 @@ def check_class_weight(xp, weight):
         return
     if np.dtype(weight.dtype).kind == "u":
         return
-    if is_float_dtype(weight.dtype):
-        bad = ~(xp.isfinite(weight) & (weight >= 0))
-    else:
-        bad = weight < 0
-    if bool(bad.any()):
-        pos = int(xp.flatnonzero(bad)[0])
-        raise class_weight_error(pos, float(weight[pos]))
+    raise_bad_weight(weight, first_bad_weight(xp, weight))
 
 
 def shares_memory(xp, a, b) -> bool:

@@ -214,3 +214,18 @@ def test_prologue_arguments_match_the_parameter_list():
             assert isinstance(a, _Dev) or a == 0, name
         else:
             assert type(a) is WIDTH[decl], (name, decl, type(a))
+
+
+def test_host_constants_match_the_kernel_source():
+    """The numbers the planner and the workspace share with the CUDA source are the source's."""
+    import re
+
+    from gpuce import _kernel_source
+
+    src = _kernel_source.read_source(F.SOURCE)
+    macro = {k: int(v) for k, v in re.findall(r"#define (GPUCE_\w+) (\d+)", src)}
+    assert macro["GPUCE_TILE_ROWS"] == F.TILE_ROWS
+    assert macro["GPUCE_TILE_MAX_C"] == F.TILE_MAX_C
+    assert macro["GPUCE_TEAM_THREADS"] == F.TEAM_MAX_THREADS
+    assert macro["GPUCE_WS_PARTIALS"] == F.WS_PARTIALS
+    assert macro["GPUCE_NWORDS"] == F.WS_WORDS
