@@ -17,8 +17,13 @@ def is_cupy_array(x) -> bool:
     return cp is not None and isinstance(x, cp.ndarray)
 
 
+# Python and NumPy scalars name no device: they go with whatever the arrays are on (a
+# scalar where an array belongs then fails validation with a ValueError on either backend).
+_SCALARS = (bool, int, float, complex, np.generic)
+
+
 def array_module(*arrays):
-    """Return ``numpy`` or ``cupy`` for the given arrays (``None`` entries skipped).
+    """Return ``numpy`` or ``cupy`` for the given arrays (``None`` entries and scalars skipped).
 
     Raises
     ------
@@ -27,7 +32,7 @@ def array_module(*arrays):
     """
     on_gpu, on_host = [], []
     for a in arrays:
-        if a is None:
+        if a is None or isinstance(a, _SCALARS):
             continue
         (on_gpu if is_cupy_array(a) else on_host).append(a)
     if on_gpu and on_host:
@@ -47,6 +52,8 @@ def asarray(xp, a):
         return None
     if xp is np:
         return np.asarray(a)
+    if isinstance(a, _SCALARS):
+        return xp.asarray(a)
     return a
 
 

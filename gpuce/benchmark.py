@@ -286,11 +286,12 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
     provs = _gpu_providers(cp, softcap=softcap)
     if providers:
         provs = {k: v for k, v in provs.items() if k in providers}
-    plan = [(t, c, d) for t in (totals if rows is None else [None]) for d in dtypes for c in classes]
+    fixed_n = rows
+    plan = [(t, c, d) for t in (totals if fixed_n is None else [None]) for d in dtypes for c in classes]
     bar = _bar(len(plan), progress)
     rows = []
     for total, c, dtype in plan:
-        n = max(1, total // c) if rows is None else int(rows)
+        n = max(1, total // c) if fixed_n is None else int(fixed_n)
         x = cp.random.standard_normal((n, c), dtype=cp.float32).astype(_np_dtype(dtype))
         y = cp.random.randint(0, c, n).astype(cp.int64)
         dst = cp.empty_like(x)

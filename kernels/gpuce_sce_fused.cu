@@ -99,6 +99,108 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& r) {
     else p[0] = r.v[0];
 }
 
+// ------------------------------------------------------------------------- 16-byte words
+// A 16-byte pack moves as four 32-bit words: one LDS.128 from shared memory, one STG.128 to
+// global memory.  (An aggregate copy of Pack is split by the compiler: the SASS showed four
+// STG.E a float pack and LDS.64 / LDS.U16 for bfloat16 packs.)  The words convert to and
+// from the accumulation type here: bfloat16 by a shift or a mask (exact), float16 through
+// half2, and the results are rounded to nearest even two at a time.
+template <typename T> struct is_bf16 { static constexpr bool value = false; };
+template <> struct is_bf16<__nv_bfloat16> { static constexpr bool value = true; };
+#if defined(__CUDA_ARCH__) && !defined(GPUCE_SIMT)
+#define GPUCE_WORDS 1
+__device__ __forceinline__ void lds128(const void* p, unsigned (&w)[4]) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void stg128(void* p, const unsigned (&w)[4]) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+}
+__device__ __forceinline__ void to_vals(const unsigned (&w)[4], float (&v)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(w[i]);
+}
+__device__ __forceinline__ void to_vals(const unsigned (&w)[4], double (&v)[2]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) v[i] = __hiloint2double((int)w[2 * i + 1], (int)w[2 * i]);
+}
+template <typename T>
+__device__ __forceinline__ void to_vals(const unsigned (&w)[4], float (&v)[8]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if constexpr (is_bf16<T>::value) {
+            v[2 * i] = __uint_as_float(w[i] << 16);
+            v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        } else {
+            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+            v[2 * i] = f.x;
+            v[2 * i + 1] = f.y;
+        }
+    }
+}
+__device__ __forceinline__ void from_vals(const float (&v)[4], unsigned (&w)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(v[i]);
+}
+__device__ __forceinline__ void from_vals(const double (&v)[2], unsigned (&w)[4]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        w[2 * i] = (unsigned)__double2loint(v[i]);
+        w[2 * i + 1] = (unsigned)__double2hiint(v[i]);
+    }
+}
+template <typename T>
+__device__ __forceinline__ void from_vals(const float (&v)[8], unsigned (&w)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if constexpr (is_bf16<T>::value) {
+            const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+            w[i] = *reinterpret_cast<const unsigned*>(&h);
+        } else {
+            const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+            w[i] = *reinterpret_cast<const unsigned*>(&h);
+        }
+    }
+}
+#endif
+
+// The VEC values of a pack in shared memory, in the accumulation type.
+template <typename A, typename T, int VEC>
+__device__ __forceinline__ void load_vals(const Pack<T, VEC>* p, A (&v)[VEC]) {
+#ifdef GPUCE_WORDS
+    if constexpr (sizeof(Pack<T, VEC>) == 16) {
+        unsigned w[4];
+        lds128(p, w);
+        if constexpr (VEC == 8) to_vals<T>(w, v);
+        else to_vals(w, v);
+        return;
+    }
+#endif
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) v[u] = load_acc<A>(p->v[u]);
+}
+
+// Store VEC values, rounded to T once, at p (16-byte aligned when the pack is 16 bytes).
+template <typename T, typename A, int VEC>
+__device__ __forceinline__ void store_vals(T* p, const A (&v)[VEC]) {
+#ifdef GPUCE_WORDS
+    if constexpr (sizeof(Pack<T, VEC>) == 16) {
+        unsigned w[4];
+        if constexpr (VEC == 8) from_vals<T>(v, w);
+        else from_vals(v, w);
+        stg128(p, w);
+        return;
+    }
+#endif
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) out.v[u] = store_t<T>(v[u]);
+    store_pack<T, VEC>(p, out);
+}
+
 // ------------------------------------------------------------------------- asynchronous copies
 // cp.async global -> shared of one pack (16 bytes, or one 4- / 8-byte element); 2-byte
 // elements have no cp.async form and are copied through a register.  The host emulator
@@ -408,16 +510,15 @@ __device__ __forceinline__ void store_grad_pack(const Args<T, I, A>& g, const Ro
     }
     const bool has_k = o.k >= col0 && o.k < col0 + VEC;  // the label column: one pack a row
     if (col0 >= 0 && col0 + VEC <= g.c) {
-        Pack<T, VEC> out;
+        A d[VEC];
         if (has_k) {
 #pragma unroll
-            for (int u = 0; u < VEC; ++u)
-                out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k));
+            for (int u = 0; u < VEC; ++u) d[u] = grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k);
         } else {
 #pragma unroll
-            for (int u = 0; u < VEC; ++u) out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], false));
+            for (int u = 0; u < VEC; ++u) d[u] = grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], false);
         }
-        store_pack<T, VEC>(grow + col0, out);
+        store_vals<T>(grow + col0, d);
         return;
     }
 #pragma unroll
@@ -459,6 +560,115 @@ __device__ __forceinline__ void add_pack(const Args<T, I, A>& g, Part<A>& p, int
             if (cf != A(0)) p.b += cf * d;
         }
         if (col0 + u == k) p.xk = v[u];
+    }
+}
+
+// ------------------------------------------------------------------------- the lean path
+// Rows with no softcap (the common case) skip add_pack's online update, whose compare chain,
+// rescale and extra exponential a pack cost more issue slots than the memory system leaves
+// (measured on an H200: the fused kernels ran at 0.28-0.47 of a copy, issue-bound).  The
+// thread's values are already in shared memory (or registers), so it takes two passes over
+// them: its maximum (one NaN-propagating max a value), then the sums at that shift (a
+// subtract, a multiply, ex2 and an add a value).  The label value is picked once a pack.
+template <typename A>
+__device__ __forceinline__ A max_nan(A a, A b) { return nanmax(a, b); }
+template <>
+__device__ __forceinline__ float max_nan<float>(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(GPUCE_SIMT)
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return nanmax(a, b);
+#endif
+}
+
+// exp(v - ms) for the lean loops.  Two-byte logits carry 8 or 11 significant bits, so the
+// shift is folded into one FMA with log2(e) (msl = ms log2(e), rounded: a relative error of
+// |ms| 2^-24 in the result, far below their precision); float and double keep the exact
+// subtraction first (the FMA form loses 6e-4 at logits of 1e4 in float32).
+template <typename T>
+__device__ __forceinline__ float ex_at(float v, float ms, float msl) {
+    if constexpr (sizeof(T) == 2) return exp2f(fmaf(v, 1.4426950408889634f, -msl));
+    else return ex(v - ms);
+}
+template <typename T>
+__device__ __forceinline__ double ex_at(double v, double ms, double) {
+    return ex(v - ms);
+}
+
+// Whether all VEC columns col0.. lie in [0, C) (EDGES = false: the caller guarantees it).
+template <int VEC, bool EDGES>
+__device__ __forceinline__ bool whole_pack(int col0, int c) {
+    return !EDGES || (col0 >= 0 && col0 + VEC <= c);
+}
+
+// m = max(m, the pack's values in [0, C)).
+template <typename A, int VEC, bool EDGES = true>
+__device__ __forceinline__ A pack_max(A m, int col0, int c, const A (&fv)[VEC]) {
+    if (whole_pack<VEC, EDGES>(col0, c)) {
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) m = max_nan(m, fv[u]);
+    } else {
+#pragma unroll
+        for (int u = 0; u < VEC; ++u)
+            if (col0 + u >= 0 && col0 + u < c) m = max_nan(m, fv[u]);
+    }
+    return m;
+}
+
+// Add the pack's values at the fixed shift p.ms: s, and with COEF the coefficient sums a, b
+// (as add_pack does); xk when the pack holds the label column k.
+template <int MODE, bool COEF, typename T, typename I, typename A, int VEC, bool EDGES = true>
+__device__ __forceinline__ void pack_sum(const Args<T, I, A>& g, Part<A>& p, int col0, int k, const A (&fv)[VEC],
+                                         const A (&yv)[VEC]) {
+    const bool whole = whole_pack<VEC, EDGES>(col0, g.c);
+    const A msl = p.ms * A(1.4426950408889634);
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) {
+        if (!whole && !(col0 + u >= 0 && col0 + u < g.c)) continue;
+        const A d = fv[u] - p.ms;
+        p.s += COEF ? ex(d) : ex_at<T>(fv[u], p.ms, msl);
+        if (COEF) {
+            const A cf = coef_of<MODE>(g, yv[u], col0 + u);
+            p.a += cf;
+            if (cf != A(0)) p.b += cf * d;
+        }
+    }
+    if (k >= 0 && (unsigned)(k - col0) < (unsigned)VEC) {
+#pragma unroll
+        for (int u = 0; u < VEC; ++u)
+            if (col0 + u == k) p.xk = fv[u];
+    }
+}
+
+// The partial's shift from its maximum (Part's convention: ms = m when finite, else 0).
+template <typename A>
+__device__ __forceinline__ void part_at_max(Part<A>& p, A m) {
+    p.m = m;
+    p.ms = isfinite(m) ? m : A(0);
+}
+
+// The gradient of a pack of an active, good row with no softcap and no coefficients
+// (labels, no smoothing): exp(v - ms) r (ex_at), less wls at the label column.
+template <typename T, typename A, int VEC, bool EDGES = true>
+__device__ __forceinline__ void store_grad_lean(T* grow, int col0, int c, const A (&fv)[VEC], A ms, A r, int k,
+                                                A wls) {
+    A d[VEC];
+    const A msl = ms * A(1.4426950408889634);
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) d[u] = ex_at<T>(fv[u], ms, msl) * r;
+    if (k >= 0 && (unsigned)(k - col0) < (unsigned)VEC) {
+#pragma unroll
+        for (int u = 0; u < VEC; ++u)
+            if (col0 + u == k) d[u] -= wls;
+    }
+    if (whole_pack<VEC, EDGES>(col0, c)) {
+        store_vals<T>(grow + col0, d);
+    } else {
+#pragma unroll
+        for (int u = 0; u < VEC; ++u)
+            if (col0 + u >= 0 && col0 + u < c) grow[col0 + u] = store_t<T>(d[u]);
     }
 }
 
@@ -654,23 +864,27 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
     const long long team = (long long)(blockIdx.x / CL) * teams_per_block + (G > 0 ? threadIdx.x / G : 0);
     // every lane of a warp runs the same number of rows (the shuffles need all 32)
     const long long warp_team0 = G > 0 ? team - ((threadIdx.x & 31) / G) : team;
+    const int PMAX = RP > 0 ? RP : P;
+    // this thread's packs of a row of `packs`: it = 0 .. mine - 1, pack q = it * nt + tid
+    auto mine_of = [&](int packs) { return tid < packs ? min((packs - 1 - tid) / nt + 1, PMAX) : 0; };
     Acc acc = GPUCE_ACC_INIT;
     ClusterXchg<A, CL> xchg;
     xchg.init();
 
+    // copy row `row`'s packs of this thread into ring stage `stage` (slot it of the stage at
+    // (stage * P + it) * bt + threadIdx.x), one commit group
     auto issue = [&](long long row, int stage) {
-        const bool ok = row < n;
-        const T* xrow = g.x + (ok ? row : 0) * g.ldx;
-        const int sh = EDGES ? row_shift<T, VEC>(xrow) : 0;
-        const int packs = (sh + c + VEC - 1) / VEC;
-        xrow -= sh;
-        const T* yrow = MODE == 1 ? g.y + (ok ? row : 0) * g.ldy - sh : nullptr;
-        for (int it = 0; it < P; ++it) {
-            const int q = it * nt + tid;
-            if (ok && q < packs) {
-                const size_t slot = ((size_t)stage * P + it) * bt + threadIdx.x;
-                copy_pack_async<T, VEC>(xs + slot, xrow + (size_t)q * VEC);
-                if (MODE == 1) copy_pack_async<T, VEC>(ys + slot, yrow + (size_t)q * VEC);
+        if (row < n) {
+            const T* xrow = g.x + row * g.ldx;
+            const int sh = EDGES ? row_shift<T, VEC>(xrow) : 0;
+            const int mine = mine_of((sh + c + VEC - 1) / VEC);
+            const T* xsrc = xrow - sh + (size_t)tid * VEC;
+            Pack<T, VEC>* xdst = xs + (size_t)stage * P * bt + threadIdx.x;
+            const T* ysrc = MODE == 1 ? g.y + row * g.ldy - sh + (size_t)tid * VEC : nullptr;
+            Pack<T, VEC>* ydst = ys + (size_t)stage * P * bt + threadIdx.x;
+            for (int it = 0; it < mine; ++it) {
+                copy_pack_async<T, VEC>(xdst + (size_t)it * bt, xsrc + (size_t)it * nt * VEC);
+                if (MODE == 1) copy_pack_async<T, VEC>(ydst + (size_t)it * bt, ysrc + (size_t)it * nt * VEC);
             }
         }
         copy_commit();
@@ -679,10 +893,6 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
     // RP > 0 (a register stage): row i is moved from the one shared-memory stage into
     // registers, and row i + 1 is copied into that stage while row i is computed
     Pack<T, VEC> rx[RP > 0 ? RP : 1];
-    auto pack_at = [&](const Pack<T, VEC>* ring, int stage, int it) -> Pack<T, VEC> {
-        if constexpr (RP > 0) return rx[it];
-        else return ring[((size_t)stage * P + it) * bt + threadIdx.x];
-    };
     if (RP > 0) issue(team, 0);
     else
         for (int s = 0; s < S - 1; ++s) issue(team + s * nteams, s);
@@ -695,31 +905,126 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
         const long long lab = load_label<MODE>(g, row, valid);
         const int sh = EDGES ? row_shift<T, VEC>(g.x + (valid ? row : 0) * g.ldx) : 0;
         const int packs = (sh + c + VEC - 1) / VEC;
+        const int mine = valid ? mine_of(packs) : 0;
+        const Pack<T, VEC>* xst = xs + (size_t)stage * P * bt + threadIdx.x;
+        const Pack<T, VEC>* yst = ys + (size_t)stage * P * bt + threadIdx.x;
         copy_wait(RP > 0 ? 0 : S - 1);
         if constexpr (RP > 0) {
 #pragma unroll
-            for (int it = 0; it < RP; ++it) {
-                const int q = it * nt + tid;
-                if (valid && q < packs) rx[it] = xs[(size_t)it * bt + threadIdx.x];
-            }
+            for (int it = 0; it < RP; ++it)
+                if (it < mine) rx[it] = xst[(size_t)it * bt];
         }
-        const Label<A> lb = label_of<MODE>(g, lab, valid);
-        Part<A> p = part_identity<A>();
+        auto xvals = [&](int it, A (&fv)[VEC]) {
+            if constexpr (RP > 0) unpack(rx[it], fv);
+            else load_vals<A>(xst + (size_t)it * bt, fv);
+        };
+        auto yvals = [&](int it, A (&yv)[VEC]) {
+            if (MODE == 1) load_vals<A>(yst + (size_t)it * bt, yv);
+        };
+        // f(it, col0) over this thread's packs it in [lo, hi) (col0: the pack's first column)
+        auto each = [&](int lo, int hi, auto&& f) {
+            if constexpr (RP > 0) {
 #pragma unroll
-        for (int it = 0; it < (RP > 0 ? RP : P); ++it) {
-            const int q = it * nt + tid;
-            if (!(valid && q < packs)) continue;
-            A fv[VEC], yv[VEC] = {};
-            unpack(pack_at(xs, stage, it), fv);
-            if (MODE == 1) unpack(ys[((size_t)stage * P + it) * bt + threadIdx.x], yv);
-            add_pack<MODE, T, I, A, VEC, EDGES>(g, p, q * VEC - sh, lb.k, fv, yv);
+                for (int it = 0; it < RP; ++it)
+                    if (it >= lo && it < hi) f(it, (it * nt + tid) * VEC - sh);
+            } else {
+                for (int it = lo; it < hi; ++it) f(it, (it * nt + tid) * VEC - sh);
+            }
+        };
+        // The edge packs (a row off a 16-byte boundary: the first pack, and the last when
+        // the row does not end on one) are taken apart, so the loops over whole packs
+        // carry no column masks.
+        int lo = 0, hi = mine, e0 = -1, e1 = -1;
+        if constexpr (EDGES) {
+            if (mine > 0 && sh > 0 && tid == 0) {
+                lo = 1;
+                e0 = 0;
+            }
+            if (mine > 0 && (sh + c) % VEC != 0 && (mine - 1) * nt + tid == packs - 1) {
+                hi = mine - 1;
+                if (mine - 1 != e0) e1 = mine - 1;
+            }
+            if (hi < lo) hi = lo;
+        }
+        auto edges = [&](auto&& f) {
+            if constexpr (EDGES) {
+                if (e0 >= 0) f(e0, (e0 * nt + tid) * VEC - sh);
+                if (e1 >= 0) f(e1, (e1 * nt + tid) * VEC - sh);
+            }
+        };
+        const Label<A> lb = label_of<MODE>(g, lab, valid);
+        const bool coefs = MODE == 1 || g.eps_over_c != A(0);
+        Part<A> p = part_identity<A>();
+        if (g.cap > A(0)) {  // softcap: the online update (tanh once a value)
+            each(0, mine, [&](int it, int col0) {
+                A fv[VEC], yv[VEC] = {};
+                xvals(it, fv);
+                yvals(it, yv);
+                add_pack<MODE, T, I, A, VEC, EDGES>(g, p, col0, lb.k, fv, yv);
+            });
+            if (G > 0) p = group_merge<(G > 0 ? G : 32)>(p);
+        } else {  // the lean path: the maximum, then the sums at that shift
+            A m = neg_inf<A>();
+            each(lo, hi, [&](int it, int) {
+                A fv[VEC];
+                xvals(it, fv);
+#pragma unroll
+                for (int u = 0; u < VEC; ++u) m = max_nan(m, fv[u]);
+            });
+            edges([&](int it, int col0) {
+                A fv[VEC];
+                xvals(it, fv);
+                m = pack_max<A, VEC>(m, col0, c, fv);
+            });
+            // a warp team agrees on its maximum first (shuffles are cheap), so its sums need
+            // no rescaling; a block or cluster merges the thread partials once
+            if (G > 0) {
+#pragma unroll
+                for (int o = (G > 0 ? G : 2) / 2; o > 0; o >>= 1) m = max_nan(m, shfl_xor(m, o));
+            }
+            part_at_max(p, m);
+            if (coefs) {
+                each(lo, hi, [&](int it, int col0) {
+                    A fv[VEC], yv[VEC] = {};
+                    xvals(it, fv);
+                    yvals(it, yv);
+                    pack_sum<MODE, true, T, I, A, VEC, false>(g, p, col0, lb.k, fv, yv);
+                });
+                edges([&](int it, int col0) {
+                    A fv[VEC], yv[VEC] = {};
+                    xvals(it, fv);
+                    yvals(it, yv);
+                    pack_sum<MODE, true, T, I, A, VEC, true>(g, p, col0, lb.k, fv, yv);
+                });
+            } else {
+                each(lo, hi, [&](int it, int col0) {
+                    A fv[VEC], yv[VEC] = {};
+                    xvals(it, fv);
+                    pack_sum<MODE, false, T, I, A, VEC, false>(g, p, col0, lb.k, fv, yv);
+                });
+                edges([&](int it, int col0) {
+                    A fv[VEC], yv[VEC] = {};
+                    xvals(it, fv);
+                    pack_sum<MODE, false, T, I, A, VEC, true>(g, p, col0, lb.k, fv, yv);
+                });
+            }
+            if (G > 0) {  // sums at the common shift: plain butterflies (same bits in every lane)
+#pragma unroll
+                for (int o = (G > 0 ? G : 2) / 2; o > 0; o >>= 1) {
+                    p.s += shfl_xor(p.s, o);
+                    p.xk += shfl_xor(p.xk, o);
+                    if (coefs) {
+                        p.a += shfl_xor(p.a, o);
+                        p.b += shfl_xor(p.b, o);
+                    }
+                }
+            }
         }
         if (RP > 0) {  // the stage's reads are done (their values consumed, and __syncwarp
             __syncwarp();  // orders this thread's shared accesses): copy the next row into it
             issue(team + (i + 1) * nteams, 0);
         }
-        if (G > 0) p = group_merge<(G > 0 ? G : 32)>(p);
-        else {
+        if (G == 0) {
             p = block_merge(p, red, parity);
             if (CL > 1) p = xchg.merge(p, rank, (unsigned)(i + 1), parity);
         }
@@ -728,14 +1033,24 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
         if (valid && tid == 0) emit_row<MODE>(g, row, o, lb.bad, acc);
         if (g.grad && valid) {
             T* grow = g.grad + row * g.ldg;
-#pragma unroll
-            for (int it = 0; it < (RP > 0 ? RP : P); ++it) {
-                const int q = it * nt + tid;
-                if (q >= packs) continue;
-                A fv[VEC], yv[VEC] = {};
-                unpack(pack_at(xs, stage, it), fv);
-                if (MODE == 1) unpack(ys[((size_t)stage * P + it) * bt + threadIdx.x], yv);
-                store_grad_pack<MODE, T, I, A, VEC, EDGES>(g, o, grow, q * VEC - sh, fv, yv);
+            if (o.active && !o.bad && !coefs && g.cap == A(0)) {  // the lean gradient
+                each(lo, hi, [&](int it, int col0) {
+                    A fv[VEC];
+                    xvals(it, fv);
+                    store_grad_lean<T, A, VEC, false>(grow, col0, c, fv, o.ms, o.r, o.k, o.wls);
+                });
+                edges([&](int it, int col0) {
+                    A fv[VEC];
+                    xvals(it, fv);
+                    store_grad_lean<T, A, VEC, true>(grow, col0, c, fv, o.ms, o.r, o.k, o.wls);
+                });
+            } else {
+                each(0, mine, [&](int it, int col0) {
+                    A fv[VEC], yv[VEC] = {};
+                    xvals(it, fv);
+                    yvals(it, yv);
+                    store_grad_pack<MODE, T, I, A, VEC, EDGES>(g, o, grow, col0, fv, yv);
+                });
             }
         }
     }
@@ -837,17 +1152,39 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS, 1) sce_tile(GPUCE_SCE_PARAMS)
             const Label<A> lb = label_of<MODE>(g, lab, true);
             const int base = t * c;
             Part<A> p = part_identity<A>();
-            for (int j = 0; j < c; ++j) {
-                const int i = base + j + ((base + j) >> 5);
-                A fv[1] = {tile[i]}, yv[1] = {MODE == 1 ? ytile[i] : A(0)};
-                add_pack<MODE, T, I, A, 1>(g, p, j, lb.k, fv, yv);
+            const bool coefs = MODE == 1 || g.eps_over_c != A(0);
+            if (g.cap > A(0)) {  // softcap: the online update
+                for (int j = 0; j < c; ++j) {
+                    const int i = base + j + ((base + j) >> 5);
+                    A fv[1] = {tile[i]}, yv[1] = {MODE == 1 ? ytile[i] : A(0)};
+                    add_pack<MODE, T, I, A, 1>(g, p, j, lb.k, fv, yv);
+                }
+            } else {  // the lean path (see pack_sum): the row's maximum, then its sums
+                A m = neg_inf<A>();
+                for (int j = 0; j < c; ++j) m = max_nan(m, tile[base + j + ((base + j) >> 5)]);
+                part_at_max(p, m);
+                for (int j = 0; j < c; ++j) {
+                    const int i = base + j + ((base + j) >> 5);
+                    A fv[1] = {tile[i]}, yv[1] = {MODE == 1 ? ytile[i] : A(0)};
+                    if (coefs) pack_sum<MODE, true, T, I, A, 1, false>(g, p, j, -1, fv, yv);
+                    else p.s += ex(fv[0] - p.ms);
+                }
+                if (lb.k >= 0) p.xk = tile[base + lb.k + ((base + lb.k) >> 5)];
             }
             const RowOut<A> o = finish_row<MODE>(g, p, lb);
             emit_row<MODE>(g, row, o, lb.bad, acc);
             if (grad) {
-                for (int j = 0; j < c; ++j) {  // the gradient in place of the logit (rounded to T once)
-                    const int i = base + j + ((base + j) >> 5);
-                    tile[i] = grad_elem<MODE>(g, o, j, tile[i], MODE == 1 ? ytile[i] : A(0), j == o.k);
+                if (o.active && !o.bad && !coefs && g.cap == A(0)) {  // the lean gradient (store_grad_lean)
+                    for (int j = 0; j < c; ++j) {
+                        const int i = base + j + ((base + j) >> 5);
+                        tile[i] = ex(tile[i] - o.ms) * o.r;
+                    }
+                    if (o.k >= 0) tile[base + o.k + ((base + o.k) >> 5)] -= o.wls;
+                } else {
+                    for (int j = 0; j < c; ++j) {  // the gradient in place of the logit (rounded to T once)
+                        const int i = base + j + ((base + j) >> 5);
+                        tile[i] = grad_elem<MODE>(g, o, j, tile[i], MODE == 1 ? ytile[i] : A(0), j == o.k);
+                    }
                 }
             }
         }

@@ -41,7 +41,7 @@ def loss_and_grad(fn, x, *args, **kw):
     loss = fn(x, *args, **kw)
     # the incoming gradient holds bfloat16 values whatever the loss's dtype: the float64
     # reference is then differentiated with the very values gpuce sees
-    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape).to(BF)
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape).to(BF).to(loss.device)
     (g,) = torch.autograd.grad(loss, x, go.to(loss.dtype))
     return loss.detach(), g
 
