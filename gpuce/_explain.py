@@ -82,7 +82,7 @@ def explain(logits, target, *, impl="auto", return_grad=True, **options) -> str:
             else:
                 index = "int32"
                 y2 = target.reshape(x2.shape)
-            lines.append("kernel: " + _fused.explain(x2, a.kind, index, y2, None))
+            lines.append("kernel: " + _fused.explain(x2, a.kind, index, y2, None, softcap=bool(a.softcap)))
     if walk:
         lines.append("the leading dimensions do not merge into one row axis: the rows are "
                      "walked in blocks (gpuce.sce.walk_blocks), one block copied at a time")

@@ -192,18 +192,20 @@ def _block_threads(packs: int, per_thread: int) -> int:
 
 
 def candidates(dtype: str, target: str, index: str, c: int, vec: int, dev: Device,
-               tile_vec: int | None = None, shifted: bool = False) -> tuple:
+               tile_vec: int | None = None, shifted: bool = False, softcap: bool = False) -> tuple:
     """Every plan that runs rows of ``c`` classes, the preferred first.
 
     ``vec`` is the pack width the rows allow (:func:`vec_for`); ``tile_vec`` the one the dense
     tile allows, or None when the rows are not dense (no tile); ``shifted``: rows may start
-    off a 16-byte boundary (:func:`rows_shifted`), so a row may take one more pack.
+    off a 16-byte boundary (:func:`rows_shifted`), so a row may take one more pack;
+    ``softcap``: the call caps the logits (the register-stage kernel has no softcap path: its
+    tanh code spilled the 64 registers that hold the row).
     """
-    return _candidates(dtype, target, index, c, vec, dev, tile_vec, bool(shifted and vec > 1))
+    return _candidates(dtype, target, index, c, vec, dev, tile_vec, bool(shifted and vec > 1), bool(softcap))
 
 
 @functools.lru_cache(maxsize=4096)  # called on every launch; all arguments are hashable
-def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False):
+def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False, softcap=False):
     def v(kind, vv, **kw):
         return Variant(kind, dtype, target, index, vv, **kw)
 
@@ -235,7 +237,7 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False):
                 out.append(p)
                 found = True
                 break
-        if not found and dtype == "float32" and target == "label" and not shifted:  # no two-stage ring fits
+        if not found and dtype == "float32" and target == "label" and not shifted and not softcap:  # no two-stage ring fits
             cl = CLUSTERS[-1]
             t = _block_threads(_ceil(packs, cl), REG_PACKS)
             p = _team_plan(v("cluster", vec, cluster=cl, regs=REG_PACKS), c, t, dev)
@@ -247,9 +249,9 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False):
     return tuple(out)
 
 
-def plan(dtype, target, index, c, vec, dev, tile_vec=None, shifted=False) -> Plan:
+def plan(dtype, target, index, c, vec, dev, tile_vec=None, shifted=False, softcap=False) -> Plan:
     """The preferred plan (the first of :func:`candidates`)."""
-    return candidates(dtype, target, index, c, vec, dev, tile_vec, shifted)[0]
+    return candidates(dtype, target, index, c, vec, dev, tile_vec, shifted, softcap)[0]
 
 
 def occupancy_estimate(p: Plan, dev: Device) -> int:
@@ -382,9 +384,10 @@ def workspace(cp, dev: Device):
     return _WORKSPACES[key][0]
 
 
-def candidates_for(x2, target_kind, index, y2=None, grad_out=None) -> tuple:
+def candidates_for(x2, target_kind, index, y2=None, grad_out=None, softcap=False) -> tuple:
     """``(candidates, vec, device)`` for these arrays: logits ``x2`` (unit column stride), the
-    probability targets and the gradient output (None where absent)."""
+    probability targets and the gradient output (None where absent); ``softcap``: whether the
+    call caps the logits."""
     n, c = x2.shape
     dtype = x2.dtype.name
     isz = x2.itemsize
@@ -393,14 +396,14 @@ def candidates_for(x2, target_kind, index, y2=None, grad_out=None) -> tuple:
     tv = tile_vec_for(dtype, c, *arrays)
     dev = current_device()
     shifted = rows_shifted(dtype, c, x2, x2.strides[0] // isz)
-    return candidates(dtype, target_kind, index, c, vec, dev, tv, shifted), vec, dev
+    return candidates(dtype, target_kind, index, c, vec, dev, tv, shifted, softcap), vec, dev
 
 
-def choose(x2, target_kind, index, y2, grad_out, pinned=None) -> tuple:
+def choose(x2, target_kind, index, y2, grad_out, pinned=None, softcap=False) -> tuple:
     """``(plan, vec, device)`` for logits ``x2`` (unit column stride), the targets and the
     gradient output; ``pinned`` (a :class:`Plan` or :class:`Variant`) replaces the heuristic's
     pick after a check that it can run this shape."""
-    cands, vec, dev = candidates_for(x2, target_kind, index, y2, grad_out)
+    cands, vec, dev = candidates_for(x2, target_kind, index, y2, grad_out, softcap)
     if pinned is None:
         return cands[0], vec, dev
     want = pinned.variant if isinstance(pinned, Plan) else pinned
@@ -433,7 +436,7 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
         raise ValueError(f"the fused kernels take at most {MAX_CLASSES} classes, got {c}")
     target = "prob" if lbl is None else "label"
     index = "int32" if lbl is None else lbl.dtype.name
-    p, _, dev = choose(x2, target, index, y2, grad_out, pinned)
+    p, _, dev = choose(x2, target, index, y2, grad_out, pinned, softcap=bool(softcap))
     ws = workspace(cupy, dev)
     inv_from_ws = 0
     inv = 1.0
@@ -493,9 +496,9 @@ def kernel_args(p: Plan, x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, 
     return tuple(args)
 
 
-def explain(x2, target_kind="label", index="int64", y2=None, grad_out=None) -> str:
+def explain(x2, target_kind="label", index="int64", y2=None, grad_out=None, softcap=False) -> str:
     """Which kernel a call on these arrays would run, and why (CuPy arrays, a visible GPU)."""
-    p, _, dev = choose(x2, target_kind, index, y2, grad_out)
+    p, _, dev = choose(x2, target_kind, index, y2, grad_out, softcap=softcap)
     per_sm = _occupancy(p.variant.expr(), p.threads, p.smem)
     return explain_plan(p, x2.shape[1], x2.shape[0], dev, per_sm)
 

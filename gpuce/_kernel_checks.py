@@ -7,13 +7,12 @@ function's registers, stack frame and spill stores/loads.  The rule:
 * every program has a ptxas report (registers for at least one entry);
 * the fused kernels (programs ``gpuce_sce_fused_<arch>``, every arch) keep rows in shared
   memory, not registers, so a float-accumulating instantiation spills nothing and has no stack
-  frame.  A double-accumulating one calls libdevice's exp / log / tanh (not inlined) and ptxas
-  saves a few registers around those calls: it may spill, and keep a stack frame of, at most
-  :data:`DOUBLE_ABI_SPILL_BUDGET` bytes each way (a demoted per-thread array would exceed it);
-* the register-stage cluster kernel (``sce_cluster_regs``, float32 rows of up to 1 MiB) keeps
-  16 packs a thread in registers by design and may spill at most
-  :data:`REG_STAGE_SPILL_BUDGET` bytes (a few scalars beside the 64 row values; whether it
-  beats the two-pass kernel is for a GPU run to say, see docs/performance.md);
+  frame -- the register-stage cluster kernel (``sce_cluster_regs``: 16 packs, 64 registers, of
+  a float32 row a thread) included, since it dropped the softcap path that spilled it (softcap
+  calls are planned onto other kernels).  A double-accumulating one calls libdevice's exp /
+  log / tanh (not inlined) and ptxas saves a few registers around those calls: it may spill,
+  and keep a stack frame of, at most :data:`DOUBLE_ABI_SPILL_BUDGET` bytes each way (a demoted
+  per-thread array would exceed it);
 * every other kernel (the portable path's specs) spills nothing on sm_90.
 """
 
@@ -22,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DOUBLE_ABI_SPILL_BUDGET = 128
-REG_STAGE_SPILL_BUDGET = 192
 FUSED_PROGRAM_PREFIX = "gpuce_sce_fused_"
 
 
@@ -39,8 +37,6 @@ def spill_budget(program: str, arch: str, expr: str):
     """Bytes the entry ``expr`` of ``program`` may spill on ``arch``; None where the rule
     does not look (non-fused kernels on an arch other than sm_90)."""
     if is_fused(program):
-        if "sce_cluster_regs" in expr:
-            return REG_STAGE_SPILL_BUDGET
         return DOUBLE_ABI_SPILL_BUDGET if accumulates_in_double(expr) else 0
     return 0 if arch == "sm_90" else None
 

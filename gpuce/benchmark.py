@@ -459,9 +459,17 @@ def table(rows, gpu_name: str, dtype="float32") -> str:
     sel = [r for r in rows if r["gpu_name"] == gpu_name and r["dtype"] == dtype and r["p50_ms"]]
     if not sel:
         return f"(no rows for {gpu_name}, {dtype})"
-    total = max(int(r["N"]) * int(r["C"]) for r in sel)
-    sel = [r for r in sel if abs(int(r["N"]) * int(r["C"]) - total) <= int(r["C"])]
-    provs = [p for p in ("copy", "gpuce-fused", "gpuce-portable", "naive-cupy", "torch-eager", "liger",
+    # one run: the rows of the latest day only (a table never mixes kernels of two runs) ...
+    latest = max(r["timestamp"][:10] for r in sel)
+    sel = [r for r in sel if r["timestamp"][:10] == latest]
+    # ... and one size: the N*C with the most rows (the sweep's, not a single small-C point)
+    sizes = {}
+    for r in sel:
+        sizes.setdefault(int(round(np.log2(int(r["N"]) * int(r["C"])))), []).append(r)
+    total_log2 = max(sizes, key=lambda k: (len(sizes[k]), k))
+    sel = sizes[total_log2]
+    total = 2**total_log2
+    provs = [p for p in ("copy", "gpuce-fused", "gpuce-portable", "naive-cupy", "torch-eager", "torch-compile", "liger",
                          "gpuce-numpy") if any(r["provider"] == p for r in sel)]
     date = max(r["timestamp"] for r in sel)[:10]
     head = (f"{gpu_name}, {dtype}, N·C ≈ 2^{int(round(np.log2(total)))}, measured {date} "

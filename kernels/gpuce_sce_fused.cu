@@ -959,7 +959,9 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
         const Label<A> lb = label_of<MODE>(g, lab, valid);
         const bool coefs = MODE == 1 || g.eps_over_c != A(0);
         Part<A> p = part_identity<A>();
-        if (g.cap > A(0)) {  // softcap: the online update (tanh once a value)
+        // softcap: the online update (tanh once a value); not in the register-stage kernel,
+        // whose row fills the registers (the host never plans it for a softcap call)
+        if (RP == 0 && g.cap > A(0)) {
             each(0, mine, [&](int it, int col0) {
                 A fv[VEC], yv[VEC] = {};
                 xvals(it, fv);

@@ -75,6 +75,10 @@ def test_register_stage_only_where_no_ring_fits():
     for c in (1000, 32768, 131072):
         assert not F.plan("float32", "label", "int64", c, 4, H100).variant.regs
     assert not any(p.variant.regs for p in F.candidates("float32", "prob", "int32", 262144, 4, H100))
+    # the register-stage kernel has no softcap path: a softcap call gets another kernel
+    capped = F.candidates("float32", "label", "int64", 262144, 4, H100, softcap=True)
+    assert capped and not any(p.variant.regs for p in capped)
+    assert capped[-1].variant.kind == "twopass"
 
 
 def test_no_cluster_before_sm90():

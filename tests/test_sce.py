@@ -363,7 +363,8 @@ def test_gpu_every_candidate_variant(c, dtype, kind, plain):
     wd = None if kw["weight"] is None else cp.asarray(kw["weight"])
     a = sce_args(xd, td, return_grad=True, inplace=False, **{**kw, "weight": wd}, **opts)
     cands, _, _ = F.candidates_for(xd, kind, "int32" if kind == "prob" else td.dtype.name,
-                                   td if kind == "prob" else None, cp.empty_like(xd))
+                                   td if kind == "prob" else None, cp.empty_like(xd),
+                                   softcap=opts["softcap"] is not None)
     assert cands[-1].variant.kind == "twopass"  # rows no ring holds: the fallback
     rtol = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}[dtype.name]
     for p in cands:

@@ -97,7 +97,7 @@ def test_linear_cross_entropy_against_torch_and_float64(device, reduction, bias)
     def run(fn, dtype):
         leaves = [v.detach().to(dtype).requires_grad_() for v in (X, W) + ((b,) if bias else ())]
         loss = fn(leaves[0], leaves[1], y, leaves[2] if bias else None)
-        go = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
+        go = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape).to(loss.device)
         return (loss.detach(),) + torch.autograd.grad(loss, leaves, go.to(BF).to(loss.dtype))
 
     def gpuce_fn(x, w, t, bb):
