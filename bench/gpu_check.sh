@@ -10,8 +10,10 @@
 #   OUT        where logs go (default ./gpu_out)
 #   PARTS      which steps, default "tests probe" (about 5 minutes); then "bench" (about 8:
 #              the sweep at 2^30 with every provider, 2^28 for the fixed/marginal split, small C,
-#              the softcap row); then "ncu lce linear demo".  A device call is limited to 10
-#              minutes: one call a line, each with its own timeout_s.
+#              the softcap row); then "variants" (every fused variant pinned at 2^28, about 1.5
+#              minutes) and "ncu lce linear demo".  A device call is limited to 10 minutes: one
+#              call a line, each with its own timeout_s.  PARTS="" (set, empty) runs nothing
+#              but the wheel install; only an unset PARTS means the default.
 #   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5";
 #              add --variants to time every fused variant that fits each shape (fused[...] rows:
 #              how the chooser's order is set, e.g. the label-a-row-ahead forms against the rest)
@@ -28,7 +30,7 @@
 # and name .whl in the device call's carry; this script installs what it finds there.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
-PARTS=${PARTS:-tests probe}
+PARTS=${PARTS-tests probe}  # unset: the default; set and empty: nothing (the wheels only)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # no install: hatchling is not there, nothing can be fetched
@@ -62,6 +64,11 @@ if has bench; then
   # Gemma's head: C = 256000, logits capped at 30 tanh(f / 30), bf16, against Liger with the same option
   timeout "${T_BENCH_SOFTCAP:-90}" python3 -m bench --no-progress --results-dir "$OUT" --totals 2**30 --classes 256000 \
     --dtypes bfloat16 --softcap 30 --repeat 10 2>&1 | tee -a "$OUT/bench.log"
+fi
+if has variants; then  # every fused variant that fits each shape, pinned (the planner's order comes from these)
+  timeout "${T_VARIANTS:-90}" python3 -m bench --no-progress --results-dir "$OUT/variants" --repeat 5 --totals 2**28 \
+    --classes 1000 4096 32768 131072 262144 --dtypes float32 bfloat16 --providers gpuce-fused --variants \
+    2>&1 | tee "$OUT/variants.log" | grep -E "N=" | tr ',' '\n' | grep -E "N=|fused"
 fi
 if has ncu; then  # hardware counters of one fused launch (Firecracker machines: ncu works there)
   timeout "${T_NCU:-120}" ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
