@@ -115,6 +115,11 @@ __device__ __forceinline__ void lds128(const void* p, unsigned (&w)[4]) {
                  : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
                  : "r"(a));
 }
+__device__ __forceinline__ void ldg128(const void* p, unsigned (&w)[4]) {
+    asm volatile("ld.global.nc.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                 : "l"(p));
+}
 __device__ __forceinline__ void stg128(void* p, const unsigned (&w)[4]) {
     asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
                  : "memory");
@@ -181,6 +186,23 @@ __device__ __forceinline__ void load_vals(const Pack<T, VEC>* p, A (&v)[VEC]) {
 #endif
 #pragma unroll
     for (int u = 0; u < VEC; ++u) v[u] = load_acc<A>(p->v[u]);
+}
+
+// The VEC values of a pack in global memory (read-only for the kernel's life), in A.
+template <typename A, typename T, int VEC>
+__device__ __forceinline__ void load_vals_global(const T* p, A (&v)[VEC]) {
+#ifdef GPUCE_WORDS
+    if constexpr (sizeof(Pack<T, VEC>) == 16) {
+        unsigned w[4];
+        ldg128(p, w);
+        if constexpr (VEC == 8) to_vals<T>(w, v);
+        else to_vals(w, v);
+        return;
+    }
+#endif
+    const Pack<T, VEC> q = load_pack<T, VEC>(p);
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) v[u] = load_acc<A>(q.v[u]);
 }
 
 // Store VEC values, rounded to T once, at p (16-byte aligned when the pack is 16 bytes).
@@ -671,6 +693,36 @@ __device__ __forceinline__ void store_grad_lean(T* grow, int col0, int c, const 
         for (int u = 0; u < VEC; ++u)
             if (col0 + u >= 0 && col0 + u < c) grow[col0 + u] = store_t<T>(d[u]);
     }
+}
+
+// The lean online update of the two-pass kernel (its values are not kept, so the sums must
+// follow the maximum as it grows): the pack's maximum, a rescale only when it exceeds the
+// partial's (rare after the first packs of a row), then the sums at the shift.  Columns
+// outside [0, C) of an edge pack are -inf (no term).  No softcap, no coefficients.
+template <typename T, typename A, int VEC>
+__device__ __forceinline__ void pack_online(Part<A>& p, const A (&fv)[VEC]) {
+    A pm = fv[0];
+#pragma unroll
+    for (int u = 1; u < VEC; ++u) pm = max_nan(pm, fv[u]);
+    if (!(pm <= p.m)) {  // a new maximum, or a NaN: move the sum to it
+        const A m = max_nan(p.m, pm);
+        const A ms = isfinite(m) ? m : A(0);
+        p.s = rescaled(p.s, p.ms, ms);
+        p.m = m;
+        p.ms = ms;
+    }
+    const A msl = p.ms * A(1.4426950408889634);
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) p.s += ex_at<T>(fv[u], p.ms, msl);
+}
+
+// -inf in the columns of a pack outside [0, C).
+template <typename A, int VEC>
+__device__ __forceinline__ void mask_edges(A (&fv)[VEC], int col0, int c) {
+    if (col0 >= 0 && col0 + VEC <= c) return;
+#pragma unroll
+    for (int u = 0; u < VEC; ++u)
+        if (col0 + u < 0 || col0 + u >= c) fv[u] = neg_inf<A>();
 }
 
 // ------------------------------------------------------------------------- batch finishing
@@ -1213,7 +1265,8 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS, 1) sce_tile(GPUCE_SCE_PARAMS)
 // ------------------------------------------------------------------------- sce_twopass
 // One block a row (grid-stride), the row read twice: the statistics, then the gradient.
 // For rows that do not fit the shared-memory rings of sce_team; the second read is meant to
-// hit L2 (one row a block in flight).
+// hit L2 (one row a block in flight).  Rows with no softcap and no coefficients take the lean
+// online update (pack_online), loading four packs a thread before using any.
 template <typename T, typename I, typename A, int MODE, int VEC>
 __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_PARAMS) {
     GPUCE_SCE_SETUP;
@@ -1227,18 +1280,62 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
         const T* xrow = x + row * ldx - sh;
         const T* yrow = MODE == 1 ? y + row * ldy - sh : nullptr;
         const Label<A> lb = label_of<MODE>(g, lab, true);
+        const bool coefs = MODE == 1 || g.eps_over_c != A(0);
+        const bool lean = g.cap == A(0) && !coefs;
+        // the lean path loads U packs before using any (U 16-byte loads in flight a thread)
+        constexpr int U = 4;
+        const int step = U * (int)blockDim.x;
         Part<A> p = part_identity<A>();
-        for (int q = threadIdx.x; q < packs; q += blockDim.x) {
-            A fv[VEC], yv[VEC] = {};
-            unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
-            if (MODE == 1) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
-            add_pack<MODE, T, I, A, VEC>(g, p, q * VEC - sh, lb.k, fv, yv);
+        if (lean) {
+            for (int q0 = threadIdx.x; q0 < packs; q0 += step) {
+                A fv[U][VEC];
+#pragma unroll
+                for (int j = 0; j < U; ++j) {
+                    const int q = q0 + j * (int)blockDim.x;
+                    if (q < packs) load_vals_global<A>(xrow + (size_t)q * VEC, fv[j]);
+                }
+#pragma unroll
+                for (int j = 0; j < U; ++j) {
+                    const int q = q0 + j * (int)blockDim.x;
+                    if (q >= packs) continue;
+                    mask_edges(fv[j], q * VEC - sh, c);
+                    pack_online<T>(p, fv[j]);
+                    const int col0 = q * VEC - sh;
+                    if (lb.k >= 0 && (unsigned)(lb.k - col0) < (unsigned)VEC) {
+#pragma unroll
+                        for (int u = 0; u < VEC; ++u)
+                            if (col0 + u == lb.k) p.xk = fv[j][u];
+                    }
+                }
+            }
+        } else {
+            for (int q = threadIdx.x; q < packs; q += blockDim.x) {
+                A fv[VEC], yv[VEC] = {};
+                unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
+                if (MODE == 1) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
+                add_pack<MODE, T, I, A, VEC>(g, p, q * VEC - sh, lb.k, fv, yv);
+            }
         }
-        p = block_merge(p, red, parity, MODE == 1 || g.eps_over_c != A(0));
+        p = block_merge(p, red, parity, coefs);
         parity ^= 1;
         const RowOut<A> o = finish_row<MODE>(g, p, lb);
         if (threadIdx.x == 0) emit_row<MODE>(g, row, o, lb.bad, acc);
-        if (grad) {
+        if (grad && lean && o.active && !o.bad) {
+            T* grow = grad + row * ldg;
+            for (int q0 = threadIdx.x; q0 < packs; q0 += step) {
+                A fv[U][VEC];
+#pragma unroll
+                for (int j = 0; j < U; ++j) {
+                    const int q = q0 + j * (int)blockDim.x;
+                    if (q < packs) load_vals_global<A>(xrow + (size_t)q * VEC, fv[j]);
+                }
+#pragma unroll
+                for (int j = 0; j < U; ++j) {
+                    const int q = q0 + j * (int)blockDim.x;
+                    if (q < packs) store_grad_lean<T, A, VEC>(grow, q * VEC - sh, c, fv[j], o.ms, o.r, o.k, o.wls);
+                }
+            }
+        } else if (grad) {
             T* grow = grad + row * ldg;
             for (int q = threadIdx.x; q < packs; q += blockDim.x) {
                 A fv[VEC], yv[VEC] = {};
