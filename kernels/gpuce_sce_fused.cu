@@ -9,8 +9,9 @@
 // Maths (A is the accumulation type: float, or double for double logits).  A row's values are
 // v_j = f_j, or v_j = s tanh(f_j / s) with softcap s > 0.  Each thread keeps a partial state
 // of the values it owns (Part: max m, finite shift ms, s = sum exp(v - ms), a = sum coef,
-// b = sum coef (v - ms), the label value); the team combines the states once (a symmetric
-// merge, so every thread of the team ends with the same bits), then
+// b = sum coef (v - ms), the label value); the team combines the states once (lanes_merge:
+// the maximum first, then plain sums, so every thread of the team ends with the same bits),
+// then
 //   lse  = ms + log s
 //   loss = wl (lse - v_k) + (a log s - b) + z lse^2                       (finish_stats)
 //   grad = scale (exp(v_j - ms) G / s - coef_j - wl [j = k]) (1 - tanh^2)  G = wl + a + 2 z lse
@@ -19,7 +20,9 @@
 //         row and is recorded as the first bad position, never an out-of-bounds read).
 // MODE 1: probability targets y (coef_j = w_j ((1-eps) y_j + eps/C), wl = 0).
 // w may be null (all weights 1).  Rows are always read (never gated on their label), so a
-// row's loads wait only on their address.
+// row's loads wait only on their address.  Rows with no softcap take the lean path (a
+// thread's maximum, then its sums at that shift: no online rescale; see pack_sum), the rest
+// the general online update (add_pack).
 //
 // Kernels:
 //   sce_tile       C <= 32, dense rows: a block stages 128 rows (one thread a row) through
