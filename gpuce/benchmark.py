@@ -306,7 +306,7 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
                 if name == "gpuce-fused":
                     from . import _fused
 
-                    note = _fused.choose(x, "label", y.dtype.name, None, x)[0].describe()
+                    note = _fused.choose(x, "label", y.dtype.name, None, x, softcap=bool(softcap))[0].describe()
                     k = _gpu_time(cp, fused_kernel_only(cp, x, y), repeat)
                     extra[name]["kernel_ms"] = f"{k[1]:.4f}"
                 res[name] = (t, peak, note)
