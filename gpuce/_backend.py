@@ -1,4 +1,6 @@
-"""The one backend chooser: NumPy or CuPy, decided by the array types passed in.
+"""The one backend chooser: NumPy or CuPy, decided by the array types passed in, and the
+small backend-specific helpers that need only an array's metadata or module (conversion to
+the host or to a backend, a loss accumulator, free device memory, memory overlap).
 
 CuPy is never imported here; a CuPy array is recognised by looking its class up
 in ``sys.modules`` (the array-api-compat trick), so ``import gpuce`` works with
@@ -7,6 +9,7 @@ no CuPy installed and with CuPy but no GPU.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -60,6 +63,71 @@ def asarray(xp, a):
 def to_host(a):
     """A NumPy copy of a CuPy array (one device-to-host copy); anything else as a NumPy array."""
     return a.get() if is_cupy_array(a) else np.asarray(a)
+
+
+def to_backend(xp, a):
+    """``a`` as an array of module ``xp``, copied across devices where needed: a NumPy
+    array (a CuPy one copied to the host) for NumPy, ``cupy.asarray(a)`` for CuPy."""
+    if xp is np:
+        return to_host(a)
+    return xp.asarray(a)
+
+
+def float64_accumulator(xp):
+    """A float64 zero to add a loop's losses into: the Python float 0.0 on NumPy, a 0-d
+    float64 device array on CuPy (adding a device loss to it needs no host sync)."""
+    if xp is np:
+        return 0.0
+    return xp.zeros((), np.float64)
+
+
+def free_memory_bytes(xp) -> float:
+    """Free memory of the current device, counting the blocks CuPy's pool holds unused;
+    ``math.inf`` on NumPy (host memory is not bounded here)."""
+    if xp is np:
+        return math.inf
+    free, _ = xp.cuda.runtime.memGetInfo()
+    return int(free) + int(xp.get_default_memory_pool().free_bytes())
+
+
+def shares_memory(xp, a, b) -> bool:
+    """True if arrays ``a`` and ``b`` (same module) may have an element in common, from the
+    arrays' metadata alone (no data is read, nothing is allocated).
+
+    NumPy: ``numpy.shares_memory`` (exact; an undecidable case within its work bound counts
+    as shared).  CuPy: the arrays' address ranges overlap.  ``cupy.shares_memory`` is not
+    used: its exact form builds an int64 array of every element's address on the device
+    (8 bytes an element of the logits).  Interleaved views of one buffer (``x[:, ::2]``
+    and ``x[:, 1::2]``) therefore count as shared on CuPy.
+    """
+    if a is None or b is None or a.size == 0 or b.size == 0:
+        return False
+    if xp is np:
+        if not np.may_share_memory(a, b):
+            return False
+        try:
+            return bool(np.shares_memory(a, b, max_work=1 << 20))
+        except np.exceptions.TooHardError:
+            return True
+    lo_a, hi_a = _address_range(a)
+    lo_b, hi_b = _address_range(b)
+    return lo_a < hi_b and lo_b < hi_a
+
+
+def _address_range(arr):
+    """[first, last + itemsize) byte addresses of a CuPy array's elements."""
+    lo = hi = arr.data.ptr
+    for size, stride in zip(arr.shape, arr.strides):
+        ext = (size - 1) * stride
+        lo, hi = (lo + ext, hi) if ext < 0 else (lo, hi + ext)
+    return lo, hi + arr.itemsize
+
+
+def shares_buffer(xp, view, base) -> bool:
+    """True if ``view`` (a reshape of ``base``) writes through to ``base``."""
+    if xp is np:
+        return np.may_share_memory(view, base)
+    return view.size == 0 or view.data.ptr == base.data.ptr
 
 
 def cupy_available() -> bool:

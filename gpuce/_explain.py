@@ -3,11 +3,10 @@ and why, without running it."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from ._backend import array_module, asarray, is_dask_array
 from ._blocks import rows_viewable
-from ._impl import auto_impl, check_impl, resolve_impl
+from ._impl import check_impl, resolve_impl
+from ._rows import explain_rows
 from ._validation import sce_args
 
 
@@ -50,39 +49,8 @@ def explain(logits, target, *, impl="auto", return_grad=True, **options) -> str:
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
     a = sce_args(logits, target, **{**_defaults(), **options, "weight": weight,
                                       "return_grad": return_grad})
-    lines = []
     walk = a.n and not rows_viewable(logits.shape, logits.strides)
-    if xp is np:
-        lines.append("backend: NumPy (the logits are a numpy.ndarray)")
-        lines.append(f"path: gpuce._sce_numpy: chunked passes over the rows on the CPU, "
-                     f"{a.acc.name} accumulation")
-    else:
-        lines.append("backend: CuPy (the logits are a cupy.ndarray)")
-        chosen = resolve_impl(impl)
-        why = (f"impl={impl!r}" if impl != "auto" else
-               f"impl='auto' means {auto_impl()!r} here" + ("" if auto_impl() == "fused" else
-                                                         " (set by gpuce.use_impl)"))
-        if chosen == "fused" and a.kind == "prob" and target.dtype != logits.dtype:
-            chosen = "portable"
-            why += (f"; probability targets of {target.dtype} with {logits.dtype} logits are read "
-                    f"in {a.acc.name} by the portable kernels")
-        lines.append(f"path: {chosen} ({why})")
-        if chosen == "fused" and walk:
-            lines.append("kernel: chosen for each row block as for an (N, C) array of its rows")
-        elif chosen == "fused" and a.n:
-            from . import _fused
-
-            x2 = logits.reshape(a.n, a.c)
-            y2 = None
-            if a.kind == "label":
-                index = target.dtype.name
-                if index not in ("int32", "int64") or (
-                        index == "int32" and not -(2**31) <= a.ignore_index < 2**31):
-                    index = "int64"
-            else:
-                index = "int32"
-                y2 = target.reshape(x2.shape)
-            lines.append("kernel: " + _fused.explain(x2, a.kind, index, y2, None, softcap=bool(a.softcap)))
+    lines = explain_rows(xp, logits, target, a, impl, walk)
     if walk:
         lines.append("the leading dimensions do not merge into one row axis: the rows are "
                      "walked in blocks (gpuce.sce.walk_blocks), one block copied at a time")

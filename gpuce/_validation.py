@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._backend import shares_memory
+
 REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -301,39 +303,6 @@ def check_class_weight(xp, weight):
     if np.dtype(weight.dtype).kind == "u":
         return
     raise_bad_weight(weight, first_bad_weight(xp, weight))
-
-
-def shares_memory(xp, a, b) -> bool:
-    """True if arrays ``a`` and ``b`` (same module) may have an element in common, from the
-    arrays' metadata alone (no data is read, nothing is allocated).
-
-    NumPy: ``numpy.shares_memory`` (exact; an undecidable case within its work bound counts
-    as shared).  CuPy: the arrays' address ranges overlap.  ``cupy.shares_memory`` is not
-    used: its exact form builds an int64 array of every element's address on the device
-    (8 bytes an element of the logits).  Interleaved views of one buffer (``x[:, ::2]``
-    and ``x[:, 1::2]``) therefore count as shared on CuPy.
-    """
-    if a is None or b is None or a.size == 0 or b.size == 0:
-        return False
-    if xp is np:
-        if not np.may_share_memory(a, b):
-            return False
-        try:
-            return bool(np.shares_memory(a, b, max_work=1 << 20))
-        except np.exceptions.TooHardError:
-            return True
-    lo_a, hi_a = _address_range(a)
-    lo_b, hi_b = _address_range(b)
-    return lo_a < hi_b and lo_b < hi_a
-
-
-def _address_range(arr):
-    """[first, last + itemsize) byte addresses of a CuPy array's elements."""
-    lo = hi = arr.data.ptr
-    for size, stride in zip(arr.shape, arr.strides):
-        ext = (size - 1) * stride
-        lo, hi = (lo + ext, hi) if ext < 0 else (lo, hi + ext)
-    return lo, hi + arr.itemsize
 
 
 def check_inplace_aliasing(xp, logits, target, weight, a: SceArgs):

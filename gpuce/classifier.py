@@ -34,7 +34,8 @@ import warnings
 import numpy as np
 from scipy.sparse import issparse
 
-from ._backend import array_module, is_cupy_array, is_dask_array, to_host
+from ._backend import (array_module, float64_accumulator, is_cupy_array, is_dask_array, to_backend,
+                       to_host)
 from ._validation import is_bfloat16
 from .linear import linear_cross_entropy
 from .sce import softmax_cross_entropy
@@ -636,7 +637,7 @@ class SoftmaxClassifier(*_bases()):
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
             for epoch in range(1, int(self.max_iter) + 1):
                 perm = xp.asarray(rng.permutation(n))
-                total = xp.zeros((), np.float64) if xp is not np else 0.0
+                total = float64_accumulator(xp)
                 for s in range(0, n, bs):
                     idx = perm[s:s + bs]
                     m = idx.shape[0]
@@ -691,8 +692,8 @@ class SoftmaxClassifier(*_bases()):
 
     def _params_for(self, xp, dtype):
         self._check_fitted()
-        conv = (lambda a: xp.asarray(a)) if xp is not np else to_host
-        return conv(self.coef_).astype(dtype, copy=False), conv(self.intercept_).astype(dtype, copy=False)
+        return (to_backend(xp, self.coef_).astype(dtype, copy=False),
+                to_backend(xp, self.intercept_).astype(dtype, copy=False))
 
     def _encode(self, xp, y):
         classes = to_host(self.classes_)

@@ -28,11 +28,11 @@ from dataclasses import replace
 import numpy as np
 
 from . import _dask
-from ._backend import array_module, asarray
+from ._backend import array_module, asarray, free_memory_bytes
 from ._blas import gemm
 from ._dispatch import backends
-from ._rows import check_labels, mean_denominator, sum_squares
-from .sce import BlockStats, results, run_rows
+from ._rows import check_labels, column_sums, mean_denominator, run_rows, sum_squares
+from .sce import BlockStats, results
 from ._validation import LinearGrads, check_class_weight, check_uint64_labels, linear_args
 
 # Automatic chunk size: the chunk's logits buffer is kept to AUTO_CHUNK_FRACTION of the
@@ -48,18 +48,11 @@ ROW_OVERHEAD_BYTES = 64  # per-row scalars of the kernels' prologue (weights, lo
 DW_ACCUMULATE = {"bfloat16": np.dtype(np.float32)}
 
 
-def free_device_bytes(cp) -> int:
-    """Free memory of the current device, counting the blocks CuPy's pool holds unused."""
-    free, _ = cp.cuda.runtime.memGetInfo()
-    return int(free) + int(cp.get_default_memory_pool().free_bytes())
-
-
 def auto_chunk_size(xp, n, c, itemsize, grads_bytes) -> int:
     """Rows a chunk for ``chunk_size=None`` (see the AUTO_CHUNK_* constants)."""
     row = c * itemsize + ROW_OVERHEAD_BYTES
     target = max(AUTO_CHUNK_FRACTION * grads_bytes, AUTO_CHUNK_MIN_BYTES)
-    if xp is not np:
-        target = min(target, AUTO_CHUNK_FREE_SHARE * free_device_bytes(xp))
+    target = min(target, AUTO_CHUNK_FREE_SHARE * free_memory_bytes(xp))  # no bound on NumPy
     return int(max(1, min(n, target // row)))
 
 
@@ -222,12 +215,3 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
 
 # linear_cross_entropy's check_labels argument shadows the function inside it
 check_label_range = check_labels
-
-
-def column_sums(xp, G, acc):
-    """1ᵀ G in ``acc``.  On CuPy (float32/64) a matrix-vector product through cuBLAS: CuPy's
-    column reduction G.sum(axis=0) runs one block per column, so with few classes (C = 100)
-    it has too few blocks, each reading a strided column."""
-    if xp is not np and G.dtype in (np.float32, np.float64):
-        return xp.matmul(xp.ones(G.shape[0], G.dtype), G).astype(acc, copy=False)
-    return G.sum(axis=0, dtype=acc)

@@ -1,7 +1,7 @@
 """softmax_cross_entropy: per-sample softmax cross-entropy with its fused gradient.
 
-This module only checks arguments and picks the backend; the work is done by
-:mod:`gpuce._sce_numpy` (CPU) or :mod:`gpuce._sce_cupy` (GPU kernels).
+This module only checks arguments and shapes the result; :func:`gpuce._rows.run_rows` hands the
+rows to the backend, :mod:`gpuce._sce_numpy` (CPU) or :mod:`gpuce._sce_cupy` (GPU kernels).
 """
 
 from __future__ import annotations
@@ -11,18 +11,13 @@ from dataclasses import replace
 import numpy as np
 
 from . import _dask
-from ._backend import array_module, asarray
+from ._backend import array_module, asarray, shares_buffer
 from ._blocks import row_blocks, rows_viewable
 from ._dispatch import backends
-from ._impl import check_impl, resolve_impl
-from ._rows import check_labels, mean_denominator
+from ._impl import check_impl
+from ._rows import check_labels, mean_denominator, run_rows, walk_block_elements
 from ._validation import (SceArgs, SceStats, check_class_weight, check_inplace_aliasing,
                           check_uint64_labels, sce_args)
-
-# Logits without an (N, C) view are walked in blocks of about this many elements (one block
-# at most is copied): chunk-sized on the CPU, large enough on the GPU to keep launches full.
-WALK_BLOCK_ELEMENTS_NUMPY = 1 << 20
-WALK_BLOCK_ELEMENTS_CUPY = 1 << 24
 
 
 @backends("logits", "target", dask=lambda run, arguments: _dask.softmax_cross_entropy(run, **arguments))
@@ -174,7 +169,7 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
 
     grad_out = None
     if a.return_grad:
-        if a.inplace and _shares_buffer(xp, x2, logits):
+        if a.inplace and shares_buffer(xp, x2, logits):
             grad_out = x2
         else:
             grad_out = xp.empty((a.n, c), dtype=logits.dtype)
@@ -267,28 +262,13 @@ class BlockStats:
         return SceStats((self.z * scale).astype(a.acc), accuracy, self.lse)
 
 
-def run_rows(xp, x2, target, weight, a: SceArgs, grad_out, impl="auto", variant=None):
-    """The backend's work on validated (N, C) logits: a :class:`gpuce._validation.SceRows`
-    ``(rows, total, stats)``, the gradient written into ``grad_out`` when given (it may be
-    ``x2`` itself).  ``total`` is None for reduction "none"; ``rows`` may be None for "sum"
-    and "mean" (use ``total``).  ``variant`` pins a fused kernel variant (CuPy; tests and the
-    benchmark).  Used by softmax_cross_entropy, the block walk and the chunked linear model."""
-    if xp is np:
-        from ._sce_numpy import softmax_cross_entropy as run
-
-        return run(x2, target, weight, a, grad_out)
-    from ._sce_cupy import softmax_cross_entropy as run
-
-    return run(x2, target, weight, a, grad_out, impl=resolve_impl(impl), variant=variant)
-
-
 def walk_blocks(xp, logits, target, weight, a: SceArgs, impl="auto"):
     """softmax_cross_entropy of logits that have no (N, C) view (leading dimensions that do
     not merge, e.g. ``(T, B, C).transpose(1, 0, 2)``), without copying them whole.
 
     Labels are checked and the mean's denominator computed over all rows first (the chunked
     linear model's helpers); then blocks of consecutive rows (:func:`gpuce._blocks.row_blocks`)
-    run through :func:`run_rows` with reduction "sum" (or "none"), the gradient written
+    run through :func:`gpuce._rows.run_rows` with reduction "sum" (or "none"), the gradient written
     through each block's view of the caller-shaped output and scaled by 1/denominator for
     "mean".  Extra memory: one block's copy of the logits (and target) when the block itself
     has no (rows, C) view, plus the backend's own chunk buffers.
@@ -308,8 +288,7 @@ def walk_blocks(xp, logits, target, weight, a: SceArgs, impl="auto"):
     loss_rows = xp.empty(a.n, a.acc) if a.reduction == "none" else None
     total = xp.zeros((), np.float64)
     stats = BlockStats(xp, a) if a.return_stats else None
-    block = WALK_BLOCK_ELEMENTS_NUMPY if xp is np else WALK_BLOCK_ELEMENTS_CUPY
-    for index, r0, r1 in row_blocks(a.lead_shape, block // c):
+    for index, r0, r1 in row_blocks(a.lead_shape, walk_block_elements(xp) // c):
         m = r1 - r0
         xb = logits[index]
         x2 = xb.reshape(m, c)  # a copy of this block alone when the block has no view
@@ -330,7 +309,7 @@ def walk_blocks(xp, logits, target, weight, a: SceArgs, impl="auto"):
         if gb is not None:
             if scale != 1.0:
                 gb *= scale
-            if a.inplace and not _shares_buffer(xp, x2, xb):
+            if a.inplace and not shares_buffer(xp, x2, xb):
                 xb[...] = gb.reshape(xb.shape)
     if loss_rows is not None:
         loss = loss_rows.reshape(a.lead_shape)
@@ -340,10 +319,3 @@ def walk_blocks(xp, logits, target, weight, a: SceArgs, impl="auto"):
         loss = xp.asarray(total, dtype=a.acc)
     st = stats.finish(scale) if stats is not None else None
     return results(xp, a, loss, grad, st)
-
-
-def _shares_buffer(xp, view, base) -> bool:
-    """True if ``view`` (a reshape of ``base``) writes through to ``base``."""
-    if xp is np:
-        return np.may_share_memory(view, base)
-    return view.size == 0 or view.data.ptr == base.data.ptr

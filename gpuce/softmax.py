@@ -11,16 +11,11 @@ softmax / log_softmax, one ElementwiseKernel pass maps ``x - lse``.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ._backend import array_module, asarray
-from ._blocks import row_blocks
 from ._dask import map_rows
 from ._dispatch import backends
-from ._validation import acc_dtype, check_axis, check_float
-
-# The NumPy path walks the rows in blocks of about this many elements (at least one row).
-NUMPY_BLOCK_ELEMENTS = 1 << 18
+from ._rows import softmax_rows
+from ._validation import check_axis, check_float
 
 
 def _prepare(x, axis):
@@ -29,64 +24,6 @@ def _prepare(x, axis):
     check_float(x, "x")
     axis = check_axis(axis, x.ndim)
     return xp, x, axis
-
-
-def _numpy_rows(x, axis, mode):
-    """The NumPy path of logsumexp ("lse"), softmax ("softmax") and log_softmax ("log"),
-    computed in blocks of rows (:func:`gpuce._blocks.row_blocks` over the other axes) and
-    written into the output block by block, so the temporaries are about two blocks of
-    NUMPY_BLOCK_ELEMENTS accumulation-dtype elements (at least one row), never the input's
-    size.  Per row: m = max_j x_j (a non-finite m is replaced by 0 as ms), t = x - ms,
-    ls = log sum_j exp(t); lse = m + ls, log_softmax = t - ls, softmax = exp(t - ls)."""
-    acc = acc_dtype(x.dtype)
-    xm = np.moveaxis(x, axis, -1)
-    lead, c = xm.shape[:-1], xm.shape[-1]
-    if mode == "lse":
-        out = np.empty(lead, x.dtype)
-        if c == 0:
-            out.fill(-np.inf)
-            return out
-        outm = out
-    else:
-        out = np.empty_like(x)  # the input's memory layout, as an elementwise result
-        if c == 0:
-            return out
-        outm = np.moveaxis(out, axis, -1)
-    with np.errstate(all="ignore"):
-        for index, _, _ in row_blocks(lead, NUMPY_BLOCK_ELEMENTS // c):
-            xb = xm[index]
-            m = xb.max(axis=-1, keepdims=True).astype(acc)
-            finite = np.isfinite(m)
-            ms = np.where(finite, m, 0).astype(acc)
-            t = np.subtract(xb, ms, dtype=acc)
-            e = np.exp(t)
-            ls = np.log(e.sum(axis=-1, keepdims=True))
-            lse = np.where(finite, ms, m) + ls
-            if mode == "lse":
-                outm[index] = lse[..., 0]
-                continue
-            t -= ls
-            if mode == "softmax":
-                np.exp(t, out=t)
-            np.copyto(t, np.nan, where=~np.isfinite(lse))
-            outm[index] = t
-    return out
-
-
-def _norm_cupy(x, axis):
-    import cupy as cp
-
-    from ._cupy_kernels import get_kernel
-
-    acc = acc_dtype(x.dtype)
-    shape = x.shape[:axis] + (1,) + x.shape[axis + 1:]
-    mx, ls = cp.empty(shape, acc), cp.empty(shape, acc)
-    if mx.size and x.shape[axis] == 0:
-        mx.fill(-np.inf)
-        ls.fill(-np.inf)
-    elif mx.size:
-        get_kernel("gpuce_lse", T=x.dtype.name, A=acc.name)(x, mx, ls, axis=axis, keepdims=True)
-    return mx, ls
 
 
 @backends("x", dask=map_rows(keep_axis=False))
@@ -109,21 +46,12 @@ def logsumexp(x, axis=-1):
     scipy.special.logsumexp, torch.logsumexp
     """
     xp, x, axis = _prepare(x, axis)
-    if xp is np:
-        return _numpy_rows(x, axis, "lse")
-    mx, ls = _norm_cupy(x, axis)
-    return (mx + ls).astype(x.dtype).squeeze(axis)
+    return softmax_rows(xp, x, axis, "lse")
 
 
 def _map(x, axis, mode, kernel_name):
     xp, x, axis = _prepare(x, axis)
-    if xp is np:
-        return _numpy_rows(x, axis, mode)
-    acc = acc_dtype(x.dtype)
-    from ._cupy_kernels import get_kernel
-
-    mx, ls = _norm_cupy(x, axis)
-    return get_kernel(kernel_name, T=x.dtype.name, A=acc.name)(x, mx, ls)
+    return softmax_rows(xp, x, axis, mode, kernel_name)
 
 
 @backends("x", dask=map_rows(keep_axis=True))

@@ -62,7 +62,7 @@ def test_use_impl_is_per_thread():
 
 
 class _FakeDeviceModule:
-    """Stands for cupy in sce.run_rows (anything that is not numpy takes the CuPy branch)."""
+    """Stands for cupy in run_rows (gpuce._rows; anything that is not numpy takes the CuPy branch)."""
 
 
 def test_run_rows_passes_the_chosen_impl_to_the_gpu_backend(monkeypatch):

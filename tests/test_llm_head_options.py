@@ -283,10 +283,10 @@ def test_inplace_with_softcap(xp, dtype):
 def test_walked_blocks(xp, monkeypatch, reduction, kind):
     """Logits without an (N, C) view are walked in row blocks: statistics assembled over the
     blocks equal the reference."""
-    import gpuce.sce
+    import gpuce._rows
 
-    monkeypatch.setattr(gpuce.sce, "WALK_BLOCK_ELEMENTS_NUMPY", 64)
-    monkeypatch.setattr(gpuce.sce, "WALK_BLOCK_ELEMENTS_CUPY", 64)
+    monkeypatch.setattr(gpuce._rows, "WALK_BLOCK_ELEMENTS_NUMPY", 64)
+    monkeypatch.setattr(gpuce._rows, "WALK_BLOCK_ELEMENTS_CUPY", 64)
     rng = rng_for("walk", reduction, kind)
     x, t = make_inputs(rng, (9, 6, 7), kind, np.float64)
     xt = x.transpose(1, 0, 2)

@@ -1,7 +1,6 @@
 """Inputs with no (N, C) view are walked in row blocks, never copied whole:
 softmax_cross_entropy on e.g. (T, B, C).transpose(1, 0, 2), and the NumPy softmax family."""
 
-import importlib
 import itertools
 import math
 import tracemalloc
@@ -11,12 +10,10 @@ import numpy as np
 import pytest
 
 import gpuce
-import gpuce.sce as S
+import gpuce._rows as R
 from gpuce._blocks import row_blocks, rows_viewable
 from helpers import TOL, to_numpy
 from test_sce import ref_for
-
-SM = importlib.import_module("gpuce.softmax")  # the module (gpuce.softmax is the function)
 
 
 def seed(name: str) -> int:
@@ -34,8 +31,8 @@ def time_major(xp, rng, t, b, c, dtype):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 3 rows (of 7 classes), so every test walks many blocks on both backends."""
-    monkeypatch.setattr(S, "WALK_BLOCK_ELEMENTS_NUMPY", 3 * 7)
-    monkeypatch.setattr(S, "WALK_BLOCK_ELEMENTS_CUPY", 3 * 7)
+    monkeypatch.setattr(R, "WALK_BLOCK_ELEMENTS_NUMPY", 3 * 7)
+    monkeypatch.setattr(R, "WALK_BLOCK_ELEMENTS_CUPY", 3 * 7)
 
 
 # ---- the index arithmetic ----------------------------------------------------------------
@@ -194,7 +191,7 @@ def test_walked_host_peak_memory_is_block_sized():
         finally:
             tracemalloc.stop()
         del out
-    block = S.WALK_BLOCK_ELEMENTS_NUMPY * 8
+    block = R.WALK_BLOCK_ELEMENTS_NUMPY * 8
     assert peaks[False] < 3 * block, peaks  # one block's copy and the backend's chunk buffers
     assert peaks[True] < full + 3 * block, peaks  # the gradient output itself is full size
     assert peaks[False] < full / 3
@@ -222,7 +219,7 @@ def test_gpu_walked_memory_is_block_sized():
     loss, grad = gpuce.softmax_cross_entropy(x, t, return_grad=True)
     cp.cuda.Device().synchronize()
     extra = pool.total_bytes() - before - grad.nbytes
-    assert extra < 3 * S.WALK_BLOCK_ELEMENTS_CUPY * 4 + (64 << 20), extra
+    assert extra < 3 * R.WALK_BLOCK_ELEMENTS_CUPY * 4 + (64 << 20), extra
     cl, cg = gpuce.softmax_cross_entropy(cp.ascontiguousarray(x), t, return_grad=True)
     np.testing.assert_allclose(loss.get(), cl.get(), rtol=1e-6)
     np.testing.assert_allclose(grad.get(), cg.get(), rtol=1e-5, atol=1e-9)
@@ -247,7 +244,7 @@ def test_softmax_family_host_peak_memory(name, dtype):
         tracemalloc.stop()
     extra = peak - out.nbytes
     # two float32/64 temporaries of one block (at least one row), plus small change
-    block = max(SM.NUMPY_BLOCK_ELEMENTS, 4096) * max(np.dtype(dtype).itemsize, 4)
+    block = max(R.NUMPY_BLOCK_ELEMENTS, 4096) * max(np.dtype(dtype).itemsize, 4)
     assert extra < 3 * block + (256 << 10), (extra, block)
     assert extra < x.nbytes / 2
 
@@ -264,7 +261,7 @@ def test_softmax_family_blocks_match_reference(xp, monkeypatch, axis):
     xd = xp.asarray(x).transpose(1, 0, 2)
     xn = x.transpose(1, 0, 2)
     for elements in (1, 20):
-        monkeypatch.setattr(SM, "NUMPY_BLOCK_ELEMENTS", elements)
+        monkeypatch.setattr(R, "NUMPY_BLOCK_ELEMENTS", elements)
         with np.errstate(all="ignore"):
             lse_ref = sp.logsumexp(xn, axis=axis)
             sm_ref = sp.softmax(xn, axis=axis)
