@@ -12,6 +12,12 @@ to each worker once per call (per optimiser iteration in SoftmaxClassifier.fit).
 Results are dask arrays: compute the loss and gradients together (``dask.compute(loss,
 grads)``) so that the block tasks run once.  dask is imported only when a dask array is
 passed in (``gpuce._backend.is_dask_array`` looks it up in ``sys.modules``).
+
+SoftmaxClassifier's dask form lives here too (the end of this module): fit's one pass over
+the data (checks, classes, class indices, persisted blocks), the lazy finiteness check of
+the prediction methods and the labels of predicted class indices.  The classifier decides
+the backend once per method (:func:`gpuce._dispatch.backend_of`) and hands itself in, so
+this module never imports gpuce.classifier.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import uuid
 
 import numpy as np
 
-from ._backend import array_module, is_dask_array
+from ._backend import array_module, is_cupy_array, is_dask_array
 from ._impl import auto_impl, resolve_impl, use_impl
 from ._rows import mean_denominator, sum_squares
 from ._validation import (LinearGrads, SceStats, acc_dtype, check_axis, check_float,
@@ -447,3 +453,77 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
     dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X, scale=fin["scale"])
           if input_grad else None)
     return _outputs(loss, LinearGrads(dX, dW, db), stats, a)
+
+
+# -- SoftmaxClassifier -------------------------------------------------------------------------
+
+def compute(*values):
+    """``dask.compute(*values)``: one graph for several results (their shared blocks run once)."""
+    import dask
+
+    return dask.compute(*values)
+
+
+def _class_index(block, classes):
+    """Class indices of a block of labels (a dask map_blocks function; all labels are known)."""
+    xp = array_module(block)
+    return xp.searchsorted(xp.asarray(classes), block).astype(np.int64)
+
+
+def _class_of(idx, classes):
+    """Labels of a block of class indices."""
+    if is_cupy_array(idx) and classes.dtype.kind in "OUS":
+        return classes[idx.get()]
+    xp = array_module(idx)
+    return xp.asarray(classes)[idx]
+
+
+def _finite_block(block):
+    """A dask map_blocks check: the block itself, or ValueError if it holds NaN or inf."""
+    if not bool(array_module(block).isfinite(block).all()):
+        raise ValueError("X contains NaN or infinity")
+    return block
+
+
+def classifier_prepare(est, X, y):
+    """SoftmaxClassifier.fit's first step on dask arrays chunked by rows (``est`` the
+    estimator, whose checks run here): one pass for the finiteness check and the classes,
+    then X and the class indices persisted (on the workers of a distributed cluster) for
+    the optimiser's iterations.  Returns ``(xp, X, y_idx, classes)``, ``xp`` the module of
+    X's chunks."""
+    import dask
+
+    da = _da()
+    if est.solver != "lbfgs":
+        raise ValueError(f"solver={est.solver!r} needs in-memory arrays; dask arrays are "
+                         "fitted with solver='lbfgs'")
+    _, xp, X = est._validate_X(_as_dask(X), reset=True)
+    _rows_only(X, "X", what="feature")
+    if y is None:
+        est._check_y_shape(X, None)
+    y = est._check_y_shape(X, _align_rows(y, X, "y"))
+    finite, classes = dask.compute(da.isfinite(X).all(), da.unique(y))
+    if not bool(finite):
+        raise ValueError("X contains NaN or infinity")
+    est._check_classes(classes)
+    y_idx = y.map_blocks(_class_index, classes, dtype=np.int64)
+    if _module_of(y_idx) is not xp:  # host labels beside CuPy chunks of X
+        y_idx = y_idx.map_blocks(xp.asarray, dtype=np.int64, meta=xp.empty(0, np.int64))
+    X, y_idx = dask.persist(X, y_idx)
+    return xp, X, y_idx, classes
+
+
+def classifier_finite(X):
+    """X with each block checked for NaN and inf when it is computed (the prediction
+    methods: fit checks X in its one pass)."""
+    return X.map_blocks(_finite_block, dtype=X.dtype, meta=X._meta)
+
+
+def classifier_labels(idx, classes):
+    """The labels of dask class indices, block by block."""
+    return idx.map_blocks(_class_of, classes, dtype=classes.dtype)
+
+
+def classifier_module(X):
+    """numpy or cupy: the module of a dask X's chunks."""
+    return _module_of(X)

@@ -12,6 +12,10 @@ cross_entropy, kl_div, softmax_cross_entropy, linear_cross_entropy) is wrapped b
 
 ``fn.in_memory`` is the undecorated function.  The dask forms take ``(in_memory,
 arguments)``, ``arguments`` being the call's bound arguments with defaults applied.
+
+Callers that take array-likes beyond one function's parameters (SoftmaxClassifier's fit,
+predict, predict_proba, decision_function, score, objective) ask :func:`backend_of` instead,
+once per call, and send the dask case to their dask form in :mod:`gpuce._dask`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,22 @@ from __future__ import annotations
 import functools
 import inspect
 
-from ._backend import is_dask_array
+from ._backend import is_cupy_array, is_dask_array
+
+# the backends backend_of names
+DASK, CUPY, HOST = "dask", "cupy", "host"
+
+
+def backend_of(*arrays) -> str:
+    """The backend a call with these inputs runs on: ``"dask"`` when one is a dask array,
+    else ``"cupy"`` when one is a CuPy array, else ``"host"`` (NumPy arrays, lists, pandas,
+    scipy.sparse; ``None`` entries count as host).  The same test as :func:`backends`; a mix
+    of NumPy and CuPy is left to :func:`gpuce._backend.array_module` to refuse."""
+    if any(is_dask_array(a) for a in arrays):
+        return DASK
+    if any(is_cupy_array(a) for a in arrays):
+        return CUPY
+    return HOST
 
 
 def backends(*array_params: str, dask):
@@ -35,7 +54,7 @@ def backends(*array_params: str, dask):
         def public(*args, **kwargs):
             for pos, name in where:  # cheap: no binding unless a dask array is passed
                 v = args[pos] if pos < len(args) else kwargs.get(name)
-                if is_dask_array(v):
+                if backend_of(v) == DASK:
                     bound = sig.bind(*args, **kwargs)
                     bound.apply_defaults()
                     return dask(fn, dict(bound.arguments))

@@ -34,8 +34,9 @@ import warnings
 import numpy as np
 from scipy.sparse import issparse
 
-from ._backend import (array_module, float64_accumulator, is_cupy_array, is_dask_array, to_backend,
-                       to_host)
+from . import _dask
+from ._backend import array_module, float64_accumulator, is_cupy_array, to_backend, to_host
+from ._dispatch import CUPY, DASK, HOST, backend_of
 from ._validation import is_bfloat16
 from .linear import linear_cross_entropy
 from .sce import softmax_cross_entropy
@@ -125,20 +126,6 @@ def _is_sparse(X) -> bool:
     return issparse(X)
 
 
-def _class_index(block, classes):
-    """Class indices of a block of labels (a dask map_blocks function; all labels are known)."""
-    xp = array_module(block)
-    return xp.searchsorted(xp.asarray(classes), block).astype(np.int64)
-
-
-def _class_of(idx, classes):
-    """Labels of a block of class indices."""
-    if is_cupy_array(idx) and classes.dtype.kind in "OUS":
-        return classes[idx.get()]
-    xp = array_module(idx)
-    return xp.asarray(classes)[idx]
-
-
 def _bfloat16_as_float32(X):
     """bfloat16 X (NumPy, CuPy or dask) as float32, exactly; anything else as it came.
 
@@ -149,13 +136,6 @@ def _bfloat16_as_float32(X):
     if dtype is None or not is_bfloat16(dtype):
         return X
     return X.astype(np.float32)
-
-
-def _finite_block(block):
-    """A dask map_blocks check: the block itself, or ValueError if it holds NaN or inf."""
-    if not bool(array_module(block).isfinite(block).all()):
-        raise ValueError("X contains NaN or infinity")
-    return block
 
 
 def _progress(total, verbose, desc):
@@ -183,7 +163,7 @@ def _param(name, value, ok, expected):
         raise InvalidParameterError(f"{name} must be {expected}, got {value!r}")
 
 
-def _feature_scale(X):
+def _feature_scale(X, backend):
     """s_j = max(1, max_i |x_ij|) as a host float64 (D,) array: the L-BFGS preconditioner.
 
     Dense X: two reductions (max and min), no |X| temporary; exact in any summation order, so a
@@ -195,10 +175,8 @@ def _feature_scale(X):
         return np.maximum(top, 1.0)
     else:
         hi, lo = X.max(axis=0), X.min(axis=0)
-        if is_dask_array(hi):
-            import dask
-
-            hi, lo = dask.compute(hi, lo)
+        if backend == DASK:
+            hi, lo = _dask.compute(hi, lo)
         hi, lo = to_host(hi), to_host(lo)
     return np.maximum(np.maximum(hi.astype(np.float64), -lo.astype(np.float64)), 1.0)
 
@@ -340,7 +318,8 @@ class SoftmaxClassifier(*_bases()):
     # -- input validation -----------------------------------------------------------------
 
     def _validate_X(self, X, reset):
-        """(xp, X) checked: 2-D real floats, non-empty, finite, n_features_in_ set or matched.
+        """(backend, xp, X), X checked: 2-D real floats, non-empty, finite, n_features_in_ set
+        or matched; backend is X's (:func:`gpuce._dispatch.backend_of`), decided here once.
 
         Host inputs go through scikit-learn's validate_data when it is installed; CuPy and
         dask arrays (and host inputs without scikit-learn) through gpuce's own checks.  A
@@ -350,18 +329,19 @@ class SoftmaxClassifier(*_bases()):
         if not reset:
             self._check_fitted()
         X = _bfloat16_as_float32(X)
-        if _SK is not None and not (is_cupy_array(X) or is_dask_array(X)):
+        backend = backend_of(X)
+        if _SK is not None and backend == HOST:
             X = _SK["validate_data"](self, X, reset=reset, accept_sparse="csr",
                                      dtype=(np.float64, np.float32), ensure_all_finite=True)
-            return np, X
-        xp, X = self._check_X(X)
+            return backend, np, X
+        xp, X = self._check_X(X, backend)
         self._check_n_features(X, reset)
-        if is_dask_array(X):
+        if backend == DASK:
             if not reset:
-                X = X.map_blocks(_finite_block, dtype=X.dtype, meta=X._meta)
+                X = _dask.classifier_finite(X)
         elif not bool(xp.isfinite(X.data if _is_sparse(X) else X).all()):
             raise ValueError("X contains NaN or infinity")
-        return xp, X
+        return backend, xp, X
 
     def _check_n_features(self, X, reset):
         d = X.shape[1]
@@ -374,13 +354,11 @@ class SoftmaxClassifier(*_bases()):
                              f"{self.n_features_in_} features as input (the number it was fitted with)")
 
     @staticmethod
-    def _check_X(X):
+    def _check_X(X, backend):
         """gpuce's own checks of X (CuPy, dask, or host data without scikit-learn)."""
-        if is_dask_array(X):
-            from ._dask import _module_of
-
-            xp = _module_of(X)
-        elif is_cupy_array(X):
+        if backend == DASK:
+            xp = _dask.classifier_module(X)
+        elif backend == CUPY:
             xp = array_module(X)
         else:
             xp = np
@@ -458,15 +436,16 @@ class SoftmaxClassifier(*_bases()):
         self
         """
         self._check_params()
-        if is_dask_array(X) or is_dask_array(y):
-            xp, X, y_idx, classes = self._prepare_dask(X, y)
+        backend = backend_of(X, y)
+        if backend == DASK:
+            xp, X, y_idx, classes = _dask.classifier_prepare(self, X, y)
         else:
-            xp, X, y_idx, classes = self._prepare(X, y)
+            xp, X, y_idx, classes = self._prepare(X, y, backend)
         self.classes_ = classes
         c = classes.shape[0]
         t0 = time.perf_counter()
         if self.solver == "lbfgs":
-            W, b, n_iter, curve = self._fit_lbfgs(xp, X, y_idx, c)
+            W, b, n_iter, curve = self._fit_lbfgs(backend, xp, X, y_idx, c)
         else:
             W, b, n_iter, curve = self._fit_sgd(xp, X, y_idx, c)
         self.fit_time_ = time.perf_counter() - t0
@@ -476,58 +455,32 @@ class SoftmaxClassifier(*_bases()):
         self.loss_curve_ = curve
         return self
 
-    def _prepare(self, X, y):
-        """Checked in-memory X, the labels as class indices and the classes."""
+    def _prepare(self, X, y, backend):
+        """Checked in-memory X, the labels as class indices and the classes (the dask form:
+        :func:`gpuce._dask.classifier_prepare`)."""
         X = _bfloat16_as_float32(X)
-        if _SK is not None and not (is_cupy_array(X) or is_cupy_array(y)):
+        if _SK is not None and backend == HOST:
             X, y = _SK["validate_data"](self, X, y, accept_sparse="csr",
                                         dtype=(np.float64, np.float32), ensure_all_finite=True,
                                         multi_output=False, y_numeric=False)
             _SK["check_classification_targets"](y)
             xp, ymod = np, np
         else:
-            xp, X = self._validate_X(X, reset=True)
+            _, xp, X = self._validate_X(X, reset=True)
             ymod = array_module(y) if is_cupy_array(y) else np
             y = self._check_y_shape(X, ymod.asarray(y) if y is not None else None)
         classes, y_idx = ymod.unique(y, return_inverse=True)
         self._check_classes(classes)
         return xp, X, xp.asarray(y_idx.reshape(-1).astype(np.int64)), classes
 
-    def _prepare_dask(self, X, y):
-        """The same for dask arrays chunked by rows: one pass for the finiteness check and
-        the classes, then X and the class indices persisted (on the workers of a
-        distributed cluster) for the optimiser's iterations."""
-        import dask
-        import dask.array as da
-
-        from ._dask import _align_rows, _as_dask, _module_of, _rows_only
-
-        if self.solver != "lbfgs":
-            raise ValueError(f"solver={self.solver!r} needs in-memory arrays; dask arrays are "
-                             "fitted with solver='lbfgs'")
-        xp, X = self._validate_X(_as_dask(X), reset=True)
-        _rows_only(X, "X", what="feature")
-        if y is None:
-            self._check_y_shape(X, None)
-        y = self._check_y_shape(X, _align_rows(y, X, "y"))
-        finite, classes = dask.compute(da.isfinite(X).all(), da.unique(y))
-        if not bool(finite):
-            raise ValueError("X contains NaN or infinity")
-        self._check_classes(classes)
-        y_idx = y.map_blocks(_class_index, classes, dtype=np.int64)
-        if _module_of(y_idx) is not xp:  # host labels beside CuPy chunks of X
-            y_idx = y_idx.map_blocks(xp.asarray, dtype=np.int64, meta=xp.empty(0, np.int64))
-        X, y_idx = dask.persist(X, y_idx)
-        return xp, X, y_idx, classes
-
     def objective(self, X, y):
         """J(coef_, intercept_) = Σ L_i + λ/2 ‖W‖² on (X, y) with the fitted parameters."""
-        xp, X = self._validate_X(X, reset=False)
+        backend, xp, X = self._validate_X(X, reset=False)
         y_idx = self._encode(xp, y)
         W, b = self._params_for(xp, X.dtype)
         loss, _, _ = self._loss_grad(X, W, b if self.fit_intercept else None, y_idx, float(self.reg),
                                      grad=False)
-        return float(to_host(loss.compute() if is_dask_array(loss) else loss))
+        return float(to_host(loss.compute() if backend == DASK else loss))
 
     @staticmethod
     def _loss_grad(X, W, b, y_idx, reg, grad=True):
@@ -568,13 +521,13 @@ class SoftmaxClassifier(*_bases()):
             gW = gW.T + W.dtype.type(reg) * W
         return loss, gW, gb
 
-    def _fit_lbfgs(self, xp, X, y_idx, c):
+    def _fit_lbfgs(self, backend, xp, X, y_idx, c):
         from scipy.optimize import minimize
 
         n, d = X.shape
         nw = c * d
         fit_b = bool(self.fit_intercept)
-        scale = _feature_scale(X)  # θ = W · diag(scale): see the solver parameter
+        scale = _feature_scale(X, backend)  # θ = W · diag(scale): see the solver parameter
         curve = []
         bar = _progress(int(self.max_iter), self.verbose, "lbfgs")
 
@@ -586,10 +539,8 @@ class SoftmaxClassifier(*_bases()):
         def fun(theta):
             W, b = unpack(theta)
             loss, gW, gb = self._loss_grad(X, W, b, y_idx, float(self.reg))
-            if is_dask_array(loss):  # one graph: block partials, their tree, the finish
-                import dask
-
-                loss, gW, gb = dask.compute(loss, gW, gb)
+            if backend == DASK:  # one graph: block partials, their tree, the finish
+                loss, gW, gb = _dask.compute(loss, gW, gb)
             grad = [(to_host(gW).astype(np.float64) / scale).ravel()]
             if fit_b:
                 grad.append(to_host(gb).astype(np.float64))
@@ -707,12 +658,12 @@ class SoftmaxClassifier(*_bases()):
         return xp.asarray(idx.astype(np.int64))
 
     def _scores(self, X):
-        """The (N, C) logits X Wᵀ + b."""
-        xp, X = self._validate_X(X, reset=False)
+        """(backend, the (N, C) logits X Wᵀ + b), backend X's."""
+        backend, xp, X = self._validate_X(X, reset=False)
         W, b = self._params_for(xp, X.dtype)
         if _is_sparse(X):
-            return np.asarray(X @ W.T) + b
-        return X @ W.T + b
+            return backend, np.asarray(X @ W.T) + b
+        return backend, X @ W.T + b
 
     def decision_function(self, X):
         """Scores of X.
@@ -723,26 +674,26 @@ class SoftmaxClassifier(*_bases()):
         ``f_1 − f_0`` of ``classes_[1]`` against ``classes_[0]``, as scikit-learn's
         classifiers return.
         """
-        f = self._scores(X)
+        _, f = self._scores(X)
         if len(self.classes_) == 2:
             return f[:, 1] - f[:, 0]
         return f
 
     def predict_proba(self, X):
         """Class probabilities softmax(X Wᵀ + b), shape (N, C), columns in classes_ order."""
-        return softmax(self._scores(X), axis=-1)
+        return softmax(self._scores(X)[1], axis=-1)
 
     def predict_log_proba(self, X):
         """log_softmax(X Wᵀ + b), shape (N, C)."""
-        return log_softmax(self._scores(X), axis=-1)
+        return log_softmax(self._scores(X)[1], axis=-1)
 
     def predict(self, X):
         """The label of the largest score per row, shape (N,)."""
-        scores = self._scores(X)
+        backend, scores = self._scores(X)
         idx = scores.argmax(axis=1)
         classes = self.classes_
-        if is_dask_array(idx):
-            return idx.map_blocks(_class_of, classes, dtype=classes.dtype)
+        if backend == DASK:
+            return _dask.classifier_labels(idx, classes)
         if is_cupy_array(scores) and not is_cupy_array(classes):
             if classes.dtype.kind in "OUS":
                 return classes[idx.get()]  # string labels can only live on the host

@@ -124,3 +124,35 @@ def test_bad_parameters_and_data():
     est = gpuce.SoftmaxClassifier().fit(X, y)
     with pytest.raises(ValueError, match="features"):
         est.predict(X[:, :2])
+
+
+def test_backend_is_decided_by_the_dispatch_layer(monkeypatch):
+    """The classifier never asks "is this a dask array?" itself: gpuce._dispatch.backend_of
+    decides, and the dask case goes to its form in gpuce._dask."""
+    import ast
+    from pathlib import Path
+
+    import gpuce._dask as D
+    from gpuce import classifier
+
+    tree = ast.parse(Path(classifier.__file__).read_text(encoding="utf-8"))
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert "is_dask_array" not in names and "backend_of" in names
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m == "dask" or m.startswith("dask.") for m in imported)
+
+    da = pytest.importorskip("dask.array")
+    X, y = np.random.default_rng(4).normal(size=(12, 3)), np.arange(12) % 3
+    seen = []
+
+    def prepare(est, X_, y_):
+        seen.append((type(X_), type(y_)))
+        raise RuntimeError("the dask form")
+
+    monkeypatch.setattr(D, "classifier_prepare", prepare)
+    for Xa, ya in [(da.from_array(X, chunks=6), y), (X, da.from_array(y, chunks=6))]:
+        with pytest.raises(RuntimeError, match="the dask form"):
+            gpuce.SoftmaxClassifier().fit(Xa, ya)
+    assert len(seen) == 2
+    gpuce.SoftmaxClassifier().fit(X, y)  # in memory: not the dask form
+    assert len(seen) == 2

@@ -306,3 +306,37 @@ def test_gpu_cupy_chunks():
     sm = gpuce.softmax(Xg).compute(scheduler="sync")
     assert isinstance(sm, cp.ndarray)
     np.testing.assert_allclose(cp.asnumpy(sm), gpuce.softmax(X), rtol=1e-5, atol=1e-7)
+
+
+def test_backend_of():
+    from gpuce._dispatch import backend_of
+
+    x = np.zeros((2, 2))
+    assert backend_of(x) == backend_of(x, None) == backend_of([[1.0]]) == "host"
+    assert backend_of(x, da.from_array(x)) == backend_of(da.from_array(x)) == "dask"
+
+
+def test_classifier_dask_labels_with_host_X():
+    """Host X with dask labels is fitted as dask; predictions of a dask X are dask arrays,
+    checked for NaN and inf when computed."""
+    rng = np.random.default_rng(zlib.crc32(b"classifier host X, dask y"))
+    X = rng.standard_normal((60, 4))
+    y = np.array(["a", "b", "c"])[np.arange(60) % 3]
+    ref = gpuce.SoftmaxClassifier().fit(X, y)
+    clf = gpuce.SoftmaxClassifier().fit(X, da.from_array(y, chunks=20))
+    np.testing.assert_allclose(clf.loss_curve_[:3], ref.loss_curve_[:3], rtol=1e-9)
+    Xd = da.from_array(X, chunks=(25, 4))
+    for method in ("predict", "predict_proba", "decision_function"):
+        got = getattr(clf, method)(Xd)
+        assert isinstance(got, da.Array), method
+        want = getattr(clf, method)(X)
+        if method == "predict":
+            np.testing.assert_array_equal(got.compute(scheduler="sync"), want)
+        else:
+            np.testing.assert_allclose(got.compute(scheduler="sync"), want, rtol=1e-12)
+    assert clf.score(Xd, y) == clf.score(X, y)
+    bad = X.copy()
+    bad[30, 1] = np.nan
+    lazy = clf.predict(da.from_array(bad, chunks=(25, 4)))
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        lazy.compute(scheduler="sync")
