@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from cupyx.profiler import benchmark
 
     import gpuce
-    from gpuce import _fused
+    from gpuce._cuda import fused
     from gpuce.benchmark import byte_floor, fused_kernel_only
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,13 +76,13 @@ def main(argv=None) -> int:
         kernel = fused_kernel_only(cp, x, y)
         plan = kernel()
         rec["kernel"] = t50(kernel)
-        dev = _fused.current_device()
-        per_sm = _fused._occupancy(plan.variant.expr(), plan.threads, plan.smem)
-        wave = _fused.grid_blocks(plan, n, dev, per_sm)
+        dev = fused.current_device()
+        per_sm = fused._occupancy(plan.variant.expr(), plan.threads, plan.smem)
+        wave = fused.grid_blocks(plan, n, dev, per_sm)
         cl = max(1, plan.variant.cluster)
         for k in (0.5, 2, 4):
             g = max(cl, int(wave * k) // cl * cl)
-            if g <= dev.sms * _fused.MAX_BLOCKS_PER_SM:
+            if g <= dev.sms * fused.MAX_BLOCKS_PER_SM:
                 rec[f"grid x{k}"] = t50(fused_kernel_only(cp, x, y, grid=g))
         n16 = x.nbytes // 16
         xs, ds = x.view(cp.uint8)[: n16 * 16].view(cp.float32), dst.view(cp.uint8)[: n16 * 16].view(cp.float32)

@@ -26,7 +26,7 @@ def explain(logits, target, *, impl="auto", return_grad=True, **options) -> str:
     -------
     str
         A few lines: the backend, the path and the reasons.  On CuPy arrays with the fused
-        path, the kernel variant with its launch shape (``gpuce._fused.explain``; it needs a
+        path, the kernel variant with its launch shape (``gpuce._cuda.fused.explain``; it needs a
         visible GPU to read the device's properties).
 
     Examples

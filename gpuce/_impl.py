@@ -12,7 +12,7 @@ import contextlib
 from contextvars import ContextVar
 
 IMPLS = ("auto", "fused", "portable")
-# impl="auto" on CuPy arrays: the fused single-read kernels (gpuce._fused); "portable" stays
+# impl="auto" on CuPy arrays: the fused single-read kernels (gpuce._cuda.fused); "portable" stays
 # available as the reference path.
 DEFAULT_IMPL = "fused"
 _auto = ContextVar("gpuce_auto_impl", default=DEFAULT_IMPL)

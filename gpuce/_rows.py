@@ -29,7 +29,7 @@ def check_labels(xp, y, a):
         from ._sce_numpy import check_labels as check
 
         return check(y.astype(np.int64, copy=False), a)
-    from ._sce_cupy import check_labels as check
+    from ._cuda.sce import check_labels as check
 
     return check(xp, y, a)
 
@@ -60,7 +60,7 @@ def sum_squares(xp, W):
     if xp is np:
         w = W.astype(acc, copy=False).ravel()
         return acc.type(np.dot(w, w))
-    from ._cupy_kernels import get_kernel
+    from ._cuda.kernels import get_kernel
 
     rows = xp.empty(W.shape[0], acc)
     get_kernel("gpuce_sumsq", T=W.dtype.name, A=acc.name)(W, rows, axis=1)
@@ -83,7 +83,7 @@ def run_rows(xp, x2, target, weight, a, grad_out, impl="auto", variant=None):
         from ._sce_numpy import softmax_cross_entropy as run
 
         return run(x2, target, weight, a, grad_out)
-    from ._sce_cupy import softmax_cross_entropy as run
+    from ._cuda.sce import softmax_cross_entropy as run
 
     return run(x2, target, weight, a, grad_out, impl=resolve_impl(impl), variant=variant)
 
@@ -91,7 +91,7 @@ def run_rows(xp, x2, target, weight, a, grad_out, impl="auto", variant=None):
 def explain_rows(xp, logits, target, a, impl, walk) -> list:
     """gpuce.explain's lines for the backend and the path :func:`run_rows` takes: NumPy's
     chunked passes, or on CuPy the implementation (and why) and, on the fused path, the
-    kernel variant (``gpuce._fused.explain``) or, for walked logits (``walk``), that one is
+    kernel variant (``gpuce._cuda.fused.explain``) or, for walked logits (``walk``), that one is
     chosen per row block."""
     if xp is np:
         return ["backend: NumPy (the logits are a numpy.ndarray)",
@@ -110,7 +110,7 @@ def explain_rows(xp, logits, target, a, impl, walk) -> list:
     if chosen == "fused" and walk:
         lines.append("kernel: chosen for each row block as for an (N, C) array of its rows")
     elif chosen == "fused" and a.n:
-        from . import _fused
+        from ._cuda import fused
 
         x2 = logits.reshape(a.n, a.c)
         y2 = None
@@ -122,7 +122,7 @@ def explain_rows(xp, logits, target, a, impl, walk) -> list:
         else:
             index = "int32"
             y2 = target.reshape(x2.shape)
-        lines.append("kernel: " + _fused.explain(x2, a.kind, index, y2, None, softcap=bool(a.softcap)))
+        lines.append("kernel: " + fused.explain(x2, a.kind, index, y2, None, softcap=bool(a.softcap)))
     return lines
 
 
@@ -145,7 +145,7 @@ def softmax_rows(xp, x, axis, mode, kernel_name=None):
     mx, ls = _lse_parts_cupy(x, axis)
     if mode == "lse":
         return (mx + ls).astype(x.dtype).squeeze(axis)
-    from ._cupy_kernels import get_kernel
+    from ._cuda.kernels import get_kernel
 
     acc = acc_dtype(x.dtype)
     return get_kernel(kernel_name, T=x.dtype.name, A=acc.name)(x, mx, ls)
@@ -196,7 +196,7 @@ def _softmax_rows_numpy(x, axis, mode):
 def _lse_parts_cupy(x, axis):
     import cupy as cp
 
-    from ._cupy_kernels import get_kernel
+    from ._cuda.kernels import get_kernel
 
     acc = acc_dtype(x.dtype)
     shape = x.shape[:axis] + (1,) + x.shape[axis + 1:]

@@ -220,7 +220,7 @@ def fused_kernel_only(cp, x, y, reduction="mean", grid=None):
     """A closure relaunching gpuce's fused kernels (the prologue too, for "mean") with the
     arguments of one ``softmax_cross_entropy(x, y, return_grad=True)`` call, prepared once:
     no validation, no allocation, no label read-back."""
-    from . import _fused
+    from ._cuda import fused
     from ._validation import acc_dtype
 
     acc = acc_dtype(x.dtype)
@@ -230,7 +230,7 @@ def fused_kernel_only(cp, x, y, reduction="mean", grid=None):
     lbl = cp.ascontiguousarray(y)
 
     def run():
-        return _fused.launch(x, lbl, None, None, acc=acc, eps=0.0, z=0.0, softcap=0.0, ignore_index=-100,
+        return fused.launch(x, lbl, None, None, acc=acc, eps=0.0, z=0.0, softcap=0.0, ignore_index=-100,
                              reduction=reduction, loss_out=rows, lse_out=None, correct_out=None,
                              grad_out=grad, total_out=None if rows is not None else total, stats_out=None,
                              bad_out=None, grid=grid)
@@ -304,9 +304,9 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
                 note = ""
                 extra[name] = {"cpu_ms": f"{cpu:.4f}"}
                 if name == "gpuce-fused":
-                    from . import _fused
+                    from ._cuda import fused
 
-                    note = _fused.choose(x, "label", y.dtype.name, None, x, softcap=bool(softcap))[0].describe()
+                    note = fused.choose(x, "label", y.dtype.name, None, x, softcap=bool(softcap))[0].describe()
                     k = _gpu_time(cp, fused_kernel_only(cp, x, y), repeat)
                     extra[name]["kernel_ms"] = f"{k[1]:.4f}"
                 res[name] = (t, peak, note)
@@ -340,20 +340,20 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
 
 def _variant_times(cp, x, y, repeat):
     """Every candidate fused plan but the heuristic's pick, pinned, on the same data."""
-    from . import _fused, _sce_cupy
+    from ._cuda import fused, sce
     from ._validation import sce_args
 
-    chosen, _, _ = _fused.choose(x, "label", y.dtype.name, None, x)
+    chosen, _, _ = fused.choose(x, "label", y.dtype.name, None, x)
     a = sce_args(x, y, reduction="mean", ignore_index=-100, weight=None, label_smoothing=0.0,
                  z_loss=0.0, return_grad=True, inplace=False)
     grad = cp.empty_like(x)
     out = {}
-    for p in _fused.candidates_for(x, "label", y.dtype.name, None, grad)[0]:
+    for p in fused.candidates_for(x, "label", y.dtype.name, None, grad)[0]:
         if p.variant == chosen.variant:
             continue
         name = f"fused[{p.variant.describe()}]"
         try:
-            t = _gpu_time(cp, lambda: _sce_cupy.softmax_cross_entropy(x, y, None, a, grad, "fused", p.variant),
+            t = _gpu_time(cp, lambda: sce.softmax_cross_entropy(x, y, None, a, grad, "fused", p.variant),
                           repeat)
             out[name] = (t, None, p.describe())
         except Exception as e:

@@ -81,12 +81,12 @@ def demo(args) -> int:
 
 def check_kernels(args) -> int:
     """Compile every kernel through NVRTC, print ptxas's report and apply the test suite's
-    spill rule (:mod:`gpuce._kernel_checks`).  0 exactly when the rule holds everywhere."""
-    from . import _kernel_checks
+    spill rule (:mod:`gpuce._cuda.checks`).  0 exactly when the rule holds everywhere."""
+    from ._cuda import checks
 
     archs = tuple(args.arch)
     try:
-        jobs = _kernel_checks.compile_jobs(archs)
+        jobs = checks.compile_jobs(archs)
     except ImportError as e:
         print(f"check-kernels: FAILED: cannot compile without CuPy and NVRTC ({e}); "
               "pip install -e '.[test]'")
@@ -110,12 +110,12 @@ def check_kernels(args) -> int:
         bar.close()
     shown = args.arch[-1]
     for r in results:
-        names = _kernel_checks.entry_names(r)
+        names = checks.entry_names(r)
         if r.arch == shown:
             for fn, regs in r.registers.items():
                 st, ld = r.spills.get(fn, (0, 0))
                 print(f"{names.get(fn, fn):56s} {r.arch}  regs {regs:3d}  spill {st}/{ld} B")
-    bad = _kernel_checks.violations(results)
+    bad = checks.violations(results)
     for v in bad:
         print("over budget:", v)
     entries = sum(len(r.registers) for r in results)
@@ -124,7 +124,7 @@ def check_kernels(args) -> int:
         print(f"check-kernels: FAILED: {len(bad)} of {where} break the spill rule (listed above)")
         return 1
     print(f"check-kernels: OK: {where}, every one within the spill rule "
-          f"(fused: 0 B, {_kernel_checks.DOUBLE_ABI_SPILL_BUDGET} B when accumulating in double; "
+          f"(fused: 0 B, {checks.DOUBLE_ABI_SPILL_BUDGET} B when accumulating in double; "
           "others: 0 B on sm_90)")
     return 0
 

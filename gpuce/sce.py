@@ -1,7 +1,7 @@
 """softmax_cross_entropy: per-sample softmax cross-entropy with its fused gradient.
 
 This module only checks arguments and shapes the result; :func:`gpuce._rows.run_rows` hands the
-rows to the backend, :mod:`gpuce._sce_numpy` (CPU) or :mod:`gpuce._sce_cupy` (GPU kernels).
+rows to the backend, :mod:`gpuce._sce_numpy` (CPU) or :mod:`gpuce._cuda.sce` (GPU kernels).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The ``gpuce`` command: help on every option, no eval, ``bench --dry`` outside the source tree,
-``check-kernels``' verdict and exit code (the spill rule of gpuce._kernel_checks), the demo's
+``check-kernels``' verdict and exit code (the spill rule of gpuce._cuda.checks), the demo's
 backend messages and its quiet progress off a terminal."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuce import _kernel_checks, cli
-from gpuce._nvrtc import CompileResult
+from gpuce import cli
+from gpuce._cuda import checks
+from gpuce._cuda.nvrtc import CompileResult
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +92,7 @@ def test_spill_rule():
         _result("gpuce_sce_stats_f32", "sm_80", {"k": (16, 16)}),  # sm_80: not checked for specs
         _result("gpuce_sce_stats_f32", "sm_90", {"k": (0, 0)}, {"k": 32}),
     ]
-    assert _kernel_checks.violations(ok) == []
+    assert checks.violations(ok) == []
     bad = [
         _result(fused, "sm_80", {"_Zf": (4, 0), "_Zd": (0, 0)}, None, lowered),  # float: 0 B
         _result(fused, "sm_90", {"_Zf": (0, 0), "_Zd": (0, 132)}, None, lowered),  # double: 128 B
@@ -99,7 +100,7 @@ def test_spill_rule():
         _result("gpuce_sce_stats_f32", "sm_90", {"k": (0, 4)}),
         _result("gpuce_sce_grad_f32", "sm_90", {}, registers={}),  # no ptxas report
     ]
-    found = _kernel_checks.violations(bad)
+    found = checks.violations(bad)
     assert [(v.program, v.arch, v.entry) for v in found] == [
         (fused, "sm_80", "sce_block<float, float, int>"),
         (fused, "sm_90", "sce_block<double, double, int>"),
@@ -115,7 +116,7 @@ def _fake_jobs(results):
 
 
 def test_check_kernels_verdict_ok(monkeypatch, capsys):
-    monkeypatch.setattr(_kernel_checks, "compile_jobs",
+    monkeypatch.setattr(checks, "compile_jobs",
                         _fake_jobs([_result("gpuce_sce_stats_f32", a, {"k": (0, 0)}) for a in ("sm_80", "sm_90")]))
     assert cli.main(["check-kernels"]) == 0
     out, err = capsys.readouterr()
@@ -124,7 +125,7 @@ def test_check_kernels_verdict_ok(monkeypatch, capsys):
 
 
 def test_check_kernels_verdict_failed(monkeypatch, capsys):
-    monkeypatch.setattr(_kernel_checks, "compile_jobs",
+    monkeypatch.setattr(checks, "compile_jobs",
                         _fake_jobs([_result("gpuce_sce_stats_f32", "sm_90", {"k": (8, 8)})]))
     assert cli.main(["check-kernels", "--arch", "sm_90"]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
@@ -136,7 +137,7 @@ def test_check_kernels_compile_error(monkeypatch, capsys):
     def broken():
         raise RuntimeError("NVRTC failed on x for sm_90: ...")
 
-    monkeypatch.setattr(_kernel_checks, "compile_jobs", lambda archs: [("x sm_90", broken)])
+    monkeypatch.setattr(checks, "compile_jobs", lambda archs: [("x sm_90", broken)])
     assert cli.main(["check-kernels", "--arch", "sm_90"]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1] == "check-kernels: FAILED: x sm_90 does not compile"
 
@@ -144,10 +145,10 @@ def test_check_kernels_compile_error(monkeypatch, capsys):
 def test_compile_jobs_cover_compile_all():
     """The CLI compiles the programs compile_all does (labels only: nothing is compiled here)."""
     pytest.importorskip("cupy")
-    from gpuce import _cupy_kernels
+    from gpuce._cuda import kernels
 
-    jobs = _kernel_checks.compile_jobs(("sm_80", "sm_90"))
-    n_specs = sum(len(s.specializations) for s in _cupy_kernels.SPECS.values())
+    jobs = checks.compile_jobs(("sm_80", "sm_90"))
+    n_specs = sum(len(s.specializations) for s in kernels.SPECS.values())
     assert len(jobs) == 2 * n_specs + 2
     assert jobs[-1][0].startswith("gpuce_sce_fused_sm_90")
 

@@ -109,10 +109,10 @@ def test_two_streams_keep_their_own_workspace():
 def test_explain_says_which_kernel():
     import cupy as cp
 
-    from gpuce import _fused
+    from gpuce._cuda import fused
 
     x, _ = _inputs(cp, 8, 32768, seed="explain")
-    s = _fused.explain(x)
+    s = fused.explain(x)
     assert "sce_" in s and "grid" in s
 
 

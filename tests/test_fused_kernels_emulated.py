@@ -4,7 +4,7 @@ Each CUDA thread runs as a std::thread; barriers, warp shuffles, per-block share
 thread-block clusters (block_rank, cluster sync, stores into a peer's shared memory) and the
 atomic ticket are emulated, so the kernels' own indexing, 16-byte packs, shared-memory rings,
 team merges, cluster exchanges and the last block's batch sums run here, on launch shapes
-from gpuce._fused's planner, and are compared with the float64 reference: loss rows, lse,
+from gpuce._cuda.fused's planner, and are compared with the float64 reference: loss rows, lse,
 per-row correctness, the gradient, the batch total, the z-loss part, the accuracy and the
 first bad label.
 """
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import reference as R
-from gpuce import _fused as F
-from gpuce import _kernel_source
+from gpuce._cuda import fused as F
+from gpuce._cuda import source
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -128,7 +128,7 @@ def lib(tmp_path_factory):
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("no g++")
-    src = _kernel_source.expand(F.SOURCE)
+    src = source.expand(F.SOURCE)
     for inc in ("cuda_fp16.h", "cuda_bf16.h", "cooperative_groups.h"):
         src = src.replace(f"#include <{inc}>", "")
     src = src.replace("extern __shared__ __align__(16) unsigned char smem_raw[];",

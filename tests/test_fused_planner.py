@@ -4,7 +4,7 @@ for each row length, and the grid."""
 import numpy as np
 import pytest
 
-from gpuce import _fused as F
+from gpuce._cuda import fused as F
 
 H100 = F.Device(arch=90, sms=132, smem_optin=227 * 1024)
 A100 = F.Device(arch=80, sms=108, smem_optin=163 * 1024, smem_per_sm=164 * 1024)
@@ -160,9 +160,9 @@ def _params(text):
 def _source_params(kernel):
     import re
 
-    from gpuce import _kernel_source
+    from gpuce._cuda import source
 
-    src = _kernel_source.read_source(F.SOURCE)
+    src = source.read_source(F.SOURCE)
     if kernel == "sce_prologue":
         m = re.search(r"sce_prologue\(([^)]*)\)", src)
         return _params(m.group(1))
@@ -224,9 +224,9 @@ def test_host_constants_match_the_kernel_source():
     """The numbers the planner and the workspace share with the CUDA source are the source's."""
     import re
 
-    from gpuce import _kernel_source
+    from gpuce._cuda import source
 
-    src = _kernel_source.read_source(F.SOURCE)
+    src = source.read_source(F.SOURCE)
     macro = {k: int(v) for k, v in re.findall(r"#define (GPUCE_\w+) (\d+)", src)}
     assert macro["GPUCE_TILE_ROWS"] == F.TILE_ROWS
     assert macro["GPUCE_TILE_MAX_C"] == F.TILE_MAX_C

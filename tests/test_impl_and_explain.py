@@ -67,10 +67,10 @@ class _FakeDeviceModule:
 
 def test_run_rows_passes_the_chosen_impl_to_the_gpu_backend(monkeypatch):
     pytest.importorskip("cupy")
-    from gpuce import _sce_cupy
+    from gpuce._cuda import sce as cuda_sce
 
     calls = []
-    monkeypatch.setattr(_sce_cupy, "softmax_cross_entropy",
+    monkeypatch.setattr(cuda_sce, "softmax_cross_entropy",
                         lambda *args, impl, **kw: calls.append(impl) or "rows")
     fake = _FakeDeviceModule()
     assert sce.run_rows(fake, None, None, None, None, None) == "rows"

@@ -2,24 +2,24 @@
 
 import pytest
 
-from gpuce import _cupy_kernels, _kernel_source, _nvrtc
+from gpuce._cuda import kernels, nvrtc, source
 
 
 @pytest.fixture(scope="module")
 def results():
-    return _nvrtc.compile_all(archs=("sm_80", "sm_90"))
+    return nvrtc.compile_all(archs=("sm_80", "sm_90"))
 
 
 def test_everything_compiles(results):
-    n_specs = sum(len(s.specializations) for s in _cupy_kernels.SPECS.values())
-    n_raw = len([p for p in _kernel_source.all_sources() if p.suffix == ".cu"])
+    n_specs = sum(len(s.specializations) for s in kernels.SPECS.values())
+    n_raw = len([p for p in source.all_sources() if p.suffix == ".cu"])
     assert n_specs > 0
     assert len(results) == 2 * (n_specs + n_raw)  # each for sm_80 and sm_90
     for r in results:
         assert r.registers, f"no ptxas report for {r.name} ({r.arch}):\n{r.log}"
 
 
-# The spill rule lives in one place (gpuce._kernel_checks), shared with `gpuce check-kernels`:
+# The spill rule lives in one place (gpuce._cuda.checks), shared with `gpuce check-kernels`:
 # float-accumulating fused kernels spill nothing, double-accumulating ones at most a few ABI
 # saves around libdevice calls, the register-stage cluster kernel a few scalars.
 
@@ -32,48 +32,48 @@ def test_no_spills_on_sm90(results):
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_fused_kernels_within_the_spill_rule(results, arch):
-    from gpuce import _kernel_checks
+    from gpuce._cuda import checks
 
-    fused = [r for r in results if r.arch == arch and _kernel_checks.is_fused(r.name)]
+    fused = [r for r in results if r.arch == arch and checks.is_fused(r.name)]
     assert len(fused) == 1
-    bad = _kernel_checks.violations(fused)
+    bad = checks.violations(fused)
     assert not bad, "fused kernels break the spill rule:\n" + "\n".join(map(str, bad))
     # the rule itself: a float kernel may not spill a byte
-    assert _kernel_checks.spill_budget("gpuce_sce_fused_sm_90", "sm_90", "gpuce::sce_team<float, int, float, 0, 4, 0>") == 0
+    assert checks.spill_budget("gpuce_sce_fused_sm_90", "sm_90", "gpuce::sce_team<float, int, float, 0, 4, 0>") == 0
 
 
 def test_fused_static_shared_memory_within_the_planners_bound(results):
     """The planner sizes the dynamic rings against the opt-in limit minus STATIC_SMEM: every
     fused kernel's own __shared__ scratch must fit in that bound."""
-    from gpuce import _fused
+    from gpuce._cuda import fused as F
 
     for r in results:
         if r.name.startswith("gpuce_sce_fused_"):
             assert r.smem, f"no shared-memory report for {r.name}"
-            over = {fn: b for fn, b in r.smem.items() if b > _fused.STATIC_SMEM}
-            assert not over, f"static shared memory above {_fused.STATIC_SMEM} bytes: {over}"
+            over = {fn: b for fn, b in r.smem.items() if b > F.STATIC_SMEM}
+            assert not over, f"static shared memory above {F.STATIC_SMEM} bytes: {over}"
 
 
 def test_every_helper_is_used():
     """Each shipped .cuh is pasted into at least one kernel (nothing ships uncompiled)."""
-    used = {h for s in _cupy_kernels.SPECS.values() for h in s.helpers}
-    shipped = {p.name for p in _kernel_source.all_sources() if p.suffix == ".cuh"}
+    used = {h for s in kernels.SPECS.values() for h in s.helpers}
+    shipped = {p.name for p in source.all_sources() if p.suffix == ".cuh"}
     assert shipped <= used, f"helpers never compiled: {shipped - used}"
 
 
 def test_broken_source_fails():
     with pytest.raises(RuntimeError, match="NVRTC failed"):
-        _nvrtc.compile_source("__global__ void k() { undeclared(); }", "broken", "sm_90")
+        nvrtc.compile_source("__global__ void k() { undeclared(); }", "broken", "sm_90")
 
 
 def test_every_fused_variant_compiled(results):
-    from gpuce import _fused
+    from gpuce._cuda import fused as F
 
     fused = {r.arch: r for r in results if r.name.startswith("gpuce_sce_fused_")}
     assert set(fused) == {"sm_80", "sm_90"}
     for arch, r in fused.items():
         cc = int(arch.split("_")[1])
-        want = {v.expr() for v in _fused.variants() if cc >= v.min_arch} | set(_fused.prologue_exprs())
+        want = {v.expr() for v in F.variants() if cc >= v.min_arch} | set(F.prologue_exprs())
         assert set(r.lowered) == want
         for expr, entry in r.lowered.items():
             assert entry in r.registers, f"{expr} has no ptxas entry for {arch}"

@@ -21,10 +21,10 @@ def wheel(tmp_path_factory):
 
 
 def test_wheel_contains_kernels(wheel):
-    from gpuce import _kernel_source
+    from gpuce._cuda import source
 
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = {p.name for p in _kernel_source.all_sources()}
+    shipped = {p.name for p in source.all_sources()}
     assert shipped
     for name in shipped:
         assert f"gpuce/kernels/{name}" in names
@@ -36,7 +36,7 @@ def test_installed_copy_uses_its_own_kernels(wheel, tmp_path):
                     str(target), str(wheel)], check=True)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "import gpuce, gpuce._kernel_source as ks\n"
+        "import gpuce, gpuce._cuda.source as ks\n"
         "d = ks.kernel_dir(); assert str(d).startswith(sys.argv[1]), d\n"
         "print(ks.read_source('gpuce_rowstat.cuh')[:10])\n"
     )

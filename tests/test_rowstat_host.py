@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import reference as R
-from gpuce import _kernel_source
+from gpuce._cuda import source
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,7 +25,7 @@ def lib(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler")
     so = tmp_path_factory.mktemp("host") / "rowstat_host.so"
-    header = _kernel_source.kernel_dir() / "gpuce_rowstat.cuh"
+    header = source.kernel_dir() / "gpuce_rowstat.cuh"
     subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f'-DGPUCE_ROWSTAT="{header}"',
                     str(HERE / "host" / "rowstat_host.cpp"), "-o", str(so)], check=True)
     return ctypes.CDLL(str(so))

@@ -343,8 +343,8 @@ def test_gpu_every_candidate_variant(c, dtype, kind, plain):
     statistics and a softcap."""
     import cupy as cp
 
-    from gpuce import _fused as F
-    from gpuce import _sce_cupy
+    from gpuce._cuda import fused as F
+    from gpuce._cuda import sce as cuda_sce
     from gpuce._validation import bfloat16_dtype, sce_args
 
     dtype = bfloat16_dtype() if dtype == "bfloat16" else np.dtype(dtype)
@@ -369,7 +369,7 @@ def test_gpu_every_candidate_variant(c, dtype, kind, plain):
     rtol = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}[dtype.name]
     for p in cands:
         g = cp.empty_like(xd)
-        out = _sce_cupy.softmax_cross_entropy(xd, td, wd, a, g, "fused", p.variant)
+        out = cuda_sce.softmax_cross_entropy(xd, td, wd, a, g, "fused", p.variant)
         msg = p.describe()
         np.testing.assert_allclose(out.total.get(), l_np, rtol=rtol, err_msg=msg)
         # "mean" scales the gradient by 1/n; "sum" leaves entries up to max(w) in size, where

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from . import _cupy_kernels, _kernel_source
+from . import kernels, source
 
 CUPY_HEADERS = (
     "cupy/complex.cuh",
@@ -66,7 +66,7 @@ def _parse_params(text: str):
 
 def _ctype(tok: str, types: dict) -> str:
     if tok in _DTYPE_NAMES:
-        return _cupy_kernels.CTYPE[tok]
+        return kernels.CTYPE[tok]
     return tok  # placeholder: typedef'd below
 
 
@@ -74,8 +74,8 @@ def harness_source(spec, types: dict) -> str:
     """A kernel of CuPy's shape around ``spec``'s snippets, for one specialization."""
     lines = [f"#include <{h}>" for h in CUPY_HEADERS]
     for k, v in sorted(types.items()):
-        lines.append(f"typedef {_cupy_kernels.CTYPE[v]} {k};")
-    lines.append(_kernel_source.preamble(*spec.helpers))
+        lines.append(f"typedef {kernels.CTYPE[v]} {k};")
+    lines.append(source.preamble(*spec.helpers))
     ins = _parse_params(spec.in_params)
     outs = _parse_params(spec.out_params)
     args, body = [], []
@@ -172,7 +172,7 @@ def compile_source(source: str, name: str, arch: str, extra_options=(),
 def compile_all(archs=("sm_80", "sm_90")) -> list[CompileResult]:
     """Compile every kernel spec specialization and every shipped ``*.cu`` file."""
     results = []
-    for spec in _cupy_kernels.SPECS.values():
+    for spec in kernels.SPECS.values():
         for types in spec.specializations:
             src = harness_source(spec, types)
             for arch in archs:
@@ -182,14 +182,14 @@ def compile_all(archs=("sm_80", "sm_90")) -> list[CompileResult]:
 
 
 def compile_fused(archs=("sm_80", "sm_90")) -> list[CompileResult]:
-    """The fused raw kernels: every instantiation of :func:`gpuce._fused.variants` an arch
+    """The fused raw kernels: every instantiation of :func:`gpuce._cuda.fused.variants` an arch
     supports, in one NVRTC program per arch (the text the runtime compiles)."""
-    from . import _fused
+    from . import fused
 
-    src = _kernel_source.expand(_fused.SOURCE)
+    src = source.expand(fused.SOURCE)
     out = []
     for arch in archs:
         cc = int(arch.split("_")[1])
-        exprs = [v.expr() for v in _fused.variants() if cc >= v.min_arch] + _fused.prologue_exprs()
+        exprs = [v.expr() for v in fused.variants() if cc >= v.min_arch] + fused.prologue_exprs()
         out.append(compile_source(src, f"gpuce_sce_fused_{arch}", arch, ("--std=c++17",), exprs))
     return out

@@ -6,7 +6,7 @@ the kernels' status of the labels and the class weights (skipped with
 ``inplace=True`` the check runs before the launch instead (one sync), so that an error leaves
 the caller's logits untouched.
 
-``impl="fused"`` (the RawKernels of kernels/gpuce_sce_fused.cu, launched by gpuce._fused):
+``impl="fused"`` (the RawKernels of kernels/gpuce_scefused.cu, launched by gpuce._cuda.fused):
 at most two launches -- the prologue where the call needs one (the class weights' check; the
 denominator of reduction "mean" with integer labels) and the fused kernel, which reads each row once, writes the gradient once and finishes the
 batch sums on the device (float64 partials per block, the last block adding them in block
@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _fused
-from ._cupy_kernels import get_kernel
-from ._validation import SceArgs, SceRows, SceStats, first_bad_weight, label_error, raise_bad_weight
+from . import fused
+from .kernels import get_kernel
+from .._validation import SceArgs, SceRows, SceStats, first_bad_weight, label_error, raise_bad_weight
 
 
 def kernel_labels(cp, target, a: SceArgs):
@@ -112,7 +112,7 @@ def _z_rows(cp, lse, lbl, a):
 def _fused_rows(cp, x2, target, weight, a, grad_out, variant):
     n, c = x2.shape
     acc = a.acc
-    _fused.workspace(cp, _fused.current_device())  # first: it refuses to be made inside a capture
+    fused.workspace(cp, fused.current_device())  # first: it refuses to be made inside a capture
     w = _weight(cp, weight, acc)
     lbl = y2 = None
     if a.kind == "label":
@@ -138,7 +138,7 @@ def _fused_rows(cp, x2, target, weight, a, grad_out, variant):
     correct = cp.empty(n, acc) if (a.return_stats and none and a.kind == "label") else None
     stats_out = cp.empty(2, acc) if (a.return_stats and not none) else None
     bad = cp.empty(2, cp.int64) if check else None
-    _fused.launch(
+    fused.launch(
         xk, lbl, y2, w, acc=acc, eps=a.label_smoothing, z=a.z_loss, softcap=a.softcap,
         ignore_index=a.ignore_index, reduction=a.reduction, loss_out=rows, lse_out=lse,
         correct_out=correct, grad_out=out, total_out=total, stats_out=stats_out, bad_out=bad,

@@ -1,7 +1,7 @@
 """The rule every compiled kernel must meet, in one place: ``gpuce check-kernels`` and the test
 suite (tests/test_kernels_compile.py) apply the same one.
 
-ptxas's report (read from NVRTC's program log by :mod:`gpuce._nvrtc`) gives each entry
+ptxas's report (read from NVRTC's program log by :mod:`gpuce._cuda.nvrtc`) gives each entry
 function's registers, stack frame and spill stores/loads.  The rule:
 
 * every program has a ptxas report (registers for at least one entry);
@@ -58,7 +58,7 @@ def entry_names(result) -> dict:
 
 
 def violations(results) -> list[Violation]:
-    """Every breach of the rule above in ``results`` (:class:`gpuce._nvrtc.CompileResult`)."""
+    """Every breach of the rule above in ``results`` (:class:`gpuce._cuda.nvrtc.CompileResult`)."""
     out = []
     for r in results:
         if not r.registers:
@@ -83,19 +83,19 @@ def violations(results) -> list[Violation]:
 
 
 def compile_jobs(archs):
-    """The NVRTC programs :func:`gpuce._nvrtc.compile_all` builds, one callable each (with a
+    """The NVRTC programs :func:`gpuce._cuda.nvrtc.compile_all` builds, one callable each (with a
     label), in the same order, so that a caller can show progress."""
-    from . import _cupy_kernels, _nvrtc
+    from . import kernels, nvrtc
 
     jobs = []
-    for spec in _cupy_kernels.SPECS.values():
+    for spec in kernels.SPECS.values():
         for types in spec.specializations:
             for arch in archs:
                 name = spec.kernel_name(types)
                 jobs.append((f"{name} {arch}",
                              lambda spec=spec, types=types, name=name, arch=arch:
-                             [_nvrtc.compile_source(_nvrtc.harness_source(spec, types), name, arch)]))
+                             [nvrtc.compile_source(nvrtc.harness_source(spec, types), name, arch)]))
     for arch in archs:
         jobs.append((f"{FUSED_PROGRAM_PREFIX}{arch} (every fused variant)",
-                     lambda arch=arch: _nvrtc.compile_fused((arch,))))
+                     lambda arch=arch: nvrtc.compile_fused((arch,))))
     return jobs

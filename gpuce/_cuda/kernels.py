@@ -2,7 +2,7 @@
 
 Each kernel is described once, as a :class:`KernelSpec` (plain data, no CuPy
 import), and built lazily on first use by :func:`get_kernel`.  The same specs
-feed the offline NVRTC compile check (:mod:`gpuce._nvrtc`), so every kernel the
+feed the offline NVRTC compile check (:mod:`gpuce._cuda.nvrtc`), so every kernel the
 library can launch is compiled in CI without a GPU.
 
 Kernels (A = accumulation type: float32 for float16/float32 logits, float64 for
@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from . import _kernel_source
+from . import source
 
 # dtype name -> short tag used in kernel names
 _TAG = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64"}
@@ -229,7 +229,7 @@ def _build(name: str, frozen_types: tuple):
     spec = SPECS[name]
     types = dict(frozen_types)
     kname = spec.kernel_name(types)
-    preamble = _kernel_source.preamble(*spec.helpers)
+    preamble = source.preamble(*spec.helpers)
     if spec.kind == "elementwise":
         return cupy.ElementwiseKernel(
             spec.in_params, spec.out_params, spec.operation, kname, preamble=preamble

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _kernel_source
+from . import source
 
 SOURCE = "gpuce_sce_fused.cu"
 
@@ -291,7 +291,7 @@ def explain_plan(p: Plan, c: int, n: int, dev: Device, per_sm: int) -> str:
 def _module(exprs: tuple):
     import cupy
 
-    return cupy.RawModule(code=_kernel_source.expand(SOURCE), options=("--std=c++17",),
+    return cupy.RawModule(code=source.expand(SOURCE), options=("--std=c++17",),
                           name_expressions=exprs)
 
 

@@ -11,7 +11,8 @@ import functools
 import re
 from pathlib import Path
 
-_PKG_DIR = Path(__file__).resolve().parent
+# the gpuce package folder (this file is gpuce/_cuda/source.py)
+_PKG_DIR = Path(__file__).resolve().parent.parent
 
 
 @functools.lru_cache(maxsize=None)
