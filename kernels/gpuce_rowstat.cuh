@@ -1,7 +1,7 @@
 // gpuce: per-row statistics for stable softmax / log-sum-exp / cross-entropy.
 //
 // These device helpers are pasted (never #included) into the preamble of the
-// CuPy ElementwiseKernel / ReductionKernel definitions in gpuce/_cupy_kernels.py,
+// CuPy ElementwiseKernel / ReductionKernel definitions in gpuce/_cuda/kernels.py,
 // so that CuPy's kernel cache key always sees the current text.
 //
 // Conventions (documented in the README):

@@ -52,7 +52,7 @@
 //   ws[GPUCE_WS_PARTIALS + 5 b + q]  block b's partials: loss, z part, correct, active (double
 //                                    bits), the first bad label position
 //
-// Template instantiations are named by gpuce/_fused.py (name expressions), which is also the
+// Template instantiations are named by gpuce/_cuda/fused.py (name expressions), which is also the
 // list the offline NVRTC test compiles.
 
 #include <cuda_fp16.h>
