@@ -26,15 +26,12 @@ the ratios in ``note``).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import gpuce  # noqa: E402
-from gpuce.benchmark import _gpu_time, _peak_extra_mib, upsert  # noqa: E402
+import gpuce
+from gpuce.benchmark import gpu_time, peak_extra_mib, upsert
 
 CSV = Path(__file__).resolve().parent / "results" / "lce.csv"
 SHAPE = (8192, 2304, 256000)  # N, D, C
@@ -112,8 +109,8 @@ def run(dtypes, repeat, chunks, shape, dry):
         res = {}
         for name, fn in providers(cp, X, W, y, chunks).items():
             try:
-                peak = _peak_extra_mib(cp, fn)
-                t = _gpu_time(cp, fn, repeat)
+                peak = peak_extra_mib(cp, fn)
+                t = gpu_time(cp, fn, repeat)
             except Exception as e:  # noqa: BLE001  (a provider may not support a dtype)
                 print(f"{name} {dtype}: failed ({type(e).__name__}: {str(e)[:120]})")
                 rows.append(dict(op="linear_ce", provider=name, mode="fwd+bwd", dtype=dtype, N=n,

@@ -18,16 +18,13 @@ Rows go to bench/results/linear.csv.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import gpuce  # noqa: E402
-from gpuce.benchmark import cpu_name, upsert  # noqa: E402
+import gpuce
+from gpuce.benchmark import cpu_name, upsert
 
 CSV = Path(__file__).resolve().parent / "results" / "linear.csv"
 

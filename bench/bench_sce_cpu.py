@@ -10,12 +10,9 @@ printed is drawn from that CSV.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gpuce import benchmark as B  # noqa: E402
+from gpuce import benchmark as B
 
 CSV = Path(__file__).resolve().parent / "results" / "cpu_sce.csv"
 

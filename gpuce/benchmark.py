@@ -206,7 +206,7 @@ def _np_dtype(name):
     return bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
 
 
-def _gpu_time(cp, fn, repeat, with_cpu=False):
+def gpu_time(cp, fn, repeat, with_cpu=False):
     """p20/p50/p80 ms of ``fn`` on the device (CUDA events around the whole call), and with
     ``with_cpu`` also the p50 host time of a call."""
     from cupyx.profiler import benchmark
@@ -244,7 +244,7 @@ def byte_floor(n, c, itemsize, label_bytes, reduction="mean"):
     return 2 * n * c * itemsize + n * label_bytes + (4 * n if reduction == "none" else 0)
 
 
-def _peak_extra_mib(cp, fn):
+def peak_extra_mib(cp, fn):
     """Device memory one call adds on top of its inputs (CuPy pool, or torch's peak)."""
     pool = cp.get_default_memory_pool()
     cp.cuda.Device().synchronize()
@@ -295,19 +295,19 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
         x = cp.random.standard_normal((n, c), dtype=cp.float32).astype(_np_dtype(dtype))
         y = cp.random.randint(0, c, n).astype(cp.int64)
         dst = cp.empty_like(x)
-        res = {"copy": (_gpu_time(cp, lambda: cp.copyto(dst, x), repeat), 0.0, "")}
+        res = {"copy": (gpu_time(cp, lambda: cp.copyto(dst, x), repeat), 0.0, "")}
         extra = {}
         for name, fn in provs.items():
             try:
-                t, cpu = _gpu_time(cp, lambda: fn(x, y), repeat, with_cpu=True)
-                peak = _peak_extra_mib(cp, lambda: fn(x, y))
+                t, cpu = gpu_time(cp, lambda: fn(x, y), repeat, with_cpu=True)
+                peak = peak_extra_mib(cp, lambda: fn(x, y))
                 note = ""
                 extra[name] = {"cpu_ms": f"{cpu:.4f}"}
                 if name == "gpuce-fused":
                     from ._cuda import fused
 
                     note = fused.choose(x, "label", y.dtype.name, None, x, softcap=bool(softcap))[0].describe()
-                    k = _gpu_time(cp, fused_kernel_only(cp, x, y), repeat)
+                    k = gpu_time(cp, fused_kernel_only(cp, x, y), repeat)
                     extra[name]["kernel_ms"] = f"{k[1]:.4f}"
                 res[name] = (t, peak, note)
             except Exception as e:  # out of memory for a provider: record and go on
@@ -353,7 +353,7 @@ def _variant_times(cp, x, y, repeat):
             continue
         name = f"fused[{p.variant.describe()}]"
         try:
-            t = _gpu_time(cp, lambda: sce.softmax_cross_entropy(x, y, None, a, grad, "fused", p.variant),
+            t = gpu_time(cp, lambda: sce.softmax_cross_entropy(x, y, None, a, grad, "fused", p.variant),
                           repeat)
             out[name] = (t, None, p.describe())
         except Exception as e:
