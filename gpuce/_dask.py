@@ -172,20 +172,20 @@ def _map_along(fn, arrays, axis, keep_axis):
 
 # -- partial sums and their tree ---------------------------------------------------------------
 
-def _check_block_labels(t, row0, a):
+def _check_block_labels(t, row0, args):
     """The label range check of one block, naming the position in the whole array."""
-    if a.kind != "label" or t.size == 0:
+    if args.kind != "label" or t.size == 0:
         return
-    bad = (t != a.ignore_index) & ((t < 0) | (t >= a.c))
+    bad = (t != args.ignore_index) & ((t < 0) | (t >= args.c))
     if bool(bad.any()):
         pos = int(bad.ravel().argmax())
-        per_row = int(np.prod(a.lead_shape[1:], dtype=np.int64))
-        raise label_error(row0 * per_row + pos, int(t.ravel()[pos]), a.lead_shape, a.c,
-                            a.ignore_index)
+        per_row = int(np.prod(args.lead_shape[1:], dtype=np.int64))
+        raise label_error(row0 * per_row + pos, int(t.ravel()[pos]), args.lead_shape, args.c,
+                            args.ignore_index)
 
 
-def _block_denominator(t, w, a):
-    return mean_denominator(array_module(t, w), t, w, a) if a.reduction == "mean" else 0.0
+def _block_denominator(t, w, args):
+    return mean_denominator(array_module(t, w), t, w, args) if args.reduction == "mean" else 0.0
 
 
 def _add(p, q):
@@ -246,87 +246,87 @@ def _from_parts(parts, field, shapes, dtype, meta_like, scale=None):
 STAT_SUMS = ("z", "correct", "counted")
 
 
-def _split_out(out, a):
+def _split_out(out, args):
     """(loss, grad or None, stats or None) of an in-memory call's return value."""
     out = out if isinstance(out, tuple) else (out,)
-    return out[0], (out[1] if a.return_grad else None), (out[-1] if a.return_stats else None)
+    return out[0], (out[1] if args.return_grad else None), (out[-1] if args.return_stats else None)
 
 
-def _stats_part(t, st, a):
+def _stats_part(t, st, args):
     if st is None:
         return {}
-    if a.reduction == "none":
+    if args.reduction == "none":
         return {"z_rows": st.z_loss, "acc_rows": st.accuracy, "lse": st.lse}
     part = {"z": float(st.z_loss), "correct": 0.0, "counted": 0.0, "lse": st.lse}
-    if a.kind == "label":
+    if args.kind == "label":
         lab = t.ravel()
         if lab.dtype.kind == "u":
             lab = lab.astype(np.int64)
-        counted = float((lab != a.ignore_index).sum())
+        counted = float((lab != args.ignore_index).sum())
         acc = float(st.accuracy)
         part["correct"] = float(np.rint(acc * counted)) if counted else 0.0
         part["counted"] = counted
     return part
 
 
-def _stats_finish(total, a, scale):
+def _stats_finish(total, args, scale):
     """The z-loss part and the accuracy of a "sum"/"mean" call (the lse stays per block)."""
-    if not a.return_stats:
+    if not args.return_stats:
         return {}
     accuracy = None
-    if a.kind == "label":
+    if args.kind == "label":
         accuracy = total["correct"] / total["counted"] if total["counted"] else math.nan
     return {"z_loss": total["z"] * scale, "accuracy": accuracy}
 
 
-def _stats_arrays(parts, fin, a, lead_shapes, like):
+def _stats_arrays(parts, fin, args, lead_shapes, like):
     """The SceStats of dask arrays (per-row blocks, or 0-d from the finishing task)."""
     da = _da()
-    lse = _from_parts(parts, "lse", lead_shapes, a.acc, like)
-    if a.reduction == "none":
-        z = _from_parts(parts, "z_rows", lead_shapes, a.acc, like)
-        acc = (_from_parts(parts, "acc_rows", lead_shapes, a.acc, like)
-               if a.kind == "label" else None)
+    lse = _from_parts(parts, "lse", lead_shapes, args.acc, like)
+    if args.reduction == "none":
+        z = _from_parts(parts, "z_rows", lead_shapes, args.acc, like)
+        acc = (_from_parts(parts, "acc_rows", lead_shapes, args.acc, like)
+               if args.kind == "label" else None)
         return SceStats(z, acc, lse)
 
     def scalar(key):
-        value = _call(_as_acc, "stat", fin[key], a.acc, like._meta)
-        return da.from_delayed(value, shape=(), dtype=a.acc, meta=_meta(like, 0, a.acc))
+        value = _call(_as_acc, "stat", fin[key], args.acc, like._meta)
+        return da.from_delayed(value, shape=(), dtype=args.acc, meta=_meta(like, 0, args.acc))
 
-    return SceStats(scalar("z_loss"), scalar("accuracy") if a.kind == "label" else None, lse)
+    return SceStats(scalar("z_loss"), scalar("accuracy") if args.kind == "label" else None, lse)
 
 
 def _as_acc(v, acc, meta):
     return array_module(meta).asarray(v, dtype=acc)
 
 
-def _outputs(loss, grad, stats, a):
-    out = (loss,) + ((grad,) if a.return_grad else ()) + ((stats,) if a.return_stats else ())
+def _outputs(loss, grad, stats, args):
+    out = (loss,) + ((grad,) if args.return_grad else ()) + ((stats,) if args.return_stats else ())
     return out if len(out) > 1 else loss
 
 
 # -- softmax_cross_entropy ---------------------------------------------------------------------
 
-def _sce_part(run, x, t, w, a, row0, opts):
+def _sce_part(run, x, t, w, args, row0, opts):
     """One row block: ``run`` is the in-memory softmax_cross_entropy (gpuce.sce passes it, so
     this module never imports gpuce.sce)."""
-    if a.check_labels:
-        _check_block_labels(t, row0, a)
-    red = "none" if a.reduction == "none" else "sum"
-    if a.return_grad and _acc_partials(x.dtype):
-        x = x.astype(a.acc)  # exact; the gradient is rounded to x's dtype once, in _scaled
-    out = run(x, t, weight=w, reduction=red, return_grad=a.return_grad,
-              return_stats=a.return_stats, **opts)
-    loss, g, st = _split_out(out, a)
+    if args.check_labels:
+        _check_block_labels(t, row0, args)
+    red = "none" if args.reduction == "none" else "sum"
+    if args.return_grad and _acc_partials(x.dtype):
+        x = x.astype(args.acc)  # exact; the gradient is rounded to x's dtype once, in _scaled
+    out = run(x, t, weight=w, reduction=red, return_grad=args.return_grad,
+              return_stats=args.return_stats, **opts)
+    loss, g, st = _split_out(out, args)
     return {"loss": loss if red == "none" else loss.astype(np.float64),
-            "denom": _block_denominator(t, w, a), "grad": g, **_stats_part(t, st, a)}
+            "denom": _block_denominator(t, w, args), "grad": g, **_stats_part(t, st, args)}
 
 
-def _sce_finish(total, a):
-    scale = a.mean_scale(total["denom"])
+def _sce_finish(total, args):
+    scale = args.mean_scale(total["denom"])
     loss = total["loss"].astype(np.float64) * scale
-    return {"loss": _module_of(total["loss"]).asarray(loss, dtype=a.acc), "scale": scale,
-            **_stats_finish(total, a, scale)}
+    return {"loss": _module_of(total["loss"]).asarray(loss, dtype=args.acc), "scale": scale,
+            **_stats_finish(total, args, scale)}
 
 
 def softmax_cross_entropy(run, logits, target, *, reduction, ignore_index, weight, label_smoothing,
@@ -341,62 +341,63 @@ def softmax_cross_entropy(run, logits, target, *, reduction, ignore_index, weigh
     logits = _as_dask(logits)
     _rows_only(logits, "logits")
     target = _align_rows(target, logits, "target")
-    a = sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
-                   label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
-                   inplace=False, softcap=softcap, return_stats=return_stats,
-                   check_labels=check_labels)
+    args = sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
+                    label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
+                    inplace=False, softcap=softcap, return_stats=return_stats,
+                    check_labels=check_labels)
     _rows_only(target, "target")
     array_module(logits._meta, target._meta, weight)  # raises for NumPy mixed with CuPy
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                 impl=impl, softcap=softcap, check_labels=check_labels)
     wd = _constant(weight, "weight")
     xs, ts = logits.to_delayed().ravel(), target.to_delayed().ravel()
-    parts = [_call(_sce_part, "sce-part", run, x, t, wd, a, r0, opts)
+    parts = [_call(_sce_part, "sce-part", run, x, t, wd, args, r0, opts)
              for x, t, r0 in zip(xs, ts, _row_starts(logits))]
-    lead_shapes = [(n,) + tuple(a.lead_shape[1:]) for n in logits.chunks[0]]
-    grad_shapes = [s + (a.c,) for s in lead_shapes]
+    lead_shapes = [(n,) + tuple(args.lead_shape[1:]) for n in logits.chunks[0]]
+    grad_shapes = [s + (args.c,) for s in lead_shapes]
     fin = None
-    if a.reduction == "none":
-        loss = _from_parts(parts, "loss", lead_shapes, a.acc, logits)
+    if args.reduction == "none":
+        loss = _from_parts(parts, "loss", lead_shapes, args.acc, logits)
         grad = _from_parts(parts, "grad", grad_shapes, logits.dtype, logits) if return_grad else None
     else:
-        keep = ("loss", "denom") + (STAT_SUMS if a.return_stats else ())
-        fin = _call(_sce_finish, "sce-finish", _tree_sum(parts, keep), a)
-        loss = _da().from_delayed(fin["loss"], shape=(), dtype=a.acc, meta=_meta(logits, 0, a.acc))
+        keep = ("loss", "denom") + (STAT_SUMS if args.return_stats else ())
+        fin = _call(_sce_finish, "sce-finish", _tree_sum(parts, keep), args)
+        loss = _da().from_delayed(fin["loss"], shape=(), dtype=args.acc,
+                                  meta=_meta(logits, 0, args.acc))
         grad = (_from_parts(parts, "grad", grad_shapes, logits.dtype, logits, scale=fin["scale"])
                 if return_grad else None)
-    stats = _stats_arrays(parts, fin, a, lead_shapes, logits) if a.return_stats else None
-    return _outputs(loss, grad, stats, a)
+    stats = _stats_arrays(parts, fin, args, lead_shapes, logits) if args.return_stats else None
+    return _outputs(loss, grad, stats, args)
 
 
 # -- linear_cross_entropy ----------------------------------------------------------------------
 
-def _linear_part(run, X, y, W, b, w, a, row0, opts):
+def _linear_part(run, X, y, W, b, w, args, row0, opts):
     """One row block: ``run`` is the in-memory linear_cross_entropy (gpuce.linear passes it)."""
-    if a.check_labels:
-        _check_block_labels(y, row0, a)
-    red = "none" if a.reduction == "none" else "sum"
+    if args.check_labels:
+        _check_block_labels(y, row0, args)
+    red = "none" if args.reduction == "none" else "sum"
     opts = dict(opts)
     with use_impl(opts.pop("impl")):  # the choice in force when the graph was built
-        out = run(X, W, y, bias=b, weight=w, reduction=red, return_grad=a.return_grad,
-                  _acc_grads=True, return_stats=a.return_stats, **opts)
-    loss, g, st = _split_out(out, a)
+        out = run(X, W, y, bias=b, weight=w, reduction=red, return_grad=args.return_grad,
+                  _acc_grads=True, return_stats=args.return_stats, **opts)
+    loss, g, st = _split_out(out, args)
     return {"loss": loss if red == "none" else loss.astype(np.float64),
-            "denom": _block_denominator(y, w, a),
+            "denom": _block_denominator(y, w, args),
             "dX": None if g is None else g.X, "dW": None if g is None else g.W,
-            "db": None if g is None else g.bias, **_stats_part(y, st, a)}
+            "db": None if g is None else g.bias, **_stats_part(y, st, args)}
 
 
-def _linear_finish(total, W, a, reg):
+def _linear_finish(total, W, args, reg):
     xp = array_module(W)
-    scale = a.mean_scale(total["denom"])
+    scale = args.mean_scale(total["denom"])
     out = {"scale": scale}
-    if a.reduction != "none":
-        loss = xp.asarray(total["loss"].astype(np.float64) * scale, dtype=a.acc)
+    if args.reduction != "none":
+        loss = xp.asarray(total["loss"].astype(np.float64) * scale, dtype=args.acc)
         if reg:
-            loss = loss + a.acc.type(0.5 * reg) * sum_squares(xp, W).astype(a.acc)
+            loss = loss + args.acc.type(0.5 * reg) * sum_squares(xp, W).astype(args.acc)
         out["loss"] = loss
-        out.update(_stats_finish(total, a, scale))
+        out.update(_stats_finish(total, args, scale))
     if total.get("dW") is not None:  # accumulation dtype (float32 for float16/bfloat16)
         dW = _scaled(total["dW"], scale)
         dW = dW + dW.dtype.type(reg) * W.astype(dW.dtype, copy=False) if reg else dW
@@ -419,7 +420,7 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
     _rows_only(X, "X", what="feature")
     y = _align_rows(y, X, "y")
     array_module(X._meta, y._meta, W, bias, weight)  # raises for NumPy mixed with CuPy
-    reg, chunk_size, a = linear_args(  # check_finite runs in each block's task
+    reg, chunk_size, args = linear_args(  # check_finite runs in each block's task
         None, X, W, y, bias=bias, reg=reg, weight=weight, chunk_size=chunk_size,
         check_finite=False, reduction=reduction, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
@@ -431,28 +432,28 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
                 input_grad=input_grad, check_finite=check_finite, chunk_size=chunk_size,
                 softcap=softcap, check_labels=check_labels, impl=auto_impl())
     Wd, bd, wd = _constant(W, "W"), _constant(bias, "bias"), _constant(weight, "weight")
-    parts = [_call(_linear_part, "linear-part", run, xb, yb, Wd, bd, wd, a, r0, opts)
+    parts = [_call(_linear_part, "linear-part", run, xb, yb, Wd, bd, wd, args, r0, opts)
              for xb, yb, r0 in zip(X.to_delayed().ravel(), y.to_delayed().ravel(), _row_starts(X))]
     keep = ("denom",)
-    if a.reduction != "none":
-        keep = ("loss", "denom") + (STAT_SUMS if a.return_stats else ())
+    if args.reduction != "none":
+        keep = ("loss", "denom") + (STAT_SUMS if args.return_stats else ())
     if return_grad:
         keep += ("dW",) + (("db",) if bias is not None else ())
-    fin = _call(_linear_finish, "linear-finish", _tree_sum(parts, keep), Wd, a, reg)
-    if a.reduction == "none":
-        loss = _from_parts(parts, "loss", [(m,) for m in X.chunks[0]], a.acc, X)
+    fin = _call(_linear_finish, "linear-finish", _tree_sum(parts, keep), Wd, args, reg)
+    if args.reduction == "none":
+        loss = _from_parts(parts, "loss", [(m,) for m in X.chunks[0]], args.acc, X)
     else:
-        loss = da.from_delayed(fin["loss"], shape=(), dtype=a.acc, meta=_meta(X, 0, a.acc))
-    stats = (_stats_arrays(parts, fin, a, [(m,) for m in X.chunks[0]], X) if a.return_stats
+        loss = da.from_delayed(fin["loss"], shape=(), dtype=args.acc, meta=_meta(X, 0, args.acc))
+    stats = (_stats_arrays(parts, fin, args, [(m,) for m in X.chunks[0]], X) if args.return_stats
              else None)
     if not return_grad:
-        return _outputs(loss, None, stats, a)
+        return _outputs(loss, None, stats, args)
     dW = da.from_delayed(fin["dW"], shape=W.shape, dtype=W.dtype, meta=_meta(X, 2, W.dtype))
     db = (da.from_delayed(fin["db"], shape=(c,), dtype=X.dtype, meta=_meta(X, 1, X.dtype))
           if bias is not None else None)
     dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X, scale=fin["scale"])
           if input_grad else None)
-    return _outputs(loss, LinearGrads(dX, dW, db), stats, a)
+    return _outputs(loss, LinearGrads(dX, dW, db), stats, args)
 
 
 # -- SoftmaxClassifier -------------------------------------------------------------------------

@@ -47,14 +47,14 @@ def explain(logits, target, *, impl="auto", return_grad=True, **options) -> str:
     weight = options.get("weight")
     xp = array_module(logits, target, weight)
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
-    a = sce_args(logits, target, **{**_defaults(), **options, "weight": weight,
-                                      "return_grad": return_grad})
-    walk = a.n and not rows_viewable(logits.shape, logits.strides)
-    lines = explain_rows(xp, logits, target, a, impl, walk)
+    args = sce_args(logits, target, **{**_defaults(), **options, "weight": weight,
+                                       "return_grad": return_grad})
+    walk = args.n and not rows_viewable(logits.shape, logits.strides)
+    lines = explain_rows(xp, logits, target, args, impl, walk)
     if walk:
         lines.append("the leading dimensions do not merge into one row axis: the rows are "
                      "walked in blocks (gpuce.sce.walk_blocks), one block copied at a time")
-    if a.n == 0:
+    if args.n == 0:
         lines.append("no rows: empty or zero results, nothing launched")
     return "\n".join(lines)
 

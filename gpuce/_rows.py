@@ -23,32 +23,32 @@ WALK_BLOCK_ELEMENTS_CUPY = 1 << 24
 NUMPY_BLOCK_ELEMENTS = 1 << 18
 
 
-def check_labels(xp, y, a):
+def check_labels(xp, y, args):
     """Raise for the first label outside [0, C) other than ignore_index (one sync on CuPy)."""
     if xp is np:
         from ._sce_numpy import check_labels as check
 
-        return check(y.astype(np.int64, copy=False), a)
+        return check(y.astype(np.int64, copy=False), args)
     from ._cuda.sce import check_labels as check
 
-    return check(xp, y, a)
+    return check(xp, y, args)
 
 
-def mean_denominator(xp, y, weight, a) -> float:
+def mean_denominator(xp, y, weight, args) -> float:
     """The "mean" reduction's denominator over the rows of ``y`` (all rows, or one dask
     block's), as softmax_cross_entropy: the weight sum of the non-ignored labels, or the row
     count for probability targets.  One sync on CuPy."""
-    if a.kind != "label":
+    if args.kind != "label":
         return float(np.prod(y.shape[:-1], dtype=np.int64))
     y = y.ravel()
     if y.dtype.kind == "u":  # compared with a negative ignore_index as int64 (checked to fit)
         y = y.astype(np.int64)
     # rows with a label outside [0, C) (check_labels=False: NaN rows) count as ignored here
-    active = (y != a.ignore_index) & (y >= 0) & (y < a.c)
+    active = (y != args.ignore_index) & (y >= 0) & (y < args.c)
     if weight is None:
-        row_weight = active.astype(a.acc)
+        row_weight = active.astype(args.acc)
     else:
-        row_weight = xp.where(active, weight[xp.where(active, y, 0)], 0).astype(a.acc)
+        row_weight = xp.where(active, weight[xp.where(active, y, 0)], 0).astype(args.acc)
     return float(row_weight.sum(dtype=np.float64))
 
 
@@ -73,7 +73,7 @@ def walk_block_elements(xp) -> int:
     return WALK_BLOCK_ELEMENTS_NUMPY if xp is np else WALK_BLOCK_ELEMENTS_CUPY
 
 
-def run_rows(xp, x2, target, weight, a, grad_out, impl="auto", variant=None):
+def run_rows(xp, x2, target, weight, args, grad_out, impl="auto", variant=None):
     """The backend's work on validated (N, C) logits: a :class:`gpuce._validation.SceRows`
     ``(rows, total, stats)``, the gradient written into ``grad_out`` when given (it may be
     ``x2`` itself).  ``total`` is None for reduction "none"; ``rows`` may be None for "sum"
@@ -82,13 +82,13 @@ def run_rows(xp, x2, target, weight, a, grad_out, impl="auto", variant=None):
     if xp is np:
         from ._sce_numpy import softmax_cross_entropy as run
 
-        return run(x2, target, weight, a, grad_out)
+        return run(x2, target, weight, args, grad_out)
     from ._cuda.sce import softmax_cross_entropy as run
 
-    return run(x2, target, weight, a, grad_out, impl=resolve_impl(impl), variant=variant)
+    return run(x2, target, weight, args, grad_out, impl=resolve_impl(impl), variant=variant)
 
 
-def explain_rows(xp, logits, target, a, impl, walk) -> list:
+def explain_rows(xp, logits, target, args, impl, walk) -> list:
     """gpuce.explain's lines for the backend and the path :func:`run_rows` takes: NumPy's
     chunked passes, or on CuPy the implementation (and why) and, on the fused path, the
     kernel variant (``gpuce._cuda.fused.explain``) or, for walked logits (``walk``), that one is
@@ -96,33 +96,33 @@ def explain_rows(xp, logits, target, a, impl, walk) -> list:
     if xp is np:
         return ["backend: NumPy (the logits are a numpy.ndarray)",
                 f"path: gpuce._sce_numpy: chunked passes over the rows on the CPU, "
-                f"{a.acc.name} accumulation"]
+                f"{args.acc.name} accumulation"]
     lines = ["backend: CuPy (the logits are a cupy.ndarray)"]
     chosen = resolve_impl(impl)
     why = (f"impl={impl!r}" if impl != "auto" else
            f"impl='auto' means {auto_impl()!r} here" + ("" if auto_impl() == "fused" else
                                                      " (set by gpuce.use_impl)"))
-    if chosen == "fused" and a.kind == "prob" and target.dtype != logits.dtype:
+    if chosen == "fused" and args.kind == "prob" and target.dtype != logits.dtype:
         chosen = "portable"
         why += (f"; probability targets of {target.dtype} with {logits.dtype} logits are read "
-                f"in {a.acc.name} by the portable kernels")
+                f"in {args.acc.name} by the portable kernels")
     lines.append(f"path: {chosen} ({why})")
     if chosen == "fused" and walk:
         lines.append("kernel: chosen for each row block as for an (N, C) array of its rows")
-    elif chosen == "fused" and a.n:
+    elif chosen == "fused" and args.n:
         from ._cuda import fused
 
-        x2 = logits.reshape(a.n, a.c)
+        x2 = logits.reshape(args.n, args.c)
         y2 = None
-        if a.kind == "label":
+        if args.kind == "label":
             index = target.dtype.name
             if index not in ("int32", "int64") or (
-                    index == "int32" and not -(2**31) <= a.ignore_index < 2**31):
+                    index == "int32" and not -(2**31) <= args.ignore_index < 2**31):
                 index = "int64"
         else:
             index = "int32"
             y2 = target.reshape(x2.shape)
-        lines.append("kernel: " + fused.explain(x2, a.kind, index, y2, None, softcap=bool(a.softcap)))
+        lines.append("kernel: " + fused.explain(x2, args.kind, index, y2, None, softcap=bool(args.softcap)))
     return lines
 
 

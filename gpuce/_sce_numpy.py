@@ -35,41 +35,41 @@ def rows_per_chunk(c: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(c, 1))
 
 
-def check_labels(lbl, a: SceArgs):
-    bad = (lbl != a.ignore_index) & ((lbl < 0) | (lbl >= a.c))
+def check_labels(lbl, args: SceArgs):
+    bad = (lbl != args.ignore_index) & ((lbl < 0) | (lbl >= args.c))
     if bad.any():
         pos = int(np.argmax(bad.ravel()))
-        raise label_error(pos, lbl.ravel()[pos], a.lead_shape, a.c, a.ignore_index)
+        raise label_error(pos, lbl.ravel()[pos], args.lead_shape, args.c, args.ignore_index)
 
 
-def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
+def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
     """Per-row loss (acc dtype) and, if ``grad_out`` is given, the gradient written into it.
 
     ``x2`` is the (N, C) view of the logits; ``target`` is (N,) labels or (N, C)
     probabilities; ``grad_out`` is an (N, C) array of the logits' dtype (it may be
     ``x2`` itself for inplace=True).  Returns a :class:`SceRows` ``(loss_rows, total,
     stats)``: total is the reduced loss for "sum"/"mean" (None for "none"), stats a
-    :class:`SceStats` with ``a.return_stats`` (else None).
+    :class:`SceStats` with ``args.return_stats`` (else None).
 
-    With ``a.softcap = s > 0`` the row's values are ``v = s tanh(f / s)``, computed in the
+    With ``args.softcap = s > 0`` the row's values are ``v = s tanh(f / s)``, computed in the
     chunk buffer (never a capped copy of the logits), and the gradient is multiplied by
     ``1 - tanh^2(f / s)``.  A label outside [0, C) other than ignore_index raises unless
-    ``a.check_labels`` is False or ``a.labels_checked``; then its row's loss and gradient
+    ``args.check_labels`` is False or ``args.labels_checked``; then its row's loss and gradient
     are NaN (it counts as a wrong prediction and adds nothing to the mean's denominator).
     """
     n, c = x2.shape
-    acc = a.acc
-    eps = a.label_smoothing
+    acc = args.acc
+    eps = args.label_smoothing
     eps_c = eps / c
     one_minus_eps = 1.0 - eps
-    z = a.z_loss
+    z = args.z_loss
     w = None if weight is None else weight.astype(acc, copy=False)
 
-    if a.kind == "label":
+    if args.kind == "label":
         lbl = target.astype(np.int64, copy=False)
-        if a.check_labels and not a.labels_checked:
-            check_labels(lbl, a)
-        active = lbl != a.ignore_index
+        if args.check_labels and not args.labels_checked:
+            check_labels(lbl, args)
+        active = lbl != args.ignore_index
         bad_label = active & ((lbl < 0) | (lbl >= c))  # only with check_labels=False
         valid = active & ~bad_label
         safe = np.where(valid, lbl, 0)
@@ -83,15 +83,15 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
         active = np.ones(n, bool)
         bad_label = np.zeros(n, bool)
         denom = float(n)
-    scale = a.mean_scale(denom)
+    scale = args.mean_scale(denom)
 
     loss = np.empty(n, acc)
-    stats = a.return_stats
-    cap = acc.type(a.softcap)
+    stats = args.return_stats
+    cap = acc.type(args.softcap)
     if stats:
         lse_rows = np.empty(n, acc)
         z_rows = np.zeros(n, acc)
-        correct_rows = np.zeros(n, acc) if a.kind == "label" else None
+        correct_rows = np.zeros(n, acc) if args.kind == "label" else None
     r = rows_per_chunk(c)
     # Work directly in the gradient buffer when it has the accumulation dtype (no extra
     # copy pass); otherwise in a chunk-sized scratch buffer (one per worker thread).
@@ -129,7 +129,7 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
         else:
             np.subtract(xc, ms[:, None], out=e, casting="unsafe")  # x - m (xc may alias e)
         act = active[r0:r1]
-        if a.kind == "label":
+        if args.kind == "label":
             rows = np.arange(k)
             lab_idx = safe[r0:r1]
             t = e[rows, lab_idx]  # x_k - m
@@ -178,7 +178,7 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
             # grad = scale * (softmax * G - coef - label_coef [j = k]), softmax = e / s
             g = label_coef_chunk + a_sum + 2.0 * z * lse
             e *= (g * scale / s).astype(acc)[:, None]
-            if a.kind == "label":
+            if args.kind == "label":
                 if cw is not None:
                     e -= (scale * cw).astype(acc)
                 e[rows, lab_idx] -= (scale * label_coef_chunk).astype(acc)
@@ -201,11 +201,11 @@ def softmax_cross_entropy(x2, target, weight, a: SceArgs, grad_out):
         else:
             for r0 in starts:
                 chunk(r0)
-    if a.reduction == "none":
+    if args.reduction == "none":
         st = SceStats(z_rows, correct_rows, lse_rows) if stats else None
         return SceRows(loss, None, st)
     total = float(loss.sum(dtype=np.float64))
-    if a.reduction == "mean":
+    if args.reduction == "mean":
         total = 0.0 if denom == 0 else total / denom
     st = None
     if stats:

@@ -141,7 +141,7 @@ class SceRows(NamedTuple):
     rows : (N,) per-row losses (acc dtype); may be None for reduction "sum"/"mean" when the
         backend does not write them (the fused GPU path).
     total : 0-d reduced loss for "sum"/"mean" (the mean already divided), None for "none".
-    stats : SceStats when ``a.return_stats``, else None.
+    stats : SceStats when ``args.return_stats``, else None.
     """
 
     rows: object
@@ -250,7 +250,7 @@ def label_error(flat_pos: int, value, lead_shape, c: int, ignore_index: int) -> 
 INT64_MAX = 2**63 - 1
 
 
-def check_uint64_labels(xp, target, a: SceArgs):
+def check_uint64_labels(xp, target, args: SceArgs):
     """Raise for uint64 labels above int64's maximum, quoting the caller's value.
 
     The backends read labels as int64, where such a value would wrap to a negative
@@ -258,13 +258,13 @@ def check_uint64_labels(xp, target, a: SceArgs):
     array.  It looks at the values only for dtype uint64 (one ``max`` and, on CuPy, one
     sync); every other integer dtype fits int64 and costs nothing here.
     """
-    if a.kind != "label" or np.dtype(target.dtype) != np.uint64 or target.size == 0:
+    if args.kind != "label" or np.dtype(target.dtype) != np.uint64 or target.size == 0:
         return
     if int(target.max()) <= INT64_MAX:
         return
     flat = target.ravel()
     pos = int(xp.flatnonzero(flat > np.uint64(INT64_MAX))[0])
-    raise label_error(pos, int(flat[pos]), a.lead_shape, a.c, a.ignore_index)
+    raise label_error(pos, int(flat[pos]), args.lead_shape, args.c, args.ignore_index)
 
 
 def class_weight_error(pos: int, value: float) -> ValueError:
@@ -305,10 +305,10 @@ def check_class_weight(xp, weight):
     raise_bad_weight(weight, first_bad_weight(xp, weight))
 
 
-def check_inplace_aliasing(xp, logits, target, weight, a: SceArgs):
+def check_inplace_aliasing(xp, logits, target, weight, args: SceArgs):
     """With inplace=True the gradient overwrites the logits while the target and the weight
     are still being read: refuse a target or weight that shares memory with the logits."""
-    if not a.inplace:
+    if not args.inplace:
         return
     for arr, name in ((target, "target"), (weight, "weight")):
         if shares_memory(xp, logits, arr):
@@ -347,12 +347,12 @@ def check_chunk_size(chunk_size):
 
 def linear_args(xp, X, W, y, *, bias, reg, weight, chunk_size, check_finite, **sce_opts):
     """Every up-front check of linear_cross_entropy (in-memory or dask): returns
-    ``(reg, chunk_size, a)`` with ``a`` the SceArgs of the whole N x C problem."""
+    ``(reg, chunk_size, args)`` with ``args`` the SceArgs of the whole N x C problem."""
     reg = check_linear_args(xp, X, W, y, bias, reg, check_finite)
     chunk_size = check_chunk_size(chunk_size)
-    a = sce_args(ShapeOnly((X.shape[0], W.shape[0]), X.dtype), y, weight=weight, inplace=False,
-                   **sce_opts)
-    return reg, chunk_size, a
+    args = sce_args(ShapeOnly((X.shape[0], W.shape[0]), X.dtype), y, weight=weight, inplace=False,
+                    **sce_opts)
+    return reg, chunk_size, args
 
 
 def check_linear_args(xp, X, W, y, bias, reg, check_finite=True):

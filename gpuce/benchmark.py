@@ -344,8 +344,8 @@ def _variant_times(cp, x, y, repeat):
     from ._validation import sce_args
 
     chosen, _, _ = fused.choose(x, "label", y.dtype.name, None, x)
-    a = sce_args(x, y, reduction="mean", ignore_index=-100, weight=None, label_smoothing=0.0,
-                 z_loss=0.0, return_grad=True, inplace=False)
+    args = sce_args(x, y, reduction="mean", ignore_index=-100, weight=None, label_smoothing=0.0,
+                    z_loss=0.0, return_grad=True, inplace=False)
     grad = cp.empty_like(x)
     out = {}
     for p in fused.candidates_for(x, "label", y.dtype.name, None, grad)[0]:
@@ -353,7 +353,7 @@ def _variant_times(cp, x, y, repeat):
             continue
         name = f"fused[{p.variant.describe()}]"
         try:
-            t = gpu_time(cp, lambda: sce.softmax_cross_entropy(x, y, None, a, grad, "fused", p.variant),
+            t = gpu_time(cp, lambda: sce.softmax_cross_entropy(x, y, None, args, grad, "fused", p.variant),
                           repeat)
             out[name] = (t, None, p.describe())
         except Exception as e:

@@ -127,7 +127,7 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
     """
     xp = array_module(X, W, y, bias, weight, grad_row_scale)
     X, W, y, bias, weight = (asarray(xp, v) for v in (X, W, y, bias, weight))
-    reg, chunk_size, a = linear_args(
+    reg, chunk_size, args = linear_args(
         xp, X, W, y, bias=bias, reg=reg, weight=weight, chunk_size=chunk_size,
         check_finite=check_finite, reduction=reduction, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
@@ -136,22 +136,22 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
     c = W.shape[0]
     if grad_row_scale is not None:
         grad_row_scale = asarray(xp, grad_row_scale)
-        if a.reduction != "none" or not return_grad:
+        if args.reduction != "none" or not return_grad:
             raise ValueError("grad_row_scale needs reduction='none' and return_grad=True")
         if grad_row_scale.shape != (n,):
             raise ValueError(f"grad_row_scale must have shape ({n},), got {grad_row_scale.shape}")
-    acc = a.acc
+    acc = args.acc
     check_class_weight(xp, weight)
     if weight is not None:
         weight = xp.ascontiguousarray(weight.astype(acc, copy=False))
-    if a.kind == "label" and n:
-        check_uint64_labels(xp, y, a)  # before any int64 cast, which would wrap them
-        if a.check_labels:
-            check_label_range(xp, y, a)  # over all rows first: errors name the caller's position
+    if args.kind == "label" and n:
+        check_uint64_labels(xp, y, args)  # before any int64 cast, which would wrap them
+        if args.check_labels:
+            check_label_range(xp, y, args)  # over all rows first: errors name the caller's position
     scale = 1.0
-    if a.reduction == "mean":
-        denom = mean_denominator(xp, y, weight, a)
-        scale = a.mean_scale(denom)
+    if args.reduction == "mean":
+        denom = mean_denominator(xp, y, weight, args)
+        scale = args.mean_scale(denom)
     X, W = xp.ascontiguousarray(X), xp.ascontiguousarray(W)  # cuBLAS reads dense rows
 
     dX = dW = db = None
@@ -166,11 +166,11 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
     rows = chunk_size or auto_chunk_size(xp, n, c, X.dtype.itemsize, grads_bytes)
     rows = max(1, min(rows, n))
 
-    per_chunk = replace(a, reduction="none" if a.reduction == "none" else "sum",
+    per_chunk = replace(args, reduction="none" if args.reduction == "none" else "sum",
                         inplace=return_grad, labels_checked=True)
-    loss_rows = xp.empty(n, acc) if a.reduction == "none" else None
+    loss_rows = xp.empty(n, acc) if args.reduction == "none" else None
     total = xp.zeros((), np.float64)
-    stats = BlockStats(xp, a) if a.return_stats else None
+    stats = BlockStats(xp, args) if args.return_stats else None
     buf = xp.empty((rows, c), X.dtype) if n else None  # the one chunk buffer: logits, then G
     for s in range(0, n, rows):
         e = min(n, s + rows)
@@ -210,7 +210,7 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
                 dW = dW.astype(W.dtype)  # the float32 accumulation rounded once (to nearest even)
             grads = LinearGrads(dX, dW, None if db is None else db.astype(X.dtype))
     st = stats.finish(scale) if stats is not None else None
-    return results(xp, a, loss, grads, st)
+    return results(xp, args, loss, grads, st)
 
 
 # linear_cross_entropy's check_labels argument shadows the function inside it

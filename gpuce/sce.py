@@ -154,60 +154,61 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     check_impl(impl)
     xp = array_module(logits, target, weight)
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
-    a = sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
-                   label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
-                   inplace=inplace, softcap=softcap, return_stats=return_stats,
-                   check_labels=check_labels)
-    check_uint64_labels(xp, target, a)
+    args = sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
+                    label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
+                    inplace=inplace, softcap=softcap, return_stats=return_stats,
+                    check_labels=check_labels)
+    check_uint64_labels(xp, target, args)
     check_class_weight(xp, weight)
-    check_inplace_aliasing(xp, logits, target, weight, a)
-    if a.n and not rows_viewable(logits.shape, logits.strides):
-        return walk_blocks(xp, logits, target, weight, a, impl)
-    c = a.c
-    x2 = logits.reshape(a.n, c)
-    tgt = target.reshape(a.n) if a.kind == "label" else target.reshape(a.n, c)
+    check_inplace_aliasing(xp, logits, target, weight, args)
+    if args.n and not rows_viewable(logits.shape, logits.strides):
+        return walk_blocks(xp, logits, target, weight, args, impl)
+    c = args.c
+    x2 = logits.reshape(args.n, c)
+    tgt = target.reshape(args.n) if args.kind == "label" else target.reshape(args.n, c)
 
     grad_out = None
-    if a.return_grad:
-        if a.inplace and shares_buffer(xp, x2, logits):
+    if args.return_grad:
+        if args.inplace and shares_buffer(xp, x2, logits):
             grad_out = x2
         else:
-            grad_out = xp.empty((a.n, c), dtype=logits.dtype)
-    if a.n == 0:
-        rows = xp.zeros(0, a.acc)
-        total = None if a.reduction == "none" else xp.zeros((), a.acc)
-        st = BlockStats(xp, a).finish(1.0) if a.return_stats else None
+            grad_out = xp.empty((args.n, c), dtype=logits.dtype)
+    if args.n == 0:
+        rows = xp.zeros(0, args.acc)
+        total = None if args.reduction == "none" else xp.zeros((), args.acc)
+        st = BlockStats(xp, args).finish(1.0) if args.return_stats else None
     else:
-        rows, total, st = run_rows(xp, x2, tgt, weight, a, grad_out, impl)
-    loss = rows.reshape(a.lead_shape) if a.reduction == "none" else xp.asarray(total, dtype=a.acc)
+        rows, total, st = run_rows(xp, x2, tgt, weight, args, grad_out, impl)
+    loss = (rows.reshape(args.lead_shape) if args.reduction == "none"
+            else xp.asarray(total, dtype=args.acc))
     grad = None
-    if a.return_grad:
-        if a.inplace:
+    if args.return_grad:
+        if args.inplace:
             if grad_out is not x2:
                 logits[...] = grad_out.reshape(logits.shape)
             grad = logits
         else:
             grad = grad_out.reshape(logits.shape)
-    return results(xp, a, loss, grad, st)
+    return results(xp, args, loss, grad, st)
 
 
-def results(xp, a: SceArgs, loss, grad, st):
+def results(xp, args: SceArgs, loss, grad, st):
     """The public return value: loss, then grad (return_grad), then the statistics
     (return_stats) as a SceStats shaped like the loss (lse: logits.shape[:-1])."""
-    out = (loss,) + ((grad,) if a.return_grad else ())
-    if a.return_stats:
-        out += (public_stats(xp, a, st),)
+    out = (loss,) + ((grad,) if args.return_grad else ())
+    if args.return_stats:
+        out += (public_stats(xp, args, st),)
     return out if len(out) > 1 else loss
 
 
-def public_stats(xp, a: SceArgs, st: SceStats) -> SceStats:
+def public_stats(xp, args: SceArgs, st: SceStats) -> SceStats:
     """A backend's SceStats ((N,) rows) shaped for the caller."""
-    lse = st.lse.reshape(a.lead_shape)
-    if a.reduction == "none":
-        return SceStats(st.z_loss.reshape(a.lead_shape),
-                          None if st.accuracy is None else st.accuracy.reshape(a.lead_shape), lse)
-    return SceStats(xp.asarray(st.z_loss, dtype=a.acc),
-                      None if st.accuracy is None else xp.asarray(st.accuracy, dtype=a.acc), lse)
+    lse = st.lse.reshape(args.lead_shape)
+    if args.reduction == "none":
+        return SceStats(st.z_loss.reshape(args.lead_shape),
+                          None if st.accuracy is None else st.accuracy.reshape(args.lead_shape), lse)
+    return SceStats(xp.asarray(st.z_loss, dtype=args.acc),
+                      None if st.accuracy is None else xp.asarray(st.accuracy, dtype=args.acc), lse)
 
 
 class BlockStats:
@@ -222,47 +223,47 @@ class BlockStats:
     back to the host on CuPy.
     """
 
-    def __init__(self, xp, a: SceArgs):
-        self.xp, self.a = xp, a
-        none = a.reduction == "none"
-        label = a.kind == "label"
-        self.lse = xp.empty(a.n, a.acc)
-        self.z_rows = xp.zeros(a.n, a.acc) if none else None
-        self.correct_rows = xp.full(a.n, np.nan, a.acc) if none and label else None
+    def __init__(self, xp, args: SceArgs):
+        self.xp, self.args = xp, args
+        none = args.reduction == "none"
+        label = args.kind == "label"
+        self.lse = xp.empty(args.n, args.acc)
+        self.z_rows = xp.zeros(args.n, args.acc) if none else None
+        self.correct_rows = xp.full(args.n, np.nan, args.acc) if none and label else None
         self.z = xp.zeros((), np.float64)
         self.correct = xp.zeros((), np.float64)
         self.counted = xp.zeros((), np.float64)
 
     def add(self, r0, r1, st: SceStats, labels=None):
-        xp, a = self.xp, self.a
+        xp, args = self.xp, self.args
         self.lse[r0:r1] = st.lse
-        if a.reduction == "none":
+        if args.reduction == "none":
             self.z_rows[r0:r1] = st.z_loss
             if self.correct_rows is not None:
                 self.correct_rows[r0:r1] = st.accuracy
             return
         self.z += xp.asarray(st.z_loss, dtype=np.float64)
-        if a.kind == "label":
+        if args.kind == "label":
             lab = labels.ravel()
             if lab.dtype.kind == "u":  # compared with a negative ignore_index as int64
                 lab = lab.astype(np.int64)
-            k = (lab != a.ignore_index).sum(dtype=np.float64)
+            k = (lab != args.ignore_index).sum(dtype=np.float64)
             acc = xp.nan_to_num(xp.asarray(st.accuracy, dtype=np.float64))
             self.correct += xp.rint(acc * k)
             self.counted += k
 
     def finish(self, scale) -> SceStats:
-        xp, a = self.xp, self.a
-        if a.reduction == "none":
+        xp, args = self.xp, self.args
+        if args.reduction == "none":
             return SceStats(self.z_rows, self.correct_rows, self.lse)
         accuracy = None
-        if a.kind == "label":
+        if args.kind == "label":
             accuracy = xp.where(self.counted > 0, self.correct / xp.maximum(self.counted, 1),
-                                np.nan).astype(a.acc)
-        return SceStats((self.z * scale).astype(a.acc), accuracy, self.lse)
+                                np.nan).astype(args.acc)
+        return SceStats((self.z * scale).astype(args.acc), accuracy, self.lse)
 
 
-def walk_blocks(xp, logits, target, weight, a: SceArgs, impl="auto"):
+def walk_blocks(xp, logits, target, weight, args: SceArgs, impl="auto"):
     """softmax_cross_entropy of logits that have no (N, C) view (leading dimensions that do
     not merge, e.g. ``(T, B, C).transpose(1, 0, 2)``), without copying them whole.
 
@@ -273,31 +274,31 @@ def walk_blocks(xp, logits, target, weight, a: SceArgs, impl="auto"):
     "mean".  Extra memory: one block's copy of the logits (and target) when the block itself
     has no (rows, C) view, plus the backend's own chunk buffers.
     """
-    c = a.c
-    if a.kind == "label" and a.check_labels:
-        check_labels(xp, target, a)  # over all rows first: errors name the caller's position
+    c = args.c
+    if args.kind == "label" and args.check_labels:
+        check_labels(xp, target, args)  # over all rows first: errors name the caller's position
     denom = scale = 1.0
-    if a.reduction == "mean":
-        denom = mean_denominator(xp, target, weight, a)
-        scale = a.mean_scale(denom)
-    per_block = replace(a, reduction="none" if a.reduction == "none" else "sum",
+    if args.reduction == "mean":
+        denom = mean_denominator(xp, target, weight, args)
+        scale = args.mean_scale(denom)
+    per_block = replace(args, reduction="none" if args.reduction == "none" else "sum",
                         labels_checked=True)
     grad = None
-    if a.return_grad:
-        grad = logits if a.inplace else xp.empty(logits.shape, logits.dtype)
-    loss_rows = xp.empty(a.n, a.acc) if a.reduction == "none" else None
+    if args.return_grad:
+        grad = logits if args.inplace else xp.empty(logits.shape, logits.dtype)
+    loss_rows = xp.empty(args.n, args.acc) if args.reduction == "none" else None
     total = xp.zeros((), np.float64)
-    stats = BlockStats(xp, a) if a.return_stats else None
-    for index, r0, r1 in row_blocks(a.lead_shape, walk_block_elements(xp) // c):
+    stats = BlockStats(xp, args) if args.return_stats else None
+    for index, r0, r1 in row_blocks(args.lead_shape, walk_block_elements(xp) // c):
         m = r1 - r0
         xb = logits[index]
         x2 = xb.reshape(m, c)  # a copy of this block alone when the block has no view
-        tb = target[index].reshape((m,) if a.kind == "label" else (m, c))
+        tb = target[index].reshape((m,) if args.kind == "label" else (m, c))
         gb = None
         if grad is not None:
             # inplace: into the logits' block (its copy, written back below, when x2 is one);
             # otherwise the C-ordered output, whose blocks are always (m, C) views
-            gb = x2 if a.inplace else grad[index].reshape(m, c)
+            gb = x2 if args.inplace else grad[index].reshape(m, c)
         rows, t, st = run_rows(xp, x2, tb, weight, replace(per_block, lead_shape=(m,), n=m), gb,
                                impl)
         if loss_rows is not None:
@@ -309,13 +310,13 @@ def walk_blocks(xp, logits, target, weight, a: SceArgs, impl="auto"):
         if gb is not None:
             if scale != 1.0:
                 gb *= scale
-            if a.inplace and not shares_buffer(xp, x2, xb):
+            if args.inplace and not shares_buffer(xp, x2, xb):
                 xb[...] = gb.reshape(xb.shape)
     if loss_rows is not None:
-        loss = loss_rows.reshape(a.lead_shape)
+        loss = loss_rows.reshape(args.lead_shape)
     else:
-        if a.reduction == "mean":  # 0 over zero weight, as the unwalked path
+        if args.reduction == "mean":  # 0 over zero weight, as the unwalked path
             total = total / denom if denom else xp.zeros((), np.float64)
-        loss = xp.asarray(total, dtype=a.acc)
+        loss = xp.asarray(total, dtype=args.acc)
     st = stats.finish(scale) if stats is not None else None
-    return results(xp, a, loss, grad, st)
+    return results(xp, args, loss, grad, st)
