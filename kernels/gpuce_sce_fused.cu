@@ -925,7 +925,13 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
     const long long warp_team0 = G > 0 ? team - ((threadIdx.x & 31) / G) : team;
     const int PMAX = RP > 0 ? RP : P;
     // this thread's packs of a row of `packs`: it = 0 .. mine - 1, pack q = it * nt + tid
-    auto mine_of = [&](int packs) { return tid < packs ? min((packs - 1 - tid) / nt + 1, PMAX) : 0; };
+    // A row spans packs0 = ceil(C / VEC) packs, or one more when it starts off a 16-byte
+    // boundary: both counts are worked out once here, not with two integer divisions a row.
+    auto mine_slow = [&](int packs) { return tid < packs ? min((packs - 1 - tid) / nt + 1, PMAX) : 0; };
+    const int packs0 = (c + VEC - 1) / VEC;
+    const int mine0 = mine_slow(packs0), mine1 = mine_slow(packs0 + 1);
+    // (a shift sh < VEC makes ceil((sh + C) / VEC) one of the two)
+    auto mine_of = [&](int packs) { return packs == packs0 ? mine0 : mine1; };
     Acc acc = GPUCE_ACC_INIT;
     ClusterXchg<A, CL> xchg;
     xchg.init();
