@@ -403,16 +403,10 @@ __device__ __forceinline__ A shfl_xor(A v, int o) { return __shfl_xor_sync(0xfff
 // fixed, so results repeat run to run.  Cheaper than W - 1 full pairwise merges (each with
 // two rescales): the block merge of a 512-thread block went from ~630 to ~130 instructions
 // a thread a row.  ``coefs``: also the coefficient sums a and b (0 everywhere otherwise).
+// The sums of W lanes' partials that share one shift (xor butterflies: every lane ends with
+// the same bits).
 template <int W, typename A>
-__device__ __forceinline__ Part<A> lanes_merge(Part<A> p, bool coefs) {
-    A m = p.m;
-#pragma unroll
-    for (int o = W / 2; o > 0; o >>= 1) m = max_nan(m, shfl_xor(m, o));
-    const A ms = isfinite(m) ? m : A(0);
-    p.s = rescaled(p.s, p.ms, ms);
-    if (coefs) p.b += shift(p.a, p.ms, ms);
-    p.m = m;
-    p.ms = ms;
+__device__ __forceinline__ Part<A> lanes_sum(Part<A> p, bool coefs) {
 #pragma unroll
     for (int o = W / 2; o > 0; o >>= 1) {
         p.s += shfl_xor(p.s, o);
@@ -423,6 +417,19 @@ __device__ __forceinline__ Part<A> lanes_merge(Part<A> p, bool coefs) {
         }
     }
     return p;
+}
+
+template <int W, typename A>
+__device__ __forceinline__ Part<A> lanes_merge(Part<A> p, bool coefs) {
+    A m = p.m;
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) m = max_nan(m, shfl_xor(m, o));
+    const A ms = isfinite(m) ? m : A(0);
+    p.s = rescaled(p.s, p.ms, ms);
+    if (coefs) p.b += shift(p.a, p.ms, ms);
+    p.m = m;
+    p.ms = ms;
+    return lanes_sum<W>(p, coefs);
 }
 
 #define GPUCE_PART_WORDS 6
@@ -643,6 +650,16 @@ __device__ __forceinline__ A pack_max(A m, int col0, int c, const A (&fv)[VEC]) 
     return m;
 }
 
+// xk = the pack's value at the label column k, when the pack (columns col0..) holds it.
+template <typename A, int VEC>
+__device__ __forceinline__ void pick_label(A& xk, int col0, int k, const A (&fv)[VEC]) {
+    if (k >= 0 && (unsigned)(k - col0) < (unsigned)VEC) {
+#pragma unroll
+        for (int u = 0; u < VEC; ++u)
+            if (col0 + u == k) xk = fv[u];
+    }
+}
+
 // Add the pack's values at the fixed shift p.ms: s, and with COEF the coefficient sums a, b
 // (as add_pack does); xk when the pack holds the label column k.
 template <int MODE, bool COEF, typename T, typename I, typename A, int VEC, bool EDGES = true>
@@ -661,11 +678,7 @@ __device__ __forceinline__ void pack_sum(const Args<T, I, A>& g, Part<A>& p, int
             if (cf != A(0)) p.b += cf * d;
         }
     }
-    if (k >= 0 && (unsigned)(k - col0) < (unsigned)VEC) {
-#pragma unroll
-        for (int u = 0; u < VEC; ++u)
-            if (col0 + u == k) p.xk = fv[u];
-    }
+    pick_label(p.xk, col0, k, fv);
 }
 
 // The partial's shift from its maximum (Part's convention: ms = m when finite, else 0).
@@ -1075,17 +1088,7 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
                     pack_sum<MODE, false, T, I, A, VEC, true>(g, p, col0, lb.k, fv, yv);
                 });
             }
-            if (G > 0) {  // sums at the common shift: plain butterflies (same bits in every lane)
-#pragma unroll
-                for (int o = (G > 0 ? G : 2) / 2; o > 0; o >>= 1) {
-                    p.s += shfl_xor(p.s, o);
-                    p.xk += shfl_xor(p.xk, o);
-                    if (coefs) {
-                        p.a += shfl_xor(p.a, o);
-                        p.b += shfl_xor(p.b, o);
-                    }
-                }
-            }
+            if (G > 0) p = lanes_sum<(G > 0 ? G : 32)>(p, coefs);  // the sums share the shift
         }
         if (RP > 0) {  // the stage's reads are done (their values consumed, and __syncwarp
             __syncwarp();  // orders this thread's shared accesses): copy the next row into it
@@ -1234,7 +1237,7 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS, 1) sce_tile(GPUCE_SCE_PARAMS)
                     const int i = base + j + ((base + j) >> 5);
                     A fv[1] = {tile[i]}, yv[1] = {MODE == 1 ? ytile[i] : A(0)};
                     if (coefs) pack_sum<MODE, true, T, I, A, 1, false>(g, p, j, -1, fv, yv);
-                    else p.s += ex(fv[0] - p.ms);
+                    else pack_sum<MODE, false, T, I, A, 1, false>(g, p, j, -1, fv, yv);
                 }
                 if (lb.k >= 0) p.xk = tile[base + lb.k + ((base + lb.k) >> 5)];
             }
@@ -1242,9 +1245,10 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS, 1) sce_tile(GPUCE_SCE_PARAMS)
             emit_row<MODE>(g, row, o, lb.bad, acc);
             if (grad) {
                 if (o.active && !o.bad && !coefs && g.cap == A(0)) {  // the lean gradient (store_grad_lean)
+                    const A msl = o.ms * A(1.4426950408889634);
                     for (int j = 0; j < c; ++j) {
                         const int i = base + j + ((base + j) >> 5);
-                        tile[i] = ex(tile[i] - o.ms) * o.r;
+                        tile[i] = ex_at<T>(tile[i], o.ms, msl) * o.r;
                     }
                     if (o.k >= 0) tile[base + o.k + ((base + o.k) >> 5)] -= o.wls;
                 } else {
@@ -1294,27 +1298,25 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
         // the lean path loads U packs before using any (U 16-byte loads in flight a thread)
         constexpr int U = 4;
         const int step = U * (int)blockDim.x;
+        auto load_batch = [&](int q0, A (&fv)[U][VEC]) {  // packs q0 + j blockDim.x, j < U
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                const int q = q0 + j * (int)blockDim.x;
+                if (q < packs) load_vals_global<A>(xrow + (size_t)q * VEC, fv[j]);
+            }
+        };
         Part<A> p = part_identity<A>();
         if (lean) {
             for (int q0 = threadIdx.x; q0 < packs; q0 += step) {
                 A fv[U][VEC];
-#pragma unroll
-                for (int j = 0; j < U; ++j) {
-                    const int q = q0 + j * (int)blockDim.x;
-                    if (q < packs) load_vals_global<A>(xrow + (size_t)q * VEC, fv[j]);
-                }
+                load_batch(q0, fv);
 #pragma unroll
                 for (int j = 0; j < U; ++j) {
                     const int q = q0 + j * (int)blockDim.x;
                     if (q >= packs) continue;
                     mask_edges(fv[j], q * VEC - sh, c);
                     pack_online<T>(p, fv[j]);
-                    const int col0 = q * VEC - sh;
-                    if (lb.k >= 0 && (unsigned)(lb.k - col0) < (unsigned)VEC) {
-#pragma unroll
-                        for (int u = 0; u < VEC; ++u)
-                            if (col0 + u == lb.k) p.xk = fv[j][u];
-                    }
+                    pick_label(p.xk, q * VEC - sh, lb.k, fv[j]);
                 }
             }
         } else {
@@ -1333,11 +1335,7 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
             T* grow = grad + row * ldg;
             for (int q0 = threadIdx.x; q0 < packs; q0 += step) {
                 A fv[U][VEC];
-#pragma unroll
-                for (int j = 0; j < U; ++j) {
-                    const int q = q0 + j * (int)blockDim.x;
-                    if (q < packs) load_vals_global<A>(xrow + (size_t)q * VEC, fv[j]);
-                }
+                load_batch(q0, fv);
 #pragma unroll
                 for (int j = 0; j < U; ++j) {
                     const int q = q0 + j * (int)blockDim.x;

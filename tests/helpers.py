@@ -26,6 +26,21 @@ def torch_devices(torch):
     return out
 
 
+def torch_inputs(torch, g, n, c, kind, *, scale, dtype=None, device="cpu", extra=()):
+    """Logits (n, c, *extra) = scale * N(0, 1) drawn in float64 and rounded to ``dtype``
+    (float64 by default), and targets: int64 labels with about a fifth ignored (-100), or
+    probabilities normalised along dim 1 in ``dtype``; both on ``device``, from generator g."""
+    dtype = torch.float64 if dtype is None else dtype
+    x = (torch.randn((n, c) + extra, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if kind == "label":
+        t = torch.randint(0, c, (n,) + extra, generator=g)
+        t[torch.rand(t.shape, generator=g) < 0.2] = -100
+    else:
+        t = torch.rand((n, c) + extra, generator=g, dtype=torch.float64)
+        t = (t / t.sum(1, keepdim=True)).to(dtype)
+    return x.to(device), t.to(device)
+
+
 def to_numpy(a):
     """Host copy of a NumPy or CuPy array (or scalar)."""
     if hasattr(a, "get") and type(a).__module__.startswith("cupy"):

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 import gpuce.torch as gt  # noqa: E402
-from helpers import seed_of, torch_devices  # noqa: E402
+from helpers import seed_of, torch_devices, torch_inputs  # noqa: E402
 
 
 def devices():
@@ -16,15 +16,9 @@ def devices():
 
 
 def tensors(seed, n, c, kind, dtype=torch.float64, device="cpu", extra=()):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn((n, c) + extra, generator=g, dtype=torch.float64) * 3).to(dtype)
-    if kind == "label":
-        t = torch.randint(0, c, (n,) + extra, generator=g)
-        t[torch.rand(t.shape, generator=g) < 0.2] = -100
-    else:
-        t = torch.rand((n, c) + extra, generator=g, dtype=torch.float64)
-        t = (t / t.sum(1, keepdim=True)).to(dtype)
-    return x.to(device).requires_grad_(), t.to(device)
+    x, t = torch_inputs(torch, torch.Generator().manual_seed(seed), n, c, kind, scale=3,
+                        dtype=dtype, device=device, extra=extra)
+    return x.requires_grad_(), t
 
 
 def grads_of(fn, x, reduction, seed=0):

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 import gpuce.torch as gt  # noqa: E402
-from helpers import BFLOAT16, TOL, seed_of, torch_devices  # noqa: E402
+from helpers import BFLOAT16, TOL, seed_of, torch_devices, torch_inputs  # noqa: E402
 
 BF = torch.bfloat16
 # the gradient and the (bfloat16) loss are rounded once from float32: TOL[bfloat16]'s one ulp
@@ -25,15 +25,8 @@ def devices():
 
 
 def data(seed, n, c, kind, device="cpu", extra=()):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn((n, c) + extra, generator=g, dtype=torch.float64) * 3).to(BF)
-    if kind == "label":
-        t = torch.randint(0, c, (n,) + extra, generator=g)
-        t[torch.rand(t.shape, generator=g) < 0.2] = -100
-    else:
-        t = torch.rand((n, c) + extra, generator=g, dtype=torch.float64)
-        t = (t / t.sum(1, keepdim=True)).to(BF)
-    return x.to(device), t.to(device)
+    return torch_inputs(torch, torch.Generator().manual_seed(seed), n, c, kind, scale=3, dtype=BF,
+                        device=device, extra=extra)
 
 
 def loss_and_grad(fn, x, *args, **kw):

@@ -13,7 +13,7 @@ F = torch.nn.functional
 
 import gpuce  # noqa: E402
 import gpuce.torch as gt  # noqa: E402
-from helpers import torch_devices  # noqa: E402
+from helpers import torch_devices, torch_inputs  # noqa: E402
 
 
 def devices():
@@ -25,14 +25,8 @@ def gen(*key):
 
 
 def tensors(g, n, c, kind, extra=(), dtype=torch.float64, device="cpu"):
-    x = (torch.randn((n, c) + extra, generator=g, dtype=torch.float64) * 4).to(dtype)
-    if kind == "label":
-        t = torch.randint(0, c, (n,) + extra, generator=g)
-        t[torch.rand(t.shape, generator=g) < 0.2] = -100
-    else:
-        t = torch.rand((n, c) + extra, generator=g, dtype=torch.float64)
-        t = (t / t.sum(1, keepdim=True)).to(dtype)
-    return x.to(device).requires_grad_(), t.to(device)
+    x, t = torch_inputs(torch, g, n, c, kind, scale=4, dtype=dtype, device=device, extra=extra)
+    return x.requires_grad_(), t
 
 
 def reference(x, t, *, weight=None, reduction="mean", label_smoothing=0.0, z_loss=0.0,
