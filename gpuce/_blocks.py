@@ -15,6 +15,8 @@ import math
 def rows_viewable(shape, strides) -> bool:
     """True if the leading dimensions of ``shape`` (all but the last) merge into one row
     axis with a single stride, i.e. ``reshape(N, C)`` is a view.  Unit dimensions are free."""
+    if len(shape) <= 2:  # one leading dimension (or none) is its own row axis
+        return True
     dims = [(n, s) for n, s in zip(shape[:-1], strides[:-1]) if n != 1]
     if any(n == 0 for n, _ in dims):
         return True

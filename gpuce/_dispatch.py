@@ -54,7 +54,7 @@ def backends(*array_params: str, dask):
         def public(*args, **kwargs):
             for pos, name in where:  # cheap: no binding unless a dask array is passed
                 v = args[pos] if pos < len(args) else kwargs.get(name)
-                if backend_of(v) == DASK:
+                if is_dask_array(v):
                     bound = sig.bind(*args, **kwargs)
                     bound.apply_defaults()
                     return dask(fn, dict(bound.arguments))

@@ -207,7 +207,7 @@ def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing
     softcap = check_softcap(softcap)
     return_stats = _flag(return_stats, "return_stats")
     check_labels = _flag(check_labels, "check_labels")
-    n = int(np.prod(lead, dtype=np.int64))
+    n = math.prod(lead)
     return SceArgs(kind, lead, n, c, acc_dtype(logits.dtype), reduction, ignore_index,
                    label_smoothing, z_loss, bool(return_grad), bool(inplace),
                    softcap=softcap, return_stats=return_stats, check_labels=check_labels)

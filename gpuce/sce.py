@@ -164,8 +164,11 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     if args.n and not rows_viewable(logits.shape, logits.strides):
         return walk_blocks(xp, logits, target, weight, args, impl)
     c = args.c
-    x2 = logits.reshape(args.n, c)
-    tgt = target.reshape(args.n) if args.kind == "label" else target.reshape(args.n, c)
+    if logits.ndim == 2:  # already (N, C)
+        x2, tgt = logits, target
+    else:
+        x2 = logits.reshape(args.n, c)
+        tgt = target.reshape(args.n) if args.kind == "label" else target.reshape(args.n, c)
 
     grad_out = None
     if args.return_grad:

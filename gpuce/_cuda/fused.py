@@ -295,7 +295,11 @@ def _module(exprs: tuple):
                           name_expressions=exprs)
 
 
+@functools.lru_cache(maxsize=None)
 def function(expr: str):
+    """The RawKernel of ``expr``, made once a process (CuPy's RawModule.get_function builds a
+    new RawKernel and asks the driver for the function on every call; the RawKernel itself
+    loads its module once per device)."""
     return _module((expr,)).get_function(expr)
 
 
@@ -309,24 +313,27 @@ def _device(dev_id: int) -> Device:
                   int(p["maxThreadsPerMultiProcessor"]))
 
 
-def current_device() -> Device:
+def device_id() -> int:
+    """The current device's ordinal (one runtime call, no Device object)."""
     import cupy
 
-    return _device(cupy.cuda.Device().id)
+    return cupy.cuda.runtime.getDevice()
+
+
+def current_device() -> Device:
+    return _device(device_id())
 
 
 def _prepare(fn, smem: int):
-    """Raise the kernel's dynamic shared-memory limit when it needs more than the default."""
+    """Raise the kernel's dynamic shared-memory limit (on the current device) when it needs
+    more than the default."""
     if smem + STATIC_SMEM > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
     return fn
 
 
 @functools.lru_cache(maxsize=1024)
-def _occupancy(expr: str, threads: int, smem: int) -> int:
-    """Blocks of ``expr`` an SM holds (the driver's occupancy API, after the shared-memory
-    limit is raised; for a kernel it cannot answer for, the estimate from threads and shared
-    memory)."""
+def _occupancy_on(dev_id: int, expr: str, threads: int, smem: int) -> int:
     from cupy_backends.cuda.api import driver
 
     fn = _prepare(function(expr), smem)
@@ -336,8 +343,15 @@ def _occupancy(expr: str, threads: int, smem: int) -> int:
         per_sm = 0
     if per_sm < 1:
         p = Plan(Variant("block", "float32", "label", "int64", 4), threads, smem=smem)
-        return occupancy_estimate(p, current_device())
+        return occupancy_estimate(p, _device(dev_id))
     return min(MAX_BLOCKS_PER_SM, per_sm)
+
+
+def _occupancy(expr: str, threads: int, smem: int) -> int:
+    """Blocks of ``expr`` an SM of the current device holds (the driver's occupancy API, after
+    the shared-memory limit is raised; for a kernel it cannot answer for, the estimate from
+    threads and shared memory)."""
+    return _occupancy_on(device_id(), expr, threads, smem)
 
 
 def vec_for(dtype: str, c: int, *arrays_and_lds) -> int:
@@ -370,18 +384,20 @@ def tile_vec_for(dtype: str, c: int, *arrays) -> int | None:
 _WORKSPACES = {}
 
 
-def workspace(cp, dev: Device):
+def workspace(cp):
     """The launch workspace of the current device and stream (zeroed once; every launch leaves
     it as it found it).  Calls on one stream run in order, so they can share it."""
     stream = cp.cuda.get_current_stream()
-    key = (cp.cuda.Device().id, stream.ptr)
-    if key not in _WORKSPACES:  # the stream object is kept alive with its workspace
+    key = (device_id(), stream.ptr)
+    ws = _WORKSPACES.get(key)
+    if ws is None:  # the stream object is kept alive with its workspace
         if stream.is_capturing():
             raise RuntimeError("gpuce's first fused call on a stream cannot be inside a CUDA graph "
                                "capture (its workspace is zeroed then): make one call on the "
                                "stream before capturing")
-        _WORKSPACES[key] = (cp.zeros(WS_PARTIALS + WS_WORDS * dev.sms * MAX_BLOCKS_PER_SM, cp.int64), stream)
-    return _WORKSPACES[key][0]
+        ws = _WORKSPACES[key] = (cp.zeros(WS_PARTIALS + WS_WORDS * current_device().sms * MAX_BLOCKS_PER_SM,
+                                          cp.int64), stream)
+    return ws[0]
 
 
 def candidates_for(x2, target_kind, index, y2=None, grad_out=None, softcap=False) -> tuple:
@@ -415,6 +431,86 @@ def choose(x2, target_kind, index, y2, grad_out, pinned=None, softcap=False) -> 
                      f"{', '.join(p.variant.describe() for p in cands)}")
 
 
+def by_value(v):
+    """A NumPy scalar kernel argument prepared once for many launches: CuPy passes a
+    ``CNumpyArray`` (its holder of a by-value argument) through as it is, where a NumPy
+    scalar is converted on every launch.  The scalar itself where CuPy has no such class."""
+    try:
+        from cupy.cuda.function import CNumpyArray
+    except ImportError:  # pragma: no cover - another CuPy layout: convert per launch
+        return v
+    return CNumpyArray(np.asarray(v).reshape(1))
+
+
+_RECIPES = {}
+RECIPES_MAX = 1024  # signatures remembered (the table is emptied when full)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the launches of one call signature need, worked out on its first call: the plan,
+    the fused kernel and its grid, the prologue (or None) and its grid, and every scalar
+    argument.  A call with the same signature (device, shapes, strides, dtypes, base pointers
+    modulo 16 bytes, which arrays are given, options) only fills in the arrays."""
+
+    plan: Plan
+    fn: object
+    grid: int
+    prologue: object
+    prologue_grid: int
+    prologue_scalars: tuple
+    scalars: tuple
+
+
+def _layout(a):
+    return None if a is None else (a.strides, a.data.ptr & 15)
+
+
+def recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, grad_out, pinned=None,
+           grid=None) -> Recipe:
+    """The :class:`Recipe` of a call (remembered by signature; see :func:`launch`)."""
+    key = (device_id(), x2.shape, x2.strides, x2.data.ptr & 15, x2.dtype, None if lbl is None else lbl.dtype,
+           _layout(y2), _layout(grad_out), w is None, acc, eps, z, softcap, ignore_index, reduction, pinned, grid)
+    r = _RECIPES.get(key)
+    if r is None:
+        r = _make_recipe(x2, lbl, y2, w, acc=acc, eps=eps, z=z, softcap=softcap, ignore_index=ignore_index,
+                         reduction=reduction, grad_out=grad_out, pinned=pinned, grid=grid)
+        if len(_RECIPES) >= RECIPES_MAX:
+            _RECIPES.clear()
+        _RECIPES[key] = r
+    return r
+
+
+def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, grad_out, pinned, grid):
+    n, c = x2.shape
+    if c > MAX_CLASSES:
+        raise ValueError(f"the fused kernels take at most {MAX_CLASSES} classes, got {c}")
+    target = "prob" if lbl is None else "label"
+    index = "int32" if lbl is None else lbl.dtype.name
+    p, _, dev = choose(x2, target, index, y2, grad_out, pinned, softcap=bool(softcap))
+    inv_from_ws = 0
+    inv = 1.0
+    denominator = reduction == "mean" and lbl is not None
+    if reduction == "mean" and lbl is None:
+        inv = 1.0 / n
+    prologue, blocks, pro_scalars = None, 0, ()
+    if denominator or w is not None:  # the prologue: the weights' check and / or the denominator
+        inv_from_ws = int(denominator)
+        blocks = int(max(1, min(_ceil(n, DENOM_THREADS), dev.sms * 4))) if denominator else 1
+        prologue = function(prologue_expr(index, np.dtype(acc).name))
+        pro_scalars = tuple(map(by_value, prologue_args(None, None, n, c, ignore_index, denominator, None)[2:-1]))
+    expr = p.variant.expr()
+    fn = _prepare(function(expr), p.smem)
+    cl = max(1, p.variant.cluster)
+    if grid is None:
+        grid = grid_blocks(p, n, dev, _occupancy(expr, p.threads, p.smem))
+    elif grid % cl or not 0 < grid <= dev.sms * MAX_BLOCKS_PER_SM:  # the workspace holds that many
+        raise ValueError(f"grid {grid} must be a multiple of {cl} in [1, {dev.sms * MAX_BLOCKS_PER_SM}]")
+    scalars = kernel_scalars(p, x2, y2, grad_out, acc=acc, eps=eps, z=z, softcap=softcap,
+                             ignore_index=ignore_index, inv=inv, inv_from_ws=inv_from_ws)
+    return Recipe(p, fn, int(grid), prologue, blocks, pro_scalars, tuple(map(by_value, scalars)))
+
+
 def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, loss_out, lse_out,
            correct_out, grad_out, total_out, stats_out, bad_out, pinned=None, grid=None) -> Plan:
     """Run the fused path: the prologue where the call needs one (class weights to check, or the
@@ -428,72 +524,64 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     accuracy]; bad_out (2,) int64 (the first bad label position, N when none; the first class
     weight that is NaN, infinite or negative, -1 when none: the results are then NaN).  ``grid``
     overrides the one-wave grid (the probe's sweep; a multiple of the cluster size).
+
+    The plan, the kernels, the grids and the scalar arguments come from the call's
+    :func:`recipe`, worked out once per signature: a repeated call only looks it up and
+    passes its arrays.
     """
     import cupy
 
-    n, c = x2.shape
-    if c > MAX_CLASSES:
-        raise ValueError(f"the fused kernels take at most {MAX_CLASSES} classes, got {c}")
-    target = "prob" if lbl is None else "label"
-    index = "int32" if lbl is None else lbl.dtype.name
-    p, _, dev = choose(x2, target, index, y2, grad_out, pinned, softcap=bool(softcap))
-    ws = workspace(cupy, dev)
-    inv_from_ws = 0
-    inv = 1.0
-    denominator = reduction == "mean" and lbl is not None
-    if reduction == "mean" and lbl is None:
-        inv = 1.0 / n
-    if denominator or w is not None:  # the prologue: the weights' check and / or the denominator
-        inv_from_ws = int(denominator)
-        blocks = int(max(1, min(_ceil(n, DENOM_THREADS), dev.sms * 4))) if denominator else 1
-        function(prologue_expr(index, np.dtype(acc).name))((blocks,), (DENOM_THREADS,),
-                                                           prologue_args(lbl, w, n, c, ignore_index, denominator, ws))
-    expr = p.variant.expr()
-    fn = _prepare(function(expr), p.smem)
-    cl = max(1, p.variant.cluster)
-    if grid is None:
-        grid = grid_blocks(p, n, dev, _occupancy(expr, p.threads, p.smem))
-    elif grid % cl or not 0 < grid <= dev.sms * MAX_BLOCKS_PER_SM:  # the workspace holds that many
-        raise ValueError(f"grid {grid} must be a multiple of {cl} in [1, {dev.sms * MAX_BLOCKS_PER_SM}]")
-
-    args = kernel_args(p, x2, lbl, y2, w, acc=acc, eps=eps, z=z, softcap=softcap, ignore_index=ignore_index,
-                       inv=inv, inv_from_ws=inv_from_ws, loss_out=loss_out, lse_out=lse_out,
-                       correct_out=correct_out, grad_out=grad_out, ws=ws, total_out=total_out,
-                       stats_out=stats_out, bad_out=bad_out)
-    fn((grid,), (p.threads,), args, shared_mem=p.smem)
+    r = recipe(x2, lbl, y2, w, acc=acc, eps=eps, z=z, softcap=softcap, ignore_index=ignore_index,
+               reduction=reduction, grad_out=grad_out, pinned=pinned, grid=grid)
+    ws = workspace(cupy)
+    if r.prologue is not None:
+        r.prologue((r.prologue_grid,), (DENOM_THREADS,),
+                   (lbl, w) + r.prologue_scalars + (ws,))
+    p = r.plan
+    r.fn((r.grid,), (p.threads,),
+         kernel_args(p, x2, lbl, y2, w, loss_out=loss_out, lse_out=lse_out, correct_out=correct_out,
+                     grad_out=grad_out, ws=ws, total_out=total_out, stats_out=stats_out, bad_out=bad_out,
+                     scalars=r.scalars),
+         shared_mem=p.smem)
     return p
 
 
 def prologue_args(lbl, w, n, c, ignore_index, denominator, ws) -> tuple:
-    """sce_prologue's argument tuple (labels or null, weights or null, n, C, ignore_index,
+    """sce_prologue's argument tuple (labels or None, weights or None, n, C, ignore_index,
     whether to compute the denominator, ws)."""
-    null = np.uint64(0)
-    return (lbl if lbl is not None else null, w if w is not None else null, np.int64(n), np.int32(c),
+    return (lbl, w, np.int64(n), np.int32(c),
             np.int64(ignore_index), np.int32(bool(denominator)), ws)
 
 
-def kernel_args(p: Plan, x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, inv, inv_from_ws, loss_out,
-                lse_out, correct_out, grad_out, ws, total_out, stats_out, bad_out) -> tuple:
-    """The fused kernel's argument tuple, in the order and widths of GPUCE_SCE_PARAMS (+ P, S
-    for the ring kernels): arrays as themselves, absent ones as a null pointer, integers and
-    floats as NumPy scalars of the parameter's width (tests check it against the source)."""
-    null = np.uint64(0)
+def kernel_scalars(p: Plan, x2, y2, grad_out, *, acc, eps, z, softcap, ignore_index, inv, inv_from_ws) -> tuple:
+    """The fused kernel's scalar arguments, in :func:`kernel_args`' order, as NumPy scalars of
+    each parameter's width: ldx, ldy, n, C, eps / C, 1 - eps, z, softcap, ignore_index, inv,
+    inv_from_ws, ldg (+ P, S for the ring kernels)."""
     at = np.dtype(acc).type
     isz = x2.itemsize
     n, c = x2.shape
-
-    def ptr(a):
-        return a if a is not None else null
-
-    args = [x2, np.int64(x2.strides[0] // isz), ptr(lbl), ptr(y2),
-            np.int64(y2.strides[0] // isz if y2 is not None else 0), ptr(w), np.int64(n), np.int32(c),
-            at(eps / c), at(1.0 - eps), at(z), at(softcap or 0.0), np.int64(ignore_index), np.float64(inv),
-            np.int32(inv_from_ws), ptr(loss_out), ptr(lse_out), ptr(correct_out), ptr(grad_out),
-            np.int64(grad_out.strides[0] // isz if grad_out is not None else 0), ws, ptr(total_out),
-            ptr(stats_out), ptr(bad_out)]
+    out = (np.int64(x2.strides[0] // isz), np.int64(y2.strides[0] // isz if y2 is not None else 0), np.int64(n),
+           np.int32(c), at(eps / c), at(1.0 - eps), at(z), at(softcap or 0.0), np.int64(ignore_index),
+           np.float64(inv), np.int32(inv_from_ws),
+           np.int64(grad_out.strides[0] // isz if grad_out is not None else 0))
     if p.variant.kind in ("warp", "block", "cluster"):
-        args += [np.int32(p.packs), np.int32(p.stages)]
-    return tuple(args)
+        out += (np.int32(p.packs), np.int32(p.stages))
+    return out
+
+
+def kernel_args(p: Plan, x2, lbl, y2, w, *, loss_out, lse_out, correct_out, grad_out, ws, total_out, stats_out,
+                bad_out, scalars=None, **options) -> tuple:
+    """The fused kernel's argument tuple, in the order and widths of GPUCE_SCE_PARAMS (+ P, S
+    for the ring kernels): arrays as themselves, absent ones as None (CuPy passes a null
+    pointer), integers and floats as NumPy scalars of the parameter's width (tests check it
+    against the source).
+    ``scalars`` is :func:`kernel_scalars`' tuple, or None to work it out from ``options``
+    (acc, eps, z, softcap, ignore_index, inv, inv_from_ws)."""
+    if scalars is None:
+        scalars = kernel_scalars(p, x2, y2, grad_out, **options)
+    ldx, ldy, n, c, eps_c, one_eps, z, cap, ii, inv, inv_ws, ldg, *ring = scalars
+    return (x2, ldx, lbl, y2, ldy, w, n, c, eps_c, one_eps, z, cap, ii, inv, inv_ws, loss_out, lse_out,
+            correct_out, grad_out, ldg, ws, total_out, stats_out, bad_out, *ring)
 
 
 def explain(x2, target_kind="label", index="int64", y2=None, grad_out=None, softcap=False) -> str:

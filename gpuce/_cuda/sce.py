@@ -115,7 +115,7 @@ def _z_rows(cp, lse, lbl, args):
 def _fused_rows(cp, x2, target, weight, args, grad_out, variant):
     n, c = x2.shape
     acc = args.acc
-    fused.workspace(cp, fused.current_device())  # first: it refuses to be made inside a capture
+    fused.workspace(cp)  # first: it refuses to be made inside a capture
     w = _weight(cp, weight, acc)
     lbl = y2 = None
     if args.kind == "label":

@@ -1,0 +1,180 @@
+"""The CuPy host path of softmax_cross_entropy without a GPU: what it launches and with which
+arguments.
+
+CuPy arrays are made over fake device addresses (CuPy's UnownedMemory: shapes, strides and
+pointers, no device memory), and the device-side calls the host path makes are replaced by
+stand-ins: allocation (cupy.empty / zeros / full), the device and stream queries, the occupancy
+query, and the kernels, which record their launches instead of running.  Any other CuPy
+operation would need the device and fail here, so these tests also prove that the default
+fused call launches nothing but the prologue and the fused kernel (issue 10: at most two
+launches, nothing else on the stream), and that a call whose launch recipe is remembered
+(gpuce._cuda.fused.recipe) passes its own arrays, never a previous call's.
+"""
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+
+import gpuce  # noqa: E402
+from gpuce._cuda import fused as F  # noqa: E402
+from tests.test_fused_planner import _source_params  # noqa: E402
+
+H100 = F.Device(arch=90, sms=132, smem_optin=227 * 1024)
+
+
+class _Host:
+    """The stand-ins: fake device memory and a record of launches and allocations."""
+
+    def __init__(self):
+        self.next = 0x7F00_0000_0000
+        self.launches = []  # (expr, grid, block, args, shared_mem)
+        self.allocations = []
+
+    def array(self, shape, dtype, record=False):
+        from cupy.cuda import memory
+
+        dtype = np.dtype(dtype)
+        shape = (shape,) if np.isscalar(shape) else tuple(shape)
+        nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        mem = memory.UnownedMemory(self.next, nbytes, None, device_id=0)
+        self.next += (nbytes + 511) // 512 * 512 + 512
+        a = cupy.ndarray(shape, dtype, memptr=memory.MemoryPointer(mem, 0))
+        if record:
+            self.allocations.append(a)
+        return a
+
+    def kernel(self, expr):
+        host = self
+
+        class Kernel:
+            max_dynamic_shared_size_bytes = 227 * 1024
+
+            def __call__(self, grid, block, args, shared_mem=0):
+                host.launches.append((expr, grid, block, args, shared_mem))
+
+        return Kernel()
+
+
+class _Stream:
+    ptr = 0
+
+    def is_capturing(self):
+        return False
+
+
+@pytest.fixture
+def host(monkeypatch):
+    h = _Host()
+    monkeypatch.setattr(cupy, "empty", lambda shape, dtype=float, order="C": h.array(shape, dtype, True))
+    monkeypatch.setattr(cupy, "zeros", lambda shape, dtype=float, order="C": h.array(shape, dtype, True))
+    monkeypatch.setattr(cupy, "full", lambda shape, v, dtype=None, order="C": h.array(shape, dtype, True))
+    real_asarray = cupy.asarray
+
+    def asarray(a, dtype=None, *args, **kw):  # CuPy's own asks the device which one holds `a`
+        if isinstance(a, cupy.ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        return real_asarray(a, dtype, *args, **kw)
+
+    monkeypatch.setattr(cupy, "asarray", asarray)
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
+    stream = _Stream()
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: stream)
+    monkeypatch.setattr(F, "_device", lambda dev_id: H100)
+    monkeypatch.setattr(F, "function", h.kernel)
+    monkeypatch.setattr(F, "_occupancy_on", lambda dev_id, expr, threads, smem: 2)
+    monkeypatch.setattr(F, "by_value", lambda v: v)  # keep the scalars readable
+    monkeypatch.setattr(F, "_RECIPES", {})
+    monkeypatch.setattr(F, "_WORKSPACES", {})
+    return h
+
+
+def _named(args, kind):
+    params = _source_params(kind)
+    assert len(args) == len(params)
+    return dict(zip([name for name, _ in params], args))
+
+
+def _same(a, b):
+    """The same device buffer and shape (the result may be another view of the output)."""
+    return a.data.ptr == b.data.ptr and a.size == b.size
+
+
+def _inputs(host, n, c, dtype=np.float32, index=np.int64):
+    return host.array((n, c), dtype), host.array((n,), index)
+
+
+def test_default_call_is_two_launches_with_its_own_arrays(host):
+    x, y = _inputs(host, 4096, 1000)
+    loss, grad = gpuce.softmax_cross_entropy(x, y, return_grad=True, check_labels=False)
+    ws = F._WORKSPACES[(0, 0)][0]
+    # the gradient, the workspace (the first call on this stream only) and the 0-d loss:
+    # nothing else
+    assert [a.shape for a in host.allocations] == [(4096, 1000), ws.shape, ()]
+    assert len(host.launches) == 2
+    (pro_expr, pro_grid, pro_block, pro_args, _), (expr, grid, block, args, smem) = host.launches
+    assert pro_expr == F.prologue_expr("int64", "float32")
+    pro = _named(pro_args, "sce_prologue")
+    assert pro["labels"] is y and pro["w"] is None and pro["ws"] is ws
+    assert (pro["n"], pro["c"], pro["ignore_index"], pro["denominator"]) == (4096, 1000, -100, 1)
+    plan = F.plan("float32", "label", "int64", 1000, 4, H100)
+    assert expr == plan.variant.expr() and block == (plan.threads,) and smem == plan.smem
+    assert grid == (F.grid_blocks(plan, 4096, H100, 2),)
+    a = _named(args, plan.variant.kind)
+    assert a["x"] is x and a["labels"] is y and a["ws"] is ws
+    assert _same(a["grad"], grad) and _same(a["total_out"], loss)
+    assert a["loss_out"] is None and a["lse_out"] is None and a["bad_out"] is None
+    assert (a["n"], a["c"], a["ldx"], a["ldg"], a["inv_from_ws"]) == (4096, 1000, 1000, 1000, 1)
+    assert (a["P"], a["S"]) == (plan.packs, plan.stages)
+
+
+def test_a_remembered_recipe_takes_the_new_call_arrays(host):
+    x1, y1 = _inputs(host, 512, 4096)
+    x2, y2 = _inputs(host, 512, 4096)
+    out1 = gpuce.softmax_cross_entropy(x1, y1, return_grad=True, reduction="sum", check_labels=False)
+    assert len(F._RECIPES) == 1
+    out2 = gpuce.softmax_cross_entropy(x2, y2, return_grad=True, reduction="sum", check_labels=False)
+    assert len(F._RECIPES) == 1  # the same signature: the recipe is reused
+    assert len(host.launches) == 2  # "sum" needs no prologue: one launch a call
+    for (loss, grad), (x, y), (_, _, _, args, _) in zip((out1, out2), ((x1, y1), (x2, y2)), host.launches):
+        a = _named(args, "block")
+        assert a["x"] is x and a["labels"] is y and _same(a["grad"], grad) and _same(a["total_out"], loss)
+    assert host.launches[0][3][0] is not host.launches[1][3][0]
+
+
+def test_a_new_signature_gets_its_own_recipe(host):
+    """Another row length, label dtype, reduction, or base address modulo 16 bytes is another
+    signature; its plan and scalars are its own."""
+    x, y = _inputs(host, 256, 1000)
+    gpuce.softmax_cross_entropy(x, y, reduction="sum", check_labels=False)
+    x10, y10 = _inputs(host, 4096, 10, index=np.int32)
+    gpuce.softmax_cross_entropy(x10, y10, reduction="none", check_labels=False)
+    xs = x[:, 1:]  # rows 4 bytes off their granules, the new gradient's not: one value a pack
+    gpuce.softmax_cross_entropy(xs, y, reduction="sum", return_grad=True, check_labels=False)
+    assert len(F._RECIPES) == 3
+    kinds = [e for e, *_ in host.launches]
+    assert kinds[0] == F.plan("float32", "label", "int64", 1000, 4, H100).variant.expr()
+    assert kinds[1] == F.plan("float32", "label", "int32", 10, 4, H100, tile_vec=4).variant.expr()
+    assert kinds[2] == F.plan("float32", "label", "int64", 999, 1, H100).variant.expr()
+    none = _named(host.launches[1][3], "tile")
+    assert none["loss_out"] is not None and none["total_out"] is None and none["c"] == 10
+    assert _named(host.launches[2][3], "block")["c"] == 999
+
+
+def test_options_are_part_of_the_signature(host):
+    x, y = _inputs(host, 256, 1000)
+    for eps in (0.0, 0.1):
+        gpuce.softmax_cross_entropy(x, y, reduction="sum", label_smoothing=eps, check_labels=False)
+    assert len(F._RECIPES) == 2
+    a0, a1 = (_named(args, "block") for _, _, _, args, _ in host.launches)
+    assert a0["eps_over_c"] == 0.0 and a1["eps_over_c"] == np.float32(0.1 / 1000)
+    assert a1["one_minus_eps"] == np.float32(0.9)
+
+
+def test_by_value_arguments_pass_through_cupy_as_they_are():
+    """The recipe's scalars are CuPy's by-value argument holders (CPointer), which its launch
+    passes on without converting them again; the width stays the NumPy scalar's."""
+    from cupy.cuda.function import CPointer
+
+    for v in (np.int32(3), np.int64(-100), np.float32(0.5), np.float64(0.25)):
+        assert isinstance(F.by_value(v), CPointer)
