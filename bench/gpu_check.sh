@@ -89,6 +89,7 @@ fi
 echo "=== summary ($PARTS) ==="
 has tests && tail -1 "$OUT/gpu_tests.log"
 has probe && grep -E "^\|" "$OUT/probe.log" | tail -40
+has probe && sed -n 1,22p "$OUT/host_profile.txt" 2>/dev/null | cut -c1-150  # where a call's host time goes
 has demo && grep -E "check:|accuracy|backend" "$OUT/demo.log"
 has bench && grep -E "^\|" "$OUT/bench.log" | tail -12
 has linear && grep -E "ratio" /tmp/bench_linear.log

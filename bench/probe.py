@@ -13,7 +13,8 @@ labels; bf16 C = 32768), on one set of arrays:
     copy        cupy.copyto of the logits
     floor       byte floor: logits read + gradient written + labels read, at the copy's rate
 
-Writes probe.csv (tidy rows) under --out and prints a table last.  There is no label gate
+Writes probe.csv (tidy rows) under --out and prints a table last; host_profile.txt holds a
+cProfile of 2000 calls (where the host time of a call goes).  There is no label gate
 to remove in these kernels (rows are read whatever their label), so the issue's "kernel
 without the label gate" experiment has no counterpart here.
 """
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
             f"{k} {v[0]:.3f}" for k, v in rec.items()), flush=True)
         del x, y, dst
         cp.get_default_memory_pool().free_all_blocks()
+    host_profile(cp, gpuce, a.out / "host_profile.txt")
     path = a.out / "probe.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -107,6 +109,31 @@ def main(argv=None) -> int:
         print(f"| {r['dtype']} {r['N']}x{r['C']} {r['labels']} | {r['what']} | {r['p50_ms']} | {r['cpu_ms']} | "
               f"{r['frac_of_floor']} |")
     return 0
+
+
+def host_profile(cp, gpuce, path, calls=2000):
+    """Where a call's host time goes: cProfile of ``calls`` calls (float32 4096 x 4096,
+    check_labels=False, so nothing waits for the device), the 30 costliest functions by
+    their own time, written to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    x = cp.random.standard_normal((4096, 4096), dtype=cp.float32)
+    y = cp.random.randint(0, 4096, 4096)
+    for _ in range(20):
+        gpuce.softmax_cross_entropy(x, y, return_grad=True, check_labels=False)
+    cp.cuda.Device().synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        gpuce.softmax_cross_entropy(x, y, return_grad=True, check_labels=False)
+        if _ % 100 == 99:  # keep the launch queue short: a full queue makes launches wait
+            cp.cuda.Device().synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+    path.write_text(out.getvalue())
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
 """The CuPy host path of softmax_cross_entropy without a GPU: what it launches and with which
 arguments.
 
-CuPy arrays are made over fake device addresses (CuPy's UnownedMemory: shapes, strides and
-pointers, no device memory), and the device-side calls the host path makes are replaced by
-stand-ins: allocation (cupy.empty / zeros / full), the device and stream queries, the occupancy
-query, and the kernels, which record their launches instead of running.  Any other CuPy
-operation would need the device and fail here, so these tests also prove that the default
-fused call launches nothing but the prologue and the fused kernel (issue 10: at most two
-launches, nothing else on the stream), and that a call whose launch recipe is remembered
+The device-side calls are stubbed by bench/host_stub.py (fake device memory; allocation,
+device, stream and occupancy queries, and kernels that record their launches).  Any other
+CuPy operation would need the device and fail here, so these tests also prove that the
+default fused call launches nothing but the prologue and the fused kernel (issue 10: at most
+two launches, nothing else on the stream), and that a call whose launch recipe is remembered
 (gpuce._cuda.fused.recipe) passes its own arrays, never a previous call's.
 """
 
@@ -18,74 +16,17 @@ cupy = pytest.importorskip("cupy")
 
 import gpuce  # noqa: E402
 from gpuce._cuda import fused as F  # noqa: E402
+from bench.host_stub import H100_LIKE, StubHost, install  # noqa: E402
 from tests.test_fused_planner import _source_params  # noqa: E402
 
-H100 = F.Device(arch=90, sms=132, smem_optin=227 * 1024)
-
-
-class _Host:
-    """The stand-ins: fake device memory and a record of launches and allocations."""
-
-    def __init__(self):
-        self.next = 0x7F00_0000_0000
-        self.launches = []  # (expr, grid, block, args, shared_mem)
-        self.allocations = []
-
-    def array(self, shape, dtype, record=False):
-        from cupy.cuda import memory
-
-        dtype = np.dtype(dtype)
-        shape = (shape,) if np.isscalar(shape) else tuple(shape)
-        nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
-        mem = memory.UnownedMemory(self.next, nbytes, None, device_id=0)
-        self.next += (nbytes + 511) // 512 * 512 + 512
-        a = cupy.ndarray(shape, dtype, memptr=memory.MemoryPointer(mem, 0))
-        if record:
-            self.allocations.append(a)
-        return a
-
-    def kernel(self, expr):
-        host = self
-
-        class Kernel:
-            max_dynamic_shared_size_bytes = 227 * 1024
-
-            def __call__(self, grid, block, args, shared_mem=0):
-                host.launches.append((expr, grid, block, args, shared_mem))
-
-        return Kernel()
-
-
-class _Stream:
-    ptr = 0
-
-    def is_capturing(self):
-        return False
+H100 = F.Device(**H100_LIKE)
 
 
 @pytest.fixture
 def host(monkeypatch):
-    h = _Host()
-    monkeypatch.setattr(cupy, "empty", lambda shape, dtype=float, order="C": h.array(shape, dtype, True))
-    monkeypatch.setattr(cupy, "zeros", lambda shape, dtype=float, order="C": h.array(shape, dtype, True))
-    monkeypatch.setattr(cupy, "full", lambda shape, v, dtype=None, order="C": h.array(shape, dtype, True))
-    real_asarray = cupy.asarray
-
-    def asarray(a, dtype=None, *args, **kw):  # CuPy's own asks the device which one holds `a`
-        if isinstance(a, cupy.ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
-            return a
-        return real_asarray(a, dtype, *args, **kw)
-
-    monkeypatch.setattr(cupy, "asarray", asarray)
-    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
-    stream = _Stream()
-    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: stream)
-    monkeypatch.setattr(F, "_device", lambda dev_id: H100)
-    monkeypatch.setattr(F, "function", h.kernel)
-    monkeypatch.setattr(F, "_occupancy_on", lambda dev_id, expr, threads, smem: 2)
+    h = StubHost()
+    install(h, monkeypatch.setattr)
     monkeypatch.setattr(F, "by_value", lambda v: v)  # keep the scalars readable
-    monkeypatch.setattr(F, "_RECIPES", {})
-    monkeypatch.setattr(F, "_WORKSPACES", {})
     return h
 
 
