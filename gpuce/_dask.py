@@ -29,7 +29,7 @@ import uuid
 
 import numpy as np
 
-from ._backend import array_module, is_cupy_array, is_dask_array
+from ._backend import all_finite, array_module, is_cupy_array, is_dask_array
 from ._impl import auto_impl, resolve_impl, use_impl
 from ._rows import mean_denominator, sum_squares
 from ._validation import (LinearGrads, SceStats, acc_dtype, check_axis, check_float,
@@ -481,7 +481,7 @@ def _class_of(idx, classes):
 
 def _finite_block(block):
     """A dask map_blocks check: the block itself, or ValueError if it holds NaN or inf."""
-    if not bool(array_module(block).isfinite(block).all()):
+    if not all_finite(array_module(block), block):
         raise ValueError("X contains NaN or infinity")
     return block
 

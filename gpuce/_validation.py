@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._backend import shares_memory
+from ._backend import all_finite, shares_memory
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -382,6 +382,6 @@ def check_linear_args(xp, X, W, y, bias, reg, check_finite=True):
         raise ValueError(f"reg must be a finite number >= 0, got {reg}")
     if check_finite:
         for a, name in ((X, "X"), (W, "W"), (bias, "bias")):
-            if a is not None and a.size and not bool(xp.isfinite(a).all()):
+            if a is not None and not all_finite(xp, a):
                 raise ValueError(f"{name} contains NaN or infinity")
     return reg

@@ -23,6 +23,9 @@ float64 logits):
     ElementwiseKernel, second read of the logits, one write: the gradient.
 ``gpuce_sumsq``
     ReductionKernel: ``sum x**2`` in the accumulation type (the L2 regulariser).
+``gpuce_finite_rows``
+    ReductionKernel: 1 for a row whose values are all finite, else 0 (the linear model's
+    check_finite, with no temporary of the array's size).
 ``gpuce_label_check``
     ElementwiseKernel: position of the first out-of-range label (atomicMin on
     an int64, order-independent), read back with one sync.
@@ -199,6 +202,19 @@ SPECS = {
             post_map_expr="y = a",
             identity="0",
             reduce_type="{A}",
+            helpers=(),
+            specializations=_float_specs(),
+        ),
+        KernelSpec(
+            name="gpuce_finite_rows",
+            kind="reduction",
+            in_params="T x",
+            out_params="int32 y",
+            map_expr="isfinite(({A})x) ? 1 : 0",
+            reduce_expr="min(a, b)",
+            post_map_expr="y = a",
+            identity="1",
+            reduce_type="int",
             helpers=(),
             specializations=_float_specs(),
         ),
