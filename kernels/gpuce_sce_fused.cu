@@ -25,9 +25,9 @@
 // the general online update (add_pack).
 //
 // Kernels:
-//   sce_tile       C <= 32, dense rows: a block stages 128 rows (one thread a row) through
-//                  shared memory; the next tile's 16-byte loads are issued into registers
-//                  before the current tile is computed.
+//   sce_tile       C <= 32, dense rows: a block takes 128 rows at a time (one thread a row),
+//                  copied whole with cp.async into a 3-stage ring of shared memory, two tiles
+//                  ahead; the gradient is written over the tile and stored with 16-byte stores.
 //   sce_team<G>    G lanes a row (G = 4..32), or the whole block (G = 0), or a thread-block
 //                  cluster of CL blocks (sm_90): every thread copies its own 16-byte packs of
 //                  the rows S - 1 rows ahead into its own shared-memory slots with cp.async
@@ -1157,121 +1157,148 @@ __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS,
 #endif
 
 // ------------------------------------------------------------------------- sce_tile
-// C <= 32, dense rows (ldx == ldg == c): 128 rows a block, one thread a row.  The tile's
-// elements are loaded with coalesced VEC-wide loads into registers one tile ahead, then
-// written to shared memory as A (element i at i + i / 32: a thread's row spreads over the
-// banks); each thread computes its row in place and the gradient leaves with coalesced
-// stores.  The base pointers must be 16-byte aligned when VEC > 1.
+// C <= 32, dense rows (ldx == ldy == ldg == c): a block takes 128 rows at a time (a tile,
+// one thread a row).  Tiles are copied whole, exactly as they lie in global memory, into an
+// S-stage ring in dynamic shared memory with cp.async, S - 1 tiles ahead (16-byte packs when
+// VEC > 1; the labels too, one a thread), so no register holds a prefetched tile and a block
+// keeps up to S - 1 tiles in flight.  Each thread reads its row from the ring, writes its
+// gradient over it in place (rounded to T once), and the block stores the tile back with
+// 16-byte stores.  Rows whose length is a multiple of 4 are read from column t % c onwards
+// (wrapping), so that the 32 rows of a warp do not fall into a few shared-memory banks.
+// Stage layout: the tile's values (a 16-byte multiple), then the targets' (MODE 1) or the
+// labels (MODE 0).  The host sizes the ring with gpuce/_cuda/fused.py tile_plan.
+#define GPUCE_TILE_STAGES 3
+
+// This thread's share of copying `elems` contiguous values src -> dst (shared memory):
+// packs threadIdx.x, + blockDim.x, ..., then the values past the last whole pack one by one.
+template <typename T, int VEC>
+__device__ __forceinline__ void tile_copy(T* dst, const T* src, int elems) {
+    const int packs = elems / VEC;
+    for (int q = threadIdx.x; q < packs; q += blockDim.x)
+        copy_pack_async<T, VEC>(reinterpret_cast<Pack<T, VEC>*>(dst) + q, src + (long long)q * VEC);
+    for (int i = packs * VEC + threadIdx.x; i < elems; i += blockDim.x)
+        copy_pack_async<T, 1>(reinterpret_cast<Pack<T, 1>*>(dst + i), src + i);
+}
+
+// The block's store of `elems` contiguous values src (shared memory) -> dst: 16-byte words.
+template <typename T, int VEC>
+__device__ __forceinline__ void tile_store(T* dst, const T* src, int elems) {
+    const int packs = elems / VEC;
+    for (int q = threadIdx.x; q < packs; q += blockDim.x) {
+#ifdef GPUCE_WORDS
+        if constexpr (sizeof(Pack<T, VEC>) == 16) {
+            unsigned w[4];
+            lds128(src + q * VEC, w);
+            stg128(dst + (long long)q * VEC, w);
+            continue;
+        }
+#endif
+        store_pack<T, VEC>(dst + (long long)q * VEC, *reinterpret_cast<const Pack<T, VEC>*>(src + q * VEC));
+    }
+    for (int i = packs * VEC + threadIdx.x; i < elems; i += blockDim.x) dst[i] = src[i];
+}
+
+// Copy the tile of rows row0.. (nothing past the last row) into the ring stage at st: the
+// values, then the targets (MODE 1) or the labels, one commit group a tile (empty past the
+// end, so that the wait counts stay the same).
+template <typename T, typename I, int MODE, int VEC>
+__device__ __forceinline__ void tile_issue(const T* x, const T* y, const I* labels, long long n, int c, long long row0,
+                                           unsigned char* st, int vb) {
+    if (row0 < n) {
+        const int rows = (int)min((long long)GPUCE_TILE_ROWS, n - row0);
+        tile_copy<T, VEC>(reinterpret_cast<T*>(st), x + row0 * c, rows * c);
+        if (MODE == 1) tile_copy<T, VEC>(reinterpret_cast<T*>(st + vb), y + row0 * c, rows * c);
+        else if ((int)threadIdx.x < rows)
+            copy_pack_async<I, 1>(reinterpret_cast<Pack<I, 1>*>(st + vb) + threadIdx.x, labels + row0 + threadIdx.x);
+    }
+    copy_commit();
+}
+
+// The bytes of one ring stage for rows of c values (tile_plan mirrors it).
+template <typename T, typename I, int MODE>
+__device__ __forceinline__ int tile_stage_bytes(int c, int& values_bytes) {
+    values_bytes = (GPUCE_TILE_ROWS * c * (int)sizeof(T) + 15) & ~15;
+    return values_bytes * (MODE == 1 ? 2 : 1) + (MODE == 0 ? GPUCE_TILE_ROWS * (int)sizeof(I) : 0);
+}
+
+// Every column of a tile row once, from j0 on (two loops: no wrap test a value).
+#define GPUCE_TILE_COLS(j, ...)                        \
+    for (int j = j0; j < c; ++j) __VA_ARGS__          \
+    for (int j = 0; j < j0; ++j) __VA_ARGS__
+
 template <typename T, typename I, typename A, int MODE, int VEC>
-__global__ void __launch_bounds__(GPUCE_TILE_ROWS, 1) sce_tile(GPUCE_SCE_PARAMS) {
+__global__ void __launch_bounds__(GPUCE_TILE_ROWS, sizeof(A) == 8 ? 5 : 8) sce_tile(GPUCE_SCE_PARAMS) {
     GPUCE_SCE_SETUP;
-    constexpr int R = GPUCE_TILE_ROWS;
-    constexpr int NP = (GPUCE_TILE_MAX_C + VEC - 1) / VEC;  // packs a thread at most (R * C / VEC / R)
+    constexpr int R = GPUCE_TILE_ROWS, S = GPUCE_TILE_STAGES;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    A* tile = reinterpret_cast<A*>(smem_raw);
-    A* ytile = tile + (R * GPUCE_TILE_MAX_C + R);
+    int vb;
+    const int sb = tile_stage_bytes<T, I, MODE>(c, vb);
     const int t = threadIdx.x;
-    Acc acc = GPUCE_ACC_INIT;
-    Pack<T, VEC> pre[NP], ypre[MODE == 1 ? NP : 1];
-    long long lab_pre = 0;
     const long long step = (long long)gridDim.x * R;
-
-    auto fetch = [&](long long row0) {
-        if (row0 >= n) return;
+    const long long first = (long long)blockIdx.x * R;
+    Acc acc = GPUCE_ACC_INIT;
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) tile_issue<T, I, MODE, VEC>(x, y, labels, n, c, first + s * step, smem_raw + s * sb, vb);
+    const bool coefs = MODE == 1 || g.eps_over_c != A(0);
+    const int j0 = (c & 3) == 0 ? t % c : 0;  // the column this thread starts its row at
+    int stage = 0;
+    for (long long row0 = first; row0 < n; row0 += step) {
+        copy_wait(S - 2);  // this thread's copies of the tile have landed
+        __syncthreads();   // everyone's have; and the stage written next was stored last round
+        tile_issue<T, I, MODE, VEC>(x, y, labels, n, c, row0 + (S - 1) * step,
+                                    smem_raw + (stage == 0 ? S - 1 : stage - 1) * sb, vb);
         const int rows = (int)min((long long)R, n - row0);
-        const int packs = rows * c / VEC;
-        const long long e0 = row0 * c;
-#pragma unroll
-        for (int j = 0; j < NP; ++j) {
-            const int q = j * R + t;
-            if (q < packs) {
-                pre[j] = load_pack<T, VEC>(x + e0 + (long long)q * VEC);
-                if (MODE == 1) ypre[j] = load_pack<T, VEC>(y + e0 + (long long)q * VEC);
-            }
-        }
-        lab_pre = load_label<MODE>(g, row0 + t, t < rows);
-    };
-
-    fetch((long long)blockIdx.x * R);
-    for (long long row0 = (long long)blockIdx.x * R; row0 < n; row0 += step) {
-        const int rows = (int)min((long long)R, n - row0);
-        const long long e0 = row0 * c;
-        const int elems = rows * c;
-        const int packs = elems / VEC;
-#pragma unroll
-        for (int j = 0; j < NP; ++j) {
-            const int q = j * R + t;
-            if (q < packs) {
-#pragma unroll
-                for (int u = 0; u < VEC; ++u) {
-                    const int i = q * VEC + u;
-                    tile[i + (i >> 5)] = load_acc<A>(pre[j].v[u]);
-                    if (MODE == 1) ytile[i + (i >> 5)] = load_acc<A>(ypre[j].v[u]);
-                }
-            }
-        }
-        for (int i = packs * VEC + t; i < elems; i += R) {  // scalar tail of the tile
-            tile[i + (i >> 5)] = load_acc<A>(x[e0 + i]);
-            if (MODE == 1) ytile[i + (i >> 5)] = load_acc<A>(y[e0 + i]);
-        }
-        const long long lab = lab_pre;
-        __syncthreads();
-        fetch(row0 + step);  // the next tile's loads are in flight while this one is computed
+        unsigned char* st = smem_raw + stage * sb;
         if (t < rows) {
-            const long long row = row0 + t;
+            T* xr = reinterpret_cast<T*>(st) + t * c;
+            const T* yr = MODE == 1 ? reinterpret_cast<const T*>(st + vb) + t * c : nullptr;
+            const long long lab = MODE == 0 ? (long long)reinterpret_cast<const I*>(st + vb)[t] : 0;
             const Label<A> lb = label_of<MODE>(g, lab, true);
-            const int base = t * c;
             Part<A> p = part_identity<A>();
-            const bool coefs = MODE == 1 || g.eps_over_c != A(0);
             if (g.cap > A(0)) {  // softcap: the online update
-                for (int j = 0; j < c; ++j) {
-                    const int i = base + j + ((base + j) >> 5);
-                    A fv[1] = {tile[i]}, yv[1] = {MODE == 1 ? ytile[i] : A(0)};
+                GPUCE_TILE_COLS(j, {
+                    A fv[1] = {load_acc<A>(xr[j])}, yv[1] = {MODE == 1 ? load_acc<A>(yr[j]) : A(0)};
                     add_pack<MODE, T, I, A, 1>(g, p, j, lb.k, fv, yv);
-                }
+                })
             } else {  // the lean path (see pack_sum): the row's maximum, then its sums
                 A m = neg_inf<A>();
-                for (int j = 0; j < c; ++j) m = max_nan(m, tile[base + j + ((base + j) >> 5)]);
+                GPUCE_TILE_COLS(j, { m = max_nan(m, load_acc<A>(xr[j])); })
                 part_at_max(p, m);
-                for (int j = 0; j < c; ++j) {
-                    const int i = base + j + ((base + j) >> 5);
-                    A fv[1] = {tile[i]}, yv[1] = {MODE == 1 ? ytile[i] : A(0)};
-                    if (coefs) pack_sum<MODE, true, T, I, A, 1, false>(g, p, j, -1, fv, yv);
-                    else pack_sum<MODE, false, T, I, A, 1, false>(g, p, j, -1, fv, yv);
+                if (coefs) {
+                    GPUCE_TILE_COLS(j, {
+                        A fv[1] = {load_acc<A>(xr[j])}, yv[1] = {MODE == 1 ? load_acc<A>(yr[j]) : A(0)};
+                        pack_sum<MODE, true, T, I, A, 1, false>(g, p, j, -1, fv, yv);
+                    })
+                } else {
+                    const A msl = p.ms * A(1.4426950408889634);
+                    A s = A(0);
+                    GPUCE_TILE_COLS(j, { s += ex_at<T>(load_acc<A>(xr[j]), p.ms, msl); })
+                    p.s = s;
                 }
-                if (lb.k >= 0) p.xk = tile[base + lb.k + ((base + lb.k) >> 5)];
+                if (lb.k >= 0) p.xk = load_acc<A>(xr[lb.k]);
             }
             const RowOut<A> o = finish_row<MODE>(g, p, lb);
-            emit_row<MODE>(g, row, o, lb.bad, acc);
-            if (grad) {
+            emit_row<MODE>(g, row0 + t, o, lb.bad, acc);
+            if (grad) {  // the gradient over the row's values, rounded to T once
                 if (o.active && !o.bad && !coefs && g.cap == A(0)) {  // the lean gradient (store_grad_lean)
                     const A msl = o.ms * A(1.4426950408889634);
-                    for (int j = 0; j < c; ++j) {
-                        const int i = base + j + ((base + j) >> 5);
-                        tile[i] = ex_at<T>(tile[i], o.ms, msl) * o.r;
-                    }
-                    if (o.k >= 0) tile[base + o.k + ((base + o.k) >> 5)] -= o.wls;
+                    GPUCE_TILE_COLS(j, { xr[j] = store_t<T>(ex_at<T>(load_acc<A>(xr[j]), o.ms, msl) * o.r); })
+                    if (o.k >= 0) xr[o.k] = store_t<T>(ex_at<T>(p.xk, o.ms, msl) * o.r - o.wls);
                 } else {
-                    for (int j = 0; j < c; ++j) {  // the gradient in place of the logit (rounded to T once)
-                        const int i = base + j + ((base + j) >> 5);
-                        tile[i] = grad_elem<MODE>(g, o, j, tile[i], MODE == 1 ? ytile[i] : A(0), j == o.k);
-                    }
+                    GPUCE_TILE_COLS(j, {
+                        xr[j] = store_t<T>(grad_elem<MODE>(g, o, j, load_acc<A>(xr[j]),
+                                                           MODE == 1 ? load_acc<A>(yr[j]) : A(0), j == o.k));
+                    })
                 }
             }
         }
-        __syncthreads();
         if (grad) {
-            T* gout = grad + e0;
-            for (int q = t; q < packs; q += R) {
-                Pack<T, VEC> p;
-#pragma unroll
-                for (int u = 0; u < VEC; ++u) { const int i = q * VEC + u; p.v[u] = store_t<T>(tile[i + (i >> 5)]); }
-                store_pack<T, VEC>(gout + (long long)q * VEC, p);
-            }
-            for (int i = packs * VEC + t; i < elems; i += R) gout[i] = store_t<T>(tile[i + (i >> 5)]);
+            __syncthreads();  // the tile's gradient is complete
+            tile_store<T, VEC>(grad + row0 * c, reinterpret_cast<const T*>(st), rows * c);
         }
-        __syncthreads();  // the tile is reused
+        stage = stage + 1 == S ? 0 : stage + 1;
     }
+    copy_wait(0);  // the empty groups past the end
     finish_launch<A>(acc, ws, 0, n, inv, total_out, stats_out, bad_out);
 }
 

@@ -43,18 +43,20 @@ def team(v, c, threads):
     return p
 
 
-def tile(v):
-    return F.tile_plan(v)
+def tile(v, c):
+    return F.tile_plan(v, c)
 
 
 # (plan, C, grid): every kind, pack widths 1 and 16 bytes, sub-warp teams, rings of 2 and 3
 # stages, clusters of 2 to 8, every dtype and target kind
 CASES = [
-    (tile(V("tile", "float32", "int64", 4)), 10, 2),  # 128-row tiles with a scalar tail
-    (tile(V("tile", "float32", "int32", 1)), 7, 1),
-    (tile(V("tile", "float16", "prob", 8)), 32, 1),
-    (tile(V("tile", "bfloat16", "int64", 8)), 16, 2),
-    (tile(V("tile", "float64", "int64", 2)), 5, 1),
+    (tile(V("tile", "float32", "int64", 4), 10), 10, 2),  # 128-row tiles with a scalar tail
+    (tile(V("tile", "float32", "int32", 1), 7), 7, 1),
+    (tile(V("tile", "float16", "prob", 8), 32), 32, 1),  # C % 4 == 0: rows read from column t % C on
+    (tile(V("tile", "bfloat16", "int64", 8), 16), 16, 2),
+    (tile(V("tile", "float64", "int64", 2), 5), 5, 1),
+    (tile(V("tile", "float32", "int64", 4), 32), 32, 2),
+    (tile(V("tile", "bfloat16", "int32", 1), 12), 12, 1),  # 2-byte values one at a time: copied through registers
     (team(V("warp", "float32", "int64", 4, group=4), 12, 64), 12, 2),  # 16 rows a block
     (team(V("warp", "float32", "int32", 4, group=32), 500, 64), 500, 2),
     (team(V("warp", "float32", "prob", 4, group=8), 100, 64), 100, 1),
@@ -123,6 +125,16 @@ extern "C" void prologue_{index}_{acc}(unsigned grid, unsigned block, const void
     return "".join(out)
 
 
+def _tile_ring_wrapper(i, p):
+    v = p.variant
+    mode = 1 if v.target == "prob" else 0
+    return f'''
+extern "C" int tile_ring_{i}(int c) {{
+    int vb;
+    return GPUCE_TILE_STAGES * gpuce::tile_stage_bytes<{F.CT[v.dtype]}, {F.CT[v.index]}, {mode}>(c, vb);
+}}'''
+
+
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     cxx = shutil.which("g++")
@@ -139,6 +151,7 @@ def lib(tmp_path_factory):
             "#define __forceinline__ inline\n#define __align__(n) alignas(n)\n#define __cluster_dims__(...)\n"
             "#define __launch_bounds__(...)\n#define __restrict__\n")
     body = head + src + "".join(_wrapper(i, p) for i, (p, _, _) in enumerate(CASES)) + _prologue_wrapper()
+    body += "".join(_tile_ring_wrapper(i, p) for i, (p, _, _) in enumerate(CASES) if p.variant.kind == "tile")
     d = tmp_path_factory.mktemp("simt")
     (d / "fused_host.cpp").write_text(body)
     so = d / "fused_host.so"
@@ -321,15 +334,16 @@ def test_bad_class_weight_gives_nan_results_and_its_index(lib, case, bad_value):
     assert np.isnan(grad[active].astype(np.float64)).all()
 
 
-@pytest.mark.parametrize("case", [i for i, (p, _, _) in enumerate(CASES) if p.variant.kind != "tile"],
-                         ids=[_case_id(c) for c in CASES if c[0].variant.kind != "tile"])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[_case_id(c) for c in CASES])
 def test_one_team_walks_many_rows(lib, case):
-    """One block (one cluster) for 150 rows: every team walks its ring many times, reusing its
-    slots, its parity buffers and its cluster tags row after row."""
+    """One block (one cluster) for 150 rows (a tile kernel: 600 rows, four whole tiles and a
+    partial one): every team walks its ring many times, reusing its slots, its parity buffers
+    and its cluster tags row after row."""
     p, c, _ = CASES[case]
     v = p.variant
+    n = 600 if v.kind == "tile" else 150
     x, t, w, loss, lse, correct, grad, total, stats, bad, inv, active = _run(
-        lib, case, weighted=True, eps=0.1, z=1e-3, cap=None, reduction="sum", n=150, grid=max(1, v.cluster))
+        lib, case, weighted=True, eps=0.1, z=1e-3, cap=None, reduction="sum", n=n, grid=max(1, v.cluster))
     ref_loss, ref_grad, *_ = _reference(x, t, v, w.astype(np.float64), 0.1, 1e-3, None)
     rtol = RTOL[v.dtype]
     np.testing.assert_allclose(loss, np.where(active, ref_loss, 0.0), rtol=rtol, atol=rtol)
@@ -346,3 +360,33 @@ def test_every_case_is_compiled_and_planned():
             nt = p.variant.group or p.threads * max(1, p.variant.cluster)
             v = p.variant.vec
             assert p.packs * nt * v >= (c + v - 1 if c % v else c)
+
+
+@pytest.mark.parametrize("case", [i for i, (p, _, _) in enumerate(CASES) if p.variant.kind == "tile"],
+                         ids=[_case_id(c) for c in CASES if c[0].variant.kind == "tile"])
+def test_tile_ring_lean_path_over_many_tiles(lib, case):
+    """The tile kernel's lean path (no weights, smoothing or softcap) with "mean" over 1000 rows
+    on two blocks: tiles land in every stage of the ring several times, the last one partial."""
+    p, c, _ = CASES[case]
+    v = p.variant
+    x, t, w, loss, lse, correct, grad, total, stats, bad, inv, active = _run(
+        lib, case, weighted=False, eps=0.0, z=0.0, cap=None, reduction="mean", n=1000, grid=2)
+    ref_loss, ref_grad, ref_lse, *_ = _reference(x, t, v, None, 0.0, 0.0, None)
+    rtol = RTOL[v.dtype]
+    np.testing.assert_allclose(grad.astype(np.float64), ref_grad * inv, rtol=rtol, atol=rtol * max(inv, 1e-3))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=rtol)
+    want = np.nansum(np.where(active, ref_loss, 0.0)) * inv if not np.isnan(ref_loss[active]).any() else np.nan
+    np.testing.assert_allclose(total[0], want, rtol=max(rtol, 1e-6), equal_nan=True)
+
+
+@pytest.mark.parametrize("case", [i for i, (p, _, _) in enumerate(CASES) if p.variant.kind == "tile"],
+                         ids=[_case_id(c) for c in CASES if c[0].variant.kind == "tile"])
+def test_tile_ring_size_is_the_kernels(lib, case):
+    """The host's ring size (tile_plan, the launch's shared memory) is the kernel's own layout
+    (tile_stage_bytes), for every row length the tile takes."""
+    v = CASES[case][0].variant
+    fn = getattr(lib, f"tile_ring_{case}")
+    fn.restype = ctypes.c_int
+    for c in range(1, F.TILE_MAX_C + 1):
+        assert fn(ctypes.c_int(c)) == F.tile_plan(v, c).smem, c

@@ -230,6 +230,8 @@ def test_host_constants_match_the_kernel_source():
     macro = {k: int(v) for k, v in re.findall(r"#define (GPUCE_\w+) (\d+)", src)}
     assert macro["GPUCE_TILE_ROWS"] == F.TILE_ROWS
     assert macro["GPUCE_TILE_MAX_C"] == F.TILE_MAX_C
+    assert macro["GPUCE_TILE_STAGES"] == F.TILE_STAGES
     assert macro["GPUCE_TEAM_THREADS"] == F.TEAM_MAX_THREADS
     assert macro["GPUCE_WS_PARTIALS"] == F.WS_PARTIALS
     assert macro["GPUCE_NWORDS"] == F.WS_WORDS
+

@@ -7,7 +7,8 @@ adds one small prologue launch for the denominator.  The kernel kinds, by row le
 ========  ===================================================================================
 kind      layout
 ========  ===================================================================================
-tile      C <= 32, dense rows: 128 rows a block, one thread a row, staged through shared memory
+tile      C <= 32, dense rows: 128 rows a block, one thread a row, tiles copied whole into a
+          3-stage ring of shared memory with cp.async
 warp      G = 4..32 lanes a row (256 / G rows a block), 16-byte packs in each lane's own
           shared-memory ring, rows copied S - 1 ahead with cp.async
 block     the block is the team (64..512 threads), same ring
@@ -38,12 +39,13 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 CT = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double",
       "int32": "int", "int64": "long long"}
 ACC = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8}
 VEC_MAX = {d: 16 // ITEMSIZE[d] for d in DTYPES}  # 16-byte packs
 TARGETS = (("label", "int32"), ("label", "int64"), ("prob", "int32"))
 
 TILE_ROWS = 128  # GPUCE_TILE_ROWS
 TILE_MAX_C = 32  # GPUCE_TILE_MAX_C
+TILE_STAGES = 3  # GPUCE_TILE_STAGES
 TEAM_MAX_THREADS = 512  # GPUCE_TEAM_THREADS
 WARP_GROUPS = (4, 8, 16, 32)
 WARP_THREADS = 256
@@ -180,11 +182,13 @@ def _team_plan(v: Variant, c: int, threads: int, dev: Device, stages=STAGES):
     return None
 
 
-def tile_plan(v: Variant) -> Plan:
-    """The tile kernel's launch shape: 128 rows of up to 32 values (as A, one pad a 32), and
-    as many of the targets (MODE 1)."""
-    smem = (TILE_ROWS * TILE_MAX_C + TILE_ROWS) * np.dtype(ACC[v.dtype]).itemsize * (2 if v.target == "prob" else 1)
-    return Plan(v, TILE_ROWS, smem=smem, rows_per_block=TILE_ROWS)
+def tile_plan(v: Variant, c: int) -> Plan:
+    """The tile kernel's launch shape for rows of ``c`` values: a ring of TILE_STAGES stages,
+    each 128 rows of values as they lie in memory (a 16-byte multiple), then the targets'
+    (MODE 1) or the labels (as the kernel's tile_stage_bytes)."""
+    values = _ceil(TILE_ROWS * c * ITEMSIZE[v.dtype], 16) * 16
+    stage = values * (2 if v.target == "prob" else 1) + (TILE_ROWS * ITEMSIZE[v.index] if v.target == "label" else 0)
+    return Plan(v, TILE_ROWS, stages=TILE_STAGES, smem=TILE_STAGES * stage, rows_per_block=TILE_ROWS)
 
 
 def _block_threads(packs: int, per_thread: int) -> int:
@@ -211,7 +215,7 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False, soft
 
     out = []
     if tile_vec is not None and c <= TILE_MAX_C:
-        p = tile_plan(v("tile", tile_vec))
+        p = tile_plan(v("tile", tile_vec), c)
         if p.smem + STATIC_SMEM <= dev.smem_optin:
             out.append(p)
     c = c + vec - 1 if shifted else c  # the columns a shifted row's granules span at most
