@@ -10,7 +10,7 @@
 #   OUT        where logs go (default ./gpu_out)
 #   PARTS      which steps, default "tests probe" (about 5 minutes); then "bench" (about 8:
 #              the sweep at 2^30 with every provider, 2^28 for the fixed/marginal split, small C,
-#              the softcap row); then "variants" (every fused variant pinned at 2^28, about 1.5
+#              the softcap row); then "variants" (every fused variant pinned at 2^28, about 2.5
 #              minutes) and "ncu lce linear demo".  A device call is limited to 10 minutes: one
 #              call a line, each with its own timeout_s.  PARTS="" (set, empty) runs nothing
 #              but the wheel install; only an unset PARTS means the default.
@@ -66,8 +66,8 @@ if has bench; then
     --dtypes bfloat16 --softcap 30 --repeat 10 2>&1 | tee -a "$OUT/bench.log"
 fi
 if has variants; then  # every fused variant that fits each shape, pinned (the planner's order comes from these)
-  timeout "${T_VARIANTS:-90}" python3 -m bench --no-progress --results-dir "$OUT/variants" --repeat 5 --totals 2**28 \
-    --classes 1000 4096 32768 131072 262144 --dtypes float32 bfloat16 --providers gpuce-fused --variants \
+  timeout "${T_VARIANTS:-150}" python3 -m bench --no-progress --results-dir "$OUT/variants" --repeat 5 --totals 2**28 \
+    --classes 10 100 1000 4096 32768 131072 262144 --dtypes float32 bfloat16 --providers gpuce-fused --variants \
     2>&1 | tee "$OUT/variants.log" | grep -E "N=" | tr ',' '\n' | grep -E "N=|fused"
 fi
 if has ncu; then  # hardware counters of one fused launch (Firecracker machines: ncu works there)

@@ -975,12 +975,16 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
     else
         for (int s = 0; s < S - 1; ++s) issue(team + s * nteams, s);
     int parity = 0;
+    // labels are loaded a row ahead: the load of row i + 1's is in flight while row i is
+    // computed (a label loaded in its own row stalled the sums, which need its column)
+    long long lab_next = load_label<MODE>(g, team, team < n);
     for (long long i = 0; warp_team0 + i * nteams < n; ++i) {
         const long long row = team + i * nteams;
         const bool valid = row < n;
         const int stage = RP > 0 ? 0 : (int)(i % S);
         if (RP == 0) issue(team + (i + S - 1) * nteams, (int)((i + S - 1) % S));
-        const long long lab = load_label<MODE>(g, row, valid);
+        const long long lab = lab_next;
+        lab_next = load_label<MODE>(g, row + nteams, row + nteams < n);
         const int sh = EDGES ? row_shift<T, VEC>(g.x + (valid ? row : 0) * g.ldx) : 0;
         const int packs = (sh + c + VEC - 1) / VEC;
         const int mine = valid ? mine_of(packs) : 0;

@@ -226,6 +226,12 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False, soft
                 p = _team_plan(v("warp", vec, group=g), c, WARP_THREADS, dev)
                 if p:
                     out.append(p)
+                # also half the lanes, twice the packs a lane (a candidate, not the choice: a
+                # row's fixed work, done by every lane of its team, is then shared by fewer
+                # lanes; `gpuce bench --variants` times both)
+                half = _team_plan(v("warp", vec, group=g // 2), c, WARP_THREADS, dev) if g > WARP_GROUPS[0] else None
+                if half:
+                    out.append(half)
                 break
     threads = _block_threads(packs, BLOCK_PACKS)
     part = _ceil(packs, threads) * threads * ITEMSIZE[dtype] * vec
