@@ -117,9 +117,9 @@ def shares_memory(xp, a, b) -> bool:
 def all_finite(xp, a) -> bool:
     """Whether every element of the float array ``a`` is finite (one host read on CuPy).
 
-    CuPy: the ``gpuce_finite_rows`` ReductionKernel gives one flag a row (the last axis), so
-    the temporary is a row count of int32, not ``xp.isfinite(a)``'s byte an element (for an
-    LLM head's W of 256000 x 2304, 590 MB held by CuPy's pool after the call).  NumPy:
+    CuPy: the ``gpuce_finite_rows`` ReductionKernel gives one bool a row (the last axis), so
+    the temporary is a byte a row, not ``xp.isfinite(a)``'s byte an element (for an LLM
+    head's W of 256000 x 2304, 590 MB held by CuPy's pool after the call).  NumPy:
     ``np.isfinite(a).all()``."""
     if a.size == 0:
         return True

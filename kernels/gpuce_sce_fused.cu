@@ -229,7 +229,7 @@ __device__ __forceinline__ void store_vals(T* p, const A (&v)[VEC]) {
 // ------------------------------------------------------------------------- asynchronous copies
 // cp.async global -> shared of one pack (16 bytes, or one 4- / 8-byte element); 2-byte
 // elements have no cp.async form and are copied through a register.  The host emulator
-// (GPUCE_SIMT) copies at once.
+// (GPUCE_SIMT) holds every copy back until a copy_wait lets its group complete.
 template <typename T, int VEC>
 __device__ __forceinline__ void copy_pack_async(Pack<T, VEC>* dst, const T* src) {
 #if defined(__CUDA_ARCH__) && !defined(GPUCE_SIMT)
@@ -242,6 +242,8 @@ __device__ __forceinline__ void copy_pack_async(Pack<T, VEC>* dst, const T* src)
     } else {
         *dst = load_pack<T, VEC>(src);
     }
+#elif defined(GPUCE_SIMT)
+    simt_copy_async(dst, src, sizeof(Pack<T, VEC>));
 #else
     *dst = load_pack<T, VEC>(src);
 #endif
@@ -250,6 +252,8 @@ __device__ __forceinline__ void copy_pack_async(Pack<T, VEC>* dst, const T* src)
 __device__ __forceinline__ void copy_commit() {
 #if defined(__CUDA_ARCH__) && !defined(GPUCE_SIMT)
     asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(GPUCE_SIMT)
+    simt_copy_commit();
 #endif
 }
 
@@ -262,6 +266,8 @@ __device__ __forceinline__ void copy_wait(int pending) {
         case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
         default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
     }
+#elif defined(GPUCE_SIMT)
+    simt_copy_wait(pending);
 #endif
 }
 
@@ -1168,7 +1174,9 @@ __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS,
 // keeps up to S - 1 tiles in flight.  Each thread reads its row from the ring, writes its
 // gradient over it in place (rounded to T once), and the block stores the tile back with
 // 16-byte stores.  Rows whose length is a multiple of 4 are read from column t % c onwards
-// (wrapping), so that the 32 rows of a warp do not fall into a few shared-memory banks.
+// (wrapping), so that the 32 rows of a warp do not fall into a few shared-memory banks (a
+// row's sums then run in an order set by its place in its tile: its last bits may differ
+// from the same row's at another position, never from run to run).
 // Stage layout: the tile's values (a 16-byte multiple), then the targets' (MODE 1) or the
 // labels (MODE 0).  The host sizes the ring with gpuce/_cuda/fused.py tile_plan.
 #define GPUCE_TILE_STAGES 3

@@ -58,6 +58,7 @@ CASES = [
     (tile(V("tile", "float32", "int64", 4), 32), 32, 2),
     (tile(V("tile", "bfloat16", "int32", 1), 12), 12, 1),  # 2-byte values one at a time: copied through registers
     (team(V("warp", "float32", "int64", 4, group=4), 12, 64), 12, 2),  # 16 rows a block
+    (team(V("warp", "float32", "int64", 4, group=4), 100, 64), 100, 2),  # the half-lane candidate: 7 packs a lane
     (team(V("warp", "float32", "int32", 4, group=32), 500, 64), 500, 2),
     (team(V("warp", "float32", "prob", 4, group=8), 100, 64), 100, 1),
     (team(V("warp", "float16", "int64", 8, group=16), 480, 64), 480, 2),

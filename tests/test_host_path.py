@@ -15,11 +15,16 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 import gpuce  # noqa: E402
+from gpuce._backend import cupy_available  # noqa: E402
 from gpuce._cuda import fused as F  # noqa: E402
 from bench.host_stub import H100_LIKE, StubHost, install  # noqa: E402
 from tests.test_fused_planner import _source_params  # noqa: E402
 
 H100 = F.Device(**H100_LIKE)
+
+# With a GPU the real path is tested (tests/test_fused_gpu.py etc.), and a stray CuPy operation
+# here would run on the fake addresses and could poison the device for the tests after it.
+pytestmark = pytest.mark.skipif(cupy_available(), reason="the device stubs are for machines without a GPU")
 
 
 @pytest.fixture
@@ -114,8 +119,80 @@ def test_options_are_part_of_the_signature(host):
 
 def test_by_value_arguments_pass_through_cupy_as_they_are():
     """The recipe's scalars are CuPy's by-value argument holders (CPointer), which its launch
-    passes on without converting them again; the width stays the NumPy scalar's."""
+    passes on without converting them again; the bytes they point at are the NumPy scalar's,
+    in its width."""
+    import ctypes
+
     from cupy.cuda.function import CPointer
 
-    for v in (np.int32(3), np.int64(-100), np.float32(0.5), np.float64(0.25)):
-        assert isinstance(F.by_value(v), CPointer)
+    for v, ct in ((np.int32(-3), ctypes.c_int32), (np.int64(-100), ctypes.c_int64), (np.float32(0.1), ctypes.c_float),
+                  (np.float64(0.25), ctypes.c_double), (np.int64(2**40 + 5), ctypes.c_int64)):
+        h = F.by_value(v)
+        assert isinstance(h, CPointer)
+        assert ct.from_address(h.ptr).value == v
+        assert ctypes.string_at(h.ptr, v.itemsize) == v.tobytes()
+
+
+@pytest.mark.parametrize("change", ["rows", "ignore_index", "z_loss", "softcap", "weight", "no grad", "smoothing",
+                                    "probabilities"])
+def test_every_signature_part_reaches_the_launch(host, change):
+    """A call that differs from the previous one in one part of its signature gets that part
+    in its launch (a recipe remembered without it would pass the previous call's value)."""
+    n, c = 256, 1000
+    x, y = _inputs(host, n, c)
+    base = dict(reduction="sum", return_grad=True, check_labels=False)
+    gpuce.softmax_cross_entropy(x, y, **base)
+    args, target = dict(base), y
+    if change == "rows":
+        x, y = _inputs(host, 2 * n, c)
+        target = y
+    elif change == "ignore_index":
+        args["ignore_index"] = -1
+    elif change == "z_loss":
+        args["z_loss"] = 1e-3
+    elif change == "softcap":
+        args["softcap"] = 30.0
+    elif change == "weight":
+        args["weight"] = host.array((c,), np.float32)
+    elif change == "no grad":
+        args["return_grad"] = False
+    elif change == "smoothing":
+        args["label_smoothing"] = 0.25
+    else:
+        target = host.array((n, c), np.float32)
+        args["ignore_index"] = -100
+    gpuce.softmax_cross_entropy(x, target, **args)
+    assert len(F._RECIPES) == 2
+    expr, grid, block, launched, _ = host.launches[-1]
+    plan = next(r.plan for r in F._RECIPES.values() if r.plan.variant.expr() == expr)
+    a = _named(launched, plan.variant.kind)
+    rows = x.shape[0]
+    assert a["x"] is x and a["n"] == rows and a["c"] == c
+    assert a["ignore_index"] == args.get("ignore_index", -100)
+    assert a["z"] == np.float32(args.get("z_loss", 0.0)) and a["cap"] == np.float32(args.get("softcap", 0.0))
+    eps = args.get("label_smoothing", 0.0)
+    assert a["eps_over_c"] == np.float32(eps / c) and a["one_minus_eps"] == np.float32(1 - eps)
+    assert (a["grad"] is None) == (not args["return_grad"]) and a["ldg"] == (c if args["return_grad"] else 0)
+    assert (a["w"] is None) == ("weight" not in args)
+    if change == "probabilities":
+        assert a["y"] is target and a["labels"] is None and a["ldy"] == c and ", 1, " in expr
+    else:
+        assert a["labels"] is target and a["y"] is None
+    assert grid == (F.grid_blocks(plan, rows, H100, 2),) and block == (plan.threads,)
+    if "weight" in args:  # the weights' check runs in the prologue
+        assert host.launches[-2][0].startswith("gpuce::sce_prologue") and host.launches[-2][3][1] is args["weight"]
+
+
+def test_the_targets_layout_is_part_of_the_signature(host):
+    """Probability targets laid out otherwise (another row stride, off their 16-byte granules)
+    change the plan's pack width and the targets' row stride."""
+    n, c = 256, 1000
+    x = host.array((n, c), np.float32)
+    gpuce.softmax_cross_entropy(x, host.array((n, c), np.float32), reduction="sum", check_labels=False)
+    wide = host.array((n, c + 1), np.float32)[:, 1:]
+    gpuce.softmax_cross_entropy(x, wide, reduction="sum", check_labels=False)
+    assert len(F._RECIPES) == 2
+    (e0, *_, a0, _), (e1, *_, a1, _) = host.launches
+    assert ", 1, 4, " in e0 and ", 1, 1, " in e1  # 16-byte packs, then one value a pack
+    assert _named(a0, "block")["ldy"] == c and _named(a1, "block")["ldy"] == c + 1
+    assert _named(a1, "block")["y"] is wide

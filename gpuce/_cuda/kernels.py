@@ -24,8 +24,8 @@ float64 logits):
 ``gpuce_sumsq``
     ReductionKernel: ``sum x**2`` in the accumulation type (the L2 regulariser).
 ``gpuce_finite_rows``
-    ReductionKernel: 1 for a row whose values are all finite, else 0 (the linear model's
-    check_finite, with no temporary of the array's size).
+    ReductionKernel: a bool a row, whether all its values are finite (the linear model's
+    check_finite: a byte a row, never a byte an element).
 ``gpuce_label_check``
     ElementwiseKernel: position of the first out-of-range label (atomicMin on
     an int64, order-independent), read back with one sync.
@@ -209,12 +209,12 @@ SPECS = {
             name="gpuce_finite_rows",
             kind="reduction",
             in_params="T x",
-            out_params="int32 y",
-            map_expr="isfinite(({A})x) ? 1 : 0",
-            reduce_expr="min(a, b)",
+            out_params="bool y",
+            map_expr="isfinite(({A})x)",
+            reduce_expr="a && b",
             post_map_expr="y = a",
-            identity="1",
-            reduce_type="int",
+            identity="true",
+            reduce_type="bool",
             helpers=(),
             specializations=_float_specs(),
         ),

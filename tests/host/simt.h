@@ -77,6 +77,33 @@ inline T* simt_shared(int site, size_t n) {
 }
 inline unsigned char* simt_dyn_smem() { return tl_block->dyn_aligned(); }
 
+// cp.async: a thread's copies are held back until a copy_wait of its own lets their group
+// complete (the latest a GPU may complete them, source read included), so a kernel that reads
+// a ring stage before waiting for it, waits for the wrong number of groups, or overwrites a
+// stage another thread still reads, computes with stale data here instead of passing by luck.
+struct SimtCopy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+    unsigned group;
+};
+inline thread_local std::vector<SimtCopy> tl_copies;
+inline thread_local unsigned tl_group = 0;  // groups committed so far
+inline void simt_copy_async(void* dst, const void* src, size_t bytes) {
+    tl_copies.push_back({dst, src, bytes, tl_group});
+}
+inline void simt_copy_commit() { ++tl_group; }
+// cp.async.wait_group pending: every committed group but the last `pending` completes.
+inline void simt_copy_wait(int pending) {
+    const unsigned done = tl_group > (unsigned)pending ? tl_group - (unsigned)pending : 0;
+    size_t k = 0;
+    for (size_t i = 0; i < tl_copies.size(); ++i) {
+        if (tl_copies[i].group < done) std::memcpy(tl_copies[i].dst, tl_copies[i].src, tl_copies[i].bytes);
+        else tl_copies[k++] = tl_copies[i];
+    }
+    tl_copies.resize(k);
+}
+
 namespace cooperative_groups {
 struct cluster_group {
     unsigned block_rank() const { return tl_rank; }
