@@ -20,7 +20,8 @@
 #   PYTEST_ARGS default "-n 8 --timeout 120" (pytest-xdist and pytest-timeout are on the image)
 #   TESTS      test paths, default "tests" (e.g. TESTS="tests/test_linear_chunked.py tests/test_torch.py"
 #              to run only the GPU tests of what changed since the last GPU run)
-#   LCE_ARGS   arguments of bench/bench_lce.py (large-vocabulary linear CE, CCE's shape)
+#   LCE_ARGS   arguments of bench/bench_lce.py (large-vocabulary linear CE: CCE's shape, an LLM
+#              head, the trainer shapes, three dtypes, a chunk sweep; e.g. LCE_ARGS="--shapes cce")
 #   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE  seconds each step may take (so one slow step cannot eat a
 #              whole device call; the benchmark upserts its CSV after every point)
 # Liger-Kernel and Cut Cross-Entropy are not on the device image: to compare with them,
@@ -83,8 +84,9 @@ if has linear; then
   cp bench/results/linear.csv "$OUT/linear.csv" 2>/dev/null
 fi
 if has lce; then
-  timeout "${T_LCE:-300}" python3 bench/bench_lce.py ${LCE_ARGS:-} 2>&1 | tee /tmp/bench_lce.log
+  timeout "${T_LCE:-420}" python3 bench/bench_lce.py ${LCE_ARGS:-} 2>&1 | tee /tmp/bench_lce.log
   cp bench/results/lce.csv "$OUT/lce.csv" 2>/dev/null
+  cp bench/results/lce.png "$OUT/lce.png" 2>/dev/null
 fi
 echo "=== summary ($PARTS) ==="
 has tests && tail -1 "$OUT/gpu_tests.log"
