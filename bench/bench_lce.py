@@ -166,8 +166,9 @@ def _run_shape(cp, gpu, dtypes, repeat, chunks, shape):
     return rows
 
 
-def plot(rows, png: Path):
-    """Time against peak extra memory, one panel a (shape, dtype), one point a provider."""
+def plot(rows, png: Path) -> int:
+    """Time against peak extra memory, one panel a (shape, dtype), one point a provider;
+    returns the number of panels drawn (0 without matplotlib or timed rows)."""
     try:
         import matplotlib
 
@@ -175,12 +176,12 @@ def plot(rows, png: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         print("plot: matplotlib not installed")
-        return
+        return 0
     ok = [r for r in rows if r.get("p50_ms")]
     panels = sorted({(r["N"], r["note"].split(";")[0], r["C"], r["dtype"]) for r in ok},
                     key=lambda k: (k[0], k[2], k[3]))
     if not panels:
-        return
+        return 0
     cols = min(3, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
@@ -200,7 +201,9 @@ def plot(rows, png: Path):
     fig.suptitle(f"linear cross-entropy: time against memory, {ok[0]['gpu_name']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+    plt.close(fig)
     print(f"plot: {png}")
+    return len(panels)
 
 
 def main(argv=None):

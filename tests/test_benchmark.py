@@ -45,12 +45,30 @@ def test_merge_and_readme_table(tmp_path):
 
 
 @pytest.mark.gpu
-def test_lce_benchmark_dry_run():
-    """bench/bench_lce.py on a small shape: the CuPy providers give a time and a peak."""
+def test_lce_benchmark_dry_run(tmp_path):
+    """bench/bench_lce.py on two small shapes: the CuPy providers give a time and a peak, a
+    chunk size at or above a shape's N is left out, and the plot is drawn."""
     import bench.bench_lce as lce
 
-    rows = lce.run(["float32"], 2, [64], (512, 128, 4096), dry=True)
-    got = {r["provider"]: r for r in rows}
-    assert {"three-gemms", "gpuce", "gpuce[chunk=64]"} <= set(got)
-    for name in ("three-gemms", "gpuce", "gpuce[chunk=64]"):
-        assert float(got[name]["p50_ms"]) > 0 and float(got[name]["peak_extra_mib"]) > 0
+    rows = lce.run(["float32"], 2, [64, 1024], [(512, 128, 4096), (1024, 64, 300)], dry=True)
+    for n in (512, 1024):
+        got = {r["provider"]: r for r in rows if r["N"] == n}
+        assert {"three-gemms", "gpuce", "gpuce[chunk=64]"} <= set(got)
+        assert ("gpuce[chunk=1024]" in got) == (n > 1024)
+        for name in ("three-gemms", "gpuce", "gpuce[chunk=64]"):
+            assert float(got[name]["p50_ms"]) > 0 and float(got[name]["peak_extra_mib"]) > 0
+    assert lce.plot(rows, tmp_path / "lce.png") == 2
+
+
+def test_lce_plot_has_a_panel_a_shape_and_dtype(tmp_path):
+    """The time-against-memory plot from rows as bench_lce writes them (failed providers, which
+    have no time, are left out)."""
+    pytest.importorskip("matplotlib")
+    import bench.bench_lce as lce
+
+    note = "D=64; lower_bound_mib=10.0; mem_ratio=1.0; time_ratio_to_3gemms=1.0"
+    rows = [dict(provider=p, dtype=dt, N=n, C=300, gpu_name="GPU", p50_ms="1.5", peak_extra_mib="12", note=note)
+            for p in ("gpuce", "three-gemms") for dt in ("float32", "bfloat16") for n in (512, 1024)]
+    rows.append(dict(provider="cce", dtype="float32", N=512, C=300, gpu_name="GPU", note="D=64; failed: TypeError"))
+    assert lce.plot(rows, tmp_path / "lce.png") == 4  # (512, 1024) x (float32, bfloat16)
+    assert (tmp_path / "lce.png").stat().st_size > 0
