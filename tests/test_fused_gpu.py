@@ -221,3 +221,22 @@ def test_tile_ring_over_many_tiles_in_place(target, c):
     assert plan.variant.kind == "tile"
     np.testing.assert_allclose(loss.get(), want_loss, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(x.get(), want_grad, rtol=2e-5, atol=1e-6)
+
+
+def test_cluster_count_query_answers_on_hopper():
+    """cuOccupancyMaxActiveClusters (called through ctypes: CuPy has no binding) answers for
+    the cluster kernels, within what the SMs could hold, and the launch grid respects it."""
+    from gpuce._cuda import fused
+
+    dev = fused.current_device()
+    if dev.arch < 90:
+        pytest.skip("thread-block clusters need sm_90")
+    for c in (32768, 131072):
+        p = fused.plan("float32", "label", "int64", c, 4, dev)
+        cl = p.variant.cluster
+        assert cl > 1
+        expr = p.variant.expr()
+        per_sm = fused._occupancy(expr, p.threads, p.smem)
+        held = fused._clusters_on(fused.device_id(), expr, p.threads, p.smem, cl)
+        assert held is not None and 1 <= held <= dev.sms * per_sm // cl, (c, held, per_sm)
+        assert fused.grid_blocks(p, 10**6, dev, per_sm, held) <= held * cl

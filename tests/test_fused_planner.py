@@ -235,3 +235,29 @@ def test_host_constants_match_the_kernel_source():
     assert macro["GPUCE_WS_PARTIALS"] == F.WS_PARTIALS
     assert macro["GPUCE_NWORDS"] == F.WS_WORDS
 
+
+
+def test_cluster_grid_stays_within_the_clusters_held_at_once():
+    """A cluster kernel's grid is capped by the clusters the device holds at once (the driver's
+    count; clusters share a GPC, so SMs x blocks an SM / CL may overcount), never below one
+    cluster, and a multiple of the cluster size; other kernels ignore the count."""
+    p = F.plan("float32", "label", "int64", 131072, 4, H100)
+    cl = p.variant.cluster
+    assert cl == 8
+    full = F.grid_blocks(p, 100000, H100, 1)
+    assert full == H100.sms // cl * cl
+    assert F.grid_blocks(p, 100000, H100, 1, clusters=14) == 14 * cl
+    assert F.grid_blocks(p, 100000, H100, 1, clusters=100) == full
+    assert F.grid_blocks(p, 3, H100, 1, clusters=14) == 3 * cl  # fewer rows than clusters
+    b = F.plan("float32", "label", "int64", 4096, 4, H100)
+    assert F.grid_blocks(b, 100000, H100, 4, clusters=2) == F.grid_blocks(b, 100000, H100, 4)
+
+
+def test_launch_config_layout_is_cudas():
+    """The ctypes image of CUlaunchConfig (cuda.h, CUDA 12 and 13) that the cluster count query
+    passes: seven unsigned ints, the stream and the attribute pointers, their count."""
+    import ctypes
+
+    L = F._LaunchConfig
+    assert ctypes.sizeof(L) == 56
+    assert (L.sharedMemBytes.offset, L.hStream.offset, L.attrs.offset, L.numAttrs.offset) == (24, 32, 40, 48)

@@ -26,6 +26,7 @@ what a call would run.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass
 
@@ -271,17 +272,22 @@ def occupancy_estimate(p: Plan, dev: Device) -> int:
     return int(max(1, min(by_threads, by_smem, MAX_BLOCKS_PER_SM)))
 
 
-def grid_blocks(p: Plan, n: int, dev: Device, per_sm: int) -> int:
+def grid_blocks(p: Plan, n: int, dev: Device, per_sm: int, clusters: int | None = None) -> int:
     """One wave: every block resident at once, each walking a fixed share of the rows (the
     grid depends only on the shape and the device, so the row-to-block mapping, and with it
-    every sum, is the same run to run)."""
+    every sum, is the same run to run).  ``clusters``: for a cluster kernel, how many of its
+    clusters the device holds at once (a cluster's blocks share one GPC, so SMs x blocks an
+    SM / CL can be more than that; a grid past it would run its last clusters after the
+    first ones finished all their rows)."""
     cl = max(1, p.variant.cluster)
     teams = _ceil(n, p.rows_per_block)
     wave = max(cl, (dev.sms * per_sm) // cl * cl)
+    if clusters and cl > 1:
+        wave = max(cl, min(wave, clusters * cl))
     return int(max(cl, min(teams * cl, wave)))
 
 
-def explain_plan(p: Plan, c: int, n: int, dev: Device, per_sm: int) -> str:
+def explain_plan(p: Plan, c: int, n: int, dev: Device, per_sm: int, clusters: int | None = None) -> str:
     v = p.variant
     why = {
         "tile": f"C = {c} <= {TILE_MAX_C} with dense rows: {TILE_ROWS} rows a block, one thread a row",
@@ -290,9 +296,10 @@ def explain_plan(p: Plan, c: int, n: int, dev: Device, per_sm: int) -> str:
         "cluster": f"a row of {c} is split over a cluster of {v.cluster} blocks of {p.threads} threads",
         "twopass": "no ring of shared memory holds the row: it is read twice",
     }[v.kind]
-    g = grid_blocks(p, n, dev, per_sm)
+    g = grid_blocks(p, n, dev, per_sm, clusters)
+    held = f"; {clusters} clusters held at once" if clusters else ""
     return (f"{v.expr()}: {why}; ring of {p.stages} stages, {p.smem} B of shared memory a block; "
-            f"grid {g} blocks ({per_sm} an SM x {dev.sms} SMs)")
+            f"grid {g} blocks ({per_sm} an SM x {dev.sms} SMs{held})")
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -355,6 +362,33 @@ def _occupancy_on(dev_id: int, expr: str, threads: int, smem: int) -> int:
         p = Plan(Variant("block", "float32", "label", "int64", 4), threads, smem=smem)
         return occupancy_estimate(p, _device(dev_id))
     return min(MAX_BLOCKS_PER_SM, per_sm)
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h), with no attributes
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
+                ("numAttrs", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _clusters_on(dev_id: int, expr: str, threads: int, smem: int, cl: int) -> int | None:
+    """How many clusters of the cluster kernel ``expr`` (its cluster size fixed at compile
+    time) the device holds at once: the driver's cuOccupancyMaxActiveClusters (CuPy has no
+    binding), or None where it cannot answer (the SM-count estimate then stands)."""
+    try:
+        fn = _prepare(function(expr), smem)
+        lib = ctypes.CDLL("libcuda.so.1")
+        query = lib.cuOccupancyMaxActiveClusters
+        query.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.POINTER(_LaunchConfig)]
+        query.restype = ctypes.c_int
+        cfg = _LaunchConfig(cl, 1, 1, threads, 1, 1, smem, None, None, 0)
+        out = ctypes.c_int(0)
+        if query(ctypes.byref(out), ctypes.c_void_p(fn.kernel.ptr), ctypes.byref(cfg)) != 0 or out.value < 1:
+            return None
+        return int(out.value)
+    except Exception:  # noqa: BLE001  (no driver, an old driver, a kernel it cannot answer for)
+        return None
 
 
 def _occupancy(expr: str, threads: int, smem: int) -> int:
@@ -513,7 +547,8 @@ def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reductio
     fn = _prepare(function(expr), p.smem)
     cl = max(1, p.variant.cluster)
     if grid is None:
-        grid = grid_blocks(p, n, dev, _occupancy(expr, p.threads, p.smem))
+        clusters = _clusters_on(device_id(), expr, p.threads, p.smem, cl) if cl > 1 else None
+        grid = grid_blocks(p, n, dev, _occupancy(expr, p.threads, p.smem), clusters)
     elif grid % cl or not 0 < grid <= dev.sms * MAX_BLOCKS_PER_SM:  # the workspace holds that many
         raise ValueError(f"grid {grid} must be a multiple of {cl} in [1, {dev.sms * MAX_BLOCKS_PER_SM}]")
     scalars = kernel_scalars(p, x2, y2, grad_out, acc=acc, eps=eps, z=z, softcap=softcap,
@@ -597,6 +632,8 @@ def kernel_args(p: Plan, x2, lbl, y2, w, *, loss_out, lse_out, correct_out, grad
 def explain(x2, target_kind="label", index="int64", y2=None, grad_out=None, softcap=False) -> str:
     """Which kernel a call on these arrays would run, and why (CuPy arrays, a visible GPU)."""
     p, _, dev = choose(x2, target_kind, index, y2, grad_out, softcap=softcap)
-    per_sm = _occupancy(p.variant.expr(), p.threads, p.smem)
-    return explain_plan(p, x2.shape[1], x2.shape[0], dev, per_sm)
+    expr, cl = p.variant.expr(), max(1, p.variant.cluster)
+    per_sm = _occupancy(expr, p.threads, p.smem)
+    clusters = _clusters_on(device_id(), expr, p.threads, p.smem, cl) if cl > 1 else None
+    return explain_plan(p, x2.shape[1], x2.shape[0], dev, per_sm, clusters)
 
