@@ -57,6 +57,7 @@ CASES = [
     (tile(V("tile", "float64", "int64", 2), 5), 5, 1),
     (tile(V("tile", "float32", "int64", 4), 32), 32, 2),
     (tile(V("tile", "bfloat16", "int32", 1), 12), 12, 1),  # 2-byte values one at a time: copied through registers
+    (tile(V("tile", "float32", "int64", 4), 100), 100, 2),  # a wide-row candidate (33..128 values)
     (team(V("warp", "float32", "int64", 4, group=4), 12, 64), 12, 2),  # 16 rows a block
     (team(V("warp", "float32", "int64", 4, group=4), 100, 64), 100, 2),  # the half-lane candidate: 7 packs a lane
     (team(V("warp", "float32", "int32", 4, group=32), 500, 64), 500, 2),
@@ -389,5 +390,5 @@ def test_tile_ring_size_is_the_kernels(lib, case):
     v = CASES[case][0].variant
     fn = getattr(lib, f"tile_ring_{case}")
     fn.restype = ctypes.c_int
-    for c in range(1, F.TILE_MAX_C + 1):
+    for c in range(1, F.TILE_WIDE_C + 1):
         assert fn(ctypes.c_int(c)) == F.tile_plan(v, c).smem, c

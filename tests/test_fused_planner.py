@@ -59,7 +59,7 @@ def test_plan_on_h100(dtype, c, vec, tile_vec, kind, detail):
 def test_every_candidate_fits_and_is_compiled(dtype, c, target):
     vec = F.VEC_MAX[dtype] if c % F.VEC_MAX[dtype] == 0 else 1
     index = "int32" if target == "prob" else "int64"
-    cands = F.candidates(dtype, target, index, c, vec, H100, F.VEC_MAX[dtype] if c <= F.TILE_MAX_C else None)
+    cands = F.candidates(dtype, target, index, c, vec, H100, F.VEC_MAX[dtype] if c <= F.TILE_WIDE_C else None)
     assert cands[-1].variant.kind == "twopass"
     assert len({p.variant for p in cands}) == len(cands)
     for p in cands:
@@ -261,3 +261,14 @@ def test_launch_config_layout_is_cudas():
     L = F._LaunchConfig
     assert ctypes.sizeof(L) == 56
     assert (L.sharedMemBytes.offset, L.hStream.offset, L.attrs.offset, L.numAttrs.offset) == (24, 32, 40, 48)
+
+
+@pytest.mark.parametrize("c", [33, 100, 128])
+def test_wide_rows_list_the_tile_after_the_teams(c):
+    """Dense rows of 33..128 values: the tile kernel (a thread a row) is a candidate for the
+    variants sweep, never the choice; past 128 it is not listed."""
+    cands = F.candidates("float32", "label", "int64", c, 4 if c % 4 == 0 else 1, H100, 4)
+    kinds = [p.variant.kind for p in cands]
+    assert "tile" in kinds and kinds[0] != "tile" and kinds[-1] == "twopass"
+    assert "tile" not in [p.variant.kind for p in F.candidates("float32", "label", "int64", 132, 4, H100, 4)]
+    assert F.tile_vec_for("float32", 129, *()) is None

@@ -8,7 +8,7 @@ adds one small prologue launch for the denominator.  The kernel kinds, by row le
 kind      layout
 ========  ===================================================================================
 tile      C <= 32, dense rows: 128 rows a block, one thread a row, tiles copied whole into a
-          3-stage ring of shared memory with cp.async
+          3-stage ring of shared memory with cp.async (a candidate up to C = 128)
 warp      G = 4..32 lanes a row (256 / G rows a block), 16-byte packs in each lane's own
           shared-memory ring, rows copied S - 1 ahead with cp.async
 block     the block is the team (64..512 threads), same ring
@@ -45,7 +45,8 @@ VEC_MAX = {d: 16 // ITEMSIZE[d] for d in DTYPES}  # 16-byte packs
 TARGETS = (("label", "int32"), ("label", "int64"), ("prob", "int32"))
 
 TILE_ROWS = 128  # GPUCE_TILE_ROWS
-TILE_MAX_C = 32  # GPUCE_TILE_MAX_C
+TILE_MAX_C = 32  # GPUCE_TILE_MAX_C: the tile kernel is the choice up to here
+TILE_WIDE_C = 128  # ... and a candidate (after the teams) up to here, for `gpuce bench --variants`
 TILE_STAGES = 3  # GPUCE_TILE_STAGES
 TEAM_MAX_THREADS = 512  # GPUCE_TEAM_THREADS
 WARP_GROUPS = (4, 8, 16, 32)
@@ -215,10 +216,14 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False, soft
         return Variant(kind, dtype, target, index, vv, **kw)
 
     out = []
-    if tile_vec is not None and c <= TILE_MAX_C:
-        p = tile_plan(v("tile", tile_vec), c)
-        if p.smem + STATIC_SMEM <= dev.smem_optin:
-            out.append(p)
+    tile = None
+    if tile_vec is not None and c <= TILE_WIDE_C:
+        tile = tile_plan(v("tile", tile_vec), c)
+        if tile.smem + STATIC_SMEM > dev.smem_optin:
+            tile = None
+    if tile and c <= TILE_MAX_C:
+        out.append(tile)
+    rows_c = c
     c = c + vec - 1 if shifted else c  # the columns a shifted row's granules span at most
     packs = _ceil(c, vec)
     if vec == VEC_MAX[dtype]:
@@ -256,6 +261,8 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False, soft
                 out.append(p)
     if block and block not in out:
         out.append(block)
+    if tile and rows_c > TILE_MAX_C:  # wider rows, a thread each: a candidate for the variants sweep
+        out.append(tile)
     out.append(Plan(v("twopass", vec), _block_threads(packs, 4 * BLOCK_PACKS)))
     return tuple(out)
 
@@ -290,7 +297,7 @@ def grid_blocks(p: Plan, n: int, dev: Device, per_sm: int, clusters: int | None 
 def explain_plan(p: Plan, c: int, n: int, dev: Device, per_sm: int, clusters: int | None = None) -> str:
     v = p.variant
     why = {
-        "tile": f"C = {c} <= {TILE_MAX_C} with dense rows: {TILE_ROWS} rows a block, one thread a row",
+        "tile": f"dense rows of C = {c}: {TILE_ROWS} rows a block, one thread a row",
         "warp": f"{_ceil(c, v.vec)} packs of {v.vec} fit {v.group} lanes x {p.packs} packs",
         "block": f"a row of {c} takes a block of {p.threads} threads x {p.packs} packs",
         "cluster": f"a row of {c} is split over a cluster of {v.cluster} blocks of {p.threads} threads",
@@ -420,7 +427,7 @@ def rows_shifted(dtype: str, c: int, x, ldx: int) -> bool:
 def tile_vec_for(dtype: str, c: int, *arrays) -> int | None:
     """Pack width of the dense tile kernel: None unless the rows are dense (row stride C in
     every array); VEC_MAX when every base pointer is 16-byte aligned."""
-    if c > TILE_MAX_C or any(arr.strides[0] != c * arr.itemsize for arr in arrays):
+    if c > TILE_WIDE_C or any(arr.strides[0] != c * arr.itemsize for arr in arrays):
         return None
     return VEC_MAX[dtype] if all(arr.data.ptr % 16 == 0 for arr in arrays) else 1
 
