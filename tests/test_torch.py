@@ -438,3 +438,40 @@ def test_opcheck():
     opcheck(ops.linear_cross_entropy_target_backward.default,
             (torch.tensor(1.3, dtype=torch.float64), xl.detach(), wl.detach(), pl, bl.detach(), w,
              "mean", 0.1, 4, True, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_cuda_tensors_on_a_side_stream_run_on_that_stream(op):
+    """CUDA tensors on a non-default torch stream: gpuce's kernels run on that stream. The
+    stream is kept busy (torch.cuda._sleep) before it writes the inputs, so work put on any
+    other stream would read them unwritten (zeros); the results are the default stream's (to
+    rounding: cuBLAS may pick another algorithm on another stream)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device for torch")
+    g = torch.Generator().manual_seed(seed_of("side stream", op))
+    n, d, c = 2048, 64, 1000
+    src = torch.randn(n, d if op == "linear_cross_entropy" else c, generator=g).cuda()
+    w_src = (torch.randn(c, d, generator=g) / 8).cuda()
+    y = torch.randint(0, c, (n,), generator=g).cuda()
+
+    def call(a, w):
+        if op == "cross_entropy":
+            loss = gt.cross_entropy(a, y)
+            return (loss,) + torch.autograd.grad(loss, a)
+        loss = gt.linear_cross_entropy(a, w, y)
+        return (loss,) + torch.autograd.grad(loss, (a, w))
+
+    want = call(src.clone().requires_grad_(), w_src.clone().requires_grad_())
+    torch.cuda.synchronize()
+    a, w = torch.zeros_like(src), torch.zeros_like(w_src)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # the side stream is busy for tens of milliseconds ...
+        a.copy_(src)  # ... before the inputs hold their values
+        w.copy_(w_src)
+        got = call(a.requires_grad_(), w.requires_grad_())
+    side.synchronize()
+    for x, ref in zip(got, want):
+        torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-6)
+    assert float(got[-1].abs().max()) > 1e-4  # the gradients are not the zeros a stray read gives
