@@ -78,10 +78,8 @@ def main(argv=None) -> int:
         plan = kernel()
         rec["kernel"] = t50(kernel)
         dev = fused.current_device()
-        per_sm = fused._occupancy(plan.variant.expr(), plan.threads, plan.smem)
+        wave = fused.grid_blocks(plan, n, dev, *fused.residency(plan))
         cl = max(1, plan.variant.cluster)
-        clusters = fused._clusters_on(fused.device_id(), plan.variant.expr(), plan.threads, plan.smem, cl) if cl > 1 else None
-        wave = fused.grid_blocks(plan, n, dev, per_sm, clusters)
         for k in (0.5, 2, 4):
             g = max(cl, int(wave * k) // cl * cl)
             if g <= dev.sms * fused.MAX_BLOCKS_PER_SM:

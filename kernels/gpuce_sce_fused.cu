@@ -175,6 +175,15 @@ __device__ __forceinline__ void from_vals(const float (&v)[8], unsigned (&w)[4])
 }
 #endif
 
+#ifdef GPUCE_WORDS
+// A 16-byte pack's four words as its VEC values in A (2-byte types need T: bf16 or half).
+template <typename T, typename A, int VEC>
+__device__ __forceinline__ void words_to_vals(const unsigned (&w)[4], A (&v)[VEC]) {
+    if constexpr (VEC == 8) to_vals<T>(w, v);
+    else to_vals(w, v);
+}
+#endif
+
 // The VEC values of a pack in shared memory, in the accumulation type.
 template <typename A, typename T, int VEC>
 __device__ __forceinline__ void load_vals(const Pack<T, VEC>* p, A (&v)[VEC]) {
@@ -182,8 +191,7 @@ __device__ __forceinline__ void load_vals(const Pack<T, VEC>* p, A (&v)[VEC]) {
     if constexpr (sizeof(Pack<T, VEC>) == 16) {
         unsigned w[4];
         lds128(p, w);
-        if constexpr (VEC == 8) to_vals<T>(w, v);
-        else to_vals(w, v);
+        words_to_vals<T>(w, v);
         return;
     }
 #endif
@@ -198,8 +206,7 @@ __device__ __forceinline__ void load_vals_global(const T* p, A (&v)[VEC]) {
     if constexpr (sizeof(Pack<T, VEC>) == 16) {
         unsigned w[4];
         ldg128(p, w);
-        if constexpr (VEC == 8) to_vals<T>(w, v);
-        else to_vals(w, v);
+        words_to_vals<T>(w, v);
         return;
     }
 #endif

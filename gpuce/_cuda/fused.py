@@ -405,6 +405,14 @@ def _occupancy(expr: str, threads: int, smem: int) -> int:
     return _occupancy_on(device_id(), expr, threads, smem)
 
 
+def residency(p: Plan) -> tuple:
+    """``(blocks an SM, clusters held at once or None)`` of plan ``p`` on the current device:
+    what :func:`grid_blocks` needs (the launch, explain and the probe ask here)."""
+    expr, cl = p.variant.expr(), max(1, p.variant.cluster)
+    per_sm = _occupancy(expr, p.threads, p.smem)
+    return per_sm, (_clusters_on(device_id(), expr, p.threads, p.smem, cl) if cl > 1 else None)
+
+
 def vec_for(dtype: str, c: int, *arrays_and_lds) -> int:
     """16-byte packs (VEC_MAX values) when every array's rows sit at the same offset within
     their 16-byte granules as the logits' rows (the same base misalignment, row strides equal
@@ -554,8 +562,7 @@ def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reductio
     fn = _prepare(function(expr), p.smem)
     cl = max(1, p.variant.cluster)
     if grid is None:
-        clusters = _clusters_on(device_id(), expr, p.threads, p.smem, cl) if cl > 1 else None
-        grid = grid_blocks(p, n, dev, _occupancy(expr, p.threads, p.smem), clusters)
+        grid = grid_blocks(p, n, dev, *residency(p))
     elif grid % cl or not 0 < grid <= dev.sms * MAX_BLOCKS_PER_SM:  # the workspace holds that many
         raise ValueError(f"grid {grid} must be a multiple of {cl} in [1, {dev.sms * MAX_BLOCKS_PER_SM}]")
     scalars = kernel_scalars(p, x2, y2, grad_out, acc=acc, eps=eps, z=z, softcap=softcap,
@@ -564,7 +571,7 @@ def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reductio
 
 
 def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, loss_out, lse_out,
-           correct_out, grad_out, total_out, stats_out, bad_out, pinned=None, grid=None) -> Plan:
+           correct_out, grad_out, total_out, stats_out, bad_out, pinned=None, grid=None, ws=None) -> Plan:
     """Run the fused path: the prologue where the call needs one (class weights to check, or the
     denominator of reduction "mean" with labels), then the fused kernel.  Nothing else is
     launched and nothing waits for the device.
@@ -575,7 +582,8 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     grad_out (N, C) with unit column stride; total_out 0-d; stats_out (2,) [z part,
     accuracy]; bad_out (2,) int64 (the first bad label position, N when none; the first class
     weight that is NaN, infinite or negative, -1 when none: the results are then NaN).  ``grid``
-    overrides the one-wave grid (the probe's sweep; a multiple of the cluster size).
+    overrides the one-wave grid (the probe's sweep; a multiple of the cluster size); ``ws`` is
+    the stream's :func:`workspace` where the caller has it already.
 
     The plan, the kernels, the grids and the scalar arguments come from the call's
     :func:`recipe`, worked out once per signature: a repeated call only looks it up and
@@ -585,7 +593,8 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
 
     r = recipe(x2, lbl, y2, w, acc=acc, eps=eps, z=z, softcap=softcap, ignore_index=ignore_index,
                reduction=reduction, grad_out=grad_out, pinned=pinned, grid=grid)
-    ws = workspace(cupy)
+    if ws is None:
+        ws = workspace(cupy)
     if r.prologue is not None:
         r.prologue((r.prologue_grid,), (DENOM_THREADS,),
                    (lbl, w) + r.prologue_scalars + (ws,))
@@ -639,8 +648,5 @@ def kernel_args(p: Plan, x2, lbl, y2, w, *, loss_out, lse_out, correct_out, grad
 def explain(x2, target_kind="label", index="int64", y2=None, grad_out=None, softcap=False) -> str:
     """Which kernel a call on these arrays would run, and why (CuPy arrays, a visible GPU)."""
     p, _, dev = choose(x2, target_kind, index, y2, grad_out, softcap=softcap)
-    expr, cl = p.variant.expr(), max(1, p.variant.cluster)
-    per_sm = _occupancy(expr, p.threads, p.smem)
-    clusters = _clusters_on(device_id(), expr, p.threads, p.smem, cl) if cl > 1 else None
-    return explain_plan(p, x2.shape[1], x2.shape[0], dev, per_sm, clusters)
+    return explain_plan(p, x2.shape[1], x2.shape[0], dev, *residency(p))
 

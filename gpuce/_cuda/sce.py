@@ -115,7 +115,7 @@ def _z_rows(cp, lse, lbl, args):
 def _fused_rows(cp, x2, target, weight, args, grad_out, variant):
     n, c = x2.shape
     acc = args.acc
-    fused.workspace(cp)  # first: it refuses to be made inside a capture
+    ws = fused.workspace(cp)  # first: it refuses to be made inside a capture
     w = _weight(cp, weight, acc)
     lbl = y2 = None
     if args.kind == "label":
@@ -146,7 +146,7 @@ def _fused_rows(cp, x2, target, weight, args, grad_out, variant):
         xk, lbl, y2, w, acc=acc, eps=args.label_smoothing, z=args.z_loss, softcap=args.softcap,
         ignore_index=args.ignore_index, reduction=args.reduction, loss_out=rows, lse_out=lse,
         correct_out=correct, grad_out=out, total_out=total, stats_out=stats_out, bad_out=bad,
-        pinned=variant)
+        pinned=variant, ws=ws)
     if grad_out is not None and out is not grad_out:  # a unit-column copy was written
         grad_out[...] = out
     stats = None
