@@ -50,11 +50,16 @@ def array_module(*arrays):
 
 
 def asarray(xp, a):
-    """``a`` as an array of module ``xp`` (lists and scalars become NumPy arrays)."""
+    """``a`` as an array of module ``xp`` (lists and scalars become NumPy arrays).  A NumPy
+    array in non-native byte order (``x.astype(">f8")`` on a little-endian machine) becomes a
+    native-order copy: the backends and the kernels read native values only."""
     if a is None:
         return None
     if xp is np:
-        return np.asarray(a)
+        a = np.asarray(a)
+        if not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
+        return a
     if isinstance(a, _SCALARS):
         return xp.asarray(a)
     return a

@@ -372,12 +372,22 @@ def softmax_cross_entropy(run, logits, target, *, reduction, ignore_index, weigh
 
 # -- linear_cross_entropy ----------------------------------------------------------------------
 
-def _linear_part(run, X, y, W, b, w, args, row0, opts):
-    """One row block: ``run`` is the in-memory linear_cross_entropy (gpuce.linear passes it)."""
+def _denominator_part(y, w, args):
+    return {"denom": _block_denominator(y, w, args)}
+
+
+def _linear_part(run, X, y, W, b, w, args, row0, opts, denominator=None):
+    """One row block: ``run`` is the in-memory linear_cross_entropy (gpuce.linear passes it).
+    For "mean", ``denominator`` is the whole call's (a tree over the label blocks, computed
+    first): the block's chunks scale their gradient by it before rounding it to 16 bits, as
+    the in-memory call does, and its loss sum, z-loss part and gradients come scaled."""
     if args.check_labels:
         _check_block_labels(y, row0, args)
     red = "none" if args.reduction == "none" else "sum"
     opts = dict(opts)
+    if denominator is not None:
+        red = "mean"
+        opts["_denominator"] = denominator["denom"]
     with use_impl(opts.pop("impl")):  # the choice in force when the graph was built
         out = run(X, W, y, bias=b, weight=w, reduction=red, return_grad=args.return_grad,
                   _acc_grads=True, return_stats=args.return_stats, **opts)
@@ -389,8 +399,10 @@ def _linear_part(run, X, y, W, b, w, args, row0, opts):
 
 
 def _linear_finish(total, W, args, reg):
+    """The loss, dW and db from the blocks' sums (for "mean" already divided by the whole
+    call's denominator in the blocks: nothing is scaled here)."""
     xp = array_module(W)
-    scale = args.mean_scale(total["denom"])
+    scale = 1.0
     out = {"scale": scale}
     if args.reduction != "none":
         loss = xp.asarray(total["loss"].astype(np.float64) * scale, dtype=args.acc)
@@ -409,7 +421,8 @@ def _linear_finish(total, W, args, reg):
 
 def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, weight, label_smoothing,
                          z_loss, return_grad, input_grad, check_finite, chunk_size, softcap=None,
-                         return_stats=False, check_labels=True, grad_row_scale=None, _acc_grads=False):
+                         return_stats=False, check_labels=True, grad_row_scale=None, _acc_grads=False,
+                         _denominator=None):
     """The dask form of gpuce.linear_cross_entropy; ``run`` is its in-memory form, run on
     each row block (partial sums, accumulation-dtype gradients) with the impl in force now."""
     if grad_row_scale is not None:
@@ -432,11 +445,17 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
                 input_grad=input_grad, check_finite=check_finite, chunk_size=chunk_size,
                 softcap=softcap, check_labels=check_labels, impl=auto_impl())
     Wd, bd, wd = _constant(W, "W"), _constant(bias, "bias"), _constant(weight, "weight")
-    parts = [_call(_linear_part, "linear-part", run, xb, yb, Wd, bd, wd, args, r0, opts)
-             for xb, yb, r0 in zip(X.to_delayed().ravel(), y.to_delayed().ravel(), _row_starts(X))]
-    keep = ("denom",)
+    ys = y.to_delayed().ravel()
+    denominator = None
+    if args.reduction == "mean":  # first, from the labels alone: the blocks scale by it
+        denominator = _tree_sum([_call(_denominator_part, "denominator", yb, wd, args)
+                                 for yb in ys], ("denom",))
+    parts = [_call(_linear_part, "linear-part", run, xb, yb, Wd, bd, wd, args, r0, opts,
+                   denominator)
+             for xb, yb, r0 in zip(X.to_delayed().ravel(), ys, _row_starts(X))]
+    keep = ()
     if args.reduction != "none":
-        keep = ("loss", "denom") + (STAT_SUMS if args.return_stats else ())
+        keep = ("loss",) + (STAT_SUMS if args.return_stats else ())
     if return_grad:
         keep += ("dW",) + (("db",) if bias is not None else ())
     fin = _call(_linear_finish, "linear-finish", _tree_sum(parts, keep), Wd, args, reg)

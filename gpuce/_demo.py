@@ -21,7 +21,7 @@ def load_digits_split(seed=0):
         from sklearn.model_selection import train_test_split
     except ImportError as e:  # pragma: no cover - the demo extra installs it
         raise SystemExit("gpuce demo needs scikit-learn for the digits data: "
-                         "pip install -e '.[demo]'") from e
+                         "pip install scikit-learn (gpuce's demo extra)") from e
     X, y = load_digits(return_X_y=True)
     return train_test_split(X / 16.0, y, test_size=0.25, stratify=y, random_state=seed)
 
@@ -90,5 +90,6 @@ def train_digits(xp, label, reg=0.1, png="gpuce-demo-loss.png", out=print) -> bo
         plt.close(fig)
         out(f"  loss curve         {png}")
     except ImportError:
-        out("  loss curve         (matplotlib not installed: pip install -e '.[demo]')")
+        out("  loss curve         (matplotlib not installed: pip install matplotlib, in gpuce's "
+            "demo extra)")
     return fd_ok and te > 0.9

@@ -6,8 +6,8 @@ from __future__ import annotations
 from ._backend import array_module, asarray, is_dask_array
 from ._blocks import rows_viewable
 from ._impl import check_impl, resolve_impl
-from ._rows import explain_rows
-from ._validation import sce_args
+from ._rows import check_labels, explain_rows
+from ._validation import check_uint64_labels, first_bad_weight, raise_bad_weight, sce_args
 
 
 def explain(logits, target, *, impl="auto", return_grad=True, **options) -> str:
@@ -49,6 +49,13 @@ def explain(logits, target, *, impl="auto", return_grad=True, **options) -> str:
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
     args = sce_args(logits, target, **{**_defaults(), **options, "weight": weight,
                                        "return_grad": return_grad})
+    # the value checks of the call too: uint64 labels, the class weights, the label range
+    # (one read on CuPy each), so that explain raises exactly where the call would
+    check_uint64_labels(xp, target, args)
+    if weight is not None and weight.size:
+        raise_bad_weight(weight, first_bad_weight(xp, weight))
+    if args.kind == "label" and args.check_labels and args.n:
+        check_labels(xp, target, args)
     walk = args.n and not rows_viewable(logits.shape, logits.strides)
     lines = explain_rows(xp, logits, target, args, impl, walk)
     if walk:

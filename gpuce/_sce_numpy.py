@@ -76,13 +76,15 @@ def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
         # w_k of each row (0 for ignored and bad rows) and its label term's coefficient (1-eps) w_k
         label_weight = np.where(valid, w[safe] if w is not None else acc.type(1), acc.type(0)).astype(acc)
         label_coef = np.where(bad_label, np.nan, one_minus_eps * label_weight).astype(acc)
-        denom = float(label_weight.sum(dtype=np.float64))
+        denom = float(label_weight.sum(dtype=np.float64)) if args.denominator is None else 0.0
         cw = None if eps == 0.0 else (np.full(c, eps_c, acc) if w is None else (eps_c * w).astype(acc))
         a_row = acc.type(0) if cw is None else acc.type(cw.sum(dtype=np.float64))
     else:
         active = np.ones(n, bool)
         bad_label = np.zeros(n, bool)
         denom = float(n)
+    if args.denominator is not None:  # one block of a larger call: its denominator
+        denom = float(args.denominator)
     scale = args.mean_scale(denom)
 
     loss = np.empty(n, acc)
@@ -112,7 +114,7 @@ def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
         e = grad_out[r0:r1] if direct else scratch("e", k)
         if cap:
             # v = s tanh(f / s) in the chunk buffer; dcap = 1 - tanh^2 kept for the gradient
-            np.divide(xc, cap, out=e, casting="unsafe")  # xc may alias e
+            np.divide(xc, cap, out=e, dtype=acc, casting="unsafe")  # xc may alias e
             np.tanh(e, out=e)
             if grad_out is not None:
                 dcap = scratch("dcap", k)
@@ -127,7 +129,7 @@ def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
         if cap:
             e -= ms[:, None]
         else:
-            np.subtract(xc, ms[:, None], out=e, casting="unsafe")  # x - m (xc may alias e)
+            np.subtract(xc, ms[:, None], out=e, dtype=acc, casting="unsafe")  # x - m (xc may alias e)
         act = active[r0:r1]
         if args.kind == "label":
             rows = np.arange(k)
@@ -144,7 +146,10 @@ def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
             label_coef_chunk = label_coef[r0:r1]
         else:
             coef = scratch("coef", k)
-            np.multiply(target[r0:r1], one_minus_eps, out=coef, casting="unsafe")
+            # dtype=acc: a 16-bit target is widened before the product (never computed in
+            # its own dtype, whatever the promotion rules of NumPy or ml_dtypes say)
+            np.multiply(target[r0:r1], acc.type(one_minus_eps), out=coef, dtype=acc,
+                        casting="unsafe")
             coef += eps_c
             if w is not None:
                 coef *= w

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,7 +26,8 @@ REDUCTIONS = ("none", "sum", "mean")
 
 def bfloat16_dtype():
     """NumPy's dtype of ``ml_dtypes.bfloat16`` (the CPU bfloat16 that CuPy and JAX use too),
-    or None where ml_dtypes is not installed.  The one place gpuce imports ml_dtypes."""
+    or None where ml_dtypes is not installed.  The one place gpuce imports ml_dtypes, and only
+    when a bfloat16 dtype is asked for: ``import gpuce`` does not pay for its import."""
     try:
         import ml_dtypes
     except ImportError:
@@ -33,21 +35,26 @@ def bfloat16_dtype():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-BFLOAT16 = bfloat16_dtype()
 # the input dtypes gpuce computes with; bfloat16 and float16 accumulate in float32
-FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64)) + (
-    (BFLOAT16,) if BFLOAT16 is not None else ())
+NATIVE_FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))
 FLOAT_NAMES = "float16, bfloat16, float32 or float64"
 
 
 def is_float_dtype(dtype) -> bool:
-    """True for the float dtypes gpuce takes (float16, bfloat16, float32, float64).  Not
+    """True for the float dtypes gpuce takes (float16, bfloat16, float32, float64), in either
+    byte order (:func:`gpuce._backend.asarray` gives the backends native-order copies).  Not
     ``dtype.kind == "f"``: ml_dtypes' bfloat16 has kind "V", its float8_e5m2 kind "f"."""
-    return np.dtype(dtype) in FLOAT_DTYPES
+    dtype = np.dtype(dtype).newbyteorder("=")
+    return dtype in NATIVE_FLOAT_DTYPES or is_bfloat16(dtype)
 
 
 def is_bfloat16(dtype) -> bool:
-    return BFLOAT16 is not None and np.dtype(dtype) == BFLOAT16
+    """Whether ``dtype`` is ml_dtypes' bfloat16.  An array of that dtype exists only once
+    ml_dtypes is imported, so ml_dtypes is never imported to answer."""
+    dtype = np.dtype(dtype)
+    if dtype.name != "bfloat16" or dtype.itemsize != 2 or "ml_dtypes" not in sys.modules:
+        return False
+    return dtype == bfloat16_dtype()
 
 
 def acc_dtype(dtype) -> np.dtype:
@@ -63,6 +70,8 @@ def check_float(x, name: str):
 
 
 def check_axis(axis, ndim: int) -> int:
+    if isinstance(axis, (bool, np.bool_)):  # operator.index(True) is 1; NumPy refuses bools
+        raise TypeError("axis must be an integer, got bool")
     try:
         axis = operator.index(axis)
     except TypeError:
@@ -108,6 +117,11 @@ class SceArgs:
     # False: the GPU backends do not read back the label check (no host sync); a bad label
     # gives a NaN row instead of an exception
     check_labels: bool = True
+    # the "mean" reduction's denominator of a whole call whose rows these are (the block walk,
+    # the linear model's chunks): the backends divide these rows' loss sum, z-loss part and
+    # gradient by it instead of their own rows' denominator, so that a 16-bit gradient is
+    # rounded once, after the scaling; None: the rows' own
+    denominator: float | None = None
 
     def mean_scale(self, denom) -> float:
         """The factor the summed loss and the gradient are scaled by: ``1 / denom`` for

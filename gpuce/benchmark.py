@@ -28,6 +28,7 @@ machinery: CSV, plot and table.
 from __future__ import annotations
 
 import argparse
+import math
 import csv
 import datetime as _dt
 import os
@@ -42,6 +43,10 @@ KEY = ("op", "provider", "mode", "dtype", "N", "C", "gpu_name")
 FIELDS = KEY + ("p20_ms", "p50_ms", "p80_ms", "gbps", "frac_of_copy", "peak_extra_mib", "note",
                 "timestamp", "version", "cpu_ms", "kernel_ms", "floor_ms", "frac_of_floor")
 CLASSES = (10, 100, 1000, 4096, 32768, 131072, 262144)
+# every provider name a sweep can run (--providers is checked against these; "fused[...]"
+# names the pinned fused variants of --variants)
+PROVIDERS = ("gpuce-fused", "gpuce-portable", "naive-cupy", "torch-eager", "torch-compile", "liger")
+BENCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
 TOTALS = (2**28, 2**30)
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -536,6 +541,14 @@ def fixed_marginal(rows, gpu_name: str, dtype="float32"):
     return out
 
 
+def _provider(text: str) -> str:
+    """A --providers name: one of PROVIDERS, or a pinned fused variant ``fused[...]``."""
+    if text in PROVIDERS or (text.startswith("fused[") and text.endswith("]")):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown provider {text!r}; known: {', '.join(PROVIDERS)} "
+                                     "(and fused[<variant>] with --variants)")
+
+
 def parse_count(text: str) -> int:
     """A positive count written as ``1048576``, ``2**30``, ``2^30`` or ``1e6`` (no eval)."""
     t = str(text).strip().replace("^", "**")
@@ -555,16 +568,20 @@ def parse_count(text: str) -> int:
 # ------------------------------------------------------------------------------ entry point
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gpuce bench", description=__doc__,
+    from ._help import plain_text
+
+    p = argparse.ArgumentParser(prog="gpuce bench", description=plain_text(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classes", type=int, nargs="+", default=list(CLASSES), help="class counts C of the sweep")
+    p.add_argument("--classes", type=parse_count, nargs="+", default=list(CLASSES),
+                   help="class counts C of the sweep (positive)")
     p.add_argument("--totals", type=parse_count, nargs="+", default=list(TOTALS),
                    help="N*C values, e.g. 2**28 2**30")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "float16"],
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=BENCH_DTYPES,
+                   metavar="DTYPE",
                    help="logits dtypes (float16, bfloat16, float32, float64); the first one's table is printed")
-    p.add_argument("--providers", nargs="+", default=None,
-                   help="only these providers (names as in the CSV: gpuce-fused, torch-compile, liger, ...)")
-    p.add_argument("--repeat", type=int, default=20, help="timed calls a point (after 2 warm-ups)")
+    p.add_argument("--providers", nargs="+", default=None, type=_provider,
+                   help="only these providers (names as in the CSV: " + ", ".join(PROVIDERS) + ")")
+    p.add_argument("--repeat", type=parse_count, default=20, help="timed calls a point (after 2 warm-ups)")
     p.add_argument("--results-dir", type=Path, default=None,
                    help="where the CSV and the plot go (default: bench/results of the source tree; "
                         "with --dry a new temporary directory)")
@@ -582,11 +599,29 @@ def main(argv=None) -> int:
                    help="cap the logits at S tanh(f / S) in every provider (Gemma: 30); rows get op "
                         "softmax_cross_entropy_softcapS")
     a = p.parse_args(argv)
-    if a.dry and a.results_dir is None:  # a dry run never writes into the source tree
+    if a.softcap is not None and not (math.isfinite(a.softcap) and a.softcap > 0):
+        p.error(f"--softcap must be a finite number > 0, got {a.softcap}")
+    if a.merge and not a.merge.is_file():
+        p.error(f"--merge: no such file: {a.merge}")
+    if not (a.dry or a.merge):
+        from ._help import why_no_gpu
+
+        missing = why_no_gpu()
+        if missing is not None:
+            p.error(f"no GPU to measure on: {missing}; --dry checks the harness on the CPU")
+    if a.dry and a.results_dir is None:
+        # a dry run never writes into the source tree: a temporary directory, removed after
         import tempfile
 
-        a.results_dir = Path(tempfile.mkdtemp(prefix="gpuce-bench-dry-"))
-    results = a.results_dir or default_results_dir()
+        with tempfile.TemporaryDirectory(prefix="gpuce-bench-dry-") as tmp:
+            print(f"gpuce bench --dry: results in a temporary directory, removed at the end "
+                  f"(pass --results-dir to keep them)")
+            return _run(a, Path(tmp))
+    return _run(a, a.results_dir or default_results_dir())
+
+
+def _run(a, results: Path) -> int:
+    """The sweep (or the merge) of ``gpuce bench``'s parsed arguments, into ``results``."""
     if a.merge:
         rows = read_rows(a.merge)
         if not rows:

@@ -8,13 +8,15 @@ import time
 
 import numpy as np
 
+from . import _help
+
 
 def _best_backend(requested: str):
     """(array module, label) for ``gpuce demo --backend``: CuPy when it is installed and sees
     a GPU (or when asked for, else SystemExit saying which of the two is missing)."""
     if requested == "numpy":
         return np, "numpy (CPU)"
-    missing = _why_no_gpu()
+    missing = _help.why_no_gpu()
     if missing is None:
         import cupy
 
@@ -24,19 +26,6 @@ def _best_backend(requested: str):
     if requested == "cupy":
         raise SystemExit(f"gpuce demo: --backend cupy asked for, but {missing}")
     return np, f"numpy (CPU; {missing})"
-
-
-def _why_no_gpu():
-    """None when CuPy imports and sees a GPU; else why not, in words."""
-    try:
-        import cupy
-    except ImportError:
-        return "CuPy is not installed (pip install -e '.[cuda13]' or '.[cuda12]')"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, or the driver finds no device
-        return f"CuPy is installed but sees no GPU ({type(e).__name__}: {e})"
-    return None if n > 0 else "CuPy is installed but sees no GPU (0 devices)"
 
 
 def sce_check(xp, n=4096, c=1000, seed=0, out=print) -> bool:
@@ -68,9 +57,22 @@ def sce_check(xp, n=4096, c=1000, seed=0, out=print) -> bool:
     return ok
 
 
+def _check_png_path(png: str):
+    """SystemExit with one line unless the loss curve can be written at ``png`` (checked
+    before any training: its folder exists and is writable)."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(png)) or "."
+    if not os.path.isdir(folder):
+        raise SystemExit(f"gpuce demo: --png {png}: no such directory {folder}")
+    if not os.access(folder, os.W_OK) or os.path.isdir(png):
+        raise SystemExit(f"gpuce demo: --png {png}: cannot write a file there")
+
+
 def demo(args) -> int:
     from ._demo import train_digits
 
+    _check_png_path(args.png)
     xp, label = _best_backend(args.backend)
     print(f"gpuce demo -- backend: {label}")
     ok = train_digits(xp, label, png=args.png)
@@ -85,12 +87,18 @@ def check_kernels(args) -> int:
     from ._cuda import checks
 
     archs = tuple(args.arch)
+    missing = _why_no_nvrtc()
+    if missing is not None:
+        print(f"check-kernels: FAILED: cannot compile: {missing}")
+        return 1
     try:
         jobs = checks.compile_jobs(archs)
     except ImportError as e:
         print(f"check-kernels: FAILED: cannot compile without CuPy and NVRTC ({e}); "
-              "pip install -e '.[test]'")
+              "pip install cupy-cuda13x nvidia-cuda-nvrtc")
         return 1
+    print(f"check-kernels: compiling {len(jobs)} NVRTC programs for {', '.join(archs)} "
+          "(no GPU needed; about 2 minutes an architecture on 2 CPU cores)", flush=True)
     results = []
     bar = _progress_bar(len(jobs), "check-kernels")
     for i, (label, job) in enumerate(jobs, 1):
@@ -98,6 +106,10 @@ def check_kernels(args) -> int:
             print(f"[{i:{len(str(len(jobs)))}d}/{len(jobs)}] {label}", file=sys.stderr, flush=True)
         try:
             results.extend(job())
+        except ImportError as e:
+            print(f"check-kernels: FAILED: cannot compile without CuPy and NVRTC ({e}); "
+                  "pip install cupy-cuda13x nvidia-cuda-nvrtc")
+            return 1
         except RuntimeError as e:  # NVRTC refused a source: the suite fails the same way
             if bar is not None:
                 bar.close()
@@ -129,6 +141,21 @@ def check_kernels(args) -> int:
     return 0
 
 
+def _why_no_nvrtc():
+    """None when CuPy's NVRTC binding loads and compiles; else why not, in words."""
+    try:
+        from cupy.cuda import nvrtc
+    except ImportError as e:
+        return (f"CuPy is not installed or incomplete ({e}); "
+                "pip install cupy-cuda13x nvidia-cuda-nvrtc")
+    try:
+        nvrtc.getVersion()
+    except Exception as e:  # the NVRTC library itself is missing
+        return (f"CuPy cannot load NVRTC ({type(e).__name__}: {e}); "
+                "pip install nvidia-cuda-nvrtc")
+    return None
+
+
 def _progress_bar(total, desc):
     """A tqdm bar on a terminal (stderr a TTY, tqdm installed); else None."""
     if not sys.stderr.isatty():
@@ -141,19 +168,13 @@ def _progress_bar(total, desc):
 
 
 def bench(argv) -> int:
-    """``gpuce bench``: the benchmark suite (:func:`gpuce.benchmark.main`), with two CLI rules:
-    ``--dry`` writes into a fresh temporary directory unless ``--results-dir`` is given (never
-    into the source tree), and progress bars stay off when stderr is not a terminal."""
+    """``gpuce bench``: the benchmark suite (:func:`gpuce.benchmark.main`; ``--dry`` writes into a
+    temporary directory it removes, unless ``--results-dir`` is given), with progress bars off
+    when stderr is not a terminal."""
     from .benchmark import main as bench_main
 
     argv = list(argv)
     given = {a.split("=", 1)[0] for a in argv}
-    if "--dry" in given and "--results-dir" not in given and "--merge" not in given:
-        import tempfile
-
-        out = tempfile.mkdtemp(prefix="gpuce-bench-dry-")
-        print(f"gpuce bench --dry: results under {out} (pass --results-dir to choose)")
-        argv += ["--results-dir", out]
     if not sys.stderr.isatty() and "--no-progress" not in given and not {"-h", "--help"} & given:
         argv.append("--no-progress")
     return bench_main(argv)
@@ -168,7 +189,7 @@ def main(argv=None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpuce", description=__doc__)
+    p = argparse.ArgumentParser(prog="gpuce", description=_help.plain_text(__doc__))
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the main job on the best backend")
     d.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto",

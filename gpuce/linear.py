@@ -45,7 +45,7 @@ AUTO_CHUNK_FREE_SHARE = 0.5
 ROW_OVERHEAD_BYTES = 64  # per-row scalars of the kernels' prologue (weights, loss, lse, ...)
 # dtype in which dW accumulates across chunks, by input dtype (others: the input's own).
 # bfloat16 in float32: see the module docstring for the measured errors.
-DW_ACCUMULATE = {"bfloat16": np.dtype(np.float32)}
+DW_ACCUMULATE = {"bfloat16": np.dtype(np.float32), "float16": np.dtype(np.float32)}
 
 
 def auto_chunk_size(xp, n, c, itemsize, grads_bytes) -> int:
@@ -61,7 +61,7 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
                          weight=None, label_smoothing=0.0, z_loss=0.0, return_grad=False,
                          input_grad=True, check_finite=True, chunk_size=None,
                          grad_row_scale=None, softcap=None, return_stats=False,
-                         check_labels=True, _acc_grads=False):
+                         check_labels=True, _acc_grads=False, _denominator=None):
     r"""Loss of the linear softmax classifier f = X Wᵀ (+ bias) with L2 penalty on W.
 
     ``reduction="sum"`` with ``reg=λ`` is the classifier's total loss::
@@ -114,7 +114,8 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
 
     X, y may also be dask arrays chunked by rows (see :mod:`gpuce._dask`); the results
     are then dask arrays.  (``_acc_grads``, private: gradients left in the accumulation
-    dtype, float32 for float16/bfloat16, for the dask path to scale and round them once.)
+    dtype, float32 for float16/bfloat16, for the dask path to round them once; ``_denominator``, private: the mean's denominator of
+    a larger call whose row block X is, from the dask path.)
 
     Returns
     -------
@@ -148,11 +149,13 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         check_uint64_labels(xp, y, args)  # before any int64 cast, which would wrap them
         if args.check_labels:
             check_label_range(xp, y, args)  # over all rows first: errors name the caller's position
-    scale = 1.0
+    denominator = None
     if args.reduction == "mean":
-        denom = mean_denominator(xp, y, weight, args)
-        scale = args.mean_scale(denom)
-    X, W = xp.ascontiguousarray(X), xp.ascontiguousarray(W)  # cuBLAS reads dense rows
+        denominator = (mean_denominator(xp, y, weight, args) if _denominator is None
+                       else float(_denominator))
+    # cuBLAS reads dense rows: W whole (the size of dW), X a chunk at a time (below), so that an
+    # X in another order (Fortran, strided) costs a chunk-sized copy, never a copy of X
+    W = xp.ascontiguousarray(W)
 
     dX = dW = db = None
     if return_grad:
@@ -166,39 +169,51 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
     rows = chunk_size or auto_chunk_size(xp, n, c, X.dtype.itemsize, grads_bytes)
     rows = max(1, min(rows, n))
 
-    per_chunk = replace(args, reduction="none" if args.reduction == "none" else "sum",
-                        inplace=return_grad, labels_checked=True)
+    # each chunk runs with the call's reduction and, for "mean", the whole call's denominator:
+    # its gradient G_c is scaled inside the kernels, before it is rounded to X's dtype (once)
+    per_chunk = replace(args, inplace=return_grad, labels_checked=True, denominator=denominator)
     loss_rows = xp.empty(n, acc) if args.reduction == "none" else None
     total = xp.zeros((), np.float64)
     stats = BlockStats(xp, args) if args.return_stats else None
     buf = xp.empty((rows, c), X.dtype) if n else None  # the one chunk buffer: logits, then G
+    # 16-bit logits with row scales: G_c is formed in a float32 copy of the chunk's (16-bit)
+    # logits, scaled by the rows' g_i there and rounded to X's dtype once
+    widen = grad_row_scale is not None and X.dtype != acc
+    buf32 = xp.empty((rows, c), acc) if widen and n else None
     for s in range(0, n, rows):
         e = min(n, s + rows)
         m = e - s
-        Xc, f = X[s:e], buf[:m]
+        Xc, f = xp.ascontiguousarray(X[s:e]), buf[:m]
         if bias is not None:
             f[...] = bias
         gemm(xp, "N", "T", Xc, W, f, 1.0, 0.0 if bias is None else 1.0)
-        r, t, st = run_rows(xp, f, y[s:e], weight, replace(per_chunk, lead_shape=(m,), n=m),
-                            f if return_grad else None)
+        chunk_args = replace(per_chunk, lead_shape=(m,), n=m)
+        if widen:
+            f32 = buf32[:m]
+            f32[...] = f  # exact: float16 and bfloat16 widen to float32 without rounding
+            r, t, st = run_rows(xp, f32, y[s:e], weight, chunk_args, f32)
+            f32 *= grad_row_scale[s:e, None].astype(acc, copy=False)
+            f[...] = f32  # G_c rounded once, after every scaling
+        else:
+            r, t, st = run_rows(xp, f, y[s:e], weight, chunk_args, f if return_grad else None)
+            if grad_row_scale is not None:  # f in the accumulation dtype: one rounding
+                f *= grad_row_scale[s:e, None].astype(acc, copy=False)
         if loss_rows is not None:
             loss_rows[s:e] = r
         else:
             total += t
         if stats is not None:
             stats.add(s, e, st, y[s:e])
-        if grad_row_scale is not None:
-            f *= grad_row_scale[s:e, None]
         if return_grad:  # f now holds G_c = ∂(Σ_c g_i L_i)/∂f_c (g = 1 unless grad_row_scale)
-            gemm(xp, "T", "N", f, Xc, dW, scale, 1.0)
+            gemm(xp, "T", "N", f, Xc, dW, 1.0, 1.0)
             if dX is not None:
-                gemm(xp, "N", "N", f, W, dX[s:e], scale, 0.0)
+                gemm(xp, "N", "N", f, W, dX[s:e], 1.0, 0.0)
             if db is not None:
-                db += column_sums(xp, f, acc) * acc.type(scale)
+                db += column_sums(xp, f, acc)
     if loss_rows is not None:
         loss = loss_rows
-    else:
-        loss = xp.asarray(total * scale, dtype=acc)
+    else:  # "mean": each chunk's sum was divided by the whole call's denominator already
+        loss = xp.asarray(total, dtype=acc)
         if reg:
             loss = loss + acc.type(0.5 * reg) * sum_squares(xp, W).astype(acc)
     grads = None
@@ -209,7 +224,7 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
             if dW.dtype != W.dtype:
                 dW = dW.astype(W.dtype)  # the float32 accumulation rounded once (to nearest even)
             grads = LinearGrads(dX, dW, None if db is None else db.astype(X.dtype))
-    st = stats.finish(scale) if stats is not None else None
+    st = stats.finish(1.0) if stats is not None else None
     return results(xp, args, loss, grads, st)
 
 

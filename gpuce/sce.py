@@ -153,6 +153,9 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     """
     check_impl(impl)
     xp = array_module(logits, target, weight)
+    if inplace is True and not getattr(getattr(logits, "dtype", None), "isnative", True):
+        raise ValueError(f"inplace=True needs logits in native byte order, got {logits.dtype}: "
+                         "the gradient would be written into a native-order copy")
     logits, target, weight = (asarray(xp, v) for v in (logits, target, weight))
     args = sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
                     label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
@@ -216,10 +219,11 @@ def public_stats(xp, args: SceArgs, st: SceStats) -> SceStats:
 
 class BlockStats:
     """The statistics of one call assembled from row blocks (the block walk, the chunked
-    linear model), each block run with reduction "none" or "sum" and return_stats.
+    linear model), each block run with the call's reduction (for "mean" with the whole call's
+    denominator, ``SceArgs.denominator``) and return_stats.
 
     ``add`` takes a block's SceStats: its lse (and for "none" its per-row z-loss and
-    accuracy) go to their rows; for "sum" the z-loss part is added, and the number of
+    accuracy) go to their rows; otherwise the z-loss part is added, and the number of
     correct rows recovered as ``rint(accuracy * counted)`` (counted: the block's
     non-ignored rows; exact while a block has fewer than 2^22 rows).  ``finish(scale)``
     gives the SceStats of the whole call in the backends' (N,)-row form.  Nothing is read
@@ -272,20 +276,20 @@ def walk_blocks(xp, logits, target, weight, args: SceArgs, impl="auto"):
 
     Labels are checked and the mean's denominator computed over all rows first (the chunked
     linear model's helpers); then blocks of consecutive rows (:func:`gpuce._blocks.row_blocks`)
-    run through :func:`gpuce._rows.run_rows` with reduction "sum" (or "none"), the gradient written
-    through each block's view of the caller-shaped output and scaled by 1/denominator for
-    "mean".  Extra memory: one block's copy of the logits (and target) when the block itself
-    has no (rows, C) view, plus the backend's own chunk buffers.
+    run through :func:`gpuce._rows.run_rows` with the call's reduction and, for "mean", the whole
+    call's denominator (``SceArgs.denominator``), so that each block's gradient is scaled
+    before it is rounded to the logits' dtype, once, as in the unwalked call; the gradient is
+    written through each block's view of the caller-shaped output.  Extra memory: one block's
+    copy of the logits (and target) when the block itself has no (rows, C) view, plus the
+    backend's own chunk buffers.
     """
     c = args.c
     if args.kind == "label" and args.check_labels:
         check_labels(xp, target, args)  # over all rows first: errors name the caller's position
-    denom = scale = 1.0
+    denominator = None
     if args.reduction == "mean":
-        denom = mean_denominator(xp, target, weight, args)
-        scale = args.mean_scale(denom)
-    per_block = replace(args, reduction="none" if args.reduction == "none" else "sum",
-                        labels_checked=True)
+        denominator = mean_denominator(xp, target, weight, args)
+    per_block = replace(args, labels_checked=True, denominator=denominator)
     grad = None
     if args.return_grad:
         grad = logits if args.inplace else xp.empty(logits.shape, logits.dtype)
@@ -310,16 +314,11 @@ def walk_blocks(xp, logits, target, weight, args: SceArgs, impl="auto"):
             total += xp.asarray(t, dtype=np.float64)
         if stats is not None:
             stats.add(r0, r1, st, tb)
-        if gb is not None:
-            if scale != 1.0:
-                gb *= scale
-            if args.inplace and not shares_buffer(xp, x2, xb):
-                xb[...] = gb.reshape(xb.shape)
+        if gb is not None and args.inplace and not shares_buffer(xp, x2, xb):
+            xb[...] = gb.reshape(xb.shape)
     if loss_rows is not None:
         loss = loss_rows.reshape(args.lead_shape)
-    else:
-        if args.reduction == "mean":  # 0 over zero weight, as the unwalked path
-            total = total / denom if denom else xp.zeros((), np.float64)
+    else:  # "mean": each block's sum was divided by the whole call's denominator already
         loss = xp.asarray(total, dtype=args.acc)
-    st = stats.finish(scale) if stats is not None else None
+    st = stats.finish(1.0) if stats is not None else None
     return results(xp, args, loss, grad, st)

@@ -46,19 +46,91 @@ def test_no_eval_in_gpuce():
     assert not calls, f"eval/exec in gpuce: {calls}"
 
 
-def test_bench_dry_writes_to_a_temporary_directory(monkeypatch, capsys, tmp_path):
+def test_bench_dry_writes_to_a_temporary_directory_it_removes(monkeypatch, capsys, tmp_path):
     from gpuce import benchmark
 
     def refuse():
         raise AssertionError("gpuce bench --dry must not write into the source tree")
 
+    seen = []
+    real_run = benchmark._run
+
+    def run(a, results):
+        seen.append(results)
+        code = real_run(a, results)
+        assert (results / "dry_sce.csv").exists()  # written while the run lasts
+        return code
+
     monkeypatch.setattr(benchmark, "default_results_dir", refuse)
+    monkeypatch.setattr(benchmark, "_run", run)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     assert cli.main(["bench", "--dry", "--classes", "10", "--repeat", "2"]) == 0
+    assert "removed at the end" in capsys.readouterr().out
+    assert len(seen) == 1 and seen[0].parent == tmp_path
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--classes", "0"], "positive count"),
+    (["--classes", "-5"], "positive count"),
+    (["--classes", "ten"], "expected a count"),
+    (["--dtypes", "float8"], "invalid choice: 'float8'"),
+    (["--providers", "nosuch"], "unknown provider 'nosuch'"),
+    (["--repeat", "0"], "positive count"),
+    (["--softcap", "-1"], "softcap must be a finite number > 0"),
+    (["--merge", "/nonexistent/rows.csv"], "no such file"),
+])
+def test_bench_bad_arguments_get_one_line_before_any_work(monkeypatch, capsys, argv, message):
+    from gpuce import benchmark
+
+    def refuse(*a, **k):
+        raise AssertionError("no work may start on bad arguments")
+
+    monkeypatch.setattr(benchmark, "_run", refuse)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--dry", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("gpuce bench: error:") and message in err
+
+
+def test_bench_without_a_gpu_says_so_and_names_dry(monkeypatch, capsys):
+    from gpuce import _help, benchmark
+
+    monkeypatch.setattr(_help, "why_no_gpu", lambda: "CuPy is installed but sees no GPU")
+    monkeypatch.setattr(benchmark, "_run", lambda *a: pytest.fail("measured without a GPU"))
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--classes", "10"])
+    err = capsys.readouterr().err
+    assert "no GPU to measure on" in err and "--dry" in err and "Traceback" not in err
+
+
+def test_demo_checks_the_png_path_before_training(monkeypatch, tmp_path):
+    from gpuce import _demo
+
+    monkeypatch.setattr(_demo, "train_digits", lambda *a, **k: pytest.fail("trained first"))
+    with pytest.raises(SystemExit, match="no such directory"):
+        cli.main(["demo", "--backend", "numpy", "--png", str(tmp_path / "missing" / "x.png")])
+    with pytest.raises(SystemExit, match="cannot write"):
+        cli.main(["demo", "--backend", "numpy", "--png", str(tmp_path)])
+
+
+def test_check_kernels_without_cupy_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", None)
+    assert cli.main(["check-kernels"]) == 1
     out = capsys.readouterr().out
-    (made,) = tmp_path.glob("gpuce-bench-dry-*")
-    assert (made / "dry_sce.csv").exists()
-    assert str(made) in out
+    assert out.startswith("check-kernels: FAILED: cannot compile") and "pip install" in out
+    assert "Traceback" not in out
+
+
+def test_help_has_no_rest_markup(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out
 
 
 def test_bench_dry_into_a_given_directory(capsys, tmp_path):

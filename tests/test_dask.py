@@ -216,15 +216,17 @@ def test_large_operands_are_broadcast(client, monkeypatch):
 
 
 def test_graph_is_a_tree_with_one_key_per_operand():
-    """One part task per block, blocks - 1 additions, one finish; W (240 bytes, below the
-    scatter threshold) is one key."""
+    """For "mean": one denominator task per label block and blocks - 1 additions (the
+    blocks scale their gradients by it), then one part task per block, blocks - 1 additions,
+    one finish; W (240 bytes, below the scatter threshold) is one key."""
     rng = np.random.default_rng(2)
     X, W, y = data(rng, 80, 5, 6, "label", np.float64)
     loss, g = gpuce.linear_cross_entropy(split(X), W, split(y), return_grad=True)
     graph = {**dict(loss.__dask_graph__()), **dict(g.W.__dask_graph__())}
     names = [key_split(k) for k in graph]
+    assert names.count("gpuce-denominator") == 4
     assert names.count("gpuce-linear-part") == 4
-    assert names.count("gpuce-combine") == 3
+    assert names.count("gpuce-combine") == 3 + 3
     assert names.count("gpuce-linear-finish") == 1
     assert names.count("gpuce-W") == 1
 

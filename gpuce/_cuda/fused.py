@@ -526,21 +526,24 @@ def _layout(a):
 
 
 def recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, grad_out, pinned=None,
-           grid=None) -> Recipe:
+           grid=None, denominator=None) -> Recipe:
     """The :class:`Recipe` of a call (remembered by signature; see :func:`launch`)."""
     key = (device_id(), x2.shape, x2.strides, x2.data.ptr & 15, x2.dtype, None if lbl is None else lbl.dtype,
-           _layout(y2), _layout(grad_out), w is None, acc, eps, z, softcap, ignore_index, reduction, pinned, grid)
+           _layout(y2), _layout(grad_out), w is None, acc, eps, z, softcap, ignore_index, reduction, pinned, grid,
+           denominator)
     r = _RECIPES.get(key)
     if r is None:
         r = _make_recipe(x2, lbl, y2, w, acc=acc, eps=eps, z=z, softcap=softcap, ignore_index=ignore_index,
-                         reduction=reduction, grad_out=grad_out, pinned=pinned, grid=grid)
+                         reduction=reduction, grad_out=grad_out, pinned=pinned, grid=grid,
+                         denominator=denominator)
         if len(_RECIPES) >= RECIPES_MAX:
             _RECIPES.clear()
         _RECIPES[key] = r
     return r
 
 
-def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, grad_out, pinned, grid):
+def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, grad_out, pinned, grid,
+                 denominator=None):
     n, c = x2.shape
     if c > MAX_CLASSES:
         raise ValueError(f"the fused kernels take at most {MAX_CLASSES} classes, got {c}")
@@ -549,8 +552,11 @@ def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reductio
     p, _, dev = choose(x2, target, index, y2, grad_out, pinned, softcap=bool(softcap))
     inv_from_ws = 0
     inv = 1.0
-    denominator = reduction == "mean" and lbl is not None
-    if reduction == "mean" and lbl is None:
+    given = denominator  # the whole call's denominator (a block of it), or None
+    denominator = reduction == "mean" and lbl is not None and given is None
+    if reduction == "mean" and given is not None:
+        inv = 0.0 if given == 0 else 1.0 / given
+    elif reduction == "mean" and lbl is None:
         inv = 1.0 / n
     prologue, blocks, pro_scalars = None, 0, ()
     if denominator or w is not None:  # the prologue: the weights' check and / or the denominator
@@ -571,7 +577,8 @@ def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reductio
 
 
 def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, loss_out, lse_out,
-           correct_out, grad_out, total_out, stats_out, bad_out, pinned=None, grid=None, ws=None) -> Plan:
+           correct_out, grad_out, total_out, stats_out, bad_out, pinned=None, grid=None, ws=None,
+           denominator=None) -> Plan:
     """Run the fused path: the prologue where the call needs one (class weights to check, or the
     denominator of reduction "mean" with labels), then the fused kernel.  Nothing else is
     launched and nothing waits for the device.
@@ -583,7 +590,9 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     accuracy]; bad_out (2,) int64 (the first bad label position, N when none; the first class
     weight that is NaN, infinite or negative, -1 when none: the results are then NaN).  ``grid``
     overrides the one-wave grid (the probe's sweep; a multiple of the cluster size); ``ws`` is
-    the stream's :func:`workspace` where the caller has it already.
+    the stream's :func:`workspace` where the caller has it already.  ``denominator``: the
+    "mean" reduction's denominator when the rows are one block of a larger call (no prologue
+    computes it then), or None.
 
     The plan, the kernels, the grids and the scalar arguments come from the call's
     :func:`recipe`, worked out once per signature: a repeated call only looks it up and
@@ -592,7 +601,7 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     import cupy
 
     r = recipe(x2, lbl, y2, w, acc=acc, eps=eps, z=z, softcap=softcap, ignore_index=ignore_index,
-               reduction=reduction, grad_out=grad_out, pinned=pinned, grid=grid)
+               reduction=reduction, grad_out=grad_out, pinned=pinned, grid=grid, denominator=denominator)
     if ws is None:
         ws = workspace(cupy)
     if r.prologue is not None:

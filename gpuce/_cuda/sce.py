@@ -144,7 +144,8 @@ def _fused_rows(cp, x2, target, weight, args, grad_out, variant):
     bad = cp.empty(2, cp.int64) if check else None
     fused.launch(
         xk, lbl, y2, w, acc=acc, eps=args.label_smoothing, z=args.z_loss, softcap=args.softcap,
-        ignore_index=args.ignore_index, reduction=args.reduction, loss_out=rows, lse_out=lse,
+        ignore_index=args.ignore_index, reduction=args.reduction, denominator=args.denominator,
+        loss_out=rows, lse_out=lse,
         correct_out=correct, grad_out=out, total_out=total, stats_out=stats_out, bad_out=bad,
         pinned=variant, ws=ws)
     if grad_out is not None and out is not grad_out:  # a unit-column copy was written
@@ -191,6 +192,8 @@ def _portable_rows(cp, x2, target, weight, args, grad_out):
         denom = cp.asarray(float(n), dtype=cp.float64)
         wl = cp.zeros(n, acc)
         active = cp.ones(n, bool)
+    if args.denominator is not None:  # one block of a larger call: its denominator
+        denom = cp.asarray(float(args.denominator), dtype=cp.float64)
     nz = denom != 0
     inv = cp.where(nz, 1.0 / cp.where(nz, denom, 1.0), 0.0) if args.reduction == "mean" else cp.ones((), cp.float64)
     if wbad is not None:  # a bad class weight: NaN results, as the fused kernels give

@@ -1,0 +1,146 @@
+"""16-bit gradients are rounded once, from float32, after every scaling, on every path.
+
+The contiguous call scales the float32 gradient by the reduction's 1/denominator inside the
+kernels and rounds it once.  The paths that split the rows into blocks (logits whose leading
+dimensions do not merge, the chunked linear model, its row scales) must give the very same
+16-bit values, not a block's unscaled gradient rounded and then scaled (a second rounding,
+and an overflow of float16 where the unscaled gradient passes 65504: class weights of 1e5).
+"""
+
+import numpy as np
+import pytest
+
+import gpuce
+from gpuce import _rows
+from helpers import BFLOAT16, rng_for, to_numpy
+
+F16 = np.dtype(np.float16)
+HALVES = [pytest.param(F16, id="float16"), pytest.param(BFLOAT16, id="bfloat16")]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few rows, so that even small walked inputs take many blocks."""
+    monkeypatch.setattr(_rows, "WALK_BLOCK_ELEMENTS_NUMPY", 64)
+    monkeypatch.setattr(_rows, "WALK_BLOCK_ELEMENTS_CUPY", 64)
+
+
+def walked(x):
+    """(B, T, C) logits as the (T, B, C) transpose: no (N, C) view, the block walk's input."""
+    return x.transpose(1, 0, 2)
+
+
+def labels(rng, shape, c):
+    y = rng.integers(0, c, shape)
+    y[rng.random(shape) < 0.2] = -100
+    return y
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("big_weights", [False, True])
+def test_walked_equals_contiguous(xp, small_blocks, dtype, reduction, big_weights):
+    rng = rng_for("walk", dtype.name, reduction, big_weights)
+    b, t, c = 6, 5, 16
+    xw = walked((rng.standard_normal((b, t, c)) * 3).astype(dtype))
+    y = labels(rng, (t, b), c)
+    w = None
+    if big_weights:  # the unscaled float16 gradient overflows; the mean's is about 1
+        w = np.full(c, 1e5, np.float32)
+    if dtype == BFLOAT16 and big_weights and reduction != "mean":
+        pytest.skip("bfloat16's range holds these sums either way: nothing to see")
+    xc = np.ascontiguousarray(xw)
+    opts = dict(reduction=reduction, return_grad=True,
+                weight=None if w is None else xp.asarray(w))
+    loss_w, grad_w = gpuce.softmax_cross_entropy(xp.asarray(xw), xp.asarray(y), **opts)
+    loss_c, grad_c = gpuce.softmax_cross_entropy(xp.asarray(xc), xp.asarray(y), **opts)
+    if reduction == "mean":
+        assert np.isfinite(to_numpy(grad_w).astype(np.float64)).all()
+    np.testing.assert_array_equal(to_numpy(grad_w).astype(np.float64),
+                                  to_numpy(grad_c).astype(np.float64))
+    np.testing.assert_allclose(to_numpy(loss_w), to_numpy(loss_c), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_walked_inplace_equals_contiguous(xp, small_blocks, dtype):
+    rng = rng_for("walk-inplace", dtype.name)
+    x = walked((rng.standard_normal((4, 7, 12)) * 3).astype(dtype))
+    y = labels(rng, (7, 4), 12)
+    expected = gpuce.softmax_cross_entropy(xp.asarray(np.ascontiguousarray(x)), xp.asarray(y),
+                                           return_grad=True)[1]
+    xd = xp.asarray(np.ascontiguousarray(x.transpose(1, 0, 2))).transpose(1, 0, 2)
+    _, grad = gpuce.softmax_cross_entropy(xd, xp.asarray(y), return_grad=True, inplace=True)
+    assert grad is xd
+    np.testing.assert_array_equal(to_numpy(grad).astype(np.float64),
+                                  to_numpy(expected).astype(np.float64))
+
+
+def linear_problem(rng, dtype, n=40, d=8, c=24):
+    X = (rng.standard_normal((n, d))).astype(dtype)
+    W = (rng.standard_normal((c, d)) * 0.5).astype(dtype)
+    y = labels(rng, n, c)
+    return X, W, y
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("big_weights", [False, True])
+def test_linear_chunks_equal_one_chunk(xp, dtype, big_weights):
+    """dX is row-local: the same bits in chunks of 7 rows as in one chunk; dW and db sum the
+    chunks in float32 and round once, so they agree to one rounding."""
+    rng = rng_for("linear", dtype.name, big_weights)
+    X, W, y = linear_problem(rng, dtype)
+    c = W.shape[0]
+    w = np.full(c, 1e5, np.float32) if big_weights else None
+    b = np.zeros(c, dtype)
+    out = {}
+    for chunk in (7, None):
+        _, g = gpuce.linear_cross_entropy(
+            xp.asarray(X), xp.asarray(W), xp.asarray(y), bias=xp.asarray(b),
+            weight=None if w is None else xp.asarray(w), return_grad=True, chunk_size=chunk)
+        out[chunk] = [to_numpy(a).astype(np.float64) for a in g]
+    for a in out[7]:
+        assert np.isfinite(a).all()
+    np.testing.assert_array_equal(out[7][0], out[None][0])
+    unit = 2.0**-11 if dtype == F16 else 2.0**-8
+    for a, e in zip(out[7][1:], out[None][1:]):
+        np.testing.assert_allclose(a, e, rtol=2 * unit, atol=1e-6 * np.abs(e).max())
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_linear_row_scales_round_once(xp, dtype):
+    """reduction="none" with row scales g_i = 1/N (no ignored rows, no weights) is the mean's
+    gradient: the scaled G must be rounded once, giving the mean's very bits."""
+    rng = rng_for("row-scale", dtype.name)
+    X, W, _ = linear_problem(rng, dtype)
+    n, c = X.shape[0], W.shape[0]
+    y = rng.integers(0, c, n)
+    Xd, Wd, yd = xp.asarray(X), xp.asarray(W), xp.asarray(y)
+    _, g_mean = gpuce.linear_cross_entropy(Xd, Wd, yd, return_grad=True, chunk_size=9)
+    scale = xp.full(n, 1.0 / n, np.float32)
+    _, g_rows = gpuce.linear_cross_entropy(Xd, Wd, yd, reduction="none", return_grad=True,
+                                           grad_row_scale=scale, chunk_size=9)
+    np.testing.assert_array_equal(to_numpy(g_rows.X).astype(np.float64),
+                                  to_numpy(g_mean.X).astype(np.float64))
+    np.testing.assert_array_equal(to_numpy(g_rows.W).astype(np.float64),
+                                  to_numpy(g_mean.W).astype(np.float64))
+
+
+def test_linear_fortran_x_is_not_copied_whole():
+    """A Fortran-ordered X is read a chunk at a time (a chunk-sized copy), never copied whole."""
+    import tracemalloc
+
+    rng = rng_for("fortran")
+    n, d, c = 20000, 64, 8
+    X = np.asfortranarray(rng.standard_normal((n, d)).astype(np.float32))
+    W = rng.standard_normal((c, d)).astype(np.float32)
+    y = rng.integers(0, c, n)
+    expected = gpuce.linear_cross_entropy(np.ascontiguousarray(X), W, y, chunk_size=1000)
+    tracemalloc.start()
+    try:
+        loss = gpuce.linear_cross_entropy(X, W, y, chunk_size=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # a copy of X would be X.nbytes; the finiteness check's flags are a byte an element
+    assert peak < X.nbytes / 2, f"peak {peak} bytes for an X of {X.nbytes}"
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
