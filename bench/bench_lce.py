@@ -1,7 +1,7 @@
 """Large-vocabulary linear cross-entropy: time and peak memory of loss + gradients.
 
 One call of each provider computes the mean loss of ``F.cross_entropy(X Wᵀ, y)`` and the
-gradients dX and dW, on one GPU, at the shapes of issue 14 (float32, float16 and bfloat16):
+gradients dX and dW, on one GPU, at the target shapes (float32, float16 and bfloat16):
 
 * ``cce``      Cut Cross-Entropy's published shape, N = 8192, D = 2304, C = 256000
 * ``llm``      a current LLM head, N = 16384 tokens, D = 4096, C = 128256
@@ -19,7 +19,7 @@ Providers:
                        skips small gradient blocks), where importable
 
 Peak memory is what a call adds on top of its inputs (CuPy's pool growth plus torch's peak);
-the lower bound is the dX and dW outputs.  Goals (issue 14): gpuce's peak extra <= 1.1x the
+the lower bound is the dX and dW outputs.  Goals: gpuce's peak extra <= 1.1x the
 lower bound, time <= 1.15x the three GEMMs (the trainer shape: <= 1.3x), faster than Liger and
 CCE.  Matrix products run without TF32 in every provider that uses cuBLAS (CuPy's and torch's
 defaults); Triton-based providers choose their own.

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU machine (run from the repo root):
+# The one prepared script for a GPU machine (run from the repo root of a checkout there):
 #   GPU test suite -> probe -> demo -> benchmark suite -> ncu -> linear and large-vocabulary
-#   benchmarks; logs, CSVs and plots under $OUT (8 files at most come back), a short table
-#   last.  Back here, record the run with
-#   `gpuce bench --merge <files_at>/gpu_sce.csv --readme README.md` (upserts into
+#   benchmarks; logs, CSVs and plots in the folder $OUT, a short table last.  On the
+#   development checkout, with that folder copied back as gpu_out/, record the run with
+#   `gpuce bench --merge gpu_out/gpu_sce.csv --readme README.md` (upserts into
 #   bench/results/gpu_sce.csv, redraws the plot and the README table), copy probe.csv to
-#   bench/results/probe.csv, and write prediction and outcome into docs/performance.md.
-# Usage on the device:  bash bench/gpu_check.sh
+#   bench/results/probe.csv, and write prediction and outcome into docs/performance.md
+#   (CONTRIBUTING.md, "On a GPU machine").
+# Usage on the GPU machine:  bash bench/gpu_check.sh
 #   OUT        where logs go (default ./gpu_out)
 #   PARTS      which steps, default "tests probe" (about 5 minutes); then "bench" (about 8:
 #              the sweep at 2^30 with every provider, 2^28 for the fixed/marginal split, small C,
@@ -59,7 +60,7 @@ if has bench; then
   # the smaller size of the fixed/marginal split (no torch.compile: one compile a shape)
   timeout "${T_BENCH_SPLIT:-90}" python3 -m bench --no-progress --results-dir "$OUT" --totals 2**28 --classes 1000 4096 32768 131072 262144 \
     --dtypes float32 float16 --providers gpuce-fused gpuce-portable torch-eager liger --repeat 10 2>&1 | tee -a "$OUT/bench.log"
-  # the small-C target is stated at N = 2^24 rows (same CSV, its own rows)
+  # the small-C target is stated at N = 2^24 rows (same CSV, its own rows)
   timeout "${T_BENCH_SMALL:-60}" python3 -m bench --no-progress --results-dir "$OUT" --rows 2**24 --classes 10 100 \
     --dtypes float32 --providers gpuce-fused gpuce-portable torch-eager --repeat 10 2>&1 | tee -a "$OUT/bench.log"
   # Gemma's head: C = 256000, logits capped at 30 tanh(f / 30), bf16, against Liger with the same option

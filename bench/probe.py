@@ -15,7 +15,7 @@ labels; bf16 C = 32768), on one set of arrays:
 
 Writes probe.csv (tidy rows) under --out and prints a table last; host_profile.txt holds a
 cProfile of 2000 calls (where the host time of a call goes).  There is no label gate
-to remove in these kernels (rows are read whatever their label), so the issue's "kernel
+to remove in these kernels (rows are read whatever their label), so a "kernel
 without the label gate" experiment has no counterpart here.
 """
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         rec["copy"] = t50(lambda: cp.copyto(dst, x))
         rec["call"] = t50(lambda: gpuce.softmax_cross_entropy(x, y, return_grad=True))
         # no read-back: the host column is then the Python and launch overhead alone (the
-        # issue's 30 µs target); with the read-back it includes waiting for the kernels
+        # 30 µs target); with the read-back it includes waiting for the kernels
         rec["call, check_labels=False"] = t50(
             lambda: gpuce.softmax_cross_entropy(x, y, return_grad=True, check_labels=False))
         kernel = fused_kernel_only(cp, x, y)

@@ -282,7 +282,7 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
     CLI upserts there, so a sweep cut short by a time limit keeps what it measured).
     ``variants``: also time every other fused plan that can run the shape (each pinned through
     the backend's ``variant`` argument), as providers ``fused[<variant>]`` -- the data the
-    planner's order is set from.  ``rows``: a fixed N for every C instead of N = total // C (the issue's small-C
+    planner's order is set from.  ``rows``: a fixed N for every C instead of N = total // C (the small-C
     target is stated at N = 2^24)."""
     import cupy as cp
 

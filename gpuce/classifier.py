@@ -163,22 +163,49 @@ def _param(name, value, ok, expected):
         raise InvalidParameterError(f"{name} must be {expected}, got {value!r}")
 
 
-def _feature_scale(X, backend):
-    """s_j = max(1, max_i |x_ij|) as a host float64 (D,) array: the L-BFGS preconditioner.
+# rows a block of the preconditioner's pass over a dense in-memory X (about 2^20 values)
+SCALE_BLOCK_VALUES = 1 << 20
 
-    Dense X: two reductions (max and min), no |X| temporary; exact in any summation order, so a
-    dask fit and an in-memory fit of the same data precondition identically.
+
+def _feature_scale(X, backend):
+    """s_j, the L-BFGS preconditioner, as a host float64 (D,) array: the root mean square of
+    feature j rounded to a power of two, at least 1.
+
+    The objective's curvature along W_cj grows with the mean of x_ij², so θ_cj = W_cj s_j with
+    s_j ≈ rms_j evens the diagonal out (standardised features get s = 1: L-BFGS runs on the
+    problem as given, as scikit-learn's does); features of any magnitude (1e150) are fitted.
+    The mean is taken of (x / m)² with m = max |x| (no overflow), in blocks of rows (no
+    temporary of X's size).  A power of two makes θ / s exact and the scale the same in any
+    summation order (dask blocks, CuPy), but for an rms within rounding of a power's midpoint.
     """
+    n = X.shape[0]
     if _is_sparse(X):  # CSR: the stored entries by column index (implicit zeros give 0)
         top = np.zeros(X.shape[1])
         np.maximum.at(top, X.indices, np.abs(X.data))
-        return np.maximum(top, 1.0)
+        m = np.where(top > 0, top, 1.0)
+        ms = np.zeros(X.shape[1])
+        np.add.at(ms, X.indices, (X.data / m[X.indices]) ** 2)
     else:
         hi, lo = X.max(axis=0), X.min(axis=0)
         if backend == DASK:
             hi, lo = _dask.compute(hi, lo)
-        hi, lo = to_host(hi), to_host(lo)
-    return np.maximum(np.maximum(hi.astype(np.float64), -lo.astype(np.float64)), 1.0)
+        top = np.maximum(to_host(hi).astype(np.float64), -to_host(lo).astype(np.float64))
+        m = np.where(top > 0, top, 1.0)
+        if backend == DASK:
+            ms = to_host(_dask.compute((((X / m.astype(X.dtype)) ** 2).sum(axis=0)))[0])
+        else:
+            xp = array_module(X)
+            md = xp.asarray(m)
+            ms = xp.zeros(X.shape[1])
+            step = max(1, SCALE_BLOCK_VALUES // max(X.shape[1], 1))
+            for r0 in range(0, n, step):
+                block = X[r0:r0 + step].astype(np.float64) / md
+                ms += (block * block).sum(axis=0)
+            ms = to_host(ms)
+    rms = m * np.sqrt(np.asarray(ms, np.float64) / max(n, 1))
+    with np.errstate(divide="ignore"):
+        power = np.exp2(np.round(np.log2(np.where(rms > 0, rms, 1.0))))
+    return np.maximum(power, 1.0)
 
 
 class SoftmaxClassifier(*_bases()):
@@ -192,12 +219,13 @@ class SoftmaxClassifier(*_bases()):
         Learn an unpenalised bias per class.
     solver : {"lbfgs", "sgd"}
         "lbfgs": scipy.optimize L-BFGS-B on the objective / N with exact gradients.
-        It works in the variables θ_cj = W_cj s_j with s_j = max(1, max_i |x_ij|), a
-        diagonal preconditioning that leaves the objective and its optimum unchanged
-        and lets features of any magnitude be fitted (unscaled, features around 1e150
-        give gradients near 1e150 while J stays below N log C, and no line search step
-        can satisfy its sufficient-decrease test).  "sgd": minibatch SGD with momentum
-        on the device.
+        It works in the variables θ_cj = W_cj s_j with s_j the root mean square of
+        feature j rounded to a power of two (at least 1): a diagonal preconditioning that
+        leaves the objective and its optimum unchanged, evens out the curvature of
+        features of different scales (standardised features get s = 1) and lets features
+        of any magnitude be fitted (unscaled, features around 1e150 give gradients near
+        1e150 while J stays below N log C, and no line search step can satisfy its
+        sufficient-decrease test).  "sgd": minibatch SGD with momentum on the device.
     max_iter : int >= 1
         L-BFGS iterations or SGD epochs.
     tol : float >= 0
@@ -377,14 +405,21 @@ class SoftmaxClassifier(*_bases()):
             try:
                 X = X.astype(np.float64)
             except (TypeError, ValueError) as e:
-                raise ValueError(f"X of dtype object must hold numbers; converting it to float64 "
-                                 f"failed: {e}") from e
+                # the exception type NumPy raised (TypeError for a dict, ValueError for a
+                # string), as scikit-learn's check_array passes it on
+                raise type(e)(f"X of dtype object must hold numbers; converting it to float64 "
+                              f"failed: {e}") from e
         elif kind in "iub":
             X = X.astype(np.float64)
         elif kind != "f":
             raise ValueError(f"X must hold real numbers, got dtype {X.dtype}")
-        if X.shape[0] == 0 or X.shape[1] == 0:
-            raise ValueError(f"X has shape {X.shape}: at least 1 sample and 1 feature are required")
+        # scikit-learn's wording (its estimator checks match it)
+        if X.shape[0] == 0:
+            raise ValueError(f"Found array with 0 sample(s) (shape={X.shape}) while a minimum of 1 "
+                             "is required: at least 1 sample and 1 feature are required")
+        if X.shape[1] == 0:
+            raise ValueError(f"Found array with 0 feature(s) (shape={X.shape}) while a minimum of 1 "
+                             "is required: at least 1 sample and 1 feature are required")
         return xp, X
 
     @staticmethod

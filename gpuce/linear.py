@@ -15,7 +15,7 @@ peak extra memory is chunk x C + N x D + C x D.  On the GPU the products go thro
 
 bfloat16 dW accumulates in a float32 C x D array, rounded to bfloat16 once at the end
 (DW_ACCUMULATE).  Rounding dW to bfloat16 after every chunk's GEMM would add one rounding of
-relative size up to 2⁻⁹ per chunk, and those add up with the chunk count, where float32
+relative size up to 2⁻⁸ per chunk, and those add up with the chunk count, where float32
 accumulation keeps the error of rounding the exact dW to bfloat16 once (the measurement:
 docs/semantics.md, "Large vocabularies").  The price is C x D float32 (twice
 bfloat16 dW) of extra memory.

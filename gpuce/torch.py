@@ -215,6 +215,23 @@ def _capped(logits, softcap):
     return logits if not softcap else torch.tanh(logits / softcap) * softcap
 
 
+def _autocast_dtype(t):
+    """The dtype torch.autocast casts to on t's device, or None where autocast is off there
+    (or t is not on a CPU or CUDA device)."""
+    dev = t.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _autocast_to(t, dtype):
+    """A floating tensor cast as autocast casts it (float64 kept, as torch's autocast keeps it),
+    anything else (None, integer class indices) as it is."""
+    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
+
+
 @contextlib.contextmanager
 def _device_of(t):
     """For a CUDA tensor: CuPy on its device and on torch's current stream there, so that
@@ -389,7 +406,10 @@ def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: O
     of the capped logits s·tanh(f/s) with a softcap).
     """
     d_input, d_target, d_weight = _none(logits), _none(logits), _none(logits)
-    if input_grad:
+    if input_grad and reduction == "none" and logits.dtype in _HALF:
+        d_input = _half_rows_grad(grad_loss, logits, target, weight, ignore_index,
+                                  label_smoothing, z_loss, softcap, check_labels)
+    elif input_grad:
         grad = _ce_op(logits, target, weight, reduction, ignore_index, label_smoothing,
                       z_loss, True, softcap, False, check_labels)[1]
         go = grad_loss.to(grad.dtype)
@@ -407,6 +427,26 @@ def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: O
         if dw is not None:
             d_weight = dw.to(weight.dtype).contiguous()
     return d_input, d_target, d_weight
+
+
+def _half_rows_grad(grad_loss, logits, target, weight, ignore_index, label_smoothing, z_loss,
+                    softcap, check_labels):
+    """The gradient of Σ_i g_i L_i for 16-bit logits, rounded once: row blocks of about 2^22
+    values widened to float32 (exact), their float32 gradient scaled by the rows' g_i there,
+    then rounded to the logits' dtype.  (Scaling a 16-bit gradient by g_i would round it
+    twice, and lose what underflows before the scaling.)"""
+    c = logits.shape[-1]
+    x2 = logits.reshape(-1, c)
+    t2 = target.reshape(-1, c) if target.is_floating_point() else target.reshape(-1)
+    g2 = grad_loss.reshape(-1).to(torch.float32)
+    out = torch.empty(x2.shape, dtype=logits.dtype, device=logits.device)
+    step = max(1, (1 << 22) // max(c, 1))
+    for lo in range(0, x2.shape[0], step):
+        hi = min(x2.shape[0], lo + step)
+        grad = _ce_op(x2[lo:hi].to(torch.float32), t2[lo:hi], weight, "none", ignore_index,
+                      label_smoothing, z_loss, True, softcap, False, check_labels)[1]
+        out[lo:hi] = grad * g2[lo:hi, None]  # float32, then rounded once by the copy
+    return out.reshape(logits.shape)
 
 
 @_ce_backward_op.register_fake
@@ -469,7 +509,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     gpuce lacks (float8 types, integers, ...), and for bfloat16 where ml_dtypes is missing.
 
     float16 and bfloat16 are computed in float32; the loss and the gradients are rounded
-    once to the input's dtype (to nearest even), as torch returns them.
+    once to the input's dtype (to nearest even), as torch returns them.  With
+    reduction="none" the 16-bit gradient is formed in backward, each row's float32 gradient
+    scaled by its incoming gradient before that one rounding.  With "mean" and "sum" the
+    gradient is formed in the forward pass for an incoming gradient of 1 and multiplied by
+    the incoming scalar in backward: exact for a power of two (1, a loss-scaling factor),
+    one more rounding otherwise.  Under ``torch.autocast`` the call runs in float32, as
+    torch's cross_entropy does there (float32 loss; the cast's backward rounds the gradient
+    once).
 
     See Also
     --------
@@ -495,11 +542,18 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                            "differentiable with respect to weight (as torch's nll_loss); "
                            "pass weight.detach(), or probability targets")
     softcap, return_stats, check_labels = _llm_options(softcap, return_stats, check_labels)
+    if _autocast_dtype(input) is not None:
+        # as torch's autocast runs cross_entropy: in float32, whatever the autocast dtype
+        # (the float32 gradient is rounded once, by the cast's backward)
+        input, target, weight = (_autocast_to(v, torch.float32) for v in (input, target, weight))
     x = input.movedim(1, -1) if input.dim() >= 2 else input  # gpuce: classes last
     t = target.movedim(1, -1) if prob and target.dim() >= 2 else target
+    # a 16-bit gradient for reduction="none" is formed in backward, where each row's incoming
+    # gradient is known, so that it is rounded once after that scaling (_half_rows_grad)
+    fused_grad = grad_mode and input.requires_grad and not (reduction == "none"
+                                                            and x.dtype in _HALF)
     out = _ce_op(x, t, weight, reduction, int(ignore_index), float(label_smoothing),
-                 float(z_loss), grad_mode and input.requires_grad, softcap, return_stats,
-                 check_labels)
+                 float(z_loss), fused_grad, softcap, return_stats, check_labels)
     if not return_stats:
         return out[0]
     return out[0], _V.SceStats(out[2], None if prob else out[3], out[4])
@@ -534,18 +588,20 @@ def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
             ce_weight: Optional[Tensor], reduction: str, ignore_index: int,
             label_smoothing: float, z_loss: float, chunk_size: Optional[int], input_grad: bool,
             need_grad: bool, softcap: float = 0.0, return_stats: bool = False,
-            check_labels: bool = True
+            check_labels: bool = True, acc_loss: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gpuce.linear_cross_entropy: the loss and, with need_grad (reductions "mean" and
     "sum" only), the gradients (dX only with input_grad, db only with a bias) of the loss,
     computed in the same chunked pass, then with return_stats the statistics z_loss,
-    accuracy, lse (empty tensors where not computed)."""
+    accuracy, lse (empty tensors where not computed).  The loss has x's dtype, or with
+    acc_loss the accumulation dtype (float32 for 16-bit x: autocast's cross-entropy)."""
+    loss_dtype = _acc_of(x.dtype) if acc_loss else x.dtype
     with _device_of(x):
         if need_grad and reduction != "none":
             out = _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index,
                                 label_smoothing, z_loss, chunk_size, input_grad, None, softcap,
                                 return_stats, check_labels)
-            return ((_to_tensor(out[0], x.dtype),) + _grad_tensors(out[1], x, w, bias)
+            return ((_to_tensor(out[0], loss_dtype),) + _grad_tensors(out[1], x, w, bias)
                     + _stats_tensors(out[-1], x, return_stats))
         arrays = [_to_array(v) for v in (x, w, target, bias, ce_weight)]
         out = _linear.linear_cross_entropy(
@@ -554,16 +610,17 @@ def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
             chunk_size=chunk_size, softcap=softcap or None, return_stats=return_stats,
             check_labels=check_labels)
         loss, st = out if return_stats else (out, None)
-        return ((_to_tensor(loss, x.dtype), _none(x), _none(x), _none(x))
+        return ((_to_tensor(loss, loss_dtype), _none(x), _none(x), _none(x))
                 + _stats_tensors(st, x, return_stats))
 
 
 @_lce_op.register_fake
 def _lce_fake(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoothing, z_loss,
               chunk_size, input_grad, need_grad, softcap=0.0, return_stats=False,
-              check_labels=True):
+              check_labels=True, acc_loss=False):
     _check_reduction(reduction)
-    loss = x.new_empty(x.shape[:1] if reduction == "none" else ())
+    loss = x.new_empty(x.shape[:1] if reduction == "none" else (),
+                       dtype=_acc_of(x.dtype) if acc_loss else x.dtype)
     stats = _stats_fake(x, x.shape[:1], reduction, not target.is_floating_point(), return_stats)
     if not need_grad or reduction == "none":
         return (loss, _none(x), _none(x), _none(x)) + stats
@@ -575,7 +632,7 @@ def _lce_setup_context(ctx, inputs, output):
     """Keeps the forward pass's gradients; the inputs only where backward runs gpuce's pass
     again (reduction="none", gradients for the target or ce_weight, or none computed)."""
     (x, w, target, bias, ce_weight, reduction, *opts, input_grad, need_grad, softcap, _,
-     check_labels) = inputs
+     check_labels, _acc_loss) = inputs
     need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
     ctx.mark_non_differentiable(*output[1:])  # the gradients and the statistics
     have = need_grad and reduction != "none" and (input_grad or not need_x)
@@ -605,7 +662,7 @@ def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
             need_t, need_cw, ctx.llm[0])
     grads = tuple(g if need else None for g, need in zip((d_x, d_w, d_t, d_b, d_cw),
                                                          (need_x, need_w, need_t, need_b, need_cw)))
-    return _first_order_only("linear_cross_entropy", grads) + (None,) * 10
+    return _first_order_only("linear_cross_entropy", grads) + (None,) * 11
 
 
 _lce_op.register_autograd(_lce_autograd_backward, setup_context=_lce_setup_context)
@@ -725,7 +782,10 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, re
     one, ce_weight are differentiable as in :func:`cross_entropy` (the logits are formed
     again in backward, chunk by chunk); a ce_weight that requires grad with class-index
     targets raises RuntimeError, as torch.  Double backward raises RuntimeError.  Works
-    inside ``torch.compile`` (``gpuce::linear_cross_entropy`` is opaque to it).
+    inside ``torch.compile`` (``gpuce::linear_cross_entropy`` is opaque to it).  Under
+    ``torch.autocast`` input, weight and bias are cast to the autocast dtype (as F.linear is
+    there, float64 kept) and the loss is float32 (as F.cross_entropy is there): a bfloat16
+    input with a float32 ``nn.Linear`` works as ``F.cross_entropy(F.linear(...))`` does.
 
     See Also
     --------
@@ -735,6 +795,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, re
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"gpuce.torch.linear_cross_entropy expects a tensor for {name}, "
                             f"got {type(t).__name__}")
+    cast = _autocast_dtype(input)
+    if cast is not None:
+        # as torch's autocast runs F.linear (its inputs cast to the autocast dtype) and then
+        # F.cross_entropy (in float32): 16-bit logits, float32 loss
+        input, weight, bias = (_autocast_to(v, cast) for v in (input, weight, bias))
     _check_dtype(input, "input")
     _check_dtype(weight, "weight")
     for t, name in ((bias, "bias"), (ce_weight, "ce_weight")):
@@ -767,7 +832,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, re
     out = _lce_op(x, weight, t, bias, ce_weight, reduction, int(ignore_index),
                   float(label_smoothing), float(z_loss), chunk_size,
                   need and input.requires_grad, need and reduction != "none", softcap,
-                  return_stats, check_labels)
+                  return_stats, check_labels, cast is not None)
     loss = out[0].reshape(lead) if reduction == "none" else out[0]
     if not return_stats:
         return loss

@@ -253,3 +253,48 @@ def test_linear_uint64_labels_in_range_work(xp, reduction):
     b = gpuce.linear_cross_entropy(xp.asarray(Xl), xp.asarray(W), xp.asarray(y), weight=w,
                                    reduction=reduction, chunk_size=4)
     np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+# ---- byte order and bool axes ---------------------------------------------------------------
+
+@pytest.mark.parametrize("order", [">", "<"])
+def test_byte_swapped_floats_are_read_as_their_values(order):
+    """NumPy arrays of either byte order (``x.astype(">f8")``) give the native results: the
+    logits, the probability targets, the class weights, and every row-wise function."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 7))
+    p = rng.random((6, 7))
+    p /= p.sum(1, keepdims=True)
+    w = rng.random(7) + 0.5
+    y = rng.integers(0, 7, 6)
+    sw = {k: v.astype(order + "f8") for k, v in dict(x=x, p=p, w=w).items()}
+    for target, native_target in ((y, y), (sw["p"], p)):
+        got = gpuce.softmax_cross_entropy(sw["x"], target, weight=sw["w"], return_grad=True)
+        want = gpuce.softmax_cross_entropy(x, native_target, weight=w, return_grad=True)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        np.testing.assert_array_equal(getattr(gpuce, name)(sw["x"].astype(order + "f4")),
+                                      getattr(gpuce, name)(x.astype(np.float32)))
+    for name, args, native in (("entropy", (sw["p"],), (p,)),
+                               ("cross_entropy", (sw["p"], sw["p"]), (p, p)),
+                               ("kl_div", (sw["p"], sw["p"]), (p, p))):
+        np.testing.assert_array_equal(getattr(gpuce, name)(*args), getattr(gpuce, name)(*native))
+    X, W = rng.standard_normal((5, 3)), rng.standard_normal((7, 3))
+    np.testing.assert_array_equal(
+        gpuce.linear_cross_entropy(X.astype(order + "f8"), W.astype(order + "f8"), y[:5]),
+        gpuce.linear_cross_entropy(X, W, y[:5]))
+
+
+def test_byte_swapped_logits_in_place_are_refused():
+    x = np.zeros((2, 3)).astype(">f8" if np.little_endian else "<f8")
+    with pytest.raises(ValueError, match="native byte order"):
+        gpuce.softmax_cross_entropy(x, np.array([0, 1]), return_grad=True, inplace=True)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp", "entropy"])
+@pytest.mark.parametrize("axis", [True, False, np.bool_(True)])
+def test_bool_axis_is_a_type_error(xp, name, axis):
+    x = xp.asarray(np.full((3, 4), 0.25, np.float32))
+    with pytest.raises(TypeError, match="axis must be an integer, got bool"):
+        getattr(gpuce, name)(x, axis=axis)

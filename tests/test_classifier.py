@@ -156,3 +156,28 @@ def test_backend_is_decided_by_the_dispatch_layer(monkeypatch):
     assert len(seen) == 2
     gpuce.SoftmaxClassifier().fit(X, y)  # in memory: not the dask form
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("reg", [0.1, 1.0])
+def test_lbfgs_on_standardised_digits_converges_like_sklearn(reg):
+    """The preconditioner (feature rms rounded to a power of two) leaves standardised data as
+    they are: at the defaults, no warning, and the loss curve reaches scikit-learn's final
+    objective within 1.5x its iteration count (iterations are deterministic; the times are in
+    bench/bench_linear.py)."""
+    import warnings
+
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_digits(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    sk = LogisticRegression(C=1 / reg, max_iter=10000).fit(X, y)
+    j_sk = float(gpuce.linear_cross_entropy(X, sk.coef_, y, bias=sk.intercept_, reg=reg,
+                                            reduction="sum"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ConvergenceWarning fails the test
+        clf = gpuce.SoftmaxClassifier(reg=reg).fit(X, y)
+    reach = next(i + 1 for i, j in enumerate(clf.loss_curve_) if j <= j_sk * (1 + 1e-12))
+    assert reach <= 1.5 * int(np.max(sk.n_iter_)), (reach, sk.n_iter_)
+    assert clf.objective(X, y) <= j_sk

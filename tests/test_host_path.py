@@ -4,7 +4,7 @@ arguments.
 The device-side calls are stubbed by bench/host_stub.py (fake device memory; allocation,
 device, stream and occupancy queries, and kernels that record their launches).  Any other
 CuPy operation would need the device and fail here, so these tests also prove that the
-default fused call launches nothing but the prologue and the fused kernel (issue 10: at most
+default fused call launches nothing but the prologue and the fused kernel (at most
 two launches, nothing else on the stream), and that a call whose launch recipe is remembered
 (gpuce._cuda.fused.recipe) passes its own arrays, never a previous call's.
 """

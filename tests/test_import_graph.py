@@ -97,3 +97,16 @@ def test_gpuce_has_no_import_cycle():
     assert "gpuce.sce" in graph and "gpuce._validation" in graph["gpuce.sce"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle in gpuce: " + " -> ".join(cycle)
+
+
+def test_import_gpuce_imports_no_heavy_optional_module():
+    """``import gpuce`` stays near NumPy's own import time: ml_dtypes (about 0.5 s), scipy,
+    dask, torch and CuPy are imported only where a call needs them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gpuce; "
+            "print(sorted(m for m in ('ml_dtypes', 'scipy', 'dask', 'torch', 'cupy', 'sklearn', "
+            "'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

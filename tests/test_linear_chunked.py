@@ -47,7 +47,7 @@ def test_every_option_every_chunking(xp, kind, reduction, with_bias, weighted, s
 @pytest.mark.parametrize("kind", ["label", "prob"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_float32_chunked_matches_unchunked(xp, kind, reduction):
-    """The issue's criterion: 1e-5 relative in float32, ignore_index rows included (data()
+    """The criterion: 1e-5 relative in float32, ignore_index rows included (data()
     ignores ~15 % of the labels), every option on."""
     rng = np.random.default_rng(7)
     n, d, c = 300, 24, 40

@@ -1,4 +1,4 @@
-"""Issue 15's LLM-head options (softcap, return_stats) and check_labels=False, on NumPy and
+"""The LLM-head options (softcap, return_stats) and check_labels=False, on NumPy and
 (with a GPU, through the ``xp`` fixture) on CuPy's fused and portable paths, against the
 float64 reference of tests/reference.py (softcap and the statistics written from their
 definitions there)."""

@@ -144,3 +144,36 @@ def test_linear_fortran_x_is_not_copied_whole():
     # a copy of X would be X.nbytes; the finiteness check's flags are a byte an element
     assert peak < X.nbytes / 2, f"peak {peak} bytes for an X of {X.nbytes}"
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "class-axis-1"])
+def test_torch_none_reduction_rounds_after_the_row_scales(dtype_name, layout):
+    """gpuce.torch.cross_entropy(..., reduction="none") backward with incoming row gradients
+    g_i: the 16-bit gradient is the float32 gradient of Σ g_i L_i rounded once, never a 16-bit
+    gradient scaled afterwards (tiny g_i would underflow it to 0 in float16)."""
+    torch = pytest.importorskip("torch")
+    import gpuce.torch as gt
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(11)
+    n, c = 12, 9
+    x = (torch.randn(n, c, generator=g) * 3).to(dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[3] = -100
+    # small row scales (float16 underflow bait), in the loss's dtype as autograd passes them
+    go = (torch.rand(n, generator=g) * 1e-4 + 1e-6).to(dtype)
+    xin = x.clone().requires_grad_(True)
+    arg = xin
+    if layout == "class-axis-1":  # (N, C, 1): gpuce reads the classes moved last
+        arg = xin.unsqueeze(-1)
+    loss = gt.cross_entropy(arg, y if layout == "contiguous" else y.unsqueeze(-1),
+                            reduction="none", label_smoothing=0.1)
+    loss.backward(go if layout == "contiguous" else go.unsqueeze(-1))
+    # expected: gpuce's float32 gradient of the same (exactly widened) values, scaled, rounded once
+    _, g32 = gpuce.softmax_cross_entropy(x.float().numpy(), y.numpy(), reduction="none",
+                                         return_grad=True, label_smoothing=0.1)
+    want = torch.from_numpy(g32 * go.float().numpy()[:, None]).to(dtype)
+    assert xin.grad.dtype == dtype
+    torch.testing.assert_close(xin.grad, want, rtol=0, atol=0)
+    assert (xin.grad != 0).float().mean() > 0.9  # nothing flushed to zero

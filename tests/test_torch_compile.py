@@ -41,8 +41,8 @@ def assert_all_close(got, want, dtype, what):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, i=i: f"{what}, output {i}: {m}")
 
 
-def test_issue_12_reproducers():
-    """The issue's cases, compiled as it compiled them (inductor, graph breaks allowed):
+def test_reported_compile_reproducers():
+    """The reported cases, compiled as they were reported (inductor, graph breaks allowed):
     default options on float64 (5, 7) logits, where dynamo traced gpuce's NumPy code and
     the gradient came out 0.2 off, and linear_cross_entropy's mean, about 1 off."""
     g = torch.Generator().manual_seed(seed_of("issue12"))
