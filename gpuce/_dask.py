@@ -393,7 +393,6 @@ def _linear_part(run, X, y, W, b, w, args, row0, opts, denominator=None):
                   _acc_grads=True, return_stats=args.return_stats, **opts)
     loss, g, st = _split_out(out, args)
     return {"loss": loss if red == "none" else loss.astype(np.float64),
-            "denom": _block_denominator(y, w, args),
             "dX": None if g is None else g.X, "dW": None if g is None else g.W,
             "db": None if g is None else g.bias, **_stats_part(y, st, args)}
 
@@ -470,7 +469,8 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
     dW = da.from_delayed(fin["dW"], shape=W.shape, dtype=W.dtype, meta=_meta(X, 2, W.dtype))
     db = (da.from_delayed(fin["db"], shape=(c,), dtype=X.dtype, meta=_meta(X, 1, X.dtype))
           if bias is not None else None)
-    dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X, scale=fin["scale"])
+    # each block's dX is final (scaled in the block): it waits for no other block
+    dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X)
           if input_grad else None)
     return _outputs(loss, LinearGrads(dX, dW, db), stats, args)
 

@@ -37,7 +37,7 @@ from scipy.sparse import issparse
 from . import _dask
 from ._backend import array_module, float64_accumulator, is_cupy_array, to_backend, to_host
 from ._dispatch import CUPY, DASK, HOST, backend_of
-from ._validation import is_bfloat16
+from ._validation import acc_dtype, is_bfloat16
 from .linear import linear_cross_entropy
 from .sce import softmax_cross_entropy
 from .softmax import log_softmax, softmax
@@ -191,8 +191,8 @@ def _feature_scale(X, backend):
             hi, lo = _dask.compute(hi, lo)
         top = np.maximum(to_host(hi).astype(np.float64), -to_host(lo).astype(np.float64))
         m = np.where(top > 0, top, 1.0)
-        if backend == DASK:
-            ms = to_host(_dask.compute((((X / m.astype(X.dtype)) ** 2).sum(axis=0)))[0])
+        if backend == DASK:  # in float64, as the in-memory branch (a 16-bit X included)
+            ms = to_host(_dask.compute(((X.astype(np.float64) / m) ** 2).sum(axis=0))[0])
         else:
             xp = array_module(X)
             md = xp.asarray(m)
@@ -698,6 +698,9 @@ class SoftmaxClassifier(*_bases()):
         W, b = self._params_for(xp, X.dtype)
         if _is_sparse(X):
             return backend, np.asarray(X @ W.T) + b
+        acc = acc_dtype(X.dtype)
+        if acc != X.dtype:  # 16-bit X: X Wᵀ + b in float32, rounded once to X's dtype
+            return backend, (X.astype(acc) @ W.T.astype(acc) + b.astype(acc)).astype(X.dtype)
         return backend, X @ W.T + b
 
     def decision_function(self, X):

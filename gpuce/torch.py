@@ -250,6 +250,15 @@ def _device_of(t):
             yield
 
 
+def _times_incoming(grad, grad_loss, rows=False):
+    """``grad`` times the incoming gradient (per row with ``rows``), the product formed in the
+    accumulation dtype and rounded once to grad's dtype: a float32 incoming gradient (the loss
+    of autocast) is never rounded to 16 bits first.  Exact for 1 and powers of two."""
+    acc = _acc_of(grad.dtype)
+    go = grad_loss.to(acc)
+    return (grad.to(acc) * (go.unsqueeze(-1) if rows else go)).to(grad.dtype)
+
+
 def _legacy_reduction(size_average, reduce, reduction):
     """torch's mapping of the deprecated size_average / reduce arguments."""
     if size_average is None and reduce is None:
@@ -376,8 +385,7 @@ def _ce_autograd_backward(ctx, grad_loss, *_grads_of_other_outputs):
     reduction = ctx.opts[0]
     d_x = d_t = d_w = None
     if need_x and not ctx.recompute:
-        go = grad_loss.to(grad.dtype)
-        d_x = grad * (go.unsqueeze(-1) if reduction == "none" else go)
+        d_x = _times_incoming(grad, grad_loss, reduction == "none")
     if ctx.recompute or need_t or need_w:
         d = torch.ops.gpuce.cross_entropy_backward(grad_loss, logits, target, weight, *ctx.opts,
                                                    ctx.recompute, need_t, need_w, *ctx.llm)
@@ -412,8 +420,7 @@ def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: O
     elif input_grad:
         grad = _ce_op(logits, target, weight, reduction, ignore_index, label_smoothing,
                       z_loss, True, softcap, False, check_labels)[1]
-        go = grad_loss.to(grad.dtype)
-        d_input = grad * (go.unsqueeze(-1) if reduction == "none" else go)
+        d_input = _times_incoming(grad, grad_loss, reduction == "none")
     if target_grad or weight_grad:
         c = logits.shape[-1]
         acc = torch.float32 if logits.dtype in _HALF else logits.dtype
@@ -652,9 +659,8 @@ def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
         d_x, d_w, d_b = torch.ops.gpuce.linear_cross_entropy_backward(
             grad_loss, x, w, target, bias, ce_weight, *ctx.opts, need_x, *ctx.llm)
     elif need_x or need_w or need_b:
-        go = grad_loss.to(d_w.dtype)
-        d_x, d_w, d_b = (g * go if need else None for g, need in zip((d_x, d_w, d_b),
-                                                                    (need_x, need_w, need_b)))
+        d_x, d_w, d_b = (_times_incoming(g, grad_loss) if need else None
+                         for g, need in zip((d_x, d_w, d_b), (need_x, need_w, need_b)))
     d_t = d_cw = None
     if need_t or need_cw:
         d_t, d_cw = torch.ops.gpuce.linear_cross_entropy_target_backward(
@@ -686,8 +692,7 @@ def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
                                  False, check_labels)
         d = _grad_tensors(grads, x, w, bias)
     if reduction != "none":
-        go = grad_loss.to(d[1].dtype)
-        d = tuple(g if g.numel() == 0 else g * go for g in d)
+        d = tuple(g if g.numel() == 0 else _times_incoming(g, grad_loss) for g in d)
     return d
 
 

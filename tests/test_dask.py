@@ -342,3 +342,28 @@ def test_classifier_dask_labels_with_host_X():
     lazy = clf.predict(da.from_array(bad, chunks=(25, 4)))
     with pytest.raises(ValueError, match="NaN or infinity"):
         lazy.compute(scheduler="sync")
+
+
+def test_classifier_float16_scores_are_rounded_once_and_the_preconditioner_is_float64():
+    """A float16 dask X: the scores X Wᵀ + b are formed in float32 and rounded once (not the
+    product rounded, then the sum), and the L-BFGS preconditioner's mean of squares is summed
+    in float64 (a float16 sum stalls at 2048), the same as for the in-memory X."""
+    from gpuce import classifier as C
+    from gpuce._dispatch import DASK
+
+    X = np.full((70000, 2), 3.0, np.float16)
+    X[:, 1] = 300
+    np.testing.assert_array_equal(C._feature_scale(da.from_array(X, chunks=(7000, 2)), DASK),
+                                  C._feature_scale(X, "host"))
+    np.testing.assert_array_equal(C._feature_scale(X, "host"), [4.0, 256.0])
+
+    rng = np.random.default_rng(4)
+    Xs = rng.standard_normal((300, 6))
+    ys = rng.integers(0, 4, 300)
+    clf = gpuce.SoftmaxClassifier(reg=1.0).fit(Xs, ys)
+    X16 = (Xs * 3).astype(np.float16)
+    got = clf.decision_function(da.from_array(X16, chunks=(100, 6))).compute()
+    W16, b16 = clf.coef_.astype(np.float16), clf.intercept_.astype(np.float16)
+    want = (X16.astype(np.float32) @ W16.astype(np.float32).T + b16.astype(np.float32)).astype(np.float16)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, want)

@@ -196,3 +196,28 @@ def test_the_targets_layout_is_part_of_the_signature(host):
     assert ", 1, 4, " in e0 and ", 1, 1, " in e1  # 16-byte packs, then one value a pack
     assert _named(a0, "block")["ldy"] == c and _named(a1, "block")["ldy"] == c + 1
     assert _named(a1, "block")["y"] is wide
+
+
+def test_a_given_denominator_is_passed_at_launch_not_remembered(host):
+    """Row blocks of a larger "mean" call (the block walk, the linear model's chunks) carry the
+    whole call's denominator: no prologue computes it, the kernel gets 1/denominator, and
+    calls that differ only in its value share one recipe (a training loop's every step has
+    another denominator)."""
+    from dataclasses import replace
+
+    from gpuce._cuda.sce import softmax_cross_entropy as run
+    from gpuce._validation import sce_args
+
+    x, y = _inputs(host, 256, 1000)
+    args = sce_args(x, y, reduction="mean", ignore_index=-100, weight=None, label_smoothing=0.0,
+                    z_loss=0.0, return_grad=True, inplace=False, check_labels=False)
+    F._RECIPES.clear()
+    for denominator in (512.0, 1000.0, 0.0):
+        host.launches.clear()
+        grad = host.array((256, 1000), np.float32)
+        run(x, y, None, replace(args, denominator=denominator), grad)
+        assert len(host.launches) == 1  # no prologue: the denominator is known
+        a = _named(host.launches[0][3], F.plan("float32", "label", "int64", 1000, 4, H100).variant.kind)
+        assert a["inv_from_ws"] == 0
+        assert a["inv_denom"] == (0.0 if denominator == 0 else 1.0 / denominator)
+    assert len(F._RECIPES) == 1

@@ -25,6 +25,25 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(_rows, "WALK_BLOCK_ELEMENTS_CUPY", 64)
 
 
+def assert_same_16bit(got, want, xp):
+    """The same 16-bit values.  On NumPy to the bit (one code path for every row).  On CuPy the
+    blocks may run another fused variant than the whole array, whose float32 sums differ in
+    the last bits, so that now and then a value rounds to the neighbouring 16-bit number: at
+    most one ulp, in at most 0.5 % of the entries (a gradient rounded twice differs in 2-30 %)."""
+    got, want = to_numpy(got), to_numpy(want)
+    g64, w64 = got.astype(np.float64), want.astype(np.float64)
+    if xp is np:
+        np.testing.assert_array_equal(g64, w64)
+        return
+    np.testing.assert_array_equal(np.isfinite(g64), np.isfinite(w64))
+    ulp = np.abs(np.spacing(want.astype(np.float32)).astype(np.float64)) * (
+        2.0**13 if want.dtype == F16 else 2.0**16)
+    diff = np.abs(g64 - w64)
+    finite = np.isfinite(w64)
+    assert (diff[finite] <= ulp[finite] * 1.0001).all()
+    assert np.mean(diff[finite] > 0) <= 0.005
+
+
 def walked(x):
     """(B, T, C) logits as the (T, B, C) transpose: no (N, C) view, the block walk's input."""
     return x.transpose(1, 0, 2)
@@ -56,8 +75,7 @@ def test_walked_equals_contiguous(xp, small_blocks, dtype, reduction, big_weight
     loss_c, grad_c = gpuce.softmax_cross_entropy(xp.asarray(xc), xp.asarray(y), **opts)
     if reduction == "mean":
         assert np.isfinite(to_numpy(grad_w).astype(np.float64)).all()
-    np.testing.assert_array_equal(to_numpy(grad_w).astype(np.float64),
-                                  to_numpy(grad_c).astype(np.float64))
+    assert_same_16bit(grad_w, grad_c, xp)
     np.testing.assert_allclose(to_numpy(loss_w), to_numpy(loss_c), rtol=1e-6)
 
 
@@ -71,8 +89,7 @@ def test_walked_inplace_equals_contiguous(xp, small_blocks, dtype):
     xd = xp.asarray(np.ascontiguousarray(x.transpose(1, 0, 2))).transpose(1, 0, 2)
     _, grad = gpuce.softmax_cross_entropy(xd, xp.asarray(y), return_grad=True, inplace=True)
     assert grad is xd
-    np.testing.assert_array_equal(to_numpy(grad).astype(np.float64),
-                                  to_numpy(expected).astype(np.float64))
+    assert_same_16bit(grad, expected, xp)
 
 
 def linear_problem(rng, dtype, n=40, d=8, c=24):
@@ -97,10 +114,11 @@ def test_linear_chunks_equal_one_chunk(xp, dtype, big_weights):
         _, g = gpuce.linear_cross_entropy(
             xp.asarray(X), xp.asarray(W), xp.asarray(y), bias=xp.asarray(b),
             weight=None if w is None else xp.asarray(w), return_grad=True, chunk_size=chunk)
-        out[chunk] = [to_numpy(a).astype(np.float64) for a in g]
+        out[chunk] = list(g)
     for a in out[7]:
-        assert np.isfinite(a).all()
-    np.testing.assert_array_equal(out[7][0], out[None][0])
+        assert np.isfinite(to_numpy(a).astype(np.float64)).all()
+    assert_same_16bit(out[7][0], out[None][0], xp)
+    out = {k: [to_numpy(a).astype(np.float64) for a in v] for k, v in out.items()}
     unit = 2.0**-11 if dtype == F16 else 2.0**-8
     for a, e in zip(out[7][1:], out[None][1:]):
         np.testing.assert_allclose(a, e, rtol=2 * unit, atol=1e-6 * np.abs(e).max())
@@ -119,10 +137,8 @@ def test_linear_row_scales_round_once(xp, dtype):
     scale = xp.full(n, 1.0 / n, np.float32)
     _, g_rows = gpuce.linear_cross_entropy(Xd, Wd, yd, reduction="none", return_grad=True,
                                            grad_row_scale=scale, chunk_size=9)
-    np.testing.assert_array_equal(to_numpy(g_rows.X).astype(np.float64),
-                                  to_numpy(g_mean.X).astype(np.float64))
-    np.testing.assert_array_equal(to_numpy(g_rows.W).astype(np.float64),
-                                  to_numpy(g_mean.W).astype(np.float64))
+    assert_same_16bit(g_rows.X, g_mean.X, xp)
+    assert_same_16bit(g_rows.W, g_mean.W, xp)
 
 
 def test_linear_fortran_x_is_not_copied_whole():

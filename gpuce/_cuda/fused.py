@@ -530,7 +530,7 @@ def recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, gra
     """The :class:`Recipe` of a call (remembered by signature; see :func:`launch`)."""
     key = (device_id(), x2.shape, x2.strides, x2.data.ptr & 15, x2.dtype, None if lbl is None else lbl.dtype,
            _layout(y2), _layout(grad_out), w is None, acc, eps, z, softcap, ignore_index, reduction, pinned, grid,
-           denominator)
+           denominator is None)  # a given denominator's value is passed at launch (mean_inv)
     r = _RECIPES.get(key)
     if r is None:
         r = _make_recipe(x2, lbl, y2, w, acc=acc, eps=eps, z=z, softcap=softcap, ignore_index=ignore_index,
@@ -555,7 +555,7 @@ def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reductio
     given = denominator  # the whole call's denominator (a block of it), or None
     denominator = reduction == "mean" and lbl is not None and given is None
     if reduction == "mean" and given is not None:
-        inv = 0.0 if given == 0 else 1.0 / given
+        inv = mean_inv(given)  # this call's; a later call of the signature passes its own
     elif reduction == "mean" and lbl is None:
         inv = 1.0 / n
     prologue, blocks, pro_scalars = None, 0, ()
@@ -574,6 +574,14 @@ def _make_recipe(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reductio
     scalars = kernel_scalars(p, x2, y2, grad_out, acc=acc, eps=eps, z=z, softcap=softcap,
                              ignore_index=ignore_index, inv=inv, inv_from_ws=inv_from_ws)
     return Recipe(p, fn, int(grid), prologue, blocks, pro_scalars, tuple(map(by_value, scalars)))
+
+
+def mean_inv(denominator) -> float:
+    """1 / denominator, 0 for a zero denominator (the zero-denominator rule)."""
+    return 0.0 if denominator == 0 else 1.0 / denominator
+
+
+INV_SCALAR = 9  # the position of inv among kernel_scalars' values
 
 
 def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, loss_out, lse_out,
@@ -608,10 +616,14 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
         r.prologue((r.prologue_grid,), (DENOM_THREADS,),
                    (lbl, w) + r.prologue_scalars + (ws,))
     p = r.plan
+    scalars = r.scalars
+    if reduction == "mean" and denominator is not None:  # the recipe is shared by every value
+        scalars = (scalars[:INV_SCALAR] + (by_value(np.float64(mean_inv(denominator))),)
+                   + scalars[INV_SCALAR + 1:])
     r.fn((r.grid,), (p.threads,),
          kernel_args(p, x2, lbl, y2, w, loss_out=loss_out, lse_out=lse_out, correct_out=correct_out,
                      grad_out=grad_out, ws=ws, total_out=total_out, stats_out=stats_out, bad_out=bad_out,
-                     scalars=r.scalars),
+                     scalars=scalars),
          shared_mem=p.smem)
     return p
 
