@@ -4,13 +4,14 @@
 chunks (``chunk_size`` rows, chosen from the free memory unless given), and per chunk
 
     f_c = X_c Wᵀ (+ b)          one GEMM into a chunk buffer reused by every chunk
-    G_c = ∂L/∂f_c               the softmax cross-entropy kernels, in place over f_c
-    dX_c = α G_c W              one GEMM straight into the rows of dX (skipped with input_grad=False)
-    dW += α G_cᵀ X_c            one GEMM accumulating with beta = 1 (dW starts as λW)
-    db += α 1ᵀ G_c
+    G_c = ∂L/∂f_c               the softmax cross-entropy kernels, in place over f_c, scaled there
+                                by the reduction's α (1/denominator for "mean", computed over all
+                                N rows first) before the one rounding to X's dtype
+    dX_c = G_c W                one GEMM straight into the rows of dX (skipped with input_grad=False)
+    dW += G_cᵀ X_c              one GEMM accumulating with beta = 1 (dW starts as λW)
+    db += 1ᵀ G_c
 
-with α the reduction's scale (1/denominator for "mean", computed over all N rows first), so
-peak extra memory is chunk x C + N x D + C x D.  On the GPU the products go through cuBLAS
+so peak extra memory is chunk x C + N x D + C x D.  On the GPU the products go through cuBLAS
 (float16 and bfloat16: 16-bit storage, float32 compute) and ‖W‖² is one ReductionKernel.
 
 bfloat16 dW accumulates in a float32 C x D array, rounded to bfloat16 once at the end
@@ -224,7 +225,7 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
             if dW.dtype != W.dtype:
                 dW = dW.astype(W.dtype)  # the float32 accumulation rounded once (to nearest even)
             grads = LinearGrads(dX, dW, None if db is None else db.astype(X.dtype))
-    st = stats.finish(1.0) if stats is not None else None
+    st = stats.finish() if stats is not None else None
     return results(xp, args, loss, grads, st)
 
 

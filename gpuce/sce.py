@@ -182,7 +182,7 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     if args.n == 0:
         rows = xp.zeros(0, args.acc)
         total = None if args.reduction == "none" else xp.zeros((), args.acc)
-        st = BlockStats(xp, args).finish(1.0) if args.return_stats else None
+        st = BlockStats(xp, args).finish() if args.return_stats else None
     else:
         rows, total, st = run_rows(xp, x2, tgt, weight, args, grad_out, impl)
     loss = (rows.reshape(args.lead_shape) if args.reduction == "none"
@@ -225,7 +225,8 @@ class BlockStats:
     ``add`` takes a block's SceStats: its lse (and for "none" its per-row z-loss and
     accuracy) go to their rows; otherwise the z-loss part is added, and the number of
     correct rows recovered as ``rint(accuracy * counted)`` (counted: the block's
-    non-ignored rows; exact while a block has fewer than 2^22 rows).  ``finish(scale)``
+    non-ignored rows; exact while a block has fewer than 2^22 rows; a "mean" block's part comes
+    divided by the whole call's denominator already).  ``finish()``
     gives the SceStats of the whole call in the backends' (N,)-row form.  Nothing is read
     back to the host on CuPy.
     """
@@ -259,7 +260,7 @@ class BlockStats:
             self.correct += xp.rint(acc * k)
             self.counted += k
 
-    def finish(self, scale) -> SceStats:
+    def finish(self) -> SceStats:
         xp, args = self.xp, self.args
         if args.reduction == "none":
             return SceStats(self.z_rows, self.correct_rows, self.lse)
@@ -267,7 +268,7 @@ class BlockStats:
         if args.kind == "label":
             accuracy = xp.where(self.counted > 0, self.correct / xp.maximum(self.counted, 1),
                                 np.nan).astype(args.acc)
-        return SceStats((self.z * scale).astype(args.acc), accuracy, self.lse)
+        return SceStats(self.z.astype(args.acc), accuracy, self.lse)
 
 
 def walk_blocks(xp, logits, target, weight, args: SceArgs, impl="auto"):
@@ -320,5 +321,5 @@ def walk_blocks(xp, logits, target, weight, args: SceArgs, impl="auto"):
         loss = loss_rows.reshape(args.lead_shape)
     else:  # "mean": each block's sum was divided by the whole call's denominator already
         loss = xp.asarray(total, dtype=args.acc)
-    st = stats.finish(1.0) if stats is not None else None
+    st = stats.finish() if stats is not None else None
     return results(xp, args, loss, grad, st)
