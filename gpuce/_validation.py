@@ -282,17 +282,16 @@ def check_uint64_labels(xp, target, args: SceArgs):
 
 
 def class_weight_error(pos: int, value: float) -> ValueError:
-    """The error for the first class weight that is NaN, infinite or negative."""
-    return ValueError(f"class weights must be finite and >= 0, got weight[{pos}] = {value}")
+    """The error for the first class weight that is NaN or infinite."""
+    return ValueError(f"class weights must be finite, got weight[{pos}] = {value}")
 
 
 def first_bad_weight(xp, weight):
-    """Index of the first class weight that is NaN, infinite or negative, -1 when none, as a
-    0-d array of ``xp`` (on CuPy nothing is read back: the caller reads it when it may)."""
-    if is_float_dtype(weight.dtype):
-        bad = ~(xp.isfinite(weight) & (weight >= 0))
-    else:
-        bad = weight < 0
+    """Index of the first class weight that is NaN or infinite, -1 when none, as a 0-d array
+    of ``xp`` (on CuPy nothing is read back: the caller reads it when it may)."""
+    if not is_float_dtype(weight.dtype):
+        return xp.asarray(-1)
+    bad = ~xp.isfinite(weight)
     return xp.where(bad.any(), xp.argmax(bad), -1)
 
 
@@ -305,16 +304,16 @@ def raise_bad_weight(weight, first):
 
 
 def check_class_weight(xp, weight):
-    """Raise ValueError unless every class weight is finite and >= 0.
+    """Raise ValueError unless every class weight is finite.
 
-    A class weight is a non-negative importance: a NaN, infinite or negative one would make
-    the mean's denominator meaningless (zero or negative).  NumPy checks here; CuPy arrays are
-    checked on the device by the softmax cross-entropy kernels, which raise the same error
-    from their one read-back after the last launch (no host sync before it).
+    Any finite weight is accepted, negative and zero ones included, as torch accepts them:
+    the mean's denominator is then the (possibly negative) weight sum, and a zero sum gives
+    the zero-denominator rule's 0 (see ``SceArgs.mean_scale``).  A NaN or infinite weight
+    would make every result NaN.  NumPy checks here; CuPy arrays are checked on the device
+    by the softmax cross-entropy kernels, which raise the same error from their one
+    read-back after the last launch (no host sync before it).
     """
     if weight is None or weight.size == 0 or not isinstance(weight, np.ndarray):
-        return
-    if np.dtype(weight.dtype).kind == "u":
         return
     raise_bad_weight(weight, first_bad_weight(xp, weight))
 

@@ -73,7 +73,8 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         Label value whose rows are skipped (integer labels only; as torch, a
         non-negative value is an error with probability targets).
     weight : array of shape (C,), optional
-        Per-class weight (torch's ``weight``): finite and >= 0 (a non-negative importance).
+        Per-class weight (torch's ``weight``): any finite values, negative and zero ones
+        included, as torch (the mean divides by their sum over the non-ignored rows).
         Checking that reads the values: on CuPy one small reduction and one host read.
     label_smoothing : float in [0, 1]
     z_loss : float >= 0
@@ -103,7 +104,7 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
         then not reported; its row's loss and gradient are NaN (so is a "sum"/"mean" loss),
         it adds nothing to the mean's denominator and counts as a wrong prediction.  Never
         an out-of-bounds read.  On CuPy the class weights are checked by the same read-back:
-        with False a NaN, infinite or negative weight gives NaN results instead of the
+        with False a NaN or infinite weight gives NaN results instead of the
         ValueError (NumPy still raises).
 
     Dask arrays chunked by rows (class axis whole) are accepted for logits and target: the
@@ -142,7 +143,7 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     ValueError
         Bad shapes, a label outside [0, C) other than ignore_index (naming the
         first bad position and the caller's value, uint64 included), unknown reduction,
-        weight of wrong length or with a NaN, infinite or negative entry,
+        weight of wrong length or with a NaN or infinite entry,
         label_smoothing outside [0, 1], negative z_loss, inplace without return_grad,
         inplace with a target or weight that shares memory with the logits, softcap <= 0,
         NaN or infinite (a bool softcap or flag is a TypeError).

@@ -2,7 +2,8 @@
 
 ``gpuce.torch.cross_entropy`` is a drop-in for ``torch.nn.functional.cross_entropy`` (same
 arguments, class axis 1, integer or probability targets, the same loss dtype) and
-``gpuce.torch.linear_cross_entropy`` fuses ``F.linear`` with it without materialising the
+``gpuce.torch.linear_cross_entropy`` is a drop-in for torch 2.13's
+``torch.nn.functional.linear_cross_entropy`` (same arguments) that never materialises the
 N x C logits (gpuce's chunked linear model).  Tensors cross without copies: CUDA tensors
 become CuPy arrays through DLPack (the GPU kernels, on torch's current stream), CPU tensors
 become NumPy arrays (the NumPy path).  bfloat16 crosses without a copy too: NumPy has no
@@ -63,6 +64,7 @@ torch is an optional dependency: import this module only where torch is installe
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import numpy as np
@@ -752,92 +754,153 @@ def _lce_target_backward_fake(grad_loss, x, w, target, bias, ce_weight, reductio
 _lce_target_backward_op.register_autograd(_raise_double_backward("linear_cross_entropy"))
 
 
-def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, reduction="mean",
-                         ignore_index=-100, label_smoothing=0.0, z_loss=0.0, chunk_size=None,
-                         softcap=None, return_stats=False, check_labels=True):
-    """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the N x C logits.
+def _options_ignored(options):
+    """torch's ``LinearCrossEntropyOptions`` (its chunking strategy) or None: accepted and
+    ignored, gpuce chooses its own chunks (``chunk_size``); anything else is a TypeError."""
+    if options is not None and type(options).__name__ != "LinearCrossEntropyOptions":
+        raise TypeError("options must be None or a torch.nn.LinearCrossEntropyOptions (accepted "
+                        f"and ignored: gpuce chunks by chunk_size), got {type(options).__name__}")
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
+                         z_loss=0.0, chunk_size=None, softcap=None, return_stats=False,
+                         check_labels=True):
+    """``torch.nn.functional.linear_cross_entropy`` (torch 2.13's signature) without the
+    N x C logits: ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``.
 
     Parameters
     ----------
-    input : (..., D) tensor
-    weight : (C, D) tensor (``nn.Linear.weight``)
+    input : (D,), (N, D) or (..., D) tensor
+        The features (a language model's hidden states).  Any leading dimensions are rows
+        (torch takes (D,) and (N, D)); (D,) is one unbatched row.
+    linear_weight : (C, D) tensor (``nn.Linear.weight``), or (C, d1, ..., dK, D)
+        A K-dimensional weight gives K-dimensional logits (N, C, d1, ..., dK), class axis
+        second as in ``F.cross_entropy``; it needs a 2-D input (N, D), as torch.
     target : tensor
-        Integer class indices of shape input.shape[:-1], or probabilities (..., C).
-    bias : (C,) tensor or None
-    ce_weight : (C,) tensor, optional
-        Per-class weight of the cross-entropy (torch's ``weight`` argument).
-    reduction, ignore_index, label_smoothing
-        As torch; z_loss as gpuce.softmax_cross_entropy.
+        Integer class indices of the loss's "none" shape (input.shape[:-1], or
+        (N, d1, ..., dK)), or class probabilities of the logits' shape.
+    linear_bias : (C,) or (C, d1, ..., dK) tensor, optional
+    weight : (C,) tensor, optional
+        The per-class weight of the cross-entropy (torch's ``weight``): any finite values,
+        negative and zero included, as torch.
+    reduction, label_smoothing
+        As torch.
+    ignore_index : int or None
+        As torch: None means -100 for class indices; with probability targets it must be
+        None (ValueError otherwise, where torch raises RuntimeError).
+    options : torch.nn.LinearCrossEntropyOptions or None
+        torch's chunking strategy: accepted and ignored (gpuce always works in chunks; set
+        their size with ``chunk_size``).
+    z_loss, softcap, return_stats, check_labels : keyword only
+        As in :func:`cross_entropy` (the cap applies to each chunk's logits in the chunk
+        buffer; the statistics' row axes are the loss's "none" shape).
     chunk_size : int, optional
         Rows per chunk (None: chosen from the free memory).
-    softcap, return_stats, check_labels
-        As in :func:`cross_entropy` (the cap applies to each chunk's logits in the chunk
-        buffer; the statistics' row axes are input.shape[:-1]).
 
     Returns
     -------
     Tensor, or (Tensor, SceStats) with return_stats
-        The loss in input's dtype: a scalar, or input.shape[:-1] for reduction="none".
+        The loss in input's dtype: a scalar, or the "none" shape for reduction="none".
 
     Notes
     -----
-    Gradients for input, weight and bias are computed in the forward pass (one chunked
-    pass); with reduction="none" they are recomputed in backward, chunk by chunk, because
-    the per-row gradient weights are only known there.  A probability target and, with
-    one, ce_weight are differentiable as in :func:`cross_entropy` (the logits are formed
-    again in backward, chunk by chunk); a ce_weight that requires grad with class-index
-    targets raises RuntimeError, as torch.  Double backward raises RuntimeError.  Works
-    inside ``torch.compile`` (``gpuce::linear_cross_entropy`` is opaque to it).  Under
-    ``torch.autocast`` input, weight and bias are cast to the autocast dtype (as F.linear is
-    there, float64 kept) and the loss is float32 (as F.cross_entropy is there): a bfloat16
-    input with a float32 ``nn.Linear`` works as ``F.cross_entropy(F.linear(...))`` does.
+    Gradients for input, linear_weight and linear_bias are computed in the forward pass
+    (one chunked pass); with reduction="none" they are recomputed in backward, chunk by
+    chunk, because the per-row gradient weights are only known there.  A probability target
+    and, with one, ``weight`` are differentiable as in :func:`cross_entropy` (the logits are
+    formed again in backward, chunk by chunk); a ``weight`` that requires grad with
+    class-index targets raises RuntimeError, as torch.  A K-dimensional linear_weight runs
+    one chunked pass per position (d1, ..., dK), each through a (C, D) slice of the weight.
+    Double backward raises RuntimeError.  Works inside ``torch.compile``
+    (``gpuce::linear_cross_entropy`` is opaque to it).  Under ``torch.autocast`` input,
+    linear_weight and linear_bias are cast to the autocast dtype (as F.linear is there,
+    float64 kept) and the loss is float32 (as F.cross_entropy is there): a bfloat16 input
+    with a float32 ``nn.Linear`` works as ``F.cross_entropy(F.linear(...))`` does.
 
     See Also
     --------
-    torch.nn.functional.linear, torch.nn.functional.cross_entropy, gpuce.linear_cross_entropy
+    torch.nn.functional.linear_cross_entropy, gpuce.linear_cross_entropy
     """
-    for t, name in ((input, "input"), (weight, "weight"), (target, "target")):
+    for t, name in ((input, "input"), (linear_weight, "linear_weight"), (target, "target")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"gpuce.torch.linear_cross_entropy expects a tensor for {name}, "
                             f"got {type(t).__name__}")
+    _options_ignored(options)
+    bias, ce_weight = linear_bias, weight
     cast = _autocast_dtype(input)
     if cast is not None:
         # as torch's autocast runs F.linear (its inputs cast to the autocast dtype) and then
         # F.cross_entropy (in float32): 16-bit logits, float32 loss
-        input, weight, bias = (_autocast_to(v, cast) for v in (input, weight, bias))
+        input, linear_weight, bias = (_autocast_to(v, cast) for v in (input, linear_weight, bias))
     _check_dtype(input, "input")
-    _check_dtype(weight, "weight")
-    for t, name in ((bias, "bias"), (ce_weight, "ce_weight")):
+    _check_dtype(linear_weight, "linear_weight")
+    for t, name in ((bias, "linear_bias"), (ce_weight, "weight")):
         if t is not None:
             _check_dtype(t, name)
-    _check_device(input, weight, target, bias, ce_weight)
+    _check_device(input, linear_weight, target, bias, ce_weight)
     _check_reduction(reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
         raise TypeError(f"chunk_size must be an integer or None, got {type(chunk_size).__name__}")
-    prob = target.is_floating_point()
-    grad_mode = torch.is_grad_enabled()
-    if prob:
-        _check_dtype(target, "target")
-    if not prob and ce_weight is not None and ce_weight.requires_grad and grad_mode:
-        raise RuntimeError("gpuce.torch.linear_cross_entropy with class-index targets is not "
-                           "differentiable with respect to ce_weight (as torch's nll_loss); "
-                           "pass ce_weight.detach()")
     if input.dim() < 1:
         raise ValueError("input must have at least one dimension (features last)")
+    if linear_weight.dim() < 2:
+        raise ValueError(f"linear_weight must have at least 2 dimensions (C, ..., D), got "
+                         f"shape {tuple(linear_weight.shape)}")
+    if linear_weight.shape[-1] != input.shape[-1]:
+        raise ValueError(f"input and linear_weight must have the same last dimension (the "
+                         f"features), got {tuple(input.shape)} and {tuple(linear_weight.shape)}")
+    c, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    if bias is not None and tuple(bias.shape) != (c, *out_features):
+        raise ValueError(f"linear_bias must have shape {(c, *out_features)}, got "
+                         f"{tuple(bias.shape)}")
+    if out_features and input.dim() != 2:
+        raise ValueError(f"a K-dimensional linear_weight {tuple(linear_weight.shape)} needs a "
+                         f"batched input (N, {input.shape[-1]}), got {tuple(input.shape)}")
     lead = tuple(input.shape[:-1])
-    c = weight.shape[0] if weight.dim() == 2 else None
-    want = lead + (c,) if prob else lead
+    logits_shape = lead[:1] + (c,) + out_features + lead[1:]
+    prob = target.is_floating_point()
+    if prob:
+        _check_dtype(target, "target")
+        if ignore_index is not None:
+            raise ValueError("ignore_index cannot be specified when target contains "
+                             "probabilities (leave it None)")
+    elif target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be integer class indices or float probabilities, got "
+                        f"{target.dtype}")
+    ignore_index = -100 if ignore_index is None else ignore_index
+    grad_mode = torch.is_grad_enabled()
+    if not prob and ce_weight is not None and ce_weight.requires_grad and grad_mode:
+        raise RuntimeError("gpuce.torch.linear_cross_entropy with class-index targets is not "
+                           "differentiable with respect to weight (as torch's nll_loss); "
+                           "pass weight.detach()")
+    rows_shape = lead + out_features
+    want = (logits_shape if out_features else lead + (c,)) if prob else rows_shape
     if tuple(target.shape) != want:
         raise ValueError(f"target must have shape {want} (input {tuple(input.shape)}, "
-                         f"weight {tuple(weight.shape)}), got {tuple(target.shape)}")
+                         f"linear_weight {tuple(linear_weight.shape)}), got "
+                         f"{tuple(target.shape)}")
     softcap, return_stats, check_labels = _llm_options(softcap, return_stats, check_labels)
+    opts = (int(ignore_index), float(label_smoothing), float(z_loss), chunk_size, softcap,
+            return_stats, check_labels, cast is not None)
+    if out_features:
+        return _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob,
+                             out_features, opts)
+    return _linear_rows(input, linear_weight, target, bias, ce_weight, reduction, prob, opts)
+
+
+def _linear_rows(input, w, target, bias, ce_weight, reduction, prob, opts):
+    """linear_cross_entropy of (..., D) input and a (C, D) weight: rows input.shape[:-1]."""
+    ignore_index, label_smoothing, z_loss, chunk_size, softcap, return_stats, check_labels, \
+        acc_loss = opts
+    lead = tuple(input.shape[:-1])
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1, target.shape[-1]) if prob else target.reshape(-1)
-    need = grad_mode and any(v is not None and v.requires_grad for v in (input, weight, bias))
-    out = _lce_op(x, weight, t, bias, ce_weight, reduction, int(ignore_index),
-                  float(label_smoothing), float(z_loss), chunk_size,
-                  need and input.requires_grad, need and reduction != "none", softcap,
-                  return_stats, check_labels, cast is not None)
+    need = torch.is_grad_enabled() and any(v is not None and v.requires_grad
+                                           for v in (input, w, bias))
+    out = _lce_op(x, w, t, bias, ce_weight, reduction, ignore_index, label_smoothing, z_loss,
+                  chunk_size, need and input.requires_grad, need and reduction != "none",
+                  softcap, return_stats, check_labels, acc_loss)
     loss = out[0].reshape(lead) if reduction == "none" else out[0]
     if not return_stats:
         return loss
@@ -845,6 +908,87 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ce_weight=None, re
     if reduction == "none":
         z, acc = z.reshape(lead), (acc if prob else acc.reshape(lead))
     return loss, _V.SceStats(z, None if prob else acc, lse.reshape(lead))
+
+
+def _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob, out_features,
+                  opts):
+    """linear_cross_entropy with a K-dimensional weight (C, d1, ..., dK, D): for each position
+    j of (d1, ..., dK), the (N, C) logits input @ W[:, j]ᵀ (+ b[:, j]) by gpuce's chunked
+    pass with reduction "none" and float32 rows for 16-bit input; the rows are reduced here
+    as F.cross_entropy reduces its K-dimensional loss, in the accumulation dtype, and the
+    result rounded once."""
+    ignore_index, label_smoothing, z_loss, chunk_size, softcap, return_stats, check_labels, \
+        acc_loss = opts
+    n, d = input.shape
+    c = linear_weight.shape[0]
+    p = math.prod(out_features)
+    w3 = linear_weight.reshape(c, p, d)
+    b2 = None if bias is None else bias.reshape(c, p)
+    t2 = target.reshape(n, c, p) if prob else target.reshape(n, p)
+    acc = _acc_of(input.dtype)
+    if z_loss and ce_weight is not None and reduction == "mean" and not prob:
+        raise ValueError("z_loss with class weights under reduction='mean' is not supported "
+                         "for a K-dimensional linear_weight; use reduction='sum' or 'none' and "
+                         "divide")
+    rows, zs, accs, lses = [], [], [], []
+    for j in range(p):
+        tj = t2[:, :, j] if prob else t2[:, j]
+        out = _linear_rows(input, w3[:, j], tj, None if b2 is None else b2[:, j], ce_weight,
+                           "none", prob, (ignore_index, label_smoothing, z_loss, chunk_size,
+                                          softcap, return_stats, check_labels, True))
+        loss_j, st = out if return_stats else (out, None)
+        rows.append(loss_j.to(acc))
+        if st is not None:
+            zs.append(st.z_loss.to(acc))
+            lses.append(st.lse)
+            if not prob:
+                accs.append(st.accuracy)
+    loss_dtype = acc if acc_loss else input.dtype
+    rows = torch.stack(rows, -1)  # (N, P)
+    shape = (n,) + out_features
+    if reduction == "none":
+        loss = rows.reshape(shape).to(loss_dtype)
+    else:
+        total = rows.sum()
+        denom = _k_dim_denominator(t2, ce_weight, ignore_index, prob, acc) \
+            if reduction == "mean" else None
+        loss = (total if denom is None else _mean(total, denom)).to(loss_dtype)
+    if not return_stats:
+        return loss
+    lse = torch.stack(lses, -1).reshape(shape)
+    z = torch.stack(zs, -1)
+    accuracy = None if prob else torch.stack(accs, -1)
+    if reduction == "none":
+        return loss, _V.SceStats(z.reshape(shape).to(loss_dtype),
+                                 None if prob else accuracy.reshape(shape), lse)
+    z = z.sum()
+    if reduction == "mean":
+        counted = (t2 != ignore_index).sum().to(acc) if not prob else torch.tensor(
+            float(n * p), dtype=acc, device=input.device)
+        z = _mean(z, counted)
+    if accuracy is not None:
+        accuracy = accuracy.nanmean() if bool((~accuracy.isnan()).any()) else \
+            accuracy.new_tensor(float("nan"))
+    return loss, _V.SceStats(z.to(loss_dtype).detach(), accuracy, lse)
+
+
+def _k_dim_denominator(t2, ce_weight, ignore_index, prob, acc):
+    """The mean's denominator of the K-dimensional loss: the weight sum of the non-ignored
+    labels (their count without weights), or the number of rows for probability targets."""
+    if prob:
+        return torch.tensor(float(t2.shape[0] * t2.shape[2]), dtype=acc, device=t2.device)
+    c = ce_weight.shape[0] if ce_weight is not None else None
+    active = t2 != ignore_index
+    if ce_weight is None:
+        return active.sum().to(acc)
+    valid = active & (t2 >= 0) & (t2 < c)
+    return torch.where(valid, ce_weight.to(acc)[torch.where(valid, t2, 0)], 0).sum()
+
+
+def _mean(total, denom):
+    """total / denom under gpuce's zero-denominator rule (0 where the denominator is 0)."""
+    return torch.where(denom == 0, torch.zeros_like(total), total / torch.where(
+        denom == 0, torch.ones_like(denom), denom))
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -872,26 +1016,61 @@ class CrossEntropyLoss(torch.nn.Module):
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
-    """Module form of :func:`linear_cross_entropy`: ``forward(input, weight, target, bias=None)``
-    with the language-model head's ``weight`` (and ``bias``) passed per call."""
+    """``torch.nn.LinearCrossEntropyLoss`` (torch 2.13) on gpuce's chunked pass: the same
+    constructor, parameters and ``forward(input, target)`` (the module holds
+    ``self.linear``, an ``nn.Linear(in_features, num_classes * prod(out_features))``, and
+    ``weight`` as a buffer), plus gpuce's keyword-only ``z_loss``, ``chunk_size``,
+    ``softcap``, ``return_stats`` (forward then returns ``(loss, stats)``) and
+    ``check_labels``.  ``options`` is accepted and ignored (see :func:`linear_cross_entropy`).
+    """
 
-    def __init__(self, ce_weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                 z_loss=0.0, chunk_size=None, softcap=None, return_stats=False,
-                 check_labels=True):
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None,
+                 dtype=None, reduction="mean", weight=None, ignore_index=None,
+                 label_smoothing=0.0, options=None, z_loss=0.0, chunk_size=None, softcap=None,
+                 return_stats=False, check_labels=True):
         super().__init__()
-        self.register_buffer("ce_weight", ce_weight)
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"weight must have shape {(num_classes,)}, got {tuple(weight.shape)}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        _check_reduction(reduction)
+        _options_ignored(options)
+        _llm_options(softcap, return_stats, check_labels)  # errors at construction
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.options = options
         self.z_loss = z_loss
         self.chunk_size = chunk_size
-        _llm_options(softcap, return_stats, check_labels)  # errors at construction
         self.softcap, self.return_stats, self.check_labels = softcap, return_stats, check_labels
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes),
+                                      bias=bias, device=device, dtype=dtype)
 
-    def forward(self, input, weight, target, bias=None):
-        return linear_cross_entropy(input, weight, target, bias, ce_weight=self.ce_weight,
+    def forward(self, input, target):
+        lin = self.linear
+        w = lin.weight.reshape((self.num_classes, *self.out_features, lin.in_features))
+        b = None if lin.bias is None else lin.bias.reshape((self.num_classes, *self.out_features))
+        return linear_cross_entropy(input, w, target, linear_bias=b, weight=self.weight,
                                     reduction=self.reduction, ignore_index=self.ignore_index,
-                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                                    chunk_size=self.chunk_size, softcap=self.softcap,
-                                    return_stats=self.return_stats,
+                                    label_smoothing=self.label_smoothing, options=self.options,
+                                    z_loss=self.z_loss, chunk_size=self.chunk_size,
+                                    softcap=self.softcap, return_stats=self.return_stats,
                                     check_labels=self.check_labels)
+
+    def extra_repr(self):
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}")
+
+
+def patch(model, **options):
+    """Make a Hugging Face transformers causal LM compute its training loss with gpuce's
+    chunked linear cross-entropy, straight from the hidden states and ``lm_head``: see
+    :func:`gpuce._hf.patch` for the models covered and the options.  Returns the model."""
+    from . import _hf
+
+    return _hf.patch(model, **options)

@@ -310,7 +310,7 @@ struct Args {
     const T* x; long long ldx; const I* labels; const T* y; long long ldy; const A* w; long long n; int c;
     A eps_over_c; A one_minus_eps; A z; A cap; long long ignore_index; A scale;
     A* loss_out; A* lse_out; A* correct_out; T* grad; long long ldg;
-    bool wbad;  // the prologue found a class weight that is NaN, infinite or negative
+    bool wbad;  // the prologue found a class weight that is NaN or infinite
 };
 
 #define GPUCE_SCE_PARAMS                                                                              \
@@ -1403,7 +1403,7 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
 
 // ------------------------------------------------------------------------- sce_prologue
 // Before the fused kernel, where the call needs it: with class weights, block 0 finds the
-// first weight that is NaN, infinite or negative (ws[4] = its index + 1, 0 for none: the fused
+// first weight that is NaN or infinite (ws[4] = its index + 1, 0 for none: the fused
 // kernel then gives NaN results and reports it); with ``denominator`` (reduction="mean" with
 // labels), D = sum of w_k (1 without weights) over the rows whose label is in [0, C) and not
 // ignore_index, ws[3] = 1 / D (0 when D == 0), as double bits, finished by the last block.
@@ -1417,7 +1417,7 @@ __global__ void __launch_bounds__(256) sce_prologue(const I* __restrict__ labels
     if (w && blockIdx.x == 0) {
         long long first = 0x7fffffffffffffffLL;
         for (int j = threadIdx.x; j < c; j += blockDim.x)
-            if (!(isfinite(w[j]) && w[j] >= A(0)) && j < first) first = j;
+            if (!isfinite(w[j]) && j < first) first = j;
         first = block_min(first, redi);
         if (threadIdx.x == 0) ws[4] = first < c ? first + 1 : 0;
     }

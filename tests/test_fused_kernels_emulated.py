@@ -219,7 +219,7 @@ def _run(lib, case, *, weighted, eps, z, cap, reduction, n=37, grid=None, bad_ro
     w = (rng.random(c) + 0.5).astype(acc) if weighted else None
     if bad_weight is not None:
         w[bad_weight[0]] = bad_weight[1]
-        w[bad_weight[0] + 1] = -1.0  # the first one is reported
+        w[bad_weight[0] + 1] = np.nan  # the first one is reported
     loss = np.full(n, -7.0, acc)  # poisoned: every row must be written
     lse = np.full(n, -7.0, acc)
     correct = np.full(n, -7.0, acc)
@@ -324,9 +324,9 @@ def test_bad_labels_give_nan_rows_and_the_first_position(lib, case):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[_case_id(c) for c in CASES])
-@pytest.mark.parametrize("bad_value", [-0.5, np.nan, np.inf])
+@pytest.mark.parametrize("bad_value", [-np.inf, np.nan, np.inf])
 def test_bad_class_weight_gives_nan_results_and_its_index(lib, case, bad_value):
-    """A class weight that is negative, NaN or infinite: the prologue finds the first one, the
+    """A class weight that is NaN or infinite: the prologue finds the first one, the
     fused kernel turns every active row and the total into NaN (never a silently wrong number)
     and reports its index for the host's ValueError."""
     x, t, w, loss, lse, correct, grad, total, stats, bad, inv, active = _run(

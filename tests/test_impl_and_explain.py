@@ -168,16 +168,16 @@ def test_explain_cupy(kind):
 
 
 def test_explain_raises_for_the_values_the_call_raises_for():
-    """A label out of range, a NaN, infinite or negative class weight: the call's errors."""
+    """A label out of range, a NaN or infinite class weight: the call's errors."""
     x = np.zeros((3, 4), np.float32)
     y = np.array([0, 4, 1])
     for fn in (gpuce.softmax_cross_entropy, gpuce.explain):
         with pytest.raises(ValueError, match=r"label 4 at position \(1,\) is out of range"):
             fn(x, y)
-        for bad in (np.nan, np.inf, -1.0):
+        for bad in (np.nan, np.inf, -np.inf):
             w = np.ones(4, np.float32)
             w[2] = bad
-            with pytest.raises(ValueError, match=r"class weights must be finite and >= 0, got weight\[2\]"):
+            with pytest.raises(ValueError, match=r"class weights must be finite, got weight\[2\]"):
                 fn(x, np.array([0, 1, 2]), weight=w)
         with pytest.raises(ValueError, match="out of range"):
             fn(x, np.array([0, 2**63 + 5, 1], np.uint64))

@@ -495,9 +495,10 @@ def test_semantics_table_against_torch():
     with pytest.raises(RuntimeError):
         F.cross_entropy(torch.zeros(1, 2, dtype=torch.float64), torch.full((1, 2), 0.5,
                         dtype=torch.float64), ignore_index=0)
-    # negative class weights: accepted by torch, refused here
-    with pytest.raises(ValueError, match="class weights"):
-        both([[0.0, 1.0]], [0], weight=[-1.0, 1.0])
-    neg = F.cross_entropy(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0]),
-                          weight=torch.tensor([-1.0, 1.0], dtype=torch.float64))
-    assert math.isfinite(float(neg))
+    # negative class weights: the same values as torch, the mean's denominator included
+    for red in ("mean", "sum", "none"):
+        for eps in (0.0, 0.2):
+            (gl, gg), (tl, tg) = both([[0.0, 1.0, -2.0], [3.0, 1.0, 0.5]], [0, 2],
+                                      weight=[-1.0, 0.5, 2.0], reduction=red, label_smoothing=eps)
+            np.testing.assert_allclose(gl, tl, rtol=1e-12)
+            np.testing.assert_allclose(gg, tg, rtol=1e-12, atol=1e-15)

@@ -152,7 +152,7 @@ def test_linear_matches_torch(device, kind, reduction, chunk):
         return (loss.detach(),) + torch.autograd.grad(loss, (x, w, b), go)
 
     want = run(lambda: F.cross_entropy(F.linear(x, w, b), t, weight=cw, **kw))
-    got = run(lambda: gt.linear_cross_entropy(x, w, t, b, ce_weight=cw, chunk_size=chunk, **kw))
+    got = run(lambda: gt.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, chunk_size=chunk, **kw))
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_, w_, rtol=1e-10, atol=1e-12)
 
@@ -183,9 +183,18 @@ def test_loss_modules():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_g, want_g, rtol=1e-10, atol=1e-12)
     xl, wl, bl, tl = linear_tensors(13, 10, 4, 7, "label")
-    lin = gt.LinearCrossEntropyLoss(ce_weight=w, reduction="sum", chunk_size=3)
-    torch.testing.assert_close(lin(xl, wl, tl, bl),
+    lin = gt.LinearCrossEntropyLoss(wl.shape[1], wl.shape[0], bias=True, weight=w,
+                                    reduction="sum", chunk_size=3, dtype=torch.float64)
+    ref = torch.nn.LinearCrossEntropyLoss(wl.shape[1], wl.shape[0], bias=True, weight=w,
+                                          reduction="sum", dtype=torch.float64)
+    with torch.no_grad():
+        for m in (lin, ref):
+            m.linear.weight.copy_(wl)
+            m.linear.bias.copy_(bl)
+    torch.testing.assert_close(lin(xl, tl), ref(xl, tl))
+    torch.testing.assert_close(lin(xl, tl),
                                F.cross_entropy(F.linear(xl, wl, bl), tl, weight=w, reduction="sum"))
+    assert sorted(dict(lin.named_parameters())) == sorted(dict(ref.named_parameters()))
 
 
 # --- gradients with respect to probability targets and class weights -----------------------
@@ -232,7 +241,7 @@ def test_linear_target_and_ce_weight_grads_match_torch(device, reduction, chunk)
     cw = cw.to(device).requires_grad_()
     kw = dict(reduction=reduction, label_smoothing=0.1)
     leaves = (x3, w, b, p3, cw)
-    got = run_all_grads(lambda: gt.linear_cross_entropy(x3, w, p3, b, ce_weight=cw, chunk_size=chunk,
+    got = run_all_grads(lambda: gt.linear_cross_entropy(x3, w, p3, linear_bias=b, weight=cw, chunk_size=chunk,
                                                         **kw), leaves)
     want = run_all_grads(lambda: F.cross_entropy(F.linear(x3, w, b).reshape(11, 6), p3.reshape(11, 6),
                                                  weight=cw, **kw).reshape(got[0].shape), leaves)
@@ -260,7 +269,7 @@ def test_backward_keeps_no_logits():
     x, w, b, tl = linear_tensors(27, 8, 3, 5, "label")
     h = x * 2.0  # a non-leaf that its own backward does not keep
     ref = weakref.ref(h)
-    loss = gt.linear_cross_entropy(h, w, tl, b, reduction="sum")
+    loss = gt.linear_cross_entropy(h, w, tl, linear_bias=b, reduction="sum")
     del h
     gc.collect()
     assert ref() is None, "linear_cross_entropy's input is held for backward"
@@ -287,9 +296,9 @@ def test_weight_requires_grad_with_labels_raises_as_torch():
         F.cross_entropy(x, t, weight=w)  # torch's behaviour, which gpuce follows
     with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
         gt.cross_entropy(x, t, weight=w)
-    with pytest.raises(RuntimeError, match="not differentiable with respect to ce_weight"):
+    with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
         gt.linear_cross_entropy(torch.randn(6, 2, dtype=torch.float64),
-                                torch.randn(4, 2, dtype=torch.float64), t, ce_weight=w)
+                                torch.randn(4, 2, dtype=torch.float64), t, weight=w)
     with torch.no_grad():  # no autograd, no error (as torch)
         torch.testing.assert_close(gt.cross_entropy(x, t, weight=w), F.cross_entropy(x, t, weight=w))
 
@@ -308,13 +317,13 @@ def test_double_backward_raises():
         (gp * 2).sum().backward()
     xl, wl, bl, tl = linear_tensors(24, 6, 3, 4, "label")
     for reduction in ("mean", "none"):
-        loss = gt.linear_cross_entropy(xl, wl, tl, bl, reduction=reduction).sum()
+        loss = gt.linear_cross_entropy(xl, wl, tl, linear_bias=bl, reduction=reduction).sum()
         (gw,) = torch.autograd.grad(loss, wl, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward.*linear_cross_entropy"):
             gw.sum().backward()
     _, _, _, pl = linear_tensors(25, 6, 3, 4, "prob")
     pl.requires_grad_()
-    (gp,) = torch.autograd.grad(gt.linear_cross_entropy(xl, wl, pl, bl), pl, create_graph=True)
+    (gp,) = torch.autograd.grad(gt.linear_cross_entropy(xl, wl, pl, linear_bias=bl), pl, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward.*linear_cross_entropy"):
         gp.sum().backward()
 
@@ -327,8 +336,7 @@ def opinfo_cases(dtype, seed):
     (2,3,1,2), (2,3,1,2,3); each reduction; a class weight with each reduction; ignore_index=1
     (labels only); each with class-index and with probability targets (these require grad).
     Values are uniform as torch's make_tensor draws them (inputs in [-9, 9), probabilities in
-    [0, 1)); class weights in [0, 9): gpuce refuses negative class weights, torch's draw in
-    [-9, 9)."""
+    [0, 1)); class weights in [-9, 9), negative ones included, as torch draws them."""
     g = torch.Generator().manual_seed(seed)
 
     def uniform(shape, lo, hi, rg=False):
@@ -347,7 +355,7 @@ def opinfo_cases(dtype, seed):
                 continue
             kw = dict(kw)
             if kw.get("weight") == "w":
-                kw["weight"] = uniform((3,), 0.0, 9.0)
+                kw["weight"] = uniform((3,), -9.0, 9.0)
             x = uniform(in_shape, -9.0, 9.0, rg=True)
             if prob:
                 t = uniform(in_shape, 0.0, 1.0, rg=True)
@@ -381,7 +389,7 @@ def test_opinfo_cases(dtype):
 
 def test_opinfo_samples_from_torch():
     """The same on torch's own sample inputs, where torch's test helpers import (they need
-    the expecttest package); their negative class weights are made non-negative first."""
+    the expecttest package), their negative class weights included."""
     pytest.importorskip("expecttest")
     from torch.testing._internal.common_methods_invocations import op_db
 
@@ -394,10 +402,7 @@ def test_opinfo_samples_from_torch():
         assert [(s.input.shape, s.args[0].shape, sorted(s.kwargs)) for s in samples] == \
                [(x.shape, t.shape, sorted(kw)) for x, t, kw in mine]
         for s in samples:
-            kw = dict(s.kwargs)
-            if kw.get("weight") is not None:
-                kw["weight"] = kw["weight"].abs()
-            check_against_torch(s.input, s.args[0], kw)
+            check_against_torch(s.input, s.args[0], dict(s.kwargs))
             n += 1
     assert n == 42
 

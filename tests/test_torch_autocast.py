@@ -61,7 +61,7 @@ def test_linear_cross_entropy_with_a_float32_head(device, reduction):
             h = h0.clone().requires_grad_(True)
             with torch.autocast(device, dtype=dtype):
                 if use_gpuce:
-                    loss = gt.linear_cross_entropy(h, head.weight, y, head.bias, reduction=reduction)
+                    loss = gt.linear_cross_entropy(h, head.weight, y, linear_bias=head.bias, reduction=reduction)
                 else:
                     loss = F.cross_entropy(F.linear(h, head.weight, head.bias), y,
                                            reduction=reduction)

@@ -94,7 +94,7 @@ def test_linear_cross_entropy_against_torch_and_float64(device, reduction, bias)
         return (loss.detach(),) + torch.autograd.grad(loss, leaves, go.to(BF).to(loss.dtype))
 
     def gpuce_fn(x, w, t, bb):
-        return gt.linear_cross_entropy(x, w, t, bb, reduction=reduction, chunk_size=8)
+        return gt.linear_cross_entropy(x, w, t, linear_bias=bb, reduction=reduction, chunk_size=8)
 
     def torch_fn(x, w, t, bb):
         return F.cross_entropy(F.linear(x, w, bb), t, reduction=reduction)

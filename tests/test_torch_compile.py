@@ -121,7 +121,7 @@ def test_compiled_linear_cross_entropy(device, kind, reduction):
     kw = dict(reduction=reduction, label_smoothing=0.05, chunk_size=3)
 
     def f(a, ww, bb, tt, cc):
-        return gt.linear_cross_entropy(torch.tanh(a) * 2, ww, tt, bb, ce_weight=cc, **kw)
+        return gt.linear_cross_entropy(torch.tanh(a) * 2, ww, tt, linear_bias=bb, weight=cc, **kw)
 
     fn, counter = compiled(f)
     got = loss_and_grads(fn, (x, w, b, t, cw), leaves)

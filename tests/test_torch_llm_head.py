@@ -140,14 +140,14 @@ def test_linear_matches_torch_reference(device, kind, reduction):
     go = torch.rand(want.shape, generator=g, dtype=torch.float64).to(device) + 0.5
     want_g = torch.autograd.grad(want, (X, W, b), go)
     for chunk in (None, 4):
-        loss, st = gt.linear_cross_entropy(X, W, t, b, chunk_size=chunk, return_stats=True, **kw)
+        loss, st = gt.linear_cross_entropy(X, W, t, linear_bias=b, chunk_size=chunk, return_stats=True, **kw)
         torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
         assert_stats(st, want_st, 1e-10, 1e-12)
         for a, r in zip(torch.autograd.grad(loss, (X, W, b), go), want_g):
             torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
     if kind == "prob":  # target gradient: log q of the capped logits, chunk by chunk
         p = t.clone().requires_grad_()
-        got = gt.linear_cross_entropy(X, W, p, b, chunk_size=4, **kw)
+        got = gt.linear_cross_entropy(X, W, p, linear_bias=b, chunk_size=4, **kw)
         ref, _ = reference(F.linear(X, W, b), p, **kw)
         torch.testing.assert_close(torch.autograd.grad(got, p, go)[0],
                                    torch.autograd.grad(ref, p, go)[0], rtol=1e-10, atol=1e-12)
@@ -173,7 +173,10 @@ def test_modules_and_bad_options():
     torch.testing.assert_close(loss, want)
     assert_stats(st, want_st, 1e-10, 1e-12)
     X, W = torch.randn(6, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
-    loss, st = gt.LinearCrossEntropyLoss(softcap=2.0, return_stats=True)(X, W, t)
+    head = gt.LinearCrossEntropyLoss(3, 4, softcap=2.0, return_stats=True, dtype=torch.float64)
+    with torch.no_grad():
+        head.linear.weight.copy_(W)
+    loss, st = head(X, t)
     torch.testing.assert_close(loss, reference(F.linear(X, W), t, softcap=2.0)[0])
     for bad, err in ((0.0, ValueError), (-2.0, ValueError), (math.nan, ValueError),
                      (math.inf, ValueError), (True, TypeError)):

@@ -596,7 +596,7 @@ def launch(x2, lbl, y2, w, *, acc, eps, z, softcap, ignore_index, reduction, los
     outputs are device arrays or None: loss_out, lse_out, correct_out (N,) in ``acc``;
     grad_out (N, C) with unit column stride; total_out 0-d; stats_out (2,) [z part,
     accuracy]; bad_out (2,) int64 (the first bad label position, N when none; the first class
-    weight that is NaN, infinite or negative, -1 when none: the results are then NaN).  ``grid``
+    weight that is NaN or infinite, -1 when none: the results are then NaN).  ``grid``
     overrides the one-wave grid (the probe's sweep; a multiple of the cluster size); ``ws`` is
     the stream's :func:`workspace` where the caller has it already.  ``denominator``: the
     "mean" reduction's denominator when the rows are one block of a larger call (no prologue
