@@ -31,7 +31,7 @@ import numpy as np
 
 from ._backend import all_finite, array_module, is_cupy_array, is_dask_array
 from ._impl import auto_impl, resolve_impl, use_impl
-from ._rows import mean_denominator, sum_squares
+from ._rows import mean_denominator, sum_squares, weighted_z_loss
 from ._validation import (LinearGrads, SceStats, acc_dtype, check_axis, check_float,
                           check_same_shape, label_error, linear_args, sce_args)
 
@@ -307,11 +307,14 @@ def _outputs(loss, grad, stats, args):
 
 # -- softmax_cross_entropy ---------------------------------------------------------------------
 
-def _sce_part(run, x, t, w, args, row0, opts):
+def _sce_part(run, x, t, w, args, row0, opts, denominator=None):
     """One row block: ``run`` is the in-memory softmax_cross_entropy (gpuce.sce passes it, so
-    this module never imports gpuce.sce)."""
+    this module never imports gpuce.sce).  ``denominator``: the whole call's denominator and
+    row count, for the class-weighted z-loss coefficient (gpuce._rows.weighted_z_loss)."""
     if args.check_labels:
         _check_block_labels(t, row0, args)
+    if denominator is not None:
+        opts = _block_z_loss(opts, args, denominator)
     red = "none" if args.reduction == "none" else "sum"
     if args.return_grad and _acc_partials(x.dtype):
         x = x.astype(args.acc)  # exact; the gradient is rounded to x's dtype once, in _scaled
@@ -351,7 +354,11 @@ def softmax_cross_entropy(run, logits, target, *, reduction, ignore_index, weigh
                 impl=impl, softcap=softcap, check_labels=check_labels)
     wd = _constant(weight, "weight")
     xs, ts = logits.to_delayed().ravel(), target.to_delayed().ravel()
-    parts = [_call(_sce_part, "sce-part", run, x, t, wd, args, r0, opts)
+    denominator = None
+    if _weighted_z(args, weight):  # first, from the labels alone: the blocks' z-loss needs it
+        denominator = _tree_sum([_call(_denominator_part, "denominator", tb, wd, args)
+                                 for tb in ts], ("denom", "count"))
+    parts = [_call(_sce_part, "sce-part", run, x, t, wd, args, r0, opts, denominator)
              for x, t, r0 in zip(xs, ts, _row_starts(logits))]
     lead_shapes = [(n,) + tuple(args.lead_shape[1:]) for n in logits.chunks[0]]
     grad_shapes = [s + (args.c,) for s in lead_shapes]
@@ -373,7 +380,24 @@ def softmax_cross_entropy(run, logits, target, *, reduction, ignore_index, weigh
 # -- linear_cross_entropy ----------------------------------------------------------------------
 
 def _denominator_part(y, w, args):
-    return {"denom": _block_denominator(y, w, args)}
+    """A label block's share of the mean's denominator and of its non-ignored rows (the
+    class-weighted z-loss divides by their count: gpuce._rows.weighted_z_loss)."""
+    xp = array_module(y, w)
+    return {"denom": _block_denominator(y, w, args),
+            "count": mean_denominator(xp, y, None, args) if args.kind == "label" else 0.0}
+
+
+def _weighted_z(args, w):
+    """Whether the z-loss coefficient depends on the whole call's denominator and row count
+    ("mean" with class weights, z-loss and labels)."""
+    return (args.reduction == "mean" and bool(args.z_loss) and w is not None
+            and args.kind == "label")
+
+
+def _block_z_loss(opts, args, denominator):
+    """The blocks' options with the whole call's z-loss coefficient (weighted_z_loss)."""
+    return dict(opts, z_loss=weighted_z_loss(args.z_loss, denominator["denom"],
+                                             denominator["count"]))
 
 
 def _linear_part(run, X, y, W, b, w, args, row0, opts, denominator=None):
@@ -388,6 +412,8 @@ def _linear_part(run, X, y, W, b, w, args, row0, opts, denominator=None):
     if denominator is not None:
         red = "mean"
         opts["_denominator"] = denominator["denom"]
+        if _weighted_z(args, w):
+            opts = _block_z_loss(opts, args, denominator)
     with use_impl(opts.pop("impl")):  # the choice in force when the graph was built
         out = run(X, W, y, bias=b, weight=w, reduction=red, return_grad=args.return_grad,
                   _acc_grads=True, return_stats=args.return_stats, **opts)
@@ -448,7 +474,7 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
     denominator = None
     if args.reduction == "mean":  # first, from the labels alone: the blocks scale by it
         denominator = _tree_sum([_call(_denominator_part, "denominator", yb, wd, args)
-                                 for yb in ys], ("denom",))
+                                 for yb in ys], ("denom", "count"))
     parts = [_call(_linear_part, "linear-part", run, xb, yb, Wd, bd, wd, args, r0, opts,
                    denominator)
              for xb, yb, r0 in zip(X.to_delayed().ravel(), ys, _row_starts(X))]

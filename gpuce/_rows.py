@@ -52,6 +52,35 @@ def mean_denominator(xp, y, weight, args) -> float:
     return float(row_weight.sum(dtype=np.float64))
 
 
+def weighted_z_loss(z_loss, denominator, count) -> float:
+    """The z-loss coefficient for a "mean" call with class weights: the loss is
+    Σ_i L_i / D with D the weight sum of the non-ignored labels, but the z-loss part is
+    z·Σ_i lse_i² / n over the n non-ignored rows, unweighted (as Liger-Kernel defines it):
+    z·D/n divided by D is that (0 when n or D is 0: the zero-denominator rule)."""
+    if not z_loss or not count or not denominator:
+        return 0.0 if z_loss and not count else float(z_loss)
+    return float(z_loss) * float(denominator) / float(count)
+
+
+def mean_args(xp, y, weight, args, denominator=None, count=None):
+    """``args`` for a "mean" call over the rows of ``y`` with the whole call's denominator set
+    (``SceArgs.denominator``; ``denominator`` when the caller has it) and, with class weights
+    and z-loss, the z-loss coefficient of :func:`weighted_z_loss` (from ``count``, the
+    non-ignored rows, when given).  One sync on CuPy, two with class weights and z-loss."""
+    from dataclasses import replace
+
+    if args.reduction != "mean":
+        return args
+    if denominator is None:
+        denominator = mean_denominator(xp, y, weight, args)
+    z = args.z_loss
+    if z and weight is not None and args.kind == "label":
+        if count is None:
+            count = mean_denominator(xp, y, None, args)
+        z = weighted_z_loss(z, denominator, count)
+    return replace(args, denominator=float(denominator), z_loss=z)
+
+
 def sum_squares(xp, W):
     """Σ W² of a 2-D W in the accumulation dtype.  On the GPU a ReductionKernel over each
     row, then CuPy's sum of the C partials: a ReductionKernel over all elements (axis=None)

@@ -32,7 +32,7 @@ from . import _dask
 from ._backend import array_module, asarray, free_memory_bytes
 from ._blas import gemm
 from ._dispatch import backends
-from ._rows import check_labels, column_sums, mean_denominator, run_rows, sum_squares
+from ._rows import check_labels, column_sums, mean_args, run_rows, sum_squares
 from .sce import BlockStats, results
 from ._validation import LinearGrads, check_class_weight, check_uint64_labels, linear_args
 
@@ -150,10 +150,10 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         check_uint64_labels(xp, y, args)  # before any int64 cast, which would wrap them
         if args.check_labels:
             check_label_range(xp, y, args)  # over all rows first: errors name the caller's position
-    denominator = None
-    if args.reduction == "mean":
-        denominator = (mean_denominator(xp, y, weight, args) if _denominator is None
-                       else float(_denominator))
+    if _denominator is None:  # the whole call's, and for class weights its z-loss coefficient
+        args = mean_args(xp, y, weight, args)
+    elif args.reduction == "mean":  # a dask block: the caller's (z_loss set by the caller too)
+        args = replace(args, denominator=float(_denominator))
     # cuBLAS reads dense rows: W whole (the size of dW), X a chunk at a time (below), so that an
     # X in another order (Fortran, strided) costs a chunk-sized copy, never a copy of X
     W = xp.ascontiguousarray(W)
@@ -172,7 +172,7 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
 
     # each chunk runs with the call's reduction and, for "mean", the whole call's denominator:
     # its gradient G_c is scaled inside the kernels, before it is rounded to X's dtype (once)
-    per_chunk = replace(args, inplace=return_grad, labels_checked=True, denominator=denominator)
+    per_chunk = replace(args, inplace=return_grad, labels_checked=True)
     loss_rows = xp.empty(n, acc) if args.reduction == "none" else None
     total = xp.zeros((), np.float64)
     stats = BlockStats(xp, args) if args.return_stats else None

@@ -15,7 +15,7 @@ from ._backend import array_module, asarray, shares_buffer
 from ._blocks import row_blocks, rows_viewable
 from ._dispatch import backends
 from ._impl import check_impl
-from ._rows import check_labels, mean_denominator, run_rows, walk_block_elements
+from ._rows import check_labels, mean_args, run_rows, walk_block_elements
 from ._validation import (SceArgs, SceStats, check_class_weight, check_inplace_aliasing,
                           check_uint64_labels, sce_args)
 
@@ -165,6 +165,9 @@ def softmax_cross_entropy(logits, target, *, reduction="mean", ignore_index=-100
     check_uint64_labels(xp, target, args)
     check_class_weight(xp, weight)
     check_inplace_aliasing(xp, logits, target, weight, args)
+    if args.z_loss and weight is not None and args.kind == "label" and args.n:
+        # "mean" with class weights: z-loss over the non-ignored rows, unweighted
+        args = mean_args(xp, target, weight, args)
     if args.n and not rows_viewable(logits.shape, logits.strides):
         return walk_blocks(xp, logits, target, weight, args, impl)
     c = args.c
@@ -288,10 +291,9 @@ def walk_blocks(xp, logits, target, weight, args: SceArgs, impl="auto"):
     c = args.c
     if args.kind == "label" and args.check_labels:
         check_labels(xp, target, args)  # over all rows first: errors name the caller's position
-    denominator = None
-    if args.reduction == "mean":
-        denominator = mean_denominator(xp, target, weight, args)
-    per_block = replace(args, labels_checked=True, denominator=denominator)
+    per_block = replace(args, labels_checked=True)
+    if args.denominator is None:
+        per_block = mean_args(xp, target, weight, per_block)
     grad = None
     if args.return_grad:
         grad = logits if args.inplace else xp.empty(logits.shape, logits.dtype)

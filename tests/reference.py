@@ -56,7 +56,8 @@ def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0,
     1 - tanh^2(x / s).  A label outside [0, C) other than ignore_index gives a NaN row (loss
     and gradient), outside the mean's denominator.  ``stats=True`` also returns
     (z_loss part, accuracy, lse), reduced like the loss (per row for "none": z lse^2, 0 for
-    ignored rows; 1.0 / 0.0, NaN for ignored rows), lse of every row.
+    ignored rows; 1.0 / 0.0, NaN for ignored rows), lse of every row.  Under "mean" the
+    z-loss part is divided by the number of non-ignored rows, the rest by the weight sum.
     """
     f = np.asarray(x, np.float64)
     x = capped(f, softcap)
@@ -65,7 +66,9 @@ def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0,
     eps = float(label_smoothing)
     rows = np.zeros(n)
     grad = np.zeros((n, c))
+    grad_z = np.zeros((n, c))  # the z-loss term's part of grad
     z_rows = np.zeros(n)
+    count = 0  # non-ignored rows with a label in [0, C): the z-loss mean's denominator
     acc_rows = np.full(n, math.nan)
     lse_rows = np.array([lse_row(x[i]) for i in range(n)]) if n else np.zeros(0)
     denom = 0.0
@@ -83,6 +86,7 @@ def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0,
                 continue
             acc_rows[i] = label_correct(list(x[i]), k)
             denom += w[k]
+            count += 1
             t[k] += (1 - eps) * w[k]
             for j in range(c):
                 t[j] += eps / c * w[j]
@@ -106,12 +110,16 @@ def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0,
         for j in range(c):
             q = math.exp(x[i, j] - lse)
             dg = q * (tsum + 2 * z_loss * lse) - t[j]
+            dz = q * 2 * z_loss * lse
             if softcap:
                 th = math.tanh(f[i, j] / softcap)
                 dg *= 1.0 - th * th
+                dz *= 1.0 - th * th
             grad[i, j] = dg
+            grad_z[i, j] = dz
     if kind == "prob":
         denom = float(n)
+        count = n
     counted = int(np.sum(~np.isnan(acc_rows)))
     accuracy = float(np.nansum(acc_rows) / counted) if counted else math.nan
     if reduction == "none":
@@ -124,6 +132,10 @@ def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0,
         out = 0.0, np.zeros_like(grad)
         st = (0.0, accuracy if kind == "label" else None, lse_rows)
     else:
-        out = rows.sum() / denom, grad / denom
-        st = (z_rows.sum() / denom, accuracy if kind == "label" else None, lse_rows)
+        # "mean": the cross-entropy part over the weight sum, the z-loss part over the count of
+        # rows (unweighted: Liger-Kernel's definition); the same denominator without weights
+        zsum = z_rows.sum()
+        out = ((rows.sum() - zsum) / denom + zsum / count,
+               (grad - grad_z) / denom + grad_z / count)
+        st = (zsum / count, accuracy if kind == "label" else None, lse_rows)
     return out + (st,) if stats else out

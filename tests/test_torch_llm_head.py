@@ -32,7 +32,8 @@ def tensors(g, n, c, kind, extra=(), dtype=torch.float64, device="cpu"):
 def reference(x, t, *, weight=None, reduction="mean", label_smoothing=0.0, z_loss=0.0,
               softcap=None, ignore_index=-100):
     """(loss, SceStats) in float64 from torch: g = s tanh(x / s), F.cross_entropy on g, plus
-    z lse(g)^2 per non-ignored row; the statistics written from their definitions."""
+    z lse(g)^2 per non-ignored row ("mean" divides it by their count, the rest by the
+    weight sum); the statistics written from their definitions."""
     x = x.double()
     g = softcap * torch.tanh(x / softcap) if softcap else x
     w = None if weight is None else weight.double()
@@ -59,8 +60,13 @@ def reference(x, t, *, weight=None, reduction="mean", label_smoothing=0.0, z_los
     rows = ce + z_rows
     if reduction == "none":
         return rows, gpuce.SceStats(z_rows, acc_rows, lse)
-    div = 1.0 if reduction == "sum" else (1.0 / denom if denom != 0 else 0.0)
-    return rows.sum() * div, gpuce.SceStats(z_rows.sum() * div, accuracy, lse)
+    if reduction == "sum":
+        return rows.sum(), gpuce.SceStats(z_rows.sum(), accuracy, lse)
+    if denom == 0:  # gpuce's zero-denominator rule
+        return rows.sum() * 0.0, gpuce.SceStats(z_rows.sum() * 0.0, accuracy, lse)
+    # "mean": the cross-entropy part over the weight sum, z-loss over the non-ignored rows
+    z_mean = z_rows.sum() / active.sum()
+    return ce.sum() / denom + z_mean, gpuce.SceStats(z_mean, accuracy, lse)
 
 
 def assert_stats(got, want, rtol, atol):
