@@ -43,8 +43,11 @@ traced)::
 
 The LLM-head options (softcap, 0. for none; return_stats; check_labels) come last, with
 defaults.  The statistics (z-loss part, token accuracy, per-row lse: gpuce.SceStats) are
-outputs of the forward operators, empty tensors unless return_stats, and carry no gradient
-(marked non-differentiable).
+outputs of the forward operators, empty tensors unless return_stats.  z_loss and accuracy
+carry no gradient (marked non-differentiable); lse is differentiable, ∂lse_i/∂f_ij = q_ij
+(through the cap), formed in backward from the logits (kept for it with return_stats; the
+linear operator forms each chunk's logits again) and added to the loss's gradient, so that
+``loss + z * (lse ** 2).mean()`` trains.
 
 The forward operators take the class axis last.  With a ``True`` grad flag they compute the
 gradient of the returned loss in the same fused pass and return it beside the loss (an empty
@@ -370,22 +373,46 @@ def _ce_setup_context(ctx, inputs, output):
     needs them (gradients for the target or the weight, or no gradient computed forward),
     so that the N x C logits are not held until backward for nothing."""
     (logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad,
-     softcap, _, check_labels) = inputs
+     softcap, return_stats, check_labels) = inputs
     need_x, need_t, need_w = ctx.needs_input_grad[:3]
-    ctx.mark_non_differentiable(*output[1:])  # the gradient and the statistics
+    # the gradient, the z-loss part and the accuracy carry no gradient; the per-row lse does
+    ctx.mark_non_differentiable(*output[1:4])
+    ctx.set_materialize_grads(False)  # None for an output that is not used
     ctx.recompute = need_x and not input_grad
-    keep = ctx.recompute or need_t or need_w
+    # with return_stats the logits are kept for lse's gradient (softmax of the logits)
+    ctx.lse_kept = need_x and return_stats  # lse computed (else an empty placeholder)
+    keep = ctx.recompute or need_t or need_w or ctx.lse_kept
     ctx.save_for_backward(output[1] if input_grad else None, *((logits, target, weight) if keep
                                                               else (None, None, None)))
     ctx.opts = (reduction, ignore_index, label_smoothing, z_loss)
     ctx.llm = (softcap, check_labels)
+    ctx.loss_meta = (output[0].shape, output[0].dtype, output[0].device)
 
 
-def _ce_autograd_backward(ctx, grad_loss, *_grads_of_other_outputs):
+def _zero_incoming(ctx):
+    """The incoming gradient of a loss that is not used (only its lse is differentiated)."""
+    shape, dtype, device = ctx.loss_meta
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _lse_grad(logits, grad_lse, softcap):
+    """∂(Σ_i g_i lse_i)/∂f_ij = g_i q_ij (q = softmax of the (capped) logits, times the cap's
+    derivative 1 − tanh²(f/s) with a softcap), in the accumulation dtype."""
+    acc = _acc_of(logits.dtype)
+    f = logits.to(acc)
+    q = torch.softmax(_capped(f, softcap), dim=-1) * grad_lse.to(acc).unsqueeze(-1)
+    if softcap:
+        q = q * (1.0 - torch.tanh(f / softcap) ** 2)
+    return q
+
+
+def _ce_autograd_backward(ctx, grad_loss, _g_grad, _g_z, _g_acc, grad_lse):
     grad, logits, target, weight = ctx.saved_tensors
     need_x, need_t, need_w = ctx.needs_input_grad[:3]
     reduction = ctx.opts[0]
     d_x = d_t = d_w = None
+    if grad_loss is None:  # only the lse is differentiated
+        grad_loss = _zero_incoming(ctx)
     if need_x and not ctx.recompute:
         d_x = _times_incoming(grad, grad_loss, reduction == "none")
     if ctx.recompute or need_t or need_w:
@@ -393,6 +420,9 @@ def _ce_autograd_backward(ctx, grad_loss, *_grads_of_other_outputs):
                                                    ctx.recompute, need_t, need_w, *ctx.llm)
         d_x = d[0] if ctx.recompute else d_x
         d_t, d_w = (d[1] if need_t else None), (d[2] if need_w else None)
+    if need_x and grad_lse is not None and ctx.lse_kept:
+        d_lse = _lse_grad(logits, grad_lse, ctx.llm[0])
+        d_x = (d_lse if d_x is None else d_x.to(d_lse.dtype) + d_lse).to(logits.dtype)
     return _first_order_only("cross_entropy", (d_x, d_t, d_w)) + (None,) * 8
 
 
@@ -640,29 +670,43 @@ def _lce_fake(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoo
 def _lce_setup_context(ctx, inputs, output):
     """Keeps the forward pass's gradients; the inputs only where backward runs gpuce's pass
     again (reduction="none", gradients for the target or ce_weight, or none computed)."""
-    (x, w, target, bias, ce_weight, reduction, *opts, input_grad, need_grad, softcap, _,
-     check_labels, _acc_loss) = inputs
+    (x, w, target, bias, ce_weight, reduction, *opts, input_grad, need_grad, softcap,
+     return_stats, check_labels, _acc_loss) = inputs
     need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
-    ctx.mark_non_differentiable(*output[1:])  # the gradients and the statistics
+    # the gradients, the z-loss part and the accuracy carry no gradient; the per-row lse does
+    ctx.mark_non_differentiable(*output[1:6])
+    ctx.set_materialize_grads(False)  # None for an output that is not used
+    ctx.loss_meta = (output[0].shape, output[0].dtype, output[0].device)
     have = need_grad and reduction != "none" and (input_grad or not need_x)
     ctx.recompute = (need_x or need_w or need_b) and not have
-    keep = ctx.recompute or need_t or need_cw
+    # with return_stats the inputs are kept for lse's gradient (the logits formed again)
+    ctx.lse_kept = return_stats and (need_x or need_w or need_b)
+    keep = ctx.recompute or need_t or need_cw or ctx.lse_kept
     ctx.save_for_backward(*(output[1:4] if have else (None,) * 3),
                           *((x, w, target, bias, ce_weight) if keep else (None,) * 5))
     ctx.opts = (reduction, *opts)  # reduction, ignore_index, label_smoothing, z_loss, chunk_size
     ctx.llm = (softcap, check_labels)
 
 
-def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
+def _lce_autograd_backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_z, _g_acc, grad_lse):
     d_x, d_w, d_b, x, w, target, bias, ce_weight = ctx.saved_tensors
     need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
     reduction, _, label_smoothing, _, chunk_size = ctx.opts
-    if ctx.recompute:
+    if grad_loss is None:  # only the lse is differentiated
+        d_x = d_w = d_b = d_t = d_cw = None
+        need_t = need_cw = False
+    elif ctx.recompute:
         d_x, d_w, d_b = torch.ops.gpuce.linear_cross_entropy_backward(
             grad_loss, x, w, target, bias, ce_weight, *ctx.opts, need_x, *ctx.llm)
     elif need_x or need_w or need_b:
         d_x, d_w, d_b = (_times_incoming(g, grad_loss) if need else None
                          for g, need in zip((d_x, d_w, d_b), (need_x, need_w, need_b)))
+    if grad_lse is not None and ctx.lse_kept and (need_x or need_w or need_b):
+        extra = _linear_lse_grads(x, w, bias, grad_lse, ctx.llm[0], chunk_size)
+        d_x, d_w, d_b = (g if e is None else e if g is None else (g.to(e.dtype) + e)
+                         for g, e in zip((d_x, d_w, d_b), extra))
+        d_x, d_w = d_x.to(x.dtype), d_w.to(w.dtype)
+        d_b = None if bias is None else d_b.to(bias.dtype)
     d_t = d_cw = None
     if need_t or need_cw:
         d_t, d_cw = torch.ops.gpuce.linear_cross_entropy_target_backward(
@@ -674,6 +718,33 @@ def _lce_autograd_backward(ctx, grad_loss, *_grads_of_grads):
 
 
 _lce_op.register_autograd(_lce_autograd_backward, setup_context=_lce_setup_context)
+
+
+def _linear_lse_grads(x, w, bias, grad_lse, softcap, chunk_size):
+    """The gradients of Σ_i g_i lse_i (lse of the logits X Wᵀ + b) for X, W and the bias, in
+    the accumulation dtype: the logits formed again chunk by chunk (rows of chunk_size, or
+    about 2^22 logits a chunk), G = g_i q_ij (:func:`_lse_grad`), dX = G W, dW = Gᵀ X,
+    db = Σ_i G_i.  One more pass over the chunks, in backward, only where lse is
+    differentiated."""
+    n, c = x.shape[0], w.shape[0]
+    acc = _acc_of(x.dtype)
+    wa = w.to(acc)
+    d_x = torch.empty((n, x.shape[1]), dtype=acc, device=x.device)
+    d_w = torch.zeros(wa.shape, dtype=acc, device=x.device)
+    d_b = None if bias is None else torch.zeros(c, dtype=acc, device=x.device)
+    step = chunk_size or max(1, (1 << 22) // max(c, 1))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        xa = x[lo:hi].to(acc)
+        logits = xa @ wa.t()
+        if bias is not None:
+            logits += bias.to(acc)
+        g = _lse_grad(logits, grad_lse[lo:hi], softcap)
+        d_x[lo:hi] = g @ wa
+        d_w += g.t() @ xa
+        if d_b is not None:
+            d_b += g.sum(0)
+    return d_x, d_w, d_b
 
 
 @torch.library.custom_op("gpuce::linear_cross_entropy_backward", mutates_args=(),
