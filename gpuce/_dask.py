@@ -256,8 +256,10 @@ def _stats_part(t, st, args):
     if st is None:
         return {}
     if args.reduction == "none":
-        return {"z_rows": st.z_loss, "acc_rows": st.accuracy, "lse": st.lse}
-    part = {"z": float(st.z_loss), "correct": 0.0, "counted": 0.0, "lse": st.lse}
+        return {"z_rows": st.z_loss, "acc_rows": st.accuracy, "lse": st.lse,
+                "predicted": st.predicted}
+    part = {"z": float(st.z_loss), "correct": 0.0, "counted": 0.0, "lse": st.lse,
+            "predicted": st.predicted}
     if args.kind == "label":
         lab = t.ravel()
         if lab.dtype.kind == "u":
@@ -283,17 +285,19 @@ def _stats_arrays(parts, fin, args, lead_shapes, like):
     """The SceStats of dask arrays (per-row blocks, or 0-d from the finishing task)."""
     da = _da()
     lse = _from_parts(parts, "lse", lead_shapes, args.acc, like)
+    predicted = _from_parts(parts, "predicted", lead_shapes, np.dtype(np.int64), like)
     if args.reduction == "none":
         z = _from_parts(parts, "z_rows", lead_shapes, args.acc, like)
         acc = (_from_parts(parts, "acc_rows", lead_shapes, args.acc, like)
                if args.kind == "label" else None)
-        return SceStats(z, acc, lse)
+        return SceStats(z, acc, lse, predicted)
 
     def scalar(key):
         value = _call(_as_acc, "stat", fin[key], args.acc, like._meta)
         return da.from_delayed(value, shape=(), dtype=args.acc, meta=_meta(like, 0, args.acc))
 
-    return SceStats(scalar("z_loss"), scalar("accuracy") if args.kind == "label" else None, lse)
+    return SceStats(scalar("z_loss"), scalar("accuracy") if args.kind == "label" else None, lse,
+                    predicted)
 
 
 def _as_acc(v, acc, meta):

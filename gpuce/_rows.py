@@ -102,19 +102,45 @@ def walk_block_elements(xp) -> int:
     return WALK_BLOCK_ELEMENTS_NUMPY if xp is np else WALK_BLOCK_ELEMENTS_CUPY
 
 
+def predicted_tokens(xp, x2, args):
+    """The predicted class of each row of (N, C) logits: the index of the row's maximum of the
+    (capped) logits, ties to the lowest index, -1 for a row holding a NaN; (N,) int64.  Read in
+    row blocks in the accumulation dtype (NumPy: about NUMPY_BLOCK_ELEMENTS, CuPy: about
+    WALK_BLOCK_ELEMENTS_CUPY elements), before the backend may overwrite the logits with the
+    gradient: one more read of the logits, with return_stats only."""
+    n, c = x2.shape
+    out = xp.empty(n, np.int64)
+    if c == 0:
+        out[...] = -1
+        return out
+    step = max(1, (NUMPY_BLOCK_ELEMENTS if xp is np else WALK_BLOCK_ELEMENTS_CUPY) // c)
+    for r0 in range(0, n, step):
+        block = x2[r0:r0 + step].astype(args.acc, copy=False)
+        if args.softcap:
+            block = xp.tanh(block / args.acc.type(args.softcap)) * args.acc.type(args.softcap)
+        nan = xp.isnan(block).any(axis=1)
+        out[r0:r0 + step] = xp.where(nan, -1, xp.argmax(block, axis=1))
+    return out
+
+
 def run_rows(xp, x2, target, weight, args, grad_out, impl="auto", variant=None):
     """The backend's work on validated (N, C) logits: a :class:`gpuce._validation.SceRows`
     ``(rows, total, stats)``, the gradient written into ``grad_out`` when given (it may be
     ``x2`` itself).  ``total`` is None for reduction "none"; ``rows`` may be None for "sum"
     and "mean" (use ``total``).  ``variant`` pins a fused kernel variant (CuPy; tests and the
     benchmark).  Used by softmax_cross_entropy, the block walk and the chunked linear model."""
+    predicted = predicted_tokens(xp, x2, args) if args.return_stats else None
     if xp is np:
         from ._sce_numpy import softmax_cross_entropy as run
 
-        return run(x2, target, weight, args, grad_out)
-    from ._cuda.sce import softmax_cross_entropy as run
+        out = run(x2, target, weight, args, grad_out)
+    else:
+        from ._cuda.sce import softmax_cross_entropy as run
 
-    return run(x2, target, weight, args, grad_out, impl=resolve_impl(impl), variant=variant)
+        out = run(x2, target, weight, args, grad_out, impl=resolve_impl(impl), variant=variant)
+    if predicted is None:
+        return out
+    return out._replace(stats=out.stats._replace(predicted=predicted))
 
 
 def explain_rows(xp, logits, target, args, impl, walk) -> list:

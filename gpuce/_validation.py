@@ -142,11 +142,15 @@ class SceStats(NamedTuple):
         correct and NaN rows as wrong; NaN when no row is counted.  Per row (1.0 / 0.0, NaN
         for ignored rows) for reduction="none".
     lse : (N...) per-row log-sum-exp of the (capped) logits, every row including ignored ones.
+    predicted : (N...) int64, the predicted class of every row (ignored ones included): the
+        index of the row's maximum of the (capped) logits, the lowest index among ties, -1
+        for a row holding a NaN.  (The backends leave it None; gpuce._rows.run_rows fills it.)
     """
 
     z_loss: object
     accuracy: object
     lse: object
+    predicted: object = None
 
 
 class SceRows(NamedTuple):

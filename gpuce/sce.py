@@ -214,11 +214,14 @@ def results(xp, args: SceArgs, loss, grad, st):
 def public_stats(xp, args: SceArgs, st: SceStats) -> SceStats:
     """A backend's SceStats ((N,) rows) shaped for the caller."""
     lse = st.lse.reshape(args.lead_shape)
+    predicted = st.predicted.reshape(args.lead_shape)
     if args.reduction == "none":
         return SceStats(st.z_loss.reshape(args.lead_shape),
-                          None if st.accuracy is None else st.accuracy.reshape(args.lead_shape), lse)
+                        None if st.accuracy is None else st.accuracy.reshape(args.lead_shape), lse,
+                        predicted)
     return SceStats(xp.asarray(st.z_loss, dtype=args.acc),
-                      None if st.accuracy is None else xp.asarray(st.accuracy, dtype=args.acc), lse)
+                    None if st.accuracy is None else xp.asarray(st.accuracy, dtype=args.acc), lse,
+                    predicted)
 
 
 class BlockStats:
@@ -240,6 +243,7 @@ class BlockStats:
         none = args.reduction == "none"
         label = args.kind == "label"
         self.lse = xp.empty(args.n, args.acc)
+        self.predicted = xp.empty(args.n, np.int64)
         self.z_rows = xp.zeros(args.n, args.acc) if none else None
         self.correct_rows = xp.full(args.n, np.nan, args.acc) if none and label else None
         self.z = xp.zeros((), np.float64)
@@ -249,6 +253,7 @@ class BlockStats:
     def add(self, r0, r1, st: SceStats, labels=None):
         xp, args = self.xp, self.args
         self.lse[r0:r1] = st.lse
+        self.predicted[r0:r1] = st.predicted
         if args.reduction == "none":
             self.z_rows[r0:r1] = st.z_loss
             if self.correct_rows is not None:
@@ -267,12 +272,12 @@ class BlockStats:
     def finish(self) -> SceStats:
         xp, args = self.xp, self.args
         if args.reduction == "none":
-            return SceStats(self.z_rows, self.correct_rows, self.lse)
+            return SceStats(self.z_rows, self.correct_rows, self.lse, self.predicted)
         accuracy = None
         if args.kind == "label":
             accuracy = xp.where(self.counted > 0, self.correct / xp.maximum(self.counted, 1),
                                 np.nan).astype(args.acc)
-        return SceStats(self.z.astype(args.acc), accuracy, self.lse)
+        return SceStats(self.z.astype(args.acc), accuracy, self.lse, self.predicted)
 
 
 def walk_blocks(xp, logits, target, weight, args: SceArgs, impl="auto"):

@@ -19,7 +19,8 @@ traced)::
     gpuce::cross_entropy(Tensor logits, Tensor target, Tensor? weight, str reduction,
         SymInt ignore_index, float label_smoothing, float z_loss, bool input_grad,
         float softcap=0., bool return_stats=False, bool check_labels=True)
-        -> (Tensor loss, Tensor grad, Tensor z_loss, Tensor accuracy, Tensor lse)
+        -> (Tensor loss, Tensor grad, Tensor z_loss, Tensor accuracy, Tensor lse,
+            Tensor predicted)
     gpuce::cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target,
         Tensor? weight, str reduction, SymInt ignore_index, float label_smoothing,
         float z_loss, bool input_grad, bool target_grad, bool weight_grad,
@@ -30,7 +31,7 @@ traced)::
         float z_loss, SymInt? chunk_size, bool input_grad, bool need_grad,
         float softcap=0., bool return_stats=False, bool check_labels=True)
         -> (Tensor loss, Tensor d_x, Tensor d_w, Tensor d_b, Tensor z_loss, Tensor accuracy,
-            Tensor lse)
+            Tensor lse, Tensor predicted)
     gpuce::linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor w, Tensor target,
         Tensor? bias, Tensor? ce_weight, str reduction, SymInt ignore_index,
         float label_smoothing, float z_loss, SymInt? chunk_size, bool input_grad,
@@ -187,25 +188,25 @@ def _acc_of(dtype):
 
 
 def _stats_tensors(st, like, return_stats):
-    """A SceStats of arrays as the operators' three stats outputs: z_loss in the loss's dtype
-    (like's), accuracy (empty for probability targets) and lse in the accumulation dtype;
-    three empty tensors without return_stats."""
+    """A SceStats of arrays as the operators' four stats outputs: z_loss in the loss's dtype
+    (like's), accuracy (empty for probability targets) and lse in the accumulation dtype, the
+    predicted classes as int64; four empty tensors without return_stats."""
     if not return_stats:
-        return _none(like), _none(like), _none(like)
+        return _none(like), _none(like), _none(like), _none(like)
     acc = _acc_of(like.dtype)
     return (_to_tensor(st.z_loss, like.dtype),
             _none(like) if st.accuracy is None else _to_tensor(st.accuracy, acc),
-            _to_tensor(st.lse, acc))
+            _to_tensor(st.lse, acc), _to_tensor(st.predicted, torch.int64))
 
 
 def _stats_fake(like, lead, reduction, label, return_stats):
     """The fake (meta) stats outputs matching :func:`_stats_tensors`."""
     if not return_stats:
-        return _none(like), _none(like), _none(like)
+        return _none(like), _none(like), _none(like), _none(like)
     shape = tuple(lead) if reduction == "none" else ()
     acc = _acc_of(like.dtype)
     return (like.new_empty(shape), like.new_empty(shape, dtype=acc) if label else _none(like),
-            like.new_empty(tuple(lead), dtype=acc))
+            like.new_empty(tuple(lead), dtype=acc), like.new_empty(tuple(lead), dtype=torch.int64))
 
 
 def _llm_options(softcap, return_stats, check_labels):
@@ -340,7 +341,7 @@ def _raise_double_backward(name):
 def _ce_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
            ignore_index: int, label_smoothing: float, z_loss: float,
            input_grad: bool, softcap: float = 0.0, return_stats: bool = False,
-           check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+           check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gpuce.softmax_cross_entropy on (..., C) logits: the loss (logits' dtype), with
     input_grad the gradient of the loss with respect to the logits (else empty), and with
     return_stats the statistics z_loss, accuracy, lse (else empty)."""
@@ -375,8 +376,9 @@ def _ce_setup_context(ctx, inputs, output):
     (logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad,
      softcap, return_stats, check_labels) = inputs
     need_x, need_t, need_w = ctx.needs_input_grad[:3]
-    # the gradient, the z-loss part and the accuracy carry no gradient; the per-row lse does
-    ctx.mark_non_differentiable(*output[1:4])
+    # the gradient, the z-loss part, the accuracy and the predicted classes carry no gradient;
+    # the per-row lse does
+    ctx.mark_non_differentiable(*output[1:4], output[5])
     ctx.set_materialize_grads(False)  # None for an output that is not used
     ctx.recompute = need_x and not input_grad
     # with return_stats the logits are kept for lse's gradient (softmax of the logits)
@@ -406,7 +408,7 @@ def _lse_grad(logits, grad_lse, softcap):
     return q
 
 
-def _ce_autograd_backward(ctx, grad_loss, _g_grad, _g_z, _g_acc, grad_lse):
+def _ce_autograd_backward(ctx, grad_loss, _g_grad, _g_z, _g_acc, grad_lse, _g_predicted):
     grad, logits, target, weight = ctx.saved_tensors
     need_x, need_t, need_w = ctx.needs_input_grad[:3]
     reduction = ctx.opts[0]
@@ -595,7 +597,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                  float(z_loss), fused_grad, softcap, return_stats, check_labels)
     if not return_stats:
         return out[0]
-    return out[0], _V.SceStats(out[2], None if prob else out[3], out[4])
+    return out[0], _V.SceStats(out[2], None if prob else out[3], out[4], out[5])
 
 
 # ---------------------------------------------------------------------------------------
@@ -628,7 +630,7 @@ def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
             label_smoothing: float, z_loss: float, chunk_size: Optional[int], input_grad: bool,
             need_grad: bool, softcap: float = 0.0, return_stats: bool = False,
             check_labels: bool = True, acc_loss: bool = False
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gpuce.linear_cross_entropy: the loss and, with need_grad (reductions "mean" and
     "sum" only), the gradients (dX only with input_grad, db only with a bias) of the loss,
     computed in the same chunked pass, then with return_stats the statistics z_loss,
@@ -673,8 +675,9 @@ def _lce_setup_context(ctx, inputs, output):
     (x, w, target, bias, ce_weight, reduction, *opts, input_grad, need_grad, softcap,
      return_stats, check_labels, _acc_loss) = inputs
     need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
-    # the gradients, the z-loss part and the accuracy carry no gradient; the per-row lse does
-    ctx.mark_non_differentiable(*output[1:6])
+    # the gradients, the z-loss part, the accuracy and the predicted classes carry no
+    # gradient; the per-row lse does
+    ctx.mark_non_differentiable(*output[1:6], output[7])
     ctx.set_materialize_grads(False)  # None for an output that is not used
     ctx.loss_meta = (output[0].shape, output[0].dtype, output[0].device)
     have = need_grad and reduction != "none" and (input_grad or not need_x)
@@ -688,7 +691,8 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.llm = (softcap, check_labels)
 
 
-def _lce_autograd_backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_z, _g_acc, grad_lse):
+def _lce_autograd_backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_z, _g_acc, grad_lse,
+                           _g_predicted):
     d_x, d_w, d_b, x, w, target, bias, ce_weight = ctx.saved_tensors
     need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
     reduction, _, label_smoothing, _, chunk_size = ctx.opts
@@ -975,10 +979,10 @@ def _linear_rows(input, w, target, bias, ce_weight, reduction, prob, opts):
     loss = out[0].reshape(lead) if reduction == "none" else out[0]
     if not return_stats:
         return loss
-    z, acc, lse = out[4:]
+    z, acc, lse, predicted = out[4:]
     if reduction == "none":
         z, acc = z.reshape(lead), (acc if prob else acc.reshape(lead))
-    return loss, _V.SceStats(z, None if prob else acc, lse.reshape(lead))
+    return loss, _V.SceStats(z, None if prob else acc, lse.reshape(lead), predicted.reshape(lead))
 
 
 def _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob, out_features,
@@ -997,21 +1001,22 @@ def _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob
     b2 = None if bias is None else bias.reshape(c, p)
     t2 = target.reshape(n, c, p) if prob else target.reshape(n, p)
     acc = _acc_of(input.dtype)
-    if z_loss and ce_weight is not None and reduction == "mean" and not prob:
-        raise ValueError("z_loss with class weights under reduction='mean' is not supported "
-                         "for a K-dimensional linear_weight; use reduction='sum' or 'none' and "
-                         "divide")
-    rows, zs, accs, lses = [], [], [], []
+    # "mean" with class weights and z-loss: the z-loss part goes over the non-ignored rows,
+    # not the weight sum; its terms are formed from the (differentiable) per-row lse
+    z_apart = bool(z_loss) and ce_weight is not None and reduction == "mean" and not prob
+    stats = return_stats or z_apart
+    rows, zs, accs, lses, preds = [], [], [], [], []
     for j in range(p):
         tj = t2[:, :, j] if prob else t2[:, j]
         out = _linear_rows(input, w3[:, j], tj, None if b2 is None else b2[:, j], ce_weight,
                            "none", prob, (ignore_index, label_smoothing, z_loss, chunk_size,
-                                          softcap, return_stats, check_labels, True))
-        loss_j, st = out if return_stats else (out, None)
+                                          softcap, stats, check_labels, True))
+        loss_j, st = out if stats else (out, None)
         rows.append(loss_j.to(acc))
         if st is not None:
             zs.append(st.z_loss.to(acc))
             lses.append(st.lse)
+            preds.append(st.predicted)
             if not prob:
                 accs.append(st.accuracy)
     loss_dtype = acc if acc_loss else input.dtype
@@ -1023,15 +1028,22 @@ def _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob
         total = rows.sum()
         denom = _k_dim_denominator(t2, ce_weight, ignore_index, prob, acc) \
             if reduction == "mean" else None
-        loss = (total if denom is None else _mean(total, denom)).to(loss_dtype)
+        if z_apart:  # Σ z·lse² over the non-ignored rows, by their count (not the weight sum)
+            active = t2 != ignore_index
+            z_sum = z_loss * torch.where(active, torch.stack(lses, -1) ** 2, 0.0).sum()
+            mean = _mean(total - z_sum, denom) + _mean(z_sum, active.sum().to(acc))
+            loss = torch.where(denom == 0, torch.zeros_like(mean), mean).to(loss_dtype)
+        else:
+            loss = (total if denom is None else _mean(total, denom)).to(loss_dtype)
     if not return_stats:
         return loss
     lse = torch.stack(lses, -1).reshape(shape)
+    predicted = torch.stack(preds, -1).reshape(shape)
     z = torch.stack(zs, -1)
     accuracy = None if prob else torch.stack(accs, -1)
     if reduction == "none":
         return loss, _V.SceStats(z.reshape(shape).to(loss_dtype),
-                                 None if prob else accuracy.reshape(shape), lse)
+                                 None if prob else accuracy.reshape(shape), lse, predicted)
     z = z.sum()
     if reduction == "mean":
         counted = (t2 != ignore_index).sum().to(acc) if not prob else torch.tensor(
@@ -1040,7 +1052,7 @@ def _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob
     if accuracy is not None:
         accuracy = accuracy.nanmean() if bool((~accuracy.isnan()).any()) else \
             accuracy.new_tensor(float("nan"))
-    return loss, _V.SceStats(z.to(loss_dtype).detach(), accuracy, lse)
+    return loss, _V.SceStats(z.to(loss_dtype).detach(), accuracy, lse, predicted)
 
 
 def _k_dim_denominator(t2, ce_weight, ignore_index, prob, acc):

@@ -139,3 +139,19 @@ def sce(x, target, *, kind, weight=None, ignore_index=-100, label_smoothing=0.0,
                (grad - grad_z) / denom + grad_z / count)
         st = (zsum / count, accuracy if kind == "label" else None, lse_rows)
     return out + (st,) if stats else out
+
+
+def predicted(x, softcap=None):
+    """The predicted class of each row of 2-D x, written out: the first index of the row's
+    maximum of the (capped, in float64) logits; -1 for a row holding a NaN."""
+    g = capped(np.asarray(x, np.float64), softcap)
+    out = np.full(g.shape[0], -1, np.int64)
+    for i, row in enumerate(g):
+        if any(math.isnan(v) for v in row):
+            continue
+        best = 0
+        for j in range(1, len(row)):
+            if row[j] > row[best]:
+                best = j
+        out[i] = best
+    return out

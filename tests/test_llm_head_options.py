@@ -11,7 +11,7 @@ import pytest
 
 import gpuce
 import reference as R
-from helpers import TOL, rng_for, to_numpy
+from helpers import BFLOAT16, TOL, rng_for, to_numpy
 
 
 def make_inputs(rng, shape, kind, dtype, ignore_frac=0.2):
@@ -27,7 +27,8 @@ def make_inputs(rng, shape, kind, dtype, ignore_frac=0.2):
 
 
 def reference(x, t, kind, **kw):
-    """The reference's (loss, grad, (z_loss, accuracy, lse)) shaped like gpuce's outputs."""
+    """The reference's (loss, grad, (z_loss, accuracy, lse, predicted)) shaped like gpuce's
+    outputs."""
     kw.pop("check_labels", None)  # the reference never raises: a bad label is a NaN row
     c = x.shape[-1]
     lead = x.shape[:-1]
@@ -38,13 +39,14 @@ def reference(x, t, kind, **kw):
         loss = loss.reshape(lead)
         z = z.reshape(lead)
         acc = None if acc is None else acc.reshape(lead)
-    return loss, grad.reshape(x.shape), (z, acc, lse.reshape(lead))
+    pred = R.predicted(x2, kw.get("softcap")).reshape(lead)
+    return loss, grad.reshape(x.shape), (z, acc, lse.reshape(lead), pred)
 
 
 def assert_stats(st, ref_st, kind, dtype, lead, reduction, xp):
     rtol, atol = TOL[np.dtype(dtype)]
     acc_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    z, acc, lse = ref_st
+    z, acc, lse, pred = ref_st
     assert isinstance(st, gpuce.SceStats)
     shape = lead if reduction == "none" else ()
     for v in (st.z_loss, st.lse) + ((st.accuracy,) if kind == "label" else ()):
@@ -52,6 +54,8 @@ def assert_stats(st, ref_st, kind, dtype, lead, reduction, xp):
     assert st.z_loss.shape == shape and st.lse.shape == lead
     np.testing.assert_allclose(to_numpy(st.z_loss), z, rtol=rtol, atol=atol * 10)
     np.testing.assert_allclose(to_numpy(st.lse), lse, rtol=rtol, atol=atol * 10)
+    assert type(st.predicted) is xp.ndarray and st.predicted.dtype == np.int64
+    np.testing.assert_array_equal(to_numpy(st.predicted), pred)
     if kind == "prob":
         assert st.accuracy is None
     else:
@@ -408,3 +412,52 @@ def test_softcap_gradient_by_finite_differences(xp, kind):
                    - float(gpuce.softmax_cross_entropy(xp.asarray(down), t_dev, **opts))) / (2 * h)
     assert np.abs(fd).max() > 1e-3
     np.testing.assert_allclose(to_numpy(grad), fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, BFLOAT16])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_predicted_tokens_adversarial_rows(xp, dtype, softcap):
+    """``stats.predicted``: ties go to the lowest index (softcap's saturation makes ties of
+    its own: 40 and 50 both cap to 2.0 in every dtype), ±inf take part like any value, a NaN
+    row gives -1, ignored rows are predicted too; the same in every reduction, through the
+    block walk, the chunked linear model and dask."""
+    x = np.array([[1.0, 3.0, 3.0, 0.0],
+                  [np.nan, 9.0, 1.0, 0.0],
+                  [-np.inf, -np.inf, -np.inf, -np.inf],
+                  [5.0, 1.0, np.inf, 7.0],
+                  [40.0, 50.0, 0.0, -1.0],
+                  [0.5, -0.25, 0.75, 0.75]]).astype(dtype)
+    t = np.array([1, 0, 2, -100, 1, 3])
+    want = R.predicted(x, softcap)
+    if softcap:
+        assert want[4] == 0  # both saturate to the cap
+    for reduction in ("mean", "sum", "none"):
+        st = gpuce.softmax_cross_entropy(xp.asarray(x), xp.asarray(t), reduction=reduction,
+                                         softcap=softcap, return_stats=True)[-1]
+        np.testing.assert_array_equal(to_numpy(st.predicted), want)
+    # walked: (3, 2, C) transposed, rows that do not merge
+    xw = xp.asarray(x.reshape(2, 3, 4)).transpose(1, 0, 2)
+    st = gpuce.softmax_cross_entropy(xw, xp.asarray(t.reshape(2, 3).T.copy()), softcap=softcap,
+                                     return_stats=True)[-1]
+    np.testing.assert_array_equal(to_numpy(st.predicted), want.reshape(2, 3).T)
+
+
+def test_predicted_tokens_linear_and_dask(xp):
+    rng = np.random.default_rng(5)
+    X, W = rng.standard_normal((30, 6)), rng.standard_normal((9, 6))
+    y = rng.integers(0, 9, 30)
+    want = R.predicted(X @ W.T)
+    _, st = gpuce.linear_cross_entropy(xp.asarray(X), xp.asarray(W), xp.asarray(y),
+                                       return_stats=True, chunk_size=7)
+    np.testing.assert_array_equal(to_numpy(st.predicted), want)
+    if xp is np:
+        da = pytest.importorskip("dask.array")
+        for red in ("mean", "none"):
+            _, st = gpuce.linear_cross_entropy(da.from_array(X, chunks=(8, 6)), W,
+                                               da.from_array(y, chunks=8), return_stats=True,
+                                               reduction=red)
+            np.testing.assert_array_equal(st.predicted.compute(), want)
+            _, st = gpuce.softmax_cross_entropy(da.from_array(X @ W.T, chunks=(8, 9)),
+                                                da.from_array(y, chunks=8), return_stats=True,
+                                                reduction=red)
+            np.testing.assert_array_equal(st.predicted.compute(), want)

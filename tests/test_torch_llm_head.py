@@ -58,25 +58,31 @@ def reference(x, t, *, weight=None, reduction="mean", label_smoothing=0.0, z_los
         acc_rows = accuracy = None
     z_rows = torch.where(active, z_loss * lse * lse, 0.0)
     rows = ce + z_rows
+    predicted = torch.where(torch.isnan(g).any(1), -1, g.argmax(1))  # first maximum, as torch
     if reduction == "none":
-        return rows, gpuce.SceStats(z_rows, acc_rows, lse)
+        return rows, gpuce.SceStats(z_rows, acc_rows, lse, predicted)
     if reduction == "sum":
-        return rows.sum(), gpuce.SceStats(z_rows.sum(), accuracy, lse)
+        return rows.sum(), gpuce.SceStats(z_rows.sum(), accuracy, lse, predicted)
     if denom == 0:  # gpuce's zero-denominator rule
-        return rows.sum() * 0.0, gpuce.SceStats(z_rows.sum() * 0.0, accuracy, lse)
+        return rows.sum() * 0.0, gpuce.SceStats(z_rows.sum() * 0.0, accuracy, lse, predicted)
     # "mean": the cross-entropy part over the weight sum, z-loss over the non-ignored rows
     z_mean = z_rows.sum() / active.sum()
-    return ce.sum() / denom + z_mean, gpuce.SceStats(z_mean, accuracy, lse)
+    return ce.sum() / denom + z_mean, gpuce.SceStats(z_mean, accuracy, lse, predicted)
 
 
 def assert_stats(got, want, rtol, atol):
     assert isinstance(got, gpuce.SceStats)
     for name, g, w in zip(got._fields, got, want):
         assert (g is None) == (w is None)
-        if w is not None and name != "lse":  # lse is differentiable (tests/test_torch_lse_grad.py)
-            assert not g.requires_grad  # the other statistics carry no gradient
-            torch.testing.assert_close(g.double(), w.detach().double(), rtol=rtol, atol=atol,
-                                       equal_nan=True)
+        if w is not None:
+            if name != "lse":  # lse is differentiable (tests/test_torch_lse_grad.py)
+                assert not g.requires_grad  # the other statistics carry no gradient
+            if name == "predicted":
+                assert g.dtype == torch.int64
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(g.double(), w.detach().double(), rtol=rtol,
+                                           atol=atol, equal_nan=True)
 
 
 OPTS = list(itertools.product(["label", "prob"], ["mean", "sum", "none"], [False, True],
