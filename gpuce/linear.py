@@ -3,15 +3,19 @@
 ``linear_cross_entropy`` never holds the whole N x C logits matrix: it walks the rows in
 chunks (``chunk_size`` rows, chosen from the free memory unless given), and per chunk
 
-    f_c = X_c Wᵀ (+ b)          one GEMM into a chunk buffer reused by every chunk
+    f_c = X_c Wᵀ (+ b)          one GEMM into a chunk buffer reused by every chunk, in the
+                                accumulation dtype (float32 for float16/bfloat16 X: 16-bit inputs,
+                                float32 output, so lse and the loss carry no 16-bit rounding)
     G_c = ∂L/∂f_c               the softmax cross-entropy kernels, in place over f_c, scaled there
                                 by the reduction's α (1/denominator for "mean", computed over all
-                                N rows first) before the one rounding to X's dtype
+                                N rows first); for 16-bit X then rounded once to X's dtype (a
+                                second chunk buffer) for the two GEMMs below
     dX_c = G_c W                one GEMM straight into the rows of dX (skipped with input_grad=False)
     dW += G_cᵀ X_c              one GEMM accumulating with beta = 1 (dW starts as λW)
     db += 1ᵀ G_c
 
-so peak extra memory is chunk x C + N x D + C x D.  On the GPU the products go through cuBLAS
+so peak extra memory is chunk x C (float32 and, for 16-bit X, 16-bit: 6 bytes a logit) +
+N x D + C x D.  On the GPU the products go through cuBLAS
 (float16 and bfloat16: 16-bit storage, float32 compute) and ‖W‖² is one ReductionKernel.
 
 bfloat16 dW accumulates in a float32 C x D array, rounded to bfloat16 once at the end
@@ -167,7 +171,12 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         dX = xp.empty((n, d), acc if _acc_grads else X.dtype) if input_grad else None
         db = xp.zeros(c, acc) if bias is not None else None
     grads_bytes = (dW.nbytes + (dX.nbytes if dX is not None else 0)) if return_grad else 0
-    rows = chunk_size or auto_chunk_size(xp, n, c, X.dtype.itemsize, grads_bytes)
+    # 16-bit X: the chunk's logits in float32 (cuBLAS / NumPy: 16-bit inputs, float32 output),
+    # so that lse and the loss carry no 16-bit rounding; G_c is rounded once into a 16-bit
+    # buffer for the backward GEMMs
+    half = X.dtype != acc
+    g_bytes = X.dtype.itemsize if half and return_grad else 0
+    rows = chunk_size or auto_chunk_size(xp, n, c, acc.itemsize + g_bytes, grads_bytes)
     rows = max(1, min(rows, n))
 
     # each chunk runs with the call's reduction and, for "mean", the whole call's denominator:
@@ -176,29 +185,19 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
     loss_rows = xp.empty(n, acc) if args.reduction == "none" else None
     total = xp.zeros((), np.float64)
     stats = BlockStats(xp, args) if args.return_stats else None
-    buf = xp.empty((rows, c), X.dtype) if n else None  # the one chunk buffer: logits, then G
-    # 16-bit logits with row scales: G_c is formed in a float32 copy of the chunk's (16-bit)
-    # logits, scaled by the rows' g_i there and rounded to X's dtype once
-    widen = grad_row_scale is not None and X.dtype != acc
-    buf32 = xp.empty((rows, c), acc) if widen and n else None
+    buf = xp.empty((rows, c), acc) if n else None  # the one chunk buffer: logits, then G
+    buf16 = xp.empty((rows, c), X.dtype) if half and return_grad and n else None
     for s in range(0, n, rows):
         e = min(n, s + rows)
         m = e - s
         Xc, f = xp.ascontiguousarray(X[s:e]), buf[:m]
         if bias is not None:
-            f[...] = bias
+            f[...] = bias.astype(acc, copy=False)  # exact for a 16-bit bias
         gemm(xp, "N", "T", Xc, W, f, 1.0, 0.0 if bias is None else 1.0)
         chunk_args = replace(per_chunk, lead_shape=(m,), n=m)
-        if widen:
-            f32 = buf32[:m]
-            f32[...] = f  # exact: float16 and bfloat16 widen to float32 without rounding
-            r, t, st = run_rows(xp, f32, y[s:e], weight, chunk_args, f32)
-            f32 *= grad_row_scale[s:e, None].astype(acc, copy=False)
-            f[...] = f32  # G_c rounded once, after every scaling
-        else:
-            r, t, st = run_rows(xp, f, y[s:e], weight, chunk_args, f if return_grad else None)
-            if grad_row_scale is not None:  # f in the accumulation dtype: one rounding
-                f *= grad_row_scale[s:e, None].astype(acc, copy=False)
+        r, t, st = run_rows(xp, f, y[s:e], weight, chunk_args, f if return_grad else None)
+        if grad_row_scale is not None:  # f in the accumulation dtype: one rounding
+            f *= grad_row_scale[s:e, None].astype(acc, copy=False)
         if loss_rows is not None:
             loss_rows[s:e] = r
         else:
@@ -206,9 +205,13 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         if stats is not None:
             stats.add(s, e, st, y[s:e])
         if return_grad:  # f now holds G_c = ∂(Σ_c g_i L_i)/∂f_c (g = 1 unless grad_row_scale)
-            gemm(xp, "T", "N", f, Xc, dW, 1.0, 1.0)
+            g = f
+            if half:  # G_c rounded once, after every scaling, for the 16-bit GEMMs
+                g = buf16[:m]
+                g[...] = f
+            gemm(xp, "T", "N", g, Xc, dW, 1.0, 1.0)
             if dX is not None:
-                gemm(xp, "N", "N", f, W, dX[s:e], 1.0, 0.0)
+                gemm(xp, "N", "N", g, W, dX[s:e], 1.0, 0.0)
             if db is not None:
                 db += column_sums(xp, f, acc)
     if loss_rows is not None:

@@ -906,7 +906,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     cast = _autocast_dtype(input)
     if cast is not None:
         # as torch's autocast runs F.linear (its inputs cast to the autocast dtype) and then
-        # F.cross_entropy (in float32): 16-bit logits, float32 loss
+        # F.cross_entropy (in float32): 16-bit inputs, float32 loss (gpuce keeps the logits in
+        # float32 too)
         input, linear_weight, bias = (_autocast_to(v, cast) for v in (input, linear_weight, bias))
     _check_dtype(input, "input")
     _check_dtype(linear_weight, "linear_weight")
