@@ -4,6 +4,7 @@ backend, path and kernel a call would take)."""
 from __future__ import annotations
 
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -73,10 +74,11 @@ def test_run_rows_passes_the_chosen_impl_to_the_gpu_backend(monkeypatch):
     monkeypatch.setattr(cuda_sce, "softmax_cross_entropy",
                         lambda *args, impl, **kw: calls.append(impl) or "rows")
     fake = _FakeDeviceModule()
-    assert sce.run_rows(fake, None, None, None, None, None) == "rows"
+    args = types.SimpleNamespace(return_stats=False)
+    assert sce.run_rows(fake, None, None, None, args, None) == "rows"
     with gpuce.use_impl("portable"):
-        sce.run_rows(fake, None, None, None, None, None)
-        sce.run_rows(fake, None, None, None, None, None, impl="fused")
+        sce.run_rows(fake, None, None, None, args, None)
+        sce.run_rows(fake, None, None, None, args, None, impl="fused")
     assert calls == ["fused", "portable", "fused"]
 
 
@@ -86,7 +88,8 @@ def test_dask_graph_takes_the_choice_in_force_when_built(monkeypatch):
 
     seen = []
     part = _dask._sce_part
-    monkeypatch.setattr(_dask, "_sce_part", lambda run, *args: seen.append(args[-1]["impl"]) or part(run, *args))
+    monkeypatch.setattr(_dask, "_sce_part",
+                        lambda run, *args: seen.append(args[5]["impl"]) or part(run, *args))
     x, y = da.zeros((4, 3), chunks=(2, 3)), da.zeros(4, chunks=2, dtype=np.int64)
     with gpuce.use_impl("portable"):
         loss = gpuce.softmax_cross_entropy(x, y)
