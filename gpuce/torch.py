@@ -1151,10 +1151,36 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                 f"label_smoothing={self.label_smoothing}")
 
 
-def patch(model, **options):
-    """Make a Hugging Face transformers causal LM compute its training loss with gpuce's
-    chunked linear cross-entropy, straight from the hidden states and ``lm_head``: see
-    :func:`gpuce._hf.patch` for the models covered and the options.  Returns the model."""
+def patch(model, *, z_loss=0.0, chunk_size=None, return_logits="auto"):
+    """Make a Hugging Face transformers causal LM (Llama, Mistral, Qwen2, Qwen3, GPT-2, Gemma,
+    Gemma 2) compute its training loss with :func:`linear_cross_entropy` straight from the
+    hidden states and ``lm_head``, never forming the logits.  The instance is patched in
+    place and returned.
+
+    A call with ``labels`` shifts them as transformers does (padded with -100, the hidden
+    states not copied; a ``shift_labels=`` keyword is used as given), ignores -100, and
+    divides the summed loss by ``num_items_in_batch`` when given (Trainer's gradient
+    accumulation), else takes the mean over the tokens that are not ignored.  Gemma 2's
+    ``final_logit_softcapping`` is gpuce's ``softcap``.  ``return_logits``: "auto" returns no
+    logits in training mode and the model's own in eval mode; True / False decide instead
+    (also as a keyword of the call).  ``z_loss`` and ``chunk_size`` are passed to
+    :func:`linear_cross_entropy`.  Calls without labels run the model's forward untouched.
+    Other architectures raise ValueError.  Needs ``transformers``."""
     from . import _hf
 
-    return _hf.patch(model, **options)
+    return _hf.patch(model, linear_cross_entropy, z_loss=z_loss, chunk_size=chunk_size,
+                     return_logits=return_logits)
+
+
+def unpatch(model):
+    """Undo :func:`patch` on this model instance.  Returns the model."""
+    from . import _hf
+
+    return _hf.unpatch(model)
+
+
+def is_patched(model):
+    """Whether :func:`patch` is in effect on this model instance."""
+    from . import _hf
+
+    return _hf.is_patched(model)

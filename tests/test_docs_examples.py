@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FILES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 # optional packages an example may need: without them its file is skipped, as their own tests are
-OPTIONAL = {"torch", "dask", "distributed", "sklearn"}
+OPTIONAL = {"torch", "dask", "distributed", "sklearn", "transformers"}
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
 
 
