@@ -840,7 +840,7 @@ def _options_ignored(options):
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
                          z_loss=0.0, chunk_size=None, softcap=None, return_stats=False,
-                         check_labels=True):
+                         check_labels=True, shift=0):
     """``torch.nn.functional.linear_cross_entropy`` (torch 2.13's signature) without the
     N x C logits: ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``.
 
@@ -872,6 +872,13 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         buffer; the statistics' row axes are the loss's "none" shape).
     chunk_size : int, optional
         Rows per chunk (None: chosen from the free memory).
+    shift : int or bool, keyword only
+        Next-token prediction without copying the hidden states (Cut Cross-Entropy's
+        ``shift``): with input (..., T, D) and class-index target (..., T), row t is scored
+        against target[..., t + shift]; the last ``shift`` rows have no target and count as
+        ignored.  True means 1.  Equal to padding ``target[..., shift:]`` with ignore_index at
+        the end.  The per-row results ("none", the statistics) stay aligned with the input
+        rows (Cut Cross-Entropy puts its "none" loss at the target's position instead).
 
     Returns
     -------
@@ -945,6 +952,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         raise TypeError(f"target must be integer class indices or float probabilities, got "
                         f"{target.dtype}")
     ignore_index = -100 if ignore_index is None else ignore_index
+    shift = _shift_amount(shift, prob, out_features, input)
     grad_mode = torch.is_grad_enabled()
     if not prob and ce_weight is not None and ce_weight.requires_grad and grad_mode:
         raise RuntimeError("gpuce.torch.linear_cross_entropy with class-index targets is not "
@@ -956,6 +964,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         raise ValueError(f"target must have shape {want} (input {tuple(input.shape)}, "
                          f"linear_weight {tuple(linear_weight.shape)}), got "
                          f"{tuple(target.shape)}")
+    if shift:
+        target = _shifted(target, shift, ignore_index)
     softcap, return_stats, check_labels = _llm_options(softcap, return_stats, check_labels)
     opts = (int(ignore_index), float(label_smoothing), float(z_loss), chunk_size, softcap,
             return_stats, check_labels, cast is not None)
@@ -963,6 +973,30 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         return _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob,
                              out_features, opts)
     return _linear_rows(input, linear_weight, target, bias, ce_weight, reduction, prob, opts)
+
+
+def _shift_amount(shift, prob, out_features, input):
+    """linear_cross_entropy's ``shift`` as an int, checked against the call."""
+    if isinstance(shift, bool):
+        shift = int(shift)
+    elif not isinstance(shift, int):
+        raise TypeError(f"shift must be an int or a bool, got {type(shift).__name__}")
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    if shift and (prob or out_features or input.dim() < 2):
+        raise ValueError("shift needs class-index targets, a (C, D) linear_weight and an input "
+                         f"with a sequence axis (..., T, D); got input {tuple(input.shape)}"
+                         + (" and probability targets" if prob else ""))
+    return shift
+
+
+def _shifted(target, shift, ignore_index):
+    """target[..., t + shift] at position t; ignore_index where t + shift >= T."""
+    y = torch.full_like(target, ignore_index)
+    t = target.shape[-1]
+    if shift < t:
+        y[..., :t - shift] = target[..., shift:]
+    return y
 
 
 def _linear_rows(input, w, target, bias, ce_weight, reduction, prob, opts):

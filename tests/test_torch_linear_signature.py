@@ -144,3 +144,66 @@ def test_module_is_torchs():
     torch.testing.assert_close(mine.linear.bias.grad, ref.linear.bias.grad)
     with pytest.raises(ValueError, match="weight must have shape"):
         gt.LinearCrossEntropyLoss(6, 4, weight=torch.ones(3))
+
+
+# --- shift: next-token prediction without copying the hidden states --------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shift", [1, 2, True])
+def test_shift_is_the_sliced_loss(reduction, shift):
+    """shift=s equals torch's loss of x[..., :-s, :] against y[..., s:] (Cut Cross-Entropy's
+    definition); "none" keeps the input rows' positions (0 for the last s rows), and the
+    gradient of those rows is 0."""
+    g = torch.Generator().manual_seed(seed_of("shift", reduction, int(shift)))
+    b, t, d, c = 3, 7, 5, 11
+    x = torch.randn(b, t, d, generator=g, dtype=torch.float64)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    bias = torch.randn(c, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (b, t), generator=g)
+    y[0, 3] = -100
+    s = int(shift)
+
+    def want(x, w, bias):
+        loss = F.cross_entropy(F.linear(x[:, :t - s], w, bias).reshape(-1, c),
+                               y[:, s:].reshape(-1), reduction=reduction, label_smoothing=0.1)
+        if reduction == "none":
+            loss = F.pad(loss.reshape(b, t - s), (0, s))
+        return loss
+
+    def got(x, w, bias):
+        return gt.linear_cross_entropy(x, w, y, linear_bias=bias, reduction=reduction,
+                                       label_smoothing=0.1, shift=shift)
+
+    _compare(got, want, [x, w, bias])
+    xg = x.clone().requires_grad_()
+    got(xg, w, bias).sum().backward()
+    assert bool((xg.grad[:, t - s:] == 0).all())
+    assert bool((y == y.clone()).all())          # the caller's target is not modified
+
+
+def test_shift_edge_cases_and_errors():
+    g = torch.Generator().manual_seed(seed_of("shift-edge"))
+    x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (2, 3), generator=g)
+    y_before = y.clone()
+    # a shift as long as the sequence leaves no target: the mean's zero-denominator rule
+    loss = gt.linear_cross_entropy(x, w, y, shift=3)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert bool((x.grad == 0).all())
+    assert torch.equal(y, y_before)
+    base = gt.linear_cross_entropy(x, w, y)
+    torch.testing.assert_close(gt.linear_cross_entropy(x, w, y, shift=0), base)
+    torch.testing.assert_close(gt.linear_cross_entropy(x, w, y, shift=False), base)
+    with pytest.raises(ValueError, match="shift must be >= 0"):
+        gt.linear_cross_entropy(x, w, y, shift=-1)
+    with pytest.raises(TypeError, match="shift must be an int"):
+        gt.linear_cross_entropy(x, w, y, shift=1.0)
+    p = torch.softmax(torch.randn(2, 3, 5, generator=g, dtype=torch.float64), -1)
+    with pytest.raises(ValueError, match="shift needs class-index targets"):
+        gt.linear_cross_entropy(x, w, p, shift=1)
+    with pytest.raises(ValueError, match="sequence axis"):
+        gt.linear_cross_entropy(x[0, 0], w, y[0, 0], shift=1)
+    with pytest.raises(ValueError, match="shift needs"):
+        gt.linear_cross_entropy(x[0], torch.randn(5, 2, 4, dtype=torch.float64), y[:, :2], shift=1)
