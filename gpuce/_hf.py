@@ -15,6 +15,7 @@ never given a silently different loss.
 """
 
 import contextlib
+import dataclasses
 import inspect
 
 import torch
@@ -77,10 +78,22 @@ def patch(model, loss_fn, *, z_loss=0.0, chunk_size=None, return_logits="auto"):
     * the loss is float32 for 16-bit models (gpuce forms each chunk's logits in float32, as
       transformers upcasts its logits before the loss).
 
+    * ``ignore_index=`` passed to the forward is honoured, as transformers' loss does;
+    * with ``return_dict=False`` the tuple keeps the logits' place: ``out[1]`` is None when
+      the logits are not returned, and the cache and the rest follow as unpatched.
+
     Without labels the model's own forward runs (generation is unchanged).  The patch sets an
     attribute on the instance: ``copy.deepcopy`` and pickling keep it, ``unpatch`` removes it.
-    A model wrapped by ``torch.compile`` runs the patched forward eagerly around the head
-    (the head's forward is swapped for the call).
+
+    Limits (each a clear error at the call, never a silently different loss): the head must
+    stay a plain floating-point ``nn.Linear`` without forward hooks (a LoRA/PEFT adapter or a
+    quantised layer on ``lm_head``, and accelerate's offload or multi-device ``device_map``
+    hooks on it, are refused); ``model.loss_function`` must not be replaced; the patch does not
+    follow ``torch.nn.DataParallel``'s replicas (use DistributedDataParallel).  Under
+    ``torch.compile`` the patched forward runs eagerly (the head's forward is swapped during
+    the call): compiling the model gains nothing where it has labels.  In eval mode with
+    ``return_logits="auto"`` the logits are formed even when the caller only wants the loss
+    (``Trainer``'s ``prediction_loss_only``): pass ``return_logits=False`` to skip them.
     """
     from transformers import PreTrainedModel
 
@@ -112,6 +125,8 @@ def patch(model, loss_fn, *, z_loss=0.0, chunk_size=None, return_logits="auto"):
     # a plain attribute (not a closure over the model): deepcopy and pickle follow it
     object.__setattr__(model, _ATTR, options)
     object.__setattr__(model, "forward", _PatchedForward(model, loss_fn))
+    if not any(h is _check_replica for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_check_replica)
     return model
 
 
@@ -119,6 +134,8 @@ def unpatch(model):
     """Undo :func:`patch` (the class's forward again).  Returns the model."""
     model.__dict__.pop("forward", None)
     model.__dict__.pop(_ATTR, None)
+    for key in [k for k, h in model._forward_pre_hooks.items() if h is _check_replica]:
+        del model._forward_pre_hooks[key]
     return model
 
 
@@ -149,7 +166,43 @@ class _PatchedForward:
         return _forward(self.model, self.loss_fn, args, kwargs, return_logits)
 
 
+def _check_replica(module, args):
+    """A forward pre-hook: the patched forward belongs to one instance.  A copy that shares
+    its ``__dict__`` (nn.DataParallel's replicas) would run the original's forward."""
+    fwd = module.__dict__.get("forward")
+    if isinstance(fwd, _PatchedForward) and fwd.model is not module:
+        raise RuntimeError(
+            f"gpuce.torch.patch: this {type(module).__name__} is a replica of a patched model "
+            f"(torch.nn.DataParallel); the patch does not follow replicas: use "
+            f"DistributedDataParallel (one process a device), or patch each copy")
+
+
+def _check_head(model, head):
+    """Refuse, at every call, what the loss from ``head.weight`` and ``head.bias`` would
+    silently get wrong: a head that is not exactly a Linear (LoRA/PEFT, quantised layers), hooks
+    that change its input or output, accelerate's device hooks, a replaced loss function."""
+    name = type(model).__name__
+    if type(head).forward is not torch.nn.Linear.forward or not torch.is_floating_point(
+            head.weight):
+        raise ValueError(f"gpuce.torch.patch: {name}'s lm_head is now a "
+                         f"{type(head).__name__}, not a plain floating-point nn.Linear (an "
+                         f"adapter or a quantised layer?): its output is not input @ weight.T "
+                         f"+ bias; unpatch the model, or apply the adapter elsewhere")
+    if "forward" in head.__dict__ or head._forward_hooks or head._forward_pre_hooks:
+        raise ValueError(f"gpuce.torch.patch: {name}'s lm_head has forward hooks or a "
+                         f"wrapped forward (accelerate's offload / device_map hooks?); the loss "
+                         f"would bypass them: keep the head on one device without hooks, or "
+                         f"unpatch the model")
+    if "_loss_function" in model.__dict__:
+        raise ValueError(f"gpuce.torch.patch: {name}.loss_function was replaced; the patched "
+                         f"forward computes the causal-LM loss itself and would ignore it: "
+                         f"unpatch the model to use your loss function")
+
+
+@torch.compiler.disable
 def _forward(model, loss_fn, args, kwargs, return_logits):
+    # torch.compile: run eagerly (the head's forward is swapped during the call, which a
+    # traced graph cannot follow); the layers inside are not compiled either
     cls_forward = type(model).forward
     bound = inspect.signature(cls_forward).bind(model, *args, **kwargs)
     arguments = bound.arguments
@@ -168,6 +221,9 @@ def _forward(model, loss_fn, args, kwargs, return_logits):
                    if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     extra = arguments.get(var_kw, {}) if var_kw else {}
     shift_labels = extra.pop("shift_labels", None)
+    ignore_index = extra.pop("ignore_index", -100)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     num_items = extra.get("num_items_in_batch")
     want_tuple = _wants_tuple(model, arguments, extra)
     arguments["labels"] = None
@@ -179,6 +235,7 @@ def _forward(model, loss_fn, args, kwargs, return_logits):
         arguments[var_kw] = extra
 
     head = model.get_output_embeddings()
+    _check_head(model, head)
     captured = []
 
     def capture(hidden):
@@ -187,28 +244,28 @@ def _forward(model, loss_fn, args, kwargs, return_logits):
             return type(head).forward(head, hidden)
         return hidden.new_empty(hidden.shape[:-1] + (0,))
 
-    had_own = "forward" in head.__dict__
-    own = head.__dict__.get("forward")
-    head.forward = capture
+    head.forward = capture  # _check_head: the head has no forward of its own to keep
     try:
         out = cls_forward(*bound.args, **bound.kwargs)
     finally:
-        if had_own:
-            head.forward = own
-        else:
-            del head.forward
+        del head.forward
     if len(captured) != 1:
         raise RuntimeError(f"gpuce.torch.patch: {type(model).__name__}'s forward called lm_head "
                            f"{len(captured)} times (expected once)")
     if isinstance(out, tuple):
         raise RuntimeError(f"gpuce.torch.patch: {type(model).__name__}'s forward returned a "
                            f"tuple with return_dict=True")
-    loss = _loss(model, loss_fn, captured[0], labels, shift_labels, num_items, options)
+    loss = _loss(model, loss_fn, captured[0], labels, shift_labels, num_items, ignore_index,
+                 options)
     fields = dict(out.items())
     fields["loss"] = loss
     fields["logits"] = fields.get("logits") if return_logits else None
-    out = type(out)(**fields)
-    return out.to_tuple() if want_tuple else out
+    if want_tuple:
+        # the model's tuple, with logits kept in their place (None when not returned) so that
+        # out[1] is the logits slot and out[2] the cache, as unpatched
+        return tuple(fields.get(f.name) for f in dataclasses.fields(out)
+                     if fields.get(f.name) is not None or f.name == "logits")
+    return type(out)(**fields)
 
 
 def _wants_tuple(model, arguments, extra):
@@ -219,9 +276,8 @@ def _wants_tuple(model, arguments, extra):
     return rd is False
 
 
-def _loss(model, loss_fn, hidden, labels, shift_labels, num_items, options):
+def _loss(model, loss_fn, hidden, labels, shift_labels, num_items, ignore, options):
     """The causal-LM loss of transformers' ForCausalLMLoss from the hidden states."""
-    ignore = -100
     if shift_labels is None:
         # position t predicts labels[t + 1]; the last position has no next token: padded with
         # ignore_index (the labels are small; the hidden states are left as they are)

@@ -208,6 +208,92 @@ def test_tuple_output_puts_the_loss_first():
     torch.testing.assert_close(out[1], exp[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tuple_in_training_keeps_the_logits_place(arch):
+    """Training mode: no logits, but out[1] stays the logits' slot (None) and the cache and
+    hidden states follow at the unpatched positions."""
+    model, ref = _pair(arch)
+    ids, labels = _batch(13)
+    kw = dict(labels=labels, return_dict=False, use_cache=True, output_hidden_states=True)
+    out, exp = model(ids, **kw), ref(ids, **kw)
+    assert isinstance(out, tuple) and len(out) == len(exp)
+    torch.testing.assert_close(out[0], exp[0], rtol=1e-6, atol=1e-6)
+    assert out[1] is None and exp[1].shape == ids.shape + (V,)
+    assert type(out[2]) is type(exp[2])
+    assert len(out[3]) == len(exp[3])
+    for a, b in zip(out[3], exp[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ignore_index_keyword_is_honoured():
+    model, ref = _pair("llama")
+    ids, labels = _batch(14)
+    labels = labels.masked_fill(labels == -100, 7)      # 7 marks the ignored positions
+    labels[2, 3] = 7
+    out = model(input_ids=ids, labels=labels, ignore_index=7)
+    exp = ref(input_ids=ids, labels=labels, ignore_index=7)
+    torch.testing.assert_close(out.loss, exp.loss, rtol=1e-6, atol=1e-6)
+    plain = ref(input_ids=ids, labels=labels).loss
+    assert abs(plain.item() - exp.loss.item()) > 1e-3     # the keyword matters here
+    with pytest.raises(ValueError, match="ignore_index"):
+        model(input_ids=ids, labels=labels, ignore_index=7.0)
+
+
+def test_torch_compile_of_a_patched_model_matches():
+    model, ref = _pair("llama")
+    ids, labels = _batch(15)
+    out = torch.compile(model)(input_ids=ids, labels=labels)
+    exp = torch.compile(ref)(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, exp.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward(), exp.loss.backward()
+    _assert_grads_close(model, ref, rtol=1e-4, atol=1e-6)
+    assert "forward" not in model.lm_head.__dict__      # the head is restored
+
+
+class _Adapter(torch.nn.Module):
+    """A LoRA-style head as PEFT puts it on lm_head: weight/bias of the base, another output."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.a = torch.nn.Linear(base.in_features, 2, bias=False)
+        self.b = torch.nn.Linear(2, base.out_features, bias=False)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.b(self.a(x))
+
+
+def test_what_the_patch_cannot_follow_is_refused_at_the_call():
+    ids, labels = _batch(16)
+    model, _ = _pair("llama")
+    model.lm_head = _Adapter(model.lm_head)          # after patching (PEFT on lm_head)
+    with pytest.raises(ValueError, match="plain floating-point nn.Linear"):
+        model(input_ids=ids, labels=labels)
+    for register in (lambda h: h.register_forward_hook(lambda m, i, o: o * 0.5),
+                     lambda h: h.register_forward_pre_hook(lambda m, i: (i[0] * 2,))):
+        model, _ = _pair("llama")
+        handle = register(model.lm_head)
+        with pytest.raises(ValueError, match="forward hooks"):
+            model(input_ids=ids, labels=labels)
+        handle.remove()
+        model(input_ids=ids, labels=labels)
+    model, _ = _pair("llama")
+    model.loss_function = lambda logits, labels, vocab_size, **kw: 2 * logits.sum()
+    with pytest.raises(ValueError, match="loss_function"):
+        model(input_ids=ids, labels=labels)
+    # nn.DataParallel's replicas share the original's __dict__ (and so its patched forward)
+    model, _ = _pair("llama")
+    replica = model._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        replica(input_ids=ids, labels=labels)
+    model(input_ids=ids, labels=labels)
+    gt.unpatch(model)
+    assert not model._forward_pre_hooks
+
+
 def test_bfloat16_model_gives_a_float32_loss():
     """transformers upcasts the bfloat16 logits to float32 for its loss; gpuce forms the
     chunk's logits in float32 directly.  Both are within bfloat16 rounding of float64."""
