@@ -2,9 +2,10 @@
 small backend-specific helpers that need only an array's metadata or module (conversion to
 the host or to a backend, a loss accumulator, free device memory, memory overlap).
 
-CuPy is never imported here; a CuPy array is recognised by looking its class up
-in ``sys.modules`` (the array-api-compat trick), so ``import gpuce`` works with
-no CuPy installed and with CuPy but no GPU.
+A CuPy array is recognised by looking its class up in ``sys.modules`` (the
+array-api-compat trick), so choosing a backend never imports CuPy and ``import gpuce``
+works with no CuPy installed and with CuPy but no GPU; only :func:`gpu_available` imports
+it, and the CuPy helpers import the kernels lazily.
 """
 
 from __future__ import annotations

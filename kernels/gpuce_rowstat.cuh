@@ -1,8 +1,9 @@
 // gpuce: per-row statistics for stable softmax / log-sum-exp / cross-entropy.
 //
-// These device helpers are pasted (never #included) into the preamble of the
-// CuPy ElementwiseKernel / ReductionKernel definitions in gpuce/_cuda/kernels.py,
-// so that CuPy's kernel cache key always sees the current text.
+// These device helpers are pasted (not #included by NVRTC) into the preamble of the
+// CuPy ElementwiseKernel / ReductionKernel definitions in gpuce/_cuda/kernels.py, so that
+// CuPy's kernel cache key always sees the current text; gpuce_sce_fused.cu's
+// #include "gpuce_rowstat.cuh" is pasted the same way by gpuce._cuda.source.
 //
 // Conventions (documented in the README):
 //   * A is the accumulation type: float for float16/float32 logits, double for
@@ -150,8 +151,8 @@ __device__ __forceinline__ void finish_lse(const LseStat<A>& r, A& mx, A& ls) {
 //   asum   = sum_c coef_c
 //   hit    = 1 when the label value attains the (finite) row max, else 0 (token accuracy)
 template <typename A>
-__device__ __forceinline__ void finish_row(const RowStat<A>& r, A& mx, A& ls, A& tlab, A& smooth, A& asum,
-                                           A& hit) {
+__device__ __forceinline__ void finish_reduction(const RowStat<A>& r, A& mx, A& ls, A& tlab, A& smooth, A& asum,
+                                                 A& hit) {
     mx = r.e.m;
     ls = log(r.e.s);
     tlab = (r.e.m - r.t) + ls;
@@ -176,7 +177,7 @@ __device__ __forceinline__ void finish_loss(bool active, A mx, A ls, A tlab, A s
     g = wl + asum + A(2) * z * lse;
 }
 
-// The fused kernels' version of finish_row + finish_loss.  m is the row max (NaN / +inf /
+// The fused kernels' version of finish_reduction + finish_loss.  m is the row max (NaN / +inf /
 // -inf for a bad row); s, b and t_rel = x_label - ms are relative to the finite shift ms
 // (ms = m when m is finite), so the label term is ls - t_rel with no x + m - m rounding.
 template <typename A>

@@ -15,10 +15,11 @@
 //   lse  = ms + log s
 //   loss = wl (lse - v_k) + (a log s - b) + z lse^2                       (finish_stats)
 //   grad = scale (exp(v_j - ms) G / s - coef_j - wl [j = k]) (1 - tanh^2)  G = wl + a + 2 z lse
-// MODE 0: integer labels (coef_j = (eps/C) w_j, wl = (1-eps) w_k; rows with label ==
+// MODE, a template argument of every kernel, is the target kind (MODE_LABELS, MODE_PROBS):
+// MODE_LABELS: integer labels (coef_j = (eps/C) w_j, wl = (1-eps) w_k; rows with label ==
 //         ignore_index give loss 0 and a zero gradient row; a label outside [0, C) gives a NaN
 //         row and is recorded as the first bad position, never an out-of-bounds read).
-// MODE 1: probability targets y (coef_j = w_j ((1-eps) y_j + eps/C), wl = 0).
+// MODE_PROBS: probability targets y (coef_j = w_j ((1-eps) y_j + eps/C), wl = 0).
 // w may be null (all weights 1).  Rows are always read (never gated on their label), so a
 // row's loads wait only on their address.  Rows with no softcap take the lean path (a
 // thread's maximum, then its sums at that shift: no online rescale; see pack_sum), the rest
@@ -70,6 +71,10 @@
 namespace gpuce {
 
 typedef long long gpuce_i64;
+
+// The MODE template argument (the host's Variant.expr writes the same numbers).
+constexpr int MODE_LABELS = 0;
+constexpr int MODE_PROBS = 1;
 
 // ------------------------------------------------------------------------- storage types
 template <typename A, typename T> __device__ __forceinline__ A load_acc(T v) { return A(v); }
@@ -290,11 +295,11 @@ __device__ __forceinline__ A rescaled(A s, A from, A to) {
     return (s == A(0) || from == to) ? s : s * ex(from - to);
 }
 
-// NaN-propagating max (one max.NaN on sm_80+).
+// nanmax (gpuce_rowstat.cuh) in one max.NaN instruction on sm_80+ for float.
 template <typename A>
-__device__ __forceinline__ A max_nan(A a, A b) { return nanmax(a, b); }
+__device__ __forceinline__ A nanmax_fast(A a, A b) { return nanmax(a, b); }
 template <>
-__device__ __forceinline__ float max_nan<float>(float a, float b) {
+__device__ __forceinline__ float nanmax_fast<float>(float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(GPUCE_SIMT)
     float r;
     asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
@@ -335,11 +340,11 @@ __device__ __forceinline__ A value_of(const Args<T, I, A>& g, A f) {
     return softcap_value(f, g.cap);
 }
 
-// coef_j (MODE 0: eps/C w_j; MODE 1: w_j ((1 - eps) y_j + eps/C)).
+// coef_j (MODE_LABELS: eps/C w_j; MODE_PROBS: w_j ((1 - eps) y_j + eps/C)).
 template <int MODE, typename T, typename I, typename A>
 __device__ __forceinline__ A coef_of(const Args<T, I, A>& g, A yv, int col) {
     const A wc = g.w ? g.w[col] : A(1);
-    if (MODE == 0) return g.eps_over_c * wc;
+    if (MODE == MODE_LABELS) return g.eps_over_c * wc;
     return prob_coef(yv, wc, g.one_minus_eps, g.eps_over_c);
 }
 
@@ -359,7 +364,7 @@ __device__ __forceinline__ Label<A> label_of(const Args<T, I, A>& g, long long l
     r.bad = false;
     r.k = -1;
     r.wl = A(0);
-    if (MODE == 0 && valid) {
+    if (MODE == MODE_LABELS && valid) {
         r.active = lab != g.ignore_index;
         if (r.active && (lab < 0 || lab >= g.c)) {
             r.bad = true;
@@ -374,7 +379,7 @@ __device__ __forceinline__ Label<A> label_of(const Args<T, I, A>& g, long long l
 
 template <int MODE, typename T, typename I, typename A>
 __device__ __forceinline__ long long load_label(const Args<T, I, A>& g, long long row, bool valid) {
-    return (MODE == 0 && valid) ? (long long)g.labels[row] : 0;
+    return (MODE == MODE_LABELS && valid) ? (long long)g.labels[row] : 0;
 }
 
 // ------------------------------------------------------------------------- partial row state
@@ -410,12 +415,6 @@ __device__ __forceinline__ void part_raise(Part<A>& p, A mnew) {
 template <typename A>
 __device__ __forceinline__ A shfl_xor(A v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 
-// Merge the partials of W lanes (xor butterflies, W a power of two <= 32): the lanes agree
-// on the maximum first, each moves its sums to that shift (at most one exp), then plain sums.
-// Every lane ends with the same bits (IEEE addition and the max commute), and the order is
-// fixed, so results repeat run to run.  Cheaper than W - 1 full pairwise merges (each with
-// two rescales): the block merge of a 512-thread block went from ~630 to ~130 instructions
-// a thread a row.  ``coefs``: also the coefficient sums a and b (0 everywhere otherwise).
 // The sums of W lanes' partials that share one shift (xor butterflies: every lane ends with
 // the same bits).
 template <int W, typename A>
@@ -432,11 +431,17 @@ __device__ __forceinline__ Part<A> lanes_sum(Part<A> p, bool coefs) {
     return p;
 }
 
+// Merge the partials of W lanes (xor butterflies, W a power of two <= 32): the lanes agree
+// on the maximum first, each moves its sums to that shift (at most one exp), then plain sums.
+// Every lane ends with the same bits (IEEE addition and the max commute), and the order is
+// fixed, so results repeat run to run.  Cheaper than W - 1 full pairwise merges (each with
+// two rescales): the block merge of a 512-thread block went from ~630 to ~130 instructions
+// a thread a row.  ``coefs``: also the coefficient sums a and b (0 everywhere otherwise).
 template <int W, typename A>
 __device__ __forceinline__ Part<A> lanes_merge(Part<A> p, bool coefs) {
     A m = p.m;
 #pragma unroll
-    for (int o = W / 2; o > 0; o >>= 1) m = max_nan(m, shfl_xor(m, o));
+    for (int o = W / 2; o > 0; o >>= 1) m = nanmax_fast(m, shfl_xor(m, o));
     const A ms = isfinite(m) ? m : A(0);
     p.s = rescaled(p.s, p.ms, ms);
     if (coefs) p.b += shift(p.a, p.ms, ms);
@@ -494,7 +499,7 @@ __device__ __forceinline__ RowOut<A> finish_row(const Args<T, I, A>& g, const Pa
     o.bad = lb.active && (!isfinite(o.lse) || lb.bad || g.wbad);
     o.loss = o.bad ? quiet_nan<A>() : loss;
     o.zpart = (lb.active && g.z != A(0)) ? g.z * o.lse * o.lse : A(0);
-    o.correct = (MODE == 0 && lb.k >= 0 && isfinite(p.m) && p.xk == p.m) ? A(1) : A(0);
+    o.correct = (MODE == MODE_LABELS && lb.k >= 0 && isfinite(p.m) && p.xk == p.m) ? A(1) : A(0);
     o.ms = p.ms;
     o.r = gg * (g.scale / p.s);
     o.wls = lb.wl * g.scale;
@@ -525,10 +530,10 @@ __device__ __forceinline__ void emit_row(const Args<T, I, A>& g, long long row, 
 }
 
 // grad_j = (e_j r - scale coef_j - wls [j = k]) (1 - tanh^2) of one column, from the raw logit
-// f and the target yv (MODE 1); 0 for an inactive row, NaN for a bad one.  ``is_label``: j = k
+// f and the target yv (MODE_PROBS); 0 for an inactive row, NaN for a bad one.  ``is_label``: j = k
 // (the callers test it once a pack, not once a value).
 template <int MODE, typename T, typename I, typename A>
-__device__ __forceinline__ A grad_elem(const Args<T, I, A>& g, const RowOut<A>& o, int col, A f, A yv,
+__device__ __forceinline__ A row_grad_at(const Args<T, I, A>& g, const RowOut<A>& o, int col, A f, A yv,
                                        bool is_label) {
     if (!o.active) return A(0);
     if (o.bad) return quiet_nan<A>();
@@ -539,7 +544,7 @@ __device__ __forceinline__ A grad_elem(const Args<T, I, A>& g, const RowOut<A>& 
         dcap = A(1) - t * t;
     }
     A d = ex(v - o.ms) * o.r;
-    if (MODE == 1 || g.eps_over_c != A(0)) d -= g.scale * coef_of<MODE>(g, yv, col);
+    if (MODE == MODE_PROBS || g.eps_over_c != A(0)) d -= g.scale * coef_of<MODE>(g, yv, col);
     if (is_label) d -= o.wls;
     return d * dcap;
 }
@@ -563,7 +568,7 @@ __device__ __forceinline__ void store_grad_pack(const Args<T, I, A>& g, const Ro
         Pack<T, VEC> out;
 #pragma unroll
         for (int u = 0; u < VEC; ++u)
-            out.v[u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k));
+            out.v[u] = store_t<T>(row_grad_at<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k));
         store_pack<T, VEC>(grow + col0, out);
         return;
     }
@@ -572,10 +577,10 @@ __device__ __forceinline__ void store_grad_pack(const Args<T, I, A>& g, const Ro
         A d[VEC];
         if (has_k) {
 #pragma unroll
-            for (int u = 0; u < VEC; ++u) d[u] = grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k);
+            for (int u = 0; u < VEC; ++u) d[u] = row_grad_at<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k);
         } else {
 #pragma unroll
-            for (int u = 0; u < VEC; ++u) d[u] = grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], false);
+            for (int u = 0; u < VEC; ++u) d[u] = row_grad_at<MODE>(g, o, col0 + u, fv[u], yv[u], false);
         }
         store_vals<T>(grow + col0, d);
         return;
@@ -583,7 +588,7 @@ __device__ __forceinline__ void store_grad_pack(const Args<T, I, A>& g, const Ro
 #pragma unroll
     for (int u = 0; u < VEC; ++u)
         if (col0 + u >= 0 && col0 + u < g.c)
-            grow[col0 + u] = store_t<T>(grad_elem<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k));
+            grow[col0 + u] = store_t<T>(row_grad_at<MODE>(g, o, col0 + u, fv[u], yv[u], col0 + u == o.k));
 }
 
 // A pack of T as VEC values in A (the targets: 0 when absent).
@@ -608,7 +613,7 @@ __device__ __forceinline__ void add_pack(const Args<T, I, A>& g, Part<A>& p, int
         pm = nanmax(pm, v[u]);
     }
     part_raise(p, pm);
-    const bool coefs = MODE == 1 || g.eps_over_c != A(0);
+    const bool coefs = MODE == MODE_PROBS || g.eps_over_c != A(0);
 #pragma unroll
     for (int u = 0; u < VEC; ++u) {
         const A d = v[u] - p.ms;
@@ -654,11 +659,11 @@ template <typename A, int VEC, bool EDGES = true>
 __device__ __forceinline__ A pack_max(A m, int col0, int c, const A (&fv)[VEC]) {
     if (whole_pack<VEC, EDGES>(col0, c)) {
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) m = max_nan(m, fv[u]);
+        for (int u = 0; u < VEC; ++u) m = nanmax_fast(m, fv[u]);
     } else {
 #pragma unroll
         for (int u = 0; u < VEC; ++u)
-            if (col0 + u >= 0 && col0 + u < c) m = max_nan(m, fv[u]);
+            if (col0 + u >= 0 && col0 + u < c) m = nanmax_fast(m, fv[u]);
     }
     return m;
 }
@@ -732,9 +737,9 @@ template <typename T, typename A, int VEC>
 __device__ __forceinline__ void pack_online(Part<A>& p, const A (&fv)[VEC]) {
     A pm = fv[0];
 #pragma unroll
-    for (int u = 1; u < VEC; ++u) pm = max_nan(pm, fv[u]);
+    for (int u = 1; u < VEC; ++u) pm = nanmax_fast(pm, fv[u]);
     if (!(pm <= p.m)) {  // a new maximum, or a NaN: move the sum to it
-        const A m = max_nan(p.m, pm);
+        const A m = nanmax_fast(p.m, pm);
         const A ms = isfinite(m) ? m : A(0);
         p.s = rescaled(p.s, p.ms, ms);
         p.m = m;
@@ -928,10 +933,10 @@ struct ClusterXchg<float, CL> {
 // team (CL blocks of a cluster with CL > 1).  Pack it (< P) of a row is at column
 // (it * NT + tid) * VEC, NT the team's threads; thread tid keeps it in its own slot of the
 // S-stage ring in dynamic shared memory: slots[((stage * P + it) * blockDim.x + threadIdx.x)]
-// (then the targets' ring, MODE 1).  Row i + S - 1 is copied while row i is computed.
+// (then the targets' ring, MODE_PROBS).  Row i + S - 1 is copied while row i is computed.
 template <typename T, typename I, typename A, int MODE, int VEC, int G, int CL, int RP = 0>
 __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
-    static_assert(RP == 0 || (MODE == 0 && G == 0), "the register stage is for block / cluster label kernels");
+    static_assert(RP == 0 || (MODE == MODE_LABELS && G == 0), "the register stage is for block / cluster label kernels");
     // the register stage takes rows that start on a 16-byte boundary and hold whole packs
     // (the host checks it), which keeps its unrolled loops free of edge masks
     constexpr bool EDGES = RP == 0;
@@ -971,11 +976,11 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
             const int mine = mine_of((sh + c + VEC - 1) / VEC);
             const T* xsrc = xrow - sh + (size_t)tid * VEC;
             Pack<T, VEC>* xdst = xs + (size_t)stage * P * bt + threadIdx.x;
-            const T* ysrc = MODE == 1 ? g.y + row * g.ldy - sh + (size_t)tid * VEC : nullptr;
+            const T* ysrc = MODE == MODE_PROBS ? g.y + row * g.ldy - sh + (size_t)tid * VEC : nullptr;
             Pack<T, VEC>* ydst = ys + (size_t)stage * P * bt + threadIdx.x;
             for (int it = 0; it < mine; ++it) {
                 copy_pack_async<T, VEC>(xdst + (size_t)it * bt, xsrc + (size_t)it * nt * VEC);
-                if (MODE == 1) copy_pack_async<T, VEC>(ydst + (size_t)it * bt, ysrc + (size_t)it * nt * VEC);
+                if (MODE == MODE_PROBS) copy_pack_async<T, VEC>(ydst + (size_t)it * bt, ysrc + (size_t)it * nt * VEC);
             }
         }
         copy_commit();
@@ -1014,7 +1019,7 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
             else load_vals<A>(xst + (size_t)it * bt, fv);
         };
         auto yvals = [&](int it, A (&yv)[VEC]) {
-            if (MODE == 1) load_vals<A>(yst + (size_t)it * bt, yv);
+            if (MODE == MODE_PROBS) load_vals<A>(yst + (size_t)it * bt, yv);
         };
         // f(it, col0) over this thread's packs it in [lo, hi) (col0: the pack's first column)
         auto each = [&](int lo, int hi, auto&& f) {
@@ -1048,7 +1053,7 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
             }
         };
         const Label<A> lb = label_of<MODE>(g, lab, valid);
-        const bool coefs = MODE == 1 || g.eps_over_c != A(0);
+        const bool coefs = MODE == MODE_PROBS || g.eps_over_c != A(0);
         Part<A> p = part_identity<A>();
         // softcap: the online update (tanh once a value); not in the register-stage kernel,
         // whose row fills the registers (the host never plans it for a softcap call)
@@ -1066,7 +1071,7 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
                 A fv[VEC];
                 xvals(it, fv);
 #pragma unroll
-                for (int u = 0; u < VEC; ++u) m = max_nan(m, fv[u]);
+                for (int u = 0; u < VEC; ++u) m = nanmax_fast(m, fv[u]);
             });
             edges([&](int it, int col0) {
                 A fv[VEC];
@@ -1077,7 +1082,7 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
             // no rescaling; a block or cluster merges the thread partials once
             if (G > 0) {
 #pragma unroll
-                for (int o = (G > 0 ? G : 2) / 2; o > 0; o >>= 1) m = max_nan(m, shfl_xor(m, o));
+                for (int o = (G > 0 ? G : 2) / 2; o > 0; o >>= 1) m = nanmax_fast(m, shfl_xor(m, o));
             }
             part_at_max(p, m);
             if (coefs) {
@@ -1184,8 +1189,8 @@ __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS,
 // (wrapping), so that the 32 rows of a warp do not fall into a few shared-memory banks (a
 // row's sums then run in an order set by its place in its tile: its last bits may differ
 // from the same row's at another position, never from run to run).
-// Stage layout: the tile's values (a 16-byte multiple), then the targets' (MODE 1) or the
-// labels (MODE 0).  The host sizes the ring with gpuce/_cuda/fused.py tile_plan.
+// Stage layout: the tile's values (a 16-byte multiple), then the targets' (MODE_PROBS) or the
+// labels (MODE_LABELS).  The host sizes the ring with gpuce/_cuda/fused.py tile_plan.
 #define GPUCE_TILE_STAGES 3
 
 // This thread's share of copying `elems` contiguous values src -> dst (shared memory):
@@ -1218,7 +1223,7 @@ __device__ __forceinline__ void tile_store(T* dst, const T* src, int elems) {
 }
 
 // Copy the tile of rows row0.. (nothing past the last row) into the ring stage at st: the
-// values, then the targets (MODE 1) or the labels, one commit group a tile (empty past the
+// values, then the targets (MODE_PROBS) or the labels, one commit group a tile (empty past the
 // end, so that the wait counts stay the same).
 template <typename T, typename I, int MODE, int VEC>
 __device__ __forceinline__ void tile_issue(const T* x, const T* y, const I* labels, long long n, int c, long long row0,
@@ -1226,7 +1231,7 @@ __device__ __forceinline__ void tile_issue(const T* x, const T* y, const I* labe
     if (row0 < n) {
         const int rows = (int)min((long long)GPUCE_TILE_ROWS, n - row0);
         tile_copy<T, VEC>(reinterpret_cast<T*>(st), x + row0 * c, rows * c);
-        if (MODE == 1) tile_copy<T, VEC>(reinterpret_cast<T*>(st + vb), y + row0 * c, rows * c);
+        if (MODE == MODE_PROBS) tile_copy<T, VEC>(reinterpret_cast<T*>(st + vb), y + row0 * c, rows * c);
         else if ((int)threadIdx.x < rows)
             copy_pack_async<I, 1>(reinterpret_cast<Pack<I, 1>*>(st + vb) + threadIdx.x, labels + row0 + threadIdx.x);
     }
@@ -1237,7 +1242,7 @@ __device__ __forceinline__ void tile_issue(const T* x, const T* y, const I* labe
 template <typename T, typename I, int MODE>
 __device__ __forceinline__ int tile_stage_bytes(int c, int& values_bytes) {
     values_bytes = (GPUCE_TILE_ROWS * c * (int)sizeof(T) + 15) & ~15;
-    return values_bytes * (MODE == 1 ? 2 : 1) + (MODE == 0 ? GPUCE_TILE_ROWS * (int)sizeof(I) : 0);
+    return values_bytes * (MODE == MODE_PROBS ? 2 : 1) + (MODE == MODE_LABELS ? GPUCE_TILE_ROWS * (int)sizeof(I) : 0);
 }
 
 // Every column of a tile row once, from j0 on (two loops: no wrap test a value).
@@ -1258,7 +1263,7 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS, sizeof(A) == 8 ? 5 : 8) sce_t
     Acc acc = GPUCE_ACC_INIT;
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) tile_issue<T, I, MODE, VEC>(x, y, labels, n, c, first + s * step, smem_raw + s * sb, vb);
-    const bool coefs = MODE == 1 || g.eps_over_c != A(0);
+    const bool coefs = MODE == MODE_PROBS || g.eps_over_c != A(0);
     const int j0 = (c & 3) == 0 ? t % c : 0;  // the column this thread starts its row at
     int stage = 0;
     for (long long row0 = first; row0 < n; row0 += step) {
@@ -1270,22 +1275,22 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS, sizeof(A) == 8 ? 5 : 8) sce_t
         unsigned char* st = smem_raw + stage * sb;
         if (t < rows) {
             T* xr = reinterpret_cast<T*>(st) + t * c;
-            const T* yr = MODE == 1 ? reinterpret_cast<const T*>(st + vb) + t * c : nullptr;
-            const long long lab = MODE == 0 ? (long long)reinterpret_cast<const I*>(st + vb)[t] : 0;
+            const T* yr = MODE == MODE_PROBS ? reinterpret_cast<const T*>(st + vb) + t * c : nullptr;
+            const long long lab = MODE == MODE_LABELS ? (long long)reinterpret_cast<const I*>(st + vb)[t] : 0;
             const Label<A> lb = label_of<MODE>(g, lab, true);
             Part<A> p = part_identity<A>();
             if (g.cap > A(0)) {  // softcap: the online update
                 GPUCE_TILE_COLS(j, {
-                    A fv[1] = {load_acc<A>(xr[j])}, yv[1] = {MODE == 1 ? load_acc<A>(yr[j]) : A(0)};
+                    A fv[1] = {load_acc<A>(xr[j])}, yv[1] = {MODE == MODE_PROBS ? load_acc<A>(yr[j]) : A(0)};
                     add_pack<MODE, T, I, A, 1>(g, p, j, lb.k, fv, yv);
                 })
             } else {  // the lean path (see pack_sum): the row's maximum, then its sums
                 A m = neg_inf<A>();
-                GPUCE_TILE_COLS(j, { m = max_nan(m, load_acc<A>(xr[j])); })
+                GPUCE_TILE_COLS(j, { m = nanmax_fast(m, load_acc<A>(xr[j])); })
                 part_at_max(p, m);
                 if (coefs) {
                     GPUCE_TILE_COLS(j, {
-                        A fv[1] = {load_acc<A>(xr[j])}, yv[1] = {MODE == 1 ? load_acc<A>(yr[j]) : A(0)};
+                        A fv[1] = {load_acc<A>(xr[j])}, yv[1] = {MODE == MODE_PROBS ? load_acc<A>(yr[j]) : A(0)};
                         pack_sum<MODE, true, T, I, A, 1, false>(g, p, j, -1, fv, yv);
                     })
                 } else {
@@ -1305,8 +1310,8 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS, sizeof(A) == 8 ? 5 : 8) sce_t
                     if (o.k >= 0) xr[o.k] = store_t<T>(ex_at<T>(p.xk, o.ms, msl) * o.r - o.wls);
                 } else {
                     GPUCE_TILE_COLS(j, {
-                        xr[j] = store_t<T>(grad_elem<MODE>(g, o, j, load_acc<A>(xr[j]),
-                                                           MODE == 1 ? load_acc<A>(yr[j]) : A(0), j == o.k));
+                        xr[j] = store_t<T>(row_grad_at<MODE>(g, o, j, load_acc<A>(xr[j]),
+                                                           MODE == MODE_PROBS ? load_acc<A>(yr[j]) : A(0), j == o.k));
                     })
                 }
             }
@@ -1337,9 +1342,9 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
         const int sh = row_shift<T, VEC>(x + row * ldx);
         const int packs = (sh + c + VEC - 1) / VEC;
         const T* xrow = x + row * ldx - sh;
-        const T* yrow = MODE == 1 ? y + row * ldy - sh : nullptr;
+        const T* yrow = MODE == MODE_PROBS ? y + row * ldy - sh : nullptr;
         const Label<A> lb = label_of<MODE>(g, lab, true);
-        const bool coefs = MODE == 1 || g.eps_over_c != A(0);
+        const bool coefs = MODE == MODE_PROBS || g.eps_over_c != A(0);
         const bool lean = g.cap == A(0) && !coefs;
         // the lean path loads U packs before using any (U 16-byte loads in flight a thread)
         constexpr int U = 4;
@@ -1369,7 +1374,7 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
             for (int q = threadIdx.x; q < packs; q += blockDim.x) {
                 A fv[VEC], yv[VEC] = {};
                 unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
-                if (MODE == 1) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
+                if (MODE == MODE_PROBS) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
                 add_pack<MODE, T, I, A, VEC>(g, p, q * VEC - sh, lb.k, fv, yv);
             }
         }
@@ -1393,7 +1398,7 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
             for (int q = threadIdx.x; q < packs; q += blockDim.x) {
                 A fv[VEC], yv[VEC] = {};
                 unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
-                if (MODE == 1) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
+                if (MODE == MODE_PROBS) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
                 store_grad_pack<MODE, T, I, A, VEC>(g, o, grow, q * VEC - sh, fv, yv);
             }
         }

@@ -86,7 +86,7 @@ class Variant:
 
     def expr(self) -> str:
         t, i, a = CT[self.dtype], CT[self.index], CT[ACC[self.dtype]]
-        mode = 1 if self.target == "prob" else 0
+        mode = 1 if self.target == "prob" else 0  # the kernels' MODE_PROBS / MODE_LABELS
         head = f"{t}, {i}, {a}, {mode}, {self.vec}"
         if self.kind == "warp":
             return f"gpuce::sce_team<{head}, {self.group}>"
@@ -187,7 +187,7 @@ def _team_plan(v: Variant, c: int, threads: int, dev: Device, stages=STAGES):
 def tile_plan(v: Variant, c: int) -> Plan:
     """The tile kernel's launch shape for rows of ``c`` values: a ring of TILE_STAGES stages,
     each 128 rows of values as they lie in memory (a 16-byte multiple), then the targets'
-    (MODE 1) or the labels (as the kernel's tile_stage_bytes)."""
+    (MODE_PROBS) or the labels (as the kernel's tile_stage_bytes)."""
     values = _ceil(TILE_ROWS * c * ITEMSIZE[v.dtype], 16) * 16
     stage = values * (2 if v.target == "prob" else 1) + (TILE_ROWS * ITEMSIZE[v.index] if v.target == "label" else 0)
     return Plan(v, TILE_ROWS, stages=TILE_STAGES, smem=TILE_STAGES * stage, rows_per_block=TILE_ROWS)

@@ -141,7 +141,7 @@ SPECS = {
                 "gpuce::label_coef(lbl != ign, w, eps_over_c), lbl == I(col))"
             ),
             reduce_expr="gpuce::merge(a, b)",
-            post_map_expr="gpuce::finish_row(a, mx, ls, tlab, smooth, asum, hit)",
+            post_map_expr="gpuce::finish_reduction(a, mx, ls, tlab, smooth, asum, hit)",
             identity="_type_reduce::identity()",
             reduce_type="gpuce::RowStat<{A}>",
             specializations=_label_specs(),
@@ -156,7 +156,7 @@ SPECS = {
                 "gpuce::prob_coef(A(y), w, one_minus_eps, eps_over_c), false)"
             ),
             reduce_expr="gpuce::merge(a, b)",
-            post_map_expr="gpuce::finish_row(a, mx, ls, tlab, smooth, asum, hit)",
+            post_map_expr="gpuce::finish_reduction(a, mx, ls, tlab, smooth, asum, hit)",
             identity="_type_reduce::identity()",
             reduce_type="gpuce::RowStat<{A}>",
             specializations=_prob_specs(),

@@ -6,7 +6,7 @@ the kernels' status of the labels and the class weights (skipped with
 ``inplace=True`` the check runs before the launch instead (one sync), so that an error leaves
 the caller's logits untouched.
 
-``impl="fused"`` (the RawKernels of kernels/gpuce_scefused.cu, launched by gpuce._cuda.fused):
+``impl="fused"`` (the RawKernels of kernels/gpuce_sce_fused.cu, launched by gpuce._cuda.fused):
 at most two launches -- the prologue where the call needs one (the class weights' check; the
 denominator of reduction "mean" with integer labels) and the fused kernel, which reads each row once, writes the gradient once and finishes the
 batch sums on the device (float64 partials per block, the last block adding them in block

@@ -1,7 +1,7 @@
 // Host build of kernels/gpuce_rowstat.cuh for the CPU tests (tests/test_rowstat_host.py).
 // The device helpers are compiled as plain C++ and driven the way the kernels drive them:
 //   * "portable": element states merged (sequentially, or as a pairwise tree like a block
-//     reduction), then finish_row + finish_loss + grad_element (the CuPy kernels' maths);
+//     reduction), then finish_reduction + finish_loss + grad_element (the CuPy kernels' maths);
 //   * "fused": max first, sums relative to it, then finish_stats (the RawKernels' maths).
 #include <cmath>
 #include <cstring>
@@ -55,7 +55,7 @@ static void run(const A* x, long long n, int c, int mode, const long long* lbl, 
             if (method == 0) for (auto& s : st) r = merge(r, s);
             else r = merge(r, reduce_tree(st, 0, st.size()));
             A tlab, smooth, asum, hit;
-            finish_row(r, mx, ls, tlab, smooth, asum, hit);
+            finish_reduction(r, mx, ls, tlab, smooth, asum, hit);
             finish_loss(active, mx, ls, tlab, smooth, asum, wl, z, l, g);
         } else {
             A m = neg_inf<A>();
