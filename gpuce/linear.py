@@ -1,22 +1,14 @@
 """The linear softmax classifier: scores f = X Wᵀ + b, total loss and its gradients.
 
-``linear_cross_entropy`` never holds the whole N x C logits matrix: it walks the rows in
-chunks (``chunk_size`` rows, chosen from the free memory unless given), and per chunk
-
-    f_c = X_c Wᵀ (+ b)          one GEMM into a chunk buffer reused by every chunk, in the
-                                accumulation dtype (float32 for float16/bfloat16 X: 16-bit inputs,
-                                float32 output, so lse and the loss carry no 16-bit rounding)
-    G_c = ∂L/∂f_c               the softmax cross-entropy kernels, in place over f_c, scaled there
-                                by the reduction's α (1/denominator for "mean", computed over all
-                                N rows first); for 16-bit X then rounded once to X's dtype (a
-                                second chunk buffer) for the two GEMMs below
-    dX_c = G_c W                one GEMM straight into the rows of dX (skipped with input_grad=False)
-    dW += G_cᵀ X_c              one GEMM accumulating with beta = 1 (dW starts as λW)
-    db += 1ᵀ G_c
-
-so peak extra memory is chunk x C (float32 and, for 16-bit X, 16-bit: 6 bytes a logit) +
-N x D + C x D.  On the GPU the products go through cuBLAS
-(float16 and bfloat16: 16-bit storage, float32 compute) and ‖W‖² is one ReductionKernel.
+``linear_cross_entropy`` never holds the whole N x C logits matrix: it runs on the chunk
+driver of :mod:`gpuce._chunks` (the logits GEMM a chunk of ``chunk_size`` rows at a time, chosen
+from the free memory unless given; the backward GEMMs from the chunk's gradient), with the
+softmax cross-entropy kernels as the row operation: in place over the chunk's logits f_c, they
+leave G_c = ∂L/∂f_c scaled by the reduction's α (1/denominator for "mean", computed over all N
+rows first), and by the row weights of a backward pass where given.  Peak extra memory is
+chunk x C (float32 and, for 16-bit X, 16-bit: 6 bytes a logit) + N x D + C x D.  On the GPU
+the products go through cuBLAS (float16 and bfloat16: 16-bit storage, float32 compute) and
+‖W‖² is one ReductionKernel.
 
 bfloat16 dW accumulates in a float32 C x D array, rounded to bfloat16 once at the end
 (DW_ACCUMULATE).  Rounding dW to bfloat16 after every chunk's GEMM would add one rounding of
@@ -33,32 +25,16 @@ from dataclasses import replace
 import numpy as np
 
 from . import _dask
-from ._backend import array_module, asarray, free_memory_bytes
-from ._blas import gemm
+from ._backend import array_module, asarray
+from ._chunks import chunk_rows, run_chunks
 from ._dispatch import backends
-from ._rows import check_labels, column_sums, mean_args, run_rows, sum_squares
+from ._rows import check_labels, mean_args, run_rows, sum_squares
 from .sce import BlockStats, results
 from ._validation import LinearGrads, check_class_weight, check_uint64_labels, linear_args
 
-# Automatic chunk size: the chunk's logits buffer is kept to AUTO_CHUNK_FRACTION of the
-# gradient outputs it serves (dX + dW, the least any implementation must allocate), but at
-# least AUTO_CHUNK_MIN_BYTES (so that small problems run in one chunk and every GEMM stays
-# large), and at most AUTO_CHUNK_FREE_SHARE of the free device memory.
-AUTO_CHUNK_FRACTION = 0.08
-AUTO_CHUNK_MIN_BYTES = 64 << 20
-AUTO_CHUNK_FREE_SHARE = 0.5
-ROW_OVERHEAD_BYTES = 64  # per-row scalars of the kernels' prologue (weights, loss, lse, ...)
 # dtype in which dW accumulates across chunks, by input dtype (others: the input's own).
 # bfloat16 in float32: see the module docstring for the measured errors.
 DW_ACCUMULATE = {"bfloat16": np.dtype(np.float32), "float16": np.dtype(np.float32)}
-
-
-def auto_chunk_size(xp, n, c, itemsize, grads_bytes) -> int:
-    """Rows a chunk for ``chunk_size=None`` (see the AUTO_CHUNK_* constants)."""
-    row = c * itemsize + ROW_OVERHEAD_BYTES
-    target = max(AUTO_CHUNK_FRACTION * grads_bytes, AUTO_CHUNK_MIN_BYTES)
-    target = min(target, AUTO_CHUNK_FREE_SHARE * free_memory_bytes(xp))  # no bound on NumPy
-    return int(max(1, min(n, target // row)))
 
 
 @backends("X", "y", dask=lambda run, arguments: _dask.linear_cross_entropy(run, **arguments))
@@ -99,7 +75,7 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         validated their data once pass False.
     chunk_size : int, optional
         Rows per chunk (at most; the last chunk may be shorter).  None chooses it from the
-        problem and the free memory (see ``AUTO_CHUNK_*``): small problems run in one
+        problem and the free memory (see ``gpuce._chunks.AUTO_CHUNK_*``): small problems run in one
         chunk, large vocabularies in chunks whose logits buffer is about 8 % of the
         gradient outputs.  Results do not depend on it beyond rounding.
 
@@ -171,30 +147,20 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
         dX = xp.empty((n, d), acc if _acc_grads else X.dtype) if input_grad else None
         db = xp.zeros(c, acc) if bias is not None else None
     grads_bytes = (dW.nbytes + (dX.nbytes if dX is not None else 0)) if return_grad else 0
-    # 16-bit X: the chunk's logits in float32 (cuBLAS / NumPy: 16-bit inputs, float32 output),
-    # so that lse and the loss carry no 16-bit rounding; G_c is rounded once into a 16-bit
-    # buffer for the backward GEMMs
-    half = X.dtype != acc
-    g_bytes = X.dtype.itemsize if half and return_grad else 0
-    rows = chunk_size or auto_chunk_size(xp, n, c, acc.itemsize + g_bytes, grads_bytes)
-    rows = max(1, min(rows, n))
+    rows = chunk_rows(xp, X, c, acc, chunk_size, backward=return_grad, grads_bytes=grads_bytes)
 
     # each chunk runs with the call's reduction and, for "mean", the whole call's denominator:
-    # its gradient G_c is scaled inside the kernels, before it is rounded to X's dtype (once)
+    # its gradient G_c is scaled inside the kernels, before the driver rounds it to X's dtype
     per_chunk = replace(args, inplace=return_grad, labels_checked=True)
     loss_rows = xp.empty(n, acc) if args.reduction == "none" else None
     total = xp.zeros((), np.float64)
     stats = BlockStats(xp, args) if args.return_stats else None
-    buf = xp.empty((rows, c), acc) if n else None  # the one chunk buffer: logits, then G
-    buf16 = xp.empty((rows, c), X.dtype) if half and return_grad and n else None
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        m = e - s
-        Xc, f = xp.ascontiguousarray(X[s:e]), buf[:m]
-        if bias is not None:
-            f[...] = bias.astype(acc, copy=False)  # exact for a 16-bit bias
-        gemm(xp, "N", "T", Xc, W, f, 1.0, 0.0 if bias is None else 1.0)
-        chunk_args = replace(per_chunk, lead_shape=(m,), n=m)
+
+    def rows_op(s, e, f):
+        """The softmax cross-entropy of rows s:e from their logits f; f becomes
+        G_c = ∂(Σ_c g_i L_i)/∂f_c (g = 1 unless grad_row_scale) when gradients are wanted."""
+        nonlocal total
+        chunk_args = replace(per_chunk, lead_shape=(e - s,), n=e - s)
         r, t, st = run_rows(xp, f, y[s:e], weight, chunk_args, f if return_grad else None)
         if grad_row_scale is not None:  # f in the accumulation dtype: one rounding
             f *= grad_row_scale[s:e, None].astype(acc, copy=False)
@@ -204,16 +170,8 @@ def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignor
             total += t
         if stats is not None:
             stats.add(s, e, st, y[s:e])
-        if return_grad:  # f now holds G_c = ∂(Σ_c g_i L_i)/∂f_c (g = 1 unless grad_row_scale)
-            g = f
-            if half:  # G_c rounded once, after every scaling, for the 16-bit GEMMs
-                g = buf16[:m]
-                g[...] = f
-            gemm(xp, "T", "N", g, Xc, dW, 1.0, 1.0)
-            if dX is not None:
-                gemm(xp, "N", "N", g, W, dX[s:e], 1.0, 0.0)
-            if db is not None:
-                db += column_sums(xp, f, acc)
+
+    run_chunks(xp, X, W, bias, acc, rows, rows_op, dW=dW, dX=dX, db=db)
     if loss_rows is not None:
         loss = loss_rows
     else:  # "mean": each chunk's sum was divided by the whole call's denominator already

@@ -10,6 +10,7 @@ import pytest
 
 import gpuce
 import gpuce.linear as L
+import gpuce._chunks as K
 from gpuce import _blas
 from helpers import to_numpy
 from test_linear import data, ref_linear
@@ -119,17 +120,17 @@ def test_caller_arrays_untouched_when_chunked(xp):
 
 def test_auto_chunk_size_policy():
     # a small problem runs in one chunk
-    assert L.auto_chunk_size(np, 5000, 10, 4, grads_bytes=10**6) == 5000
+    assert K.auto_chunk_size(np, 5000, 10, 4, grads_bytes=10**6) == 5000
     # a large vocabulary: the buffer is AUTO_CHUNK_FRACTION of the gradients (CCE's shape)
     n, c, d = 8192, 256000, 2304
     grads = (n * d + c * d) * 4
-    rows = L.auto_chunk_size(np, n, c, 4, grads)
+    rows = K.auto_chunk_size(np, n, c, 4, grads)
     assert 1 <= rows < n
-    buf = rows * (c * 4 + L.ROW_OVERHEAD_BYTES)
-    assert buf <= L.AUTO_CHUNK_FRACTION * grads
-    assert (rows + 1) * (c * 4 + L.ROW_OVERHEAD_BYTES) > L.AUTO_CHUNK_FRACTION * grads
+    buf = rows * (c * 4 + K.ROW_OVERHEAD_BYTES)
+    assert buf <= K.AUTO_CHUNK_FRACTION * grads
+    assert (rows + 1) * (c * 4 + K.ROW_OVERHEAD_BYTES) > K.AUTO_CHUNK_FRACTION * grads
     # never zero rows, whatever the budget
-    assert L.auto_chunk_size(np, 10, 10**9, 8, 0) == 1
+    assert K.auto_chunk_size(np, 10, 10**9, 8, 0) == 1
 
 
 def test_auto_chunking_splits_and_agrees(monkeypatch):
@@ -145,8 +146,8 @@ def test_auto_chunking_splits_and_agrees(monkeypatch):
         return real(xp, x2, *args, **kw)
 
     monkeypatch.setattr(L, "run_rows", counting)
-    monkeypatch.setattr(L, "AUTO_CHUNK_MIN_BYTES", 64 * (50 * 8 + L.ROW_OVERHEAD_BYTES))
-    monkeypatch.setattr(L, "AUTO_CHUNK_FRACTION", 0.0)
+    monkeypatch.setattr(K, "AUTO_CHUNK_MIN_BYTES", 64 * (50 * 8 + K.ROW_OVERHEAD_BYTES))
+    monkeypatch.setattr(K, "AUTO_CHUNK_FRACTION", 0.0)
     got = run(np, X, W, y, reg=0.1)
     assert calls == [64, 64, 64, 8]
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
@@ -189,7 +190,7 @@ def test_gpu_peak_memory_near_lower_bound():
     X, W, y = (cp.asarray(a) for a in data(rng, n, d, c, "label", np.float32))
     pool = cp.get_default_memory_pool()
     lower = (n * d + c * d) * 4
-    for chunk, bound in ((16, 1.1 * lower + (1 << 20)), (None, lower + L.AUTO_CHUNK_MIN_BYTES + (4 << 20))):
+    for chunk, bound in ((16, 1.1 * lower + (1 << 20)), (None, lower + K.AUTO_CHUNK_MIN_BYTES + (4 << 20))):
         cp.cuda.Device().synchronize()
         pool.free_all_blocks()
         before = pool.total_bytes()
