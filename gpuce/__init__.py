@@ -8,7 +8,7 @@ from .information import cross_entropy, entropy, kl_div
 from .sce import softmax_cross_entropy
 from .linear import LinearGrads, linear_cross_entropy
 from .softmax import log_softmax, logsumexp, softmax
-from ._validation import SceStats
+from ._results import SceStats
 from ._impl import use_impl
 from ._explain import explain
 

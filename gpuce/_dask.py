@@ -32,8 +32,9 @@ import numpy as np
 from ._backend import all_finite, array_module, is_cupy_array, is_dask_array
 from ._impl import auto_impl, resolve_impl, use_impl
 from ._rows import mean_denominator, sum_squares, weighted_z_loss
-from ._validation import (LinearGrads, SceStats, acc_dtype, check_axis, check_float,
-                          check_same_shape, label_error, linear_args, sce_args)
+from ._results import LinearGrads, SceStats
+from ._validation import (acc_dtype, check_axis, check_float, check_same_shape, label_error,
+                          linear_args, sce_args)
 
 
 def _da():

@@ -124,7 +124,7 @@ def predicted_tokens(xp, x2, args):
 
 
 def run_rows(xp, x2, target, weight, args, grad_out, impl="auto", variant=None):
-    """The backend's work on validated (N, C) logits: a :class:`gpuce._validation.SceRows`
+    """The backend's work on validated (N, C) logits: a :class:`gpuce._results.SceRows`
     ``(rows, total, stats)``, the gradient written into ``grad_out`` when given (it may be
     ``x2`` itself).  ``total`` is None for reduction "none"; ``rows`` may be None for "sum"
     and "mean" (use ``total``).  ``variant`` pins a fused kernel variant (CuPy; tests and the

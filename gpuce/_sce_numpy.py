@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._validation import SceArgs, SceRows, SceStats, label_error
+from ._results import SceRows, SceStats
+from ._validation import SceArgs, label_error
 
 CHUNK_ELEMENTS = 1 << 18
 # Chunks are independent (disjoint rows of loss and grad), so large inputs are spread over

@@ -15,7 +15,6 @@ import math
 import operator
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
@@ -130,41 +129,6 @@ class SceArgs:
         if self.reduction != "mean":
             return 1.0
         return 0.0 if denom == 0 else 1.0 / denom
-
-
-class SceStats(NamedTuple):
-    """Statistics computed in the same pass as the loss (``return_stats=True``).
-
-    z_loss : the z-loss part of the loss, sum_i z lse_i^2 over the non-ignored rows, reduced
-        like the loss (per row for reduction="none", 0 for ignored rows).
-    accuracy : integer labels only (None for probability targets): the share of non-ignored
-        rows whose label attains the row's maximum of the (capped) logits, ties counting as
-        correct and NaN rows as wrong; NaN when no row is counted.  Per row (1.0 / 0.0, NaN
-        for ignored rows) for reduction="none".
-    lse : (N...) per-row log-sum-exp of the (capped) logits, every row including ignored ones.
-    predicted : (N...) int64, the predicted class of every row (ignored ones included): the
-        index of the row's maximum of the (capped) logits, the lowest index among ties, -1
-        for a row holding a NaN.  (The backends leave it None; gpuce._rows.run_rows fills it.)
-    """
-
-    z_loss: object
-    accuracy: object
-    lse: object
-    predicted: object = None
-
-
-class SceRows(NamedTuple):
-    """What a backend returns for validated (N, C) logits.
-
-    rows : (N,) per-row losses (acc dtype); may be None for reduction "sum"/"mean" when the
-        backend does not write them (the fused GPU path).
-    total : 0-d reduced loss for "sum"/"mean" (the mean already divided), None for "none".
-    stats : SceStats when ``args.return_stats``, else None.
-    """
-
-    rows: object
-    total: object
-    stats: object = None
 
 
 def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing, z_loss,
@@ -334,14 +298,6 @@ def check_inplace_aliasing(xp, logits, target, weight, args: SceArgs):
 
 
 # -- the linear model (gpuce.linear and its dask form) -------------------------------------------
-
-class LinearGrads(NamedTuple):
-    """Gradients of the returned loss: ``X`` (N, D) or None, ``W`` (C, D), ``bias`` (C,) or None."""
-
-    X: object
-    W: object
-    bias: object
-
 
 class ShapeOnly:
     """Shape and dtype of an array not yet allocated: the (N, C) logits of the linear model,

@@ -29,8 +29,8 @@ from ._backend import array_module, asarray
 from ._chunks import chunk_rows, run_chunks
 from ._dispatch import backends
 from ._rows import check_labels, mean_args, run_rows, sum_squares
-from .sce import BlockStats, results
-from ._validation import LinearGrads, check_class_weight, check_uint64_labels, linear_args
+from ._results import BlockStats, LinearGrads, results
+from ._validation import check_class_weight, check_uint64_labels, linear_args
 
 # dtype in which dW accumulates across chunks, by input dtype (others: the input's own).
 # bfloat16 in float32: see the module docstring for the measured errors.

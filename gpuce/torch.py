@@ -75,6 +75,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _results
 from . import _validation as _V
 from . import linear as _linear
 from ._backend import is_cupy_array
@@ -597,7 +598,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                  float(z_loss), fused_grad, softcap, return_stats, check_labels)
     if not return_stats:
         return out[0]
-    return out[0], _V.SceStats(out[2], None if prob else out[3], out[4], out[5])
+    return out[0], _results.SceStats(out[2], None if prob else out[3], out[4], out[5])
 
 
 # ---------------------------------------------------------------------------------------
@@ -1017,7 +1018,7 @@ def _linear_rows(input, w, target, bias, ce_weight, reduction, prob, opts):
     z, acc, lse, predicted = out[4:]
     if reduction == "none":
         z, acc = z.reshape(lead), (acc if prob else acc.reshape(lead))
-    return loss, _V.SceStats(z, None if prob else acc, lse.reshape(lead), predicted.reshape(lead))
+    return loss, _results.SceStats(z, None if prob else acc, lse.reshape(lead), predicted.reshape(lead))
 
 
 def _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob, out_features,
@@ -1077,7 +1078,7 @@ def _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob
     z = torch.stack(zs, -1)
     accuracy = None if prob else torch.stack(accs, -1)
     if reduction == "none":
-        return loss, _V.SceStats(z.reshape(shape).to(loss_dtype),
+        return loss, _results.SceStats(z.reshape(shape).to(loss_dtype),
                                  None if prob else accuracy.reshape(shape), lse, predicted)
     z = z.sum()
     if reduction == "mean":
@@ -1087,7 +1088,7 @@ def _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob
     if accuracy is not None:
         accuracy = accuracy.nanmean() if bool((~accuracy.isnan()).any()) else \
             accuracy.new_tensor(float("nan"))
-    return loss, _V.SceStats(z.to(loss_dtype).detach(), accuracy, lse, predicted)
+    return loss, _results.SceStats(z.to(loss_dtype).detach(), accuracy, lse, predicted)
 
 
 def _k_dim_denominator(t2, ce_weight, ignore_index, prob, acc):

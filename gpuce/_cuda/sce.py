@@ -31,7 +31,8 @@ import numpy as np
 
 from . import fused
 from .kernels import get_kernel
-from .._validation import SceArgs, SceRows, SceStats, first_bad_weight, label_error, raise_bad_weight
+from .._results import SceRows, SceStats
+from .._validation import SceArgs, first_bad_weight, label_error, raise_bad_weight
 
 
 def kernel_labels(cp, target, args: SceArgs):
