@@ -187,8 +187,8 @@ def sce_args(logits, target, *, reduction, ignore_index, weight, label_smoothing
         if flags is not None and not getattr(flags, "writeable", True):
             raise ValueError("inplace=True needs writeable logits")
     softcap = check_softcap(softcap)
-    return_stats = _flag(return_stats, "return_stats")
-    check_labels = _flag(check_labels, "check_labels")
+    return_stats = check_flag(return_stats, "return_stats")
+    check_labels = check_flag(check_labels, "check_labels")
     n = math.prod(lead)
     return SceArgs(kind, lead, n, c, acc_dtype(logits.dtype), reduction, ignore_index,
                    label_smoothing, z_loss, bool(return_grad), bool(inplace),
@@ -205,7 +205,7 @@ def check_softcap(softcap) -> float:
     return s
 
 
-def _flag(v, name) -> bool:
+def check_flag(v, name) -> bool:
     if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(v).__name__}")
     return bool(v)
