@@ -17,24 +17,24 @@ as opaque calls (``fullgraph=True`` traces without a break; nothing of the NumPy
 traced)::
 
     gpuce::cross_entropy(Tensor logits, Tensor target, Tensor? weight, str reduction,
-        SymInt ignore_index, float label_smoothing, float z_loss, bool input_grad,
+        SymInt ignore_index, float label_smoothing, float z_loss, bool logits_grad,
         float softcap=0., bool return_stats=False, bool check_labels=True)
         -> (Tensor loss, Tensor grad, Tensor z_loss, Tensor accuracy, Tensor lse,
             Tensor predicted)
     gpuce::cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target,
         Tensor? weight, str reduction, SymInt ignore_index, float label_smoothing,
-        float z_loss, bool input_grad, bool target_grad, bool weight_grad,
+        float z_loss, bool logits_grad, bool target_grad, bool weight_grad,
         float softcap=0., bool check_labels=True)
         -> (Tensor d_logits, Tensor d_target, Tensor d_weight)
     gpuce::linear_cross_entropy(Tensor x, Tensor w, Tensor target, Tensor? bias,
         Tensor? ce_weight, str reduction, SymInt ignore_index, float label_smoothing,
-        float z_loss, SymInt? chunk_size, bool input_grad, bool need_grad,
+        float z_loss, SymInt? chunk_size, bool x_grad, bool need_grad,
         float softcap=0., bool return_stats=False, bool check_labels=True)
         -> (Tensor loss, Tensor d_x, Tensor d_w, Tensor d_b, Tensor z_loss, Tensor accuracy,
             Tensor lse, Tensor predicted)
     gpuce::linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor w, Tensor target,
         Tensor? bias, Tensor? ce_weight, str reduction, SymInt ignore_index,
-        float label_smoothing, float z_loss, SymInt? chunk_size, bool input_grad,
+        float label_smoothing, float z_loss, SymInt? chunk_size, bool x_grad,
         float softcap=0., bool check_labels=True)
         -> (Tensor d_x, Tensor d_w, Tensor d_b)
     gpuce::linear_cross_entropy_target_backward(Tensor grad_loss, Tensor x, Tensor w,

@@ -11,8 +11,11 @@ from torch import Tensor
 from .. import _results
 from ..sce import softmax_cross_entropy as _sce
 from ..softmax import log_softmax as _log_softmax
-from ._autograd import _capped, _first_order_only, _legacy_reduction, _llm_options, _raise_double_backward, _row_scale, _soft_target_grads, _stats_fake, _stats_tensors, _times_incoming
-from ._bridge import _HALF, _acc_of, _autocast_dtype, _autocast_to, _check_device, _check_dtype, _check_reduction, _device_of, _none, _to_array, _to_tensor
+from ._autograd import (_capped, _input_grads, _legacy_reduction, _llm_options,
+                        _raise_double_backward, _row_scale, _soft_target_grads, _stats_fake,
+                        _stats_tensors, _times_incoming)
+from ._bridge import (_HALF, _acc_of, _autocast_dtype, _autocast_to, _check_device, _check_dtype,
+                      _check_reduction, _device_of, _none, _to_array, _to_tensor)
 
 
 # ---------------------------------------------------------------------------------------
@@ -22,31 +25,31 @@ from ._bridge import _HALF, _acc_of, _autocast_dtype, _autocast_to, _check_devic
 @torch.library.custom_op("gpuce::cross_entropy", mutates_args=(), device_types=("cpu", "cuda"))
 def _ce_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
            ignore_index: int, label_smoothing: float, z_loss: float,
-           input_grad: bool, softcap: float = 0.0, return_stats: bool = False,
+           logits_grad: bool, softcap: float = 0.0, return_stats: bool = False,
            check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gpuce.softmax_cross_entropy on (..., C) logits: the loss (logits' dtype), with
-    input_grad the gradient of the loss with respect to the logits (else empty), and with
+    logits_grad the gradient of the loss with respect to the logits (else empty), and with
     return_stats the statistics z_loss, accuracy, lse (else empty)."""
     with _device_of(logits):
         out = _sce(_to_array(logits), _to_array(target), weight=_to_array(weight),
                    reduction=reduction, ignore_index=ignore_index,
-                   label_smoothing=label_smoothing, z_loss=z_loss, return_grad=input_grad,
+                   label_smoothing=label_smoothing, z_loss=z_loss, return_grad=logits_grad,
                    softcap=softcap or None, return_stats=return_stats,
                    check_labels=check_labels)
         out = out if isinstance(out, tuple) else (out,)
-        loss, grad = out[0], (out[1] if input_grad else None)
+        loss, grad = out[0], (out[1] if logits_grad else None)
         return (_to_tensor(loss, logits.dtype),
                 _none(logits) if grad is None else _to_tensor(grad, logits.dtype),
                 *_stats_tensors(out[-1], logits, return_stats))
 
 
 @_ce_op.register_fake
-def _ce_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad,
+def _ce_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, logits_grad,
              softcap=0.0, return_stats=False, check_labels=True):
     _check_reduction(reduction)
     shape = logits.shape[:-1] if reduction == "none" else ()
     return (logits.new_empty(shape),
-            logits.new_empty(logits.shape) if input_grad else _none(logits),
+            logits.new_empty(logits.shape) if logits_grad else _none(logits),
             *_stats_fake(logits, logits.shape[:-1], reduction, not target.is_floating_point(),
                          return_stats))
 
@@ -55,18 +58,18 @@ def _ce_setup_context(ctx, inputs, output):
     """Keeps the forward pass's gradient; the logits and the target only where backward
     needs them (gradients for the target or the weight, or no gradient computed forward),
     so that the N x C logits are not held until backward for nothing."""
-    (logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, input_grad,
+    (logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, logits_grad,
      softcap, return_stats, check_labels) = inputs
     need_x, need_t, need_w = ctx.needs_input_grad[:3]
     # the gradient, the z-loss part, the accuracy and the predicted classes carry no gradient;
     # the per-row lse does
     ctx.mark_non_differentiable(*output[1:4], output[5])
     ctx.set_materialize_grads(False)  # None for an output that is not used
-    ctx.recompute = need_x and not input_grad
+    ctx.recompute = need_x and not logits_grad
     # with return_stats the logits are kept for lse's gradient (softmax of the logits)
     ctx.lse_kept = need_x and return_stats  # lse computed (else an empty placeholder)
     keep = ctx.recompute or need_t or need_w or ctx.lse_kept
-    ctx.save_for_backward(output[1] if input_grad else None, *((logits, target, weight) if keep
+    ctx.save_for_backward(output[1] if logits_grad else None, *((logits, target, weight) if keep
                                                               else (None, None, None)))
     ctx.opts = (reduction, ignore_index, label_smoothing, z_loss)
     ctx.llm = (softcap, check_labels)
@@ -107,7 +110,7 @@ def _ce_autograd_backward(ctx, grad_loss, _g_grad, _g_z, _g_acc, grad_lse, _g_pr
     if need_x and grad_lse is not None and ctx.lse_kept:
         d_lse = _lse_grad(logits, grad_lse, ctx.llm[0])
         d_x = (d_lse if d_x is None else d_x.to(d_lse.dtype) + d_lse).to(logits.dtype)
-    return _first_order_only("cross_entropy", (d_x, d_t, d_w)) + (None,) * 8
+    return _input_grads("cross_entropy", torch.ops.gpuce.cross_entropy.default, (d_x, d_t, d_w))
 
 
 _ce_op.register_autograd(_ce_autograd_backward, setup_context=_ce_setup_context)
@@ -117,7 +120,7 @@ _ce_op.register_autograd(_ce_autograd_backward, setup_context=_ce_setup_context)
                          device_types=("cpu", "cuda"))
 def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                     reduction: str, ignore_index: int, label_smoothing: float, z_loss: float,
-                    input_grad: bool, target_grad: bool, weight_grad: bool,
+                    logits_grad: bool, target_grad: bool, weight_grad: bool,
                     softcap: float = 0.0,
                     check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of Σ g·L (g = grad_loss) with respect to the logits (gpuce's fused pass
@@ -130,10 +133,10 @@ def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: O
     of the capped logits s·tanh(f/s) with a softcap).
     """
     d_input, d_target, d_weight = _none(logits), _none(logits), _none(logits)
-    if input_grad and reduction == "none" and logits.dtype in _HALF:
+    if logits_grad and reduction == "none" and logits.dtype in _HALF:
         d_input = _half_rows_grad(grad_loss, logits, target, weight, ignore_index,
                                   label_smoothing, z_loss, softcap, check_labels)
-    elif input_grad:
+    elif logits_grad:
         grad = _ce_op(logits, target, weight, reduction, ignore_index, label_smoothing,
                       z_loss, True, softcap, False, check_labels)[1]
         d_input = _times_incoming(grad, grad_loss, reduction == "none")
@@ -174,9 +177,9 @@ def _half_rows_grad(grad_loss, logits, target, weight, ignore_index, label_smoot
 
 @_ce_backward_op.register_fake
 def _ce_backward_fake(grad_loss, logits, target, weight, reduction, ignore_index,
-                      label_smoothing, z_loss, input_grad, target_grad, weight_grad,
+                      label_smoothing, z_loss, logits_grad, target_grad, weight_grad,
                       softcap=0.0, check_labels=True):
-    return (logits.new_empty(logits.shape) if input_grad else _none(logits),
+    return (logits.new_empty(logits.shape) if logits_grad else _none(logits),
             target.new_empty(target.shape) if target_grad else _none(logits),
             weight.new_empty(weight.shape) if weight_grad else _none(logits))
 

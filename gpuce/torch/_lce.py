@@ -13,8 +13,10 @@ from torch import Tensor
 from .. import _results
 from .. import linear as _linear
 from ..softmax import log_softmax as _log_softmax
-from ._autograd import _capped, _first_order_only, _llm_options, _raise_double_backward, _row_scale, _soft_target_grads, _stats_fake, _stats_tensors, _times_incoming
-from ._bridge import _HALF, _acc_of, _autocast_dtype, _autocast_to, _check_device, _check_dtype, _check_reduction, _device_of, _none, _to_array, _to_tensor
+from ._autograd import (_capped, _input_grads, _llm_options, _raise_double_backward, _row_scale,
+                        _soft_target_grads, _stats_fake, _stats_tensors, _times_incoming)
+from ._bridge import (_HALF, _acc_of, _autocast_dtype, _autocast_to, _check_device, _check_dtype,
+                      _check_reduction, _device_of, _none, _to_array, _to_tensor)
 from ._ce import _lse_grad
 
 
@@ -23,7 +25,7 @@ from ._ce import _lse_grad
 # ---------------------------------------------------------------------------------------
 
 def _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoothing,
-                  z_loss, chunk_size, input_grad, row_scale=None, softcap=0.0,
+                  z_loss, chunk_size, x_grad, row_scale=None, softcap=0.0,
                   return_stats=False, check_labels=True):
     """gpuce's chunked pass with return_grad: (loss, LinearGrads) arrays, and the SceStats
     last with return_stats."""
@@ -31,7 +33,7 @@ def _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index, label_
     return _linear.linear_cross_entropy(
         *arrays[:3], bias=arrays[3], weight=arrays[4], grad_row_scale=arrays[5],
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, chunk_size=chunk_size, return_grad=True, input_grad=input_grad,
+        z_loss=z_loss, chunk_size=chunk_size, return_grad=True, input_grad=x_grad,
         softcap=softcap or None, return_stats=return_stats, check_labels=check_labels)
 
 
@@ -45,12 +47,12 @@ def _grad_tensors(grads, x, w, bias):
                          device_types=("cpu", "cuda"))
 def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
             ce_weight: Optional[Tensor], reduction: str, ignore_index: int,
-            label_smoothing: float, z_loss: float, chunk_size: Optional[int], input_grad: bool,
+            label_smoothing: float, z_loss: float, chunk_size: Optional[int], x_grad: bool,
             need_grad: bool, softcap: float = 0.0, return_stats: bool = False,
             check_labels: bool = True, acc_loss: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gpuce.linear_cross_entropy: the loss and, with need_grad (reductions "mean" and
-    "sum" only), the gradients (dX only with input_grad, db only with a bias) of the loss,
+    "sum" only), the gradients (dX only with x_grad, db only with a bias) of the loss,
     computed in the same chunked pass, then with return_stats the statistics z_loss,
     accuracy, lse (empty tensors where not computed).  The loss has x's dtype, or with
     acc_loss the accumulation dtype (float32 for 16-bit x: autocast's cross-entropy)."""
@@ -58,7 +60,7 @@ def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
     with _device_of(x):
         if need_grad and reduction != "none":
             out = _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index,
-                                label_smoothing, z_loss, chunk_size, input_grad, None, softcap,
+                                label_smoothing, z_loss, chunk_size, x_grad, None, softcap,
                                 return_stats, check_labels)
             return ((_to_tensor(out[0], loss_dtype),) + _grad_tensors(out[1], x, w, bias)
                     + _stats_tensors(out[-1], x, return_stats))
@@ -75,7 +77,7 @@ def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
 
 @_lce_op.register_fake
 def _lce_fake(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoothing, z_loss,
-              chunk_size, input_grad, need_grad, softcap=0.0, return_stats=False,
+              chunk_size, x_grad, need_grad, softcap=0.0, return_stats=False,
               check_labels=True, acc_loss=False):
     _check_reduction(reduction)
     loss = x.new_empty(x.shape[:1] if reduction == "none" else (),
@@ -83,14 +85,14 @@ def _lce_fake(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoo
     stats = _stats_fake(x, x.shape[:1], reduction, not target.is_floating_point(), return_stats)
     if not need_grad or reduction == "none":
         return (loss, _none(x), _none(x), _none(x)) + stats
-    return (loss, x.new_empty(x.shape) if input_grad else _none(x), w.new_empty(w.shape),
+    return (loss, x.new_empty(x.shape) if x_grad else _none(x), w.new_empty(w.shape),
             _none(x) if bias is None else bias.new_empty(bias.shape)) + stats
 
 
 def _lce_setup_context(ctx, inputs, output):
     """Keeps the forward pass's gradients; the inputs only where backward runs gpuce's pass
     again (reduction="none", gradients for the target or ce_weight, or none computed)."""
-    (x, w, target, bias, ce_weight, reduction, *opts, input_grad, need_grad, softcap,
+    (x, w, target, bias, ce_weight, reduction, *opts, x_grad, need_grad, softcap,
      return_stats, check_labels, _acc_loss) = inputs
     need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
     # the gradients, the z-loss part, the accuracy and the predicted classes carry no
@@ -98,7 +100,7 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:6], output[7])
     ctx.set_materialize_grads(False)  # None for an output that is not used
     ctx.loss_meta = (output[0].shape, output[0].dtype, output[0].device)
-    have = need_grad and reduction != "none" and (input_grad or not need_x)
+    have = need_grad and reduction != "none" and (x_grad or not need_x)
     ctx.recompute = (need_x or need_w or need_b) and not have
     # with return_stats the inputs are kept for lse's gradient (the logits formed again)
     ctx.lse_kept = return_stats and (need_x or need_w or need_b)
@@ -136,7 +138,7 @@ def _lce_autograd_backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_z, _g_acc, gr
             need_t, need_cw, ctx.llm[0])
     grads = tuple(g if need else None for g, need in zip((d_x, d_w, d_t, d_b, d_cw),
                                                          (need_x, need_w, need_t, need_b, need_cw)))
-    return _first_order_only("linear_cross_entropy", grads) + (None,) * 11
+    return _input_grads("linear_cross_entropy", torch.ops.gpuce.linear_cross_entropy.default, grads)
 
 
 _lce_op.register_autograd(_lce_autograd_backward, setup_context=_lce_setup_context)
@@ -174,16 +176,16 @@ def _linear_lse_grads(x, w, bias, grad_lse, softcap, chunk_size):
 def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
                      bias: Optional[Tensor], ce_weight: Optional[Tensor], reduction: str,
                      ignore_index: int, label_smoothing: float, z_loss: float,
-                     chunk_size: Optional[int], input_grad: bool, softcap: float = 0.0,
+                     chunk_size: Optional[int], x_grad: bool, softcap: float = 0.0,
                      check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of Σ g·L (g = grad_loss) for X (with input_grad), W and the bias (empty
+    """Gradients of Σ g·L (g = grad_loss) for X (with x_grad), W and the bias (empty
     without one): gpuce's chunked pass again, each gradient row scaled by g_i
     (``grad_row_scale``) before the products for reduction="none", the result scaled by g
     for "mean" and "sum"."""
     with _device_of(x):
         scale = grad_loss.contiguous() if reduction == "none" else None
         _, grads = _linear_grads(x, w, target, bias, ce_weight, reduction, ignore_index,
-                                 label_smoothing, z_loss, chunk_size, input_grad, scale, softcap,
+                                 label_smoothing, z_loss, chunk_size, x_grad, scale, softcap,
                                  False, check_labels)
         d = _grad_tensors(grads, x, w, bias)
     if reduction != "none":
@@ -193,9 +195,9 @@ def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
 
 @_lce_backward_op.register_fake
 def _lce_backward_fake(grad_loss, x, w, target, bias, ce_weight, reduction, ignore_index,
-                       label_smoothing, z_loss, chunk_size, input_grad, softcap=0.0,
+                       label_smoothing, z_loss, chunk_size, x_grad, softcap=0.0,
                        check_labels=True):
-    return (x.new_empty(x.shape) if input_grad else _none(x), w.new_empty(w.shape),
+    return (x.new_empty(x.shape) if x_grad else _none(x), w.new_empty(w.shape),
             _none(x) if bias is None else bias.new_empty(bias.shape))
 
 
