@@ -39,6 +39,8 @@
 //                  thread) and one shared-memory stage for the next: rows whose two-stage
 //                  ring does not fit (float32 rows of 1 MiB).
 //   sce_twopass    a block a row, reading the row twice: rows too long for shared memory.
+//   sce_twopass_cluster  sm_90: the same over a cluster of CL blocks a row, only the row's
+//                  partial state exchanged (no row in shared memory): a planner candidate.
 //   sce_prologue   before the fused kernel where the call needs it: the class weights'
 //                  check, and for reduction="mean" with labels the sum of w_k over the
 //                  non-ignored rows, finished by the last block into the workspace.
@@ -907,13 +909,28 @@ __global__ void __launch_bounds__(GPUCE_TILE_ROWS, sizeof(A) == 8 ? 5 : 8) sce_t
 // For rows that do not fit the shared-memory rings of sce_team; the second read is meant to
 // hit L2 (one row a block in flight).  Rows with no softcap and no coefficients take the lean
 // online update (pack_online), loading four packs a thread before using any.
-template <typename T, typename I, typename A, int MODE, int VEC>
-__global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_PARAMS) {
+//
+// sce_twopass_cluster (sm_90): the same with a cluster of CL blocks a row, each block reading
+// its CL-th of the row's packs (interleaved: pack q belongs to thread q mod (CL x threads)).
+// The blocks exchange only the row's partial state through distributed shared memory (one
+// ClusterXchg merge a row, as sce_cluster) and re-read their slice for the gradient.  No row
+// is held in shared memory; a cluster keeps one row in flight, so the device has
+// (resident blocks / CL) rows in flight instead of one a block: CL times fewer bytes between
+// a row's two reads, which is what lets the second read hit L2 at LLM vocabularies (a
+// candidate of the planner, timed by `gpuce bench --variants`).
+template <typename T, typename I, typename A, int MODE, int VEC, int CL>
+__device__ __forceinline__ void twopass_rows(GPUCE_SCE_PARAMS) {
     GPUCE_SCE_SETUP;
     __shared__ A red[2 * 32 * GPUCE_PART_WORDS];
     Acc acc = GPUCE_ACC_INIT;
     int parity = 0;
-    for (long long row = blockIdx.x; row < n; row += gridDim.x) {
+    // CL == 1: rank 0, and every index below is the block's own (the code sce_twopass had)
+    const unsigned rank = CL > 1 ? (unsigned)cluster_block_rank() : 0u;
+    const unsigned tid = rank * blockDim.x + threadIdx.x;  // the thread's place on the row
+    ClusterXchg<A, CL> xchg;
+    xchg.init();
+    unsigned tag = 0;  // the cluster's row step + 1 (its exchange tag)
+    for (long long row = blockIdx.x / CL; row < n; row += gridDim.x / CL) {
         const long long lab = load_label<MODE>(g, row, true);
         const int sh = row_shift<T, VEC>(x + row * ldx);
         const int packs = (sh + c + VEC - 1) / VEC;
@@ -924,22 +941,22 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
         const bool lean = g.cap == A(0) && !coefs;
         // the lean path loads U packs before using any (U 16-byte loads in flight a thread)
         constexpr int U = 4;
-        const int step = U * (int)blockDim.x;
-        auto load_batch = [&](int q0, A (&fv)[U][VEC]) {  // packs q0 + j blockDim.x, j < U
+        const int step = U * (int)(blockDim.x * CL);
+        auto load_batch = [&](int q0, A (&fv)[U][VEC]) {  // packs q0 + j blockDim.x CL, j < U
 #pragma unroll
             for (int j = 0; j < U; ++j) {
-                const int q = q0 + j * (int)blockDim.x;
+                const int q = q0 + j * (int)(blockDim.x * CL);
                 if (q < packs) load_vals_global<A>(xrow + (size_t)q * VEC, fv[j]);
             }
         };
         Part<A> p = part_identity<A>();
         if (lean) {
-            for (int q0 = threadIdx.x; q0 < packs; q0 += step) {
+            for (int q0 = tid; q0 < packs; q0 += step) {
                 A fv[U][VEC];
                 load_batch(q0, fv);
 #pragma unroll
                 for (int j = 0; j < U; ++j) {
-                    const int q = q0 + j * (int)blockDim.x;
+                    const int q = q0 + j * (int)(blockDim.x * CL);
                     if (q >= packs) continue;
                     mask_edges(fv[j], q * VEC - sh, c);
                     pack_online<T>(p, fv[j]);
@@ -947,7 +964,7 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
                 }
             }
         } else {
-            for (int q = threadIdx.x; q < packs; q += blockDim.x) {
+            for (int q = tid; q < packs; q += blockDim.x * CL) {
                 A fv[VEC], yv[VEC] = {};
                 unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
                 if (MODE == MODE_PROBS) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
@@ -955,23 +972,24 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
             }
         }
         p = block_merge(p, red, parity, coefs);
+        if (CL > 1) p = xchg.merge(p, (int)rank, ++tag, parity, coefs);
         parity ^= 1;
         const RowOut<A> o = finish_row<MODE>(g, p, lb);
-        if (threadIdx.x == 0) emit_row<MODE>(g, row, o, lb.bad, acc);
+        if (threadIdx.x == 0 && rank == 0) emit_row<MODE>(g, row, o, lb.bad, acc);
         if (grad && lean && o.active && !o.bad) {
             T* grow = grad + row * ldg;
-            for (int q0 = threadIdx.x; q0 < packs; q0 += step) {
+            for (int q0 = tid; q0 < packs; q0 += step) {
                 A fv[U][VEC];
                 load_batch(q0, fv);
 #pragma unroll
                 for (int j = 0; j < U; ++j) {
-                    const int q = q0 + j * (int)blockDim.x;
+                    const int q = q0 + j * (int)(blockDim.x * CL);
                     if (q < packs) store_grad_lean<T, A, VEC>(grow, q * VEC - sh, c, fv[j], o.ms, o.r, o.k, o.wls);
                 }
             }
         } else if (grad) {
             T* grow = grad + row * ldg;
-            for (int q = threadIdx.x; q < packs; q += blockDim.x) {
+            for (int q = tid; q < packs; q += blockDim.x * CL) {
                 A fv[VEC], yv[VEC] = {};
                 unpack(load_pack<T, VEC>(xrow + (size_t)q * VEC), fv);
                 if (MODE == MODE_PROBS) unpack(load_pack<T, VEC>(yrow + (size_t)q * VEC), yv);
@@ -979,8 +997,26 @@ __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_P
             }
         }
     }
+    xchg.finish();
     finish_launch<A>(acc, ws, 0, n, inv, total_out, stats_out, bad_out);
 }
+
+#define GPUCE_SCE_ARGS                                                                                 \
+    x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap, ignore_index, inv_denom,       \
+        inv_from_ws, loss_out, lse_out, correct_out, grad, ldg, ws, total_out, stats_out, bad_out
+
+template <typename T, typename I, typename A, int MODE, int VEC>
+__global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_PARAMS) {
+    twopass_rows<T, I, A, MODE, VEC, 1>(GPUCE_SCE_ARGS);
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+template <typename T, typename I, typename A, int MODE, int VEC, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS, 1)
+    sce_twopass_cluster(GPUCE_SCE_PARAMS) {
+    twopass_rows<T, I, A, MODE, VEC, CL>(GPUCE_SCE_ARGS);
+}
+#endif
 
 // ------------------------------------------------------------------------- sce_prologue
 // Before the fused kernel, where the call needs it: with class weights, block 0 finds the

@@ -84,6 +84,10 @@ CASES = [
     (team(V("cluster", "bfloat16", "int64", 8, cluster=2), 5003, 64), 5003, 2),
     (F.Plan(V("twopass", "float32", "int64", 4), 64), 1001, 2),
     (F.Plan(V("twopass", "float16", "prob", 8), 64), 999, 2),
+    # twopass over a cluster: slices interleaved over CL blocks, only the partials exchanged
+    (F.Plan(V("twopass", "float32", "int64", 4, cluster=4), 64), 4096, 8),
+    (F.Plan(V("twopass", "bfloat16", "prob", 8, cluster=8), 32), 5003, 8),
+    (F.Plan(V("twopass", "float16", "int32", 8, cluster=4), 64), 999, 4),
     # the register stage: 16 packs a thread in registers, one shared-memory stage
     (team(V("cluster", "float32", "int64", 4, cluster=8, regs=16), 12000, 32), 12000, 8),
     (team(V("cluster", "float32", "int32", 4, cluster=8, regs=16), 16384, 32), 16384, 8),

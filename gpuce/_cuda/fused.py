@@ -14,7 +14,10 @@ warp      G = 4..32 lanes a row (256 / G rows a block), 16-byte packs in each la
 block     the block is the team (64..512 threads), same ring
 cluster   sm_90: a cluster of CL = 2, 4, 8 blocks a row, partials exchanged through the
           peers' shared memory
-twopass   a block a row, the row read twice: rows too long for the rings
+twopass   a block a row, the row read twice: rows too long for the rings; sm_90 also has a
+          cluster form (CL = 4, 8 blocks a row, only the partial state exchanged, no row in
+          shared memory: CL times fewer bytes in flight between the two reads, so that the
+          second one can hit L2), a candidate timed by ``gpuce bench --variants``
 ========  ===================================================================================
 
 :func:`variants` is the one list of template instantiations: the runtime builds its RawModules
@@ -54,6 +57,7 @@ WARP_THREADS = 256
 WARP_PACKS = 4  # a warp team is chosen while each lane holds at most this many packs of a row
 BLOCK_PACKS = 8  # a block team aims at this many packs a thread
 CLUSTERS = (2, 4, 8)
+TWOPASS_CLUSTERS = (4, 8)  # the cluster form of twopass: blocks a row
 PART_BYTES = 32 * 1024  # a block's share of a row it aims at (cluster size from it)
 STAGES = (3, 2)  # ring depths tried, deepest first
 REG_PACKS = 16  # the register-stage cluster kernel: 16-byte packs a thread kept in registers
@@ -82,7 +86,7 @@ class Variant:
 
     @property
     def min_arch(self) -> int:
-        return 90 if self.kind == "cluster" else 80
+        return 90 if self.cluster else 80
 
     def expr(self) -> str:
         t, i, a = CT[self.dtype], CT[self.index], CT[ACC[self.dtype]]
@@ -96,10 +100,12 @@ class Variant:
             return f"gpuce::sce_cluster_regs<{head}, {self.cluster}, {self.regs}>"
         if self.kind == "cluster":
             return f"gpuce::sce_cluster<{head}, {self.cluster}>"
+        if self.kind == "twopass" and self.cluster:
+            return f"gpuce::sce_twopass_cluster<{head}, {self.cluster}>"
         return f"gpuce::sce_{self.kind}<{head}>"
 
     def describe(self) -> str:
-        extra = {"warp": f"-G{self.group}", "cluster": f"-CL{self.cluster}"}.get(self.kind, "")
+        extra = f"-G{self.group}" if self.kind == "warp" else f"-CL{self.cluster}" if self.cluster else ""
         if self.regs:
             extra += f"-R{self.regs}"
         return f"{self.kind}{extra}-v{self.vec}"
@@ -125,6 +131,8 @@ def variants():
             if dtype == "float32" and target == "label":
                 out.append(v("cluster", vm, cluster=CLUSTERS[-1], regs=REG_PACKS))
             out += [v("twopass", 1), v("twopass", vm)]
+            if ACC[dtype] == "float32":
+                out += [v("twopass", vm, cluster=cl) for cl in TWOPASS_CLUSTERS]
     return out
 
 
@@ -264,6 +272,11 @@ def _candidates(dtype, target, index, c, vec, dev, tile_vec, shifted=False, soft
     if tile and rows_c > TILE_MAX_C:  # wider rows, a thread each: a candidate for the variants sweep
         out.append(tile)
     out.append(Plan(v("twopass", vec), _block_threads(packs, 4 * BLOCK_PACKS)))
+    if vec == VEC_MAX[dtype] and ACC[dtype] == "float32" and dev.arch >= 90 and packs >= 4 * TEAM_MAX_THREADS:
+        # candidates after the choice (not yet measured on a GPU): long rows split over a
+        # cluster, BLOCK_PACKS packs a thread as the ring kernels
+        for cl in TWOPASS_CLUSTERS:
+            out.append(Plan(v("twopass", vec, cluster=cl), _block_threads(_ceil(packs, cl), BLOCK_PACKS)))
     return tuple(out)
 
 
@@ -303,6 +316,8 @@ def explain_plan(p: Plan, c: int, n: int, dev: Device, per_sm: int, clusters: in
         "cluster": f"a row of {c} is split over a cluster of {v.cluster} blocks of {p.threads} threads",
         "twopass": "no ring of shared memory holds the row: it is read twice",
     }[v.kind]
+    if v.kind == "twopass" and v.cluster:
+        why += f", by a cluster of {v.cluster} blocks of {p.threads} threads (partials exchanged)"
     g = grid_blocks(p, n, dev, per_sm, clusters)
     held = f"; {clusters} clusters held at once" if clusters else ""
     return (f"{v.expr()}: {why}; ring of {p.stages} stages, {p.smem} B of shared memory a block; "
