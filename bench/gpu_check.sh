@@ -79,6 +79,20 @@ import cupy as cp, gpuce
 x = cp.random.standard_normal((2**28 // 4096, 4096), dtype=cp.float32); y = cp.random.randint(0, 4096, x.shape[0])
 gpuce.softmax_cross_entropy(x, y, return_grad=True); cp.cuda.Device().synchronize()
 " > "$OUT/ncu.log" 2>&1; tail -40 "$OUT/ncu.log"
+  # the large-row candidates side by side: float32 C = 131072, the planner's cluster kernel,
+  # twopass and twopass over clusters of 4 and 8 (sce_twopass_cluster), one launch each
+  timeout "${T_NCU:-120}" ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy -k regex:sce_ python3 -c "
+import cupy as cp
+from gpuce._cuda import fused, sce
+from gpuce._validation import sce_args
+x = cp.random.standard_normal((2**28 // 131072, 131072), dtype=cp.float32); y = cp.random.randint(0, 131072, x.shape[0])
+args = sce_args(x, y, reduction='sum', ignore_index=-100, weight=None, label_smoothing=0.0, z_loss=0.0, return_grad=True, inplace=False)
+g = cp.empty_like(x)
+for p in fused.candidates_for(x, 'label', y.dtype.name, None, g)[0]:
+    print(p.describe()); sce.softmax_cross_entropy(x, y, None, args, g, 'fused', p.variant)
+cp.cuda.Device().synchronize()
+" > "$OUT/ncu_large.log" 2>&1; tail -60 "$OUT/ncu_large.log"
 fi
 if has linear; then
   timeout "${T_LINEAR:-60}" python3 bench/bench_linear.py --gpu 2>&1 | tee /tmp/bench_linear.log
