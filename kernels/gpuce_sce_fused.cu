@@ -131,6 +131,11 @@ struct Args {
         long long *__restrict__ ws, A *__restrict__ total_out, A *__restrict__ stats_out,             \
         long long *__restrict__ bad_out
 
+// GPUCE_SCE_PARAMS' names, in order: a kernel passing them on to its device body
+#define GPUCE_SCE_ARGS                                                                                 \
+    x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap, ignore_index, inv_denom,       \
+        inv_from_ws, loss_out, lse_out, correct_out, grad, ldg, ws, total_out, stats_out, bad_out
+
 // The reduction's scale (1 / denominator for "mean", else 1) and the Args of a launch.
 #define GPUCE_SCE_SETUP                                                                               \
     const bool wbad_ = w != nullptr && ws[4] != 0;                                                    \
@@ -731,18 +736,14 @@ __device__ __forceinline__ void team_rows(GPUCE_SCE_PARAMS, int P, int S) {
 
 template <typename T, typename I, typename A, int MODE, int VEC, int G>
 __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_team(GPUCE_SCE_PARAMS, int P, int S) {
-    team_rows<T, I, A, MODE, VEC, G, 1>(x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap,
-                                        ignore_index, inv_denom, inv_from_ws, loss_out, lse_out, correct_out, grad,
-                                        ldg, ws, total_out, stats_out, bad_out, P, S);
+    team_rows<T, I, A, MODE, VEC, G, 1>(GPUCE_SCE_ARGS, P, S);
 }
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 template <typename T, typename I, typename A, int MODE, int VEC, int CL>
 __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS, 1)
     sce_cluster(GPUCE_SCE_PARAMS, int P, int S) {
-    team_rows<T, I, A, MODE, VEC, 0, CL>(x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap,
-                                         ignore_index, inv_denom, inv_from_ws, loss_out, lse_out, correct_out,
-                                         grad, ldg, ws, total_out, stats_out, bad_out, P, S);
+    team_rows<T, I, A, MODE, VEC, 0, CL>(GPUCE_SCE_ARGS, P, S);
 }
 
 // The register-stage form (RP packs a thread in registers, one shared-memory stage, P == RP):
@@ -750,9 +751,7 @@ __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS,
 template <typename T, typename I, typename A, int MODE, int VEC, int CL, int RP>
 __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(GPUCE_TEAM_THREADS, 1)
     sce_cluster_regs(GPUCE_SCE_PARAMS, int P, int S) {
-    team_rows<T, I, A, MODE, VEC, 0, CL, RP>(x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap,
-                                             ignore_index, inv_denom, inv_from_ws, loss_out, lse_out, correct_out,
-                                             grad, ldg, ws, total_out, stats_out, bad_out, P, S);
+    team_rows<T, I, A, MODE, VEC, 0, CL, RP>(GPUCE_SCE_ARGS, P, S);
 }
 #endif
 
@@ -1000,10 +999,6 @@ __device__ __forceinline__ void twopass_rows(GPUCE_SCE_PARAMS) {
     xchg.finish();
     finish_launch<A>(acc, ws, 0, n, inv, total_out, stats_out, bad_out);
 }
-
-#define GPUCE_SCE_ARGS                                                                                 \
-    x, ldx, labels, y, ldy, w, n, c, eps_over_c, one_minus_eps, z, cap, ignore_index, inv_denom,       \
-        inv_from_ws, loss_out, lse_out, correct_out, grad, ldg, ws, total_out, stats_out, bad_out
 
 template <typename T, typename I, typename A, int MODE, int VEC>
 __global__ void __launch_bounds__(GPUCE_TEAM_THREADS, 1) sce_twopass(GPUCE_SCE_PARAMS) {
