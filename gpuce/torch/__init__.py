@@ -62,11 +62,20 @@ again).  They are opaque to the compiler too.  Gradients returned under
 ``create_graph=True`` raise ``RuntimeError`` when differentiated again: gpuce has no double
 backward.
 
+Each operator is generated from one spec entry (``_spec.OpSpec``: its name and its
+implementation, fake, setup-context and backward functions): the custom operator with its
+fake and autograd registrations, and an eager twin, a ``torch.autograd.Function`` running the
+same functions without torch's dispatcher.  Calls that nothing traces (not compiling, no fake
+tensors, functorch transforms or torch modes, plain tensors and arguments) take the twin, whose
+results, errors and autograd behaviour are the custom operator's; every other call goes
+through the custom operator.
+
 The package, by concept: ``_bridge`` (dtypes, tensors to arrays and back, device and
 stream, autocast), ``_autograd`` (what the operators share: statistics outputs, options,
-incoming-gradient scaling, the first-order guard), ``_ce`` and ``_lce`` (each loss's
-operators, fakes, autograd and public function), ``_modules`` (the nn.Module forms); the
-Hugging Face patch is :mod:`gpuce._hf`.
+incoming-gradient scaling, the first-order guard), ``_spec`` (operators from spec entries,
+the routing between eager twin and custom operator), ``_ce`` and ``_lce`` (each loss's
+implementation, fake and autograd functions, its spec entries and public function),
+``_modules`` (the nn.Module forms); the Hugging Face patch is :mod:`gpuce._hf`.
 
 torch is an optional dependency: import this package only where torch is installed.
 """

@@ -119,18 +119,3 @@ def _first_order_only(name, grads):
     for i, g in zip(given, marked):
         grads[i] = g
     return tuple(grads)
-
-
-def _input_grads(name, op, grads):
-    """An autograd formula's return value: ``grads`` (first-order only) for the operator's
-    leading tensor inputs, None for each further input of its schema (the options)."""
-    n = len(op._schema.arguments)
-    if len(grads) > n:
-        raise AssertionError(f"{name}: {len(grads)} gradients for {n} inputs")
-    return _first_order_only(name, grads) + (None,) * (n - len(grads))
-
-
-def _raise_double_backward(name):
-    def backward(ctx, *grads):
-        raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name=name))
-    return backward

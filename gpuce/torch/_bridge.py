@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from .._backend import is_cupy_array
-from .._validation import bfloat16_dtype
+from .._validation import REDUCTIONS, bfloat16_dtype
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # the dtypes computed in float32 (their loss comes back in their own dtype, as torch's)
 _HALF = (torch.float16, torch.bfloat16)
-REDUCTIONS = ("none", "sum", "mean")
+
+
 def _check_dtype(t, name):
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -54,12 +55,6 @@ def _check_device(*tensors):
     for d in devs:
         if d.type not in ("cpu", "cuda"):
             raise TypeError(f"gpuce.torch supports CPU and CUDA tensors, got device {d}")
-
-
-def _check_reduction(reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; "
-                         f"got {reduction!r}")
 
 
 def _to_array(t):

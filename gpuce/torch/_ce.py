@@ -1,5 +1,6 @@
 """gpuce.torch.cross_entropy: the ``gpuce::cross_entropy`` operator and its backward operator
-(class axis last), their fakes and autograd, and the F.cross_entropy-compatible function."""
+(class axis last): their implementations, fakes and autograd as spec entries (:mod:`._spec`),
+and the F.cross_entropy-compatible function."""
 
 from __future__ import annotations
 
@@ -11,22 +12,22 @@ from torch import Tensor
 from .. import _results
 from ..sce import softmax_cross_entropy as _sce
 from ..softmax import log_softmax as _log_softmax
-from ._autograd import (_capped, _input_grads, _legacy_reduction, _llm_options,
-                        _raise_double_backward, _row_scale, _soft_target_grads, _stats_fake,
-                        _stats_tensors, _times_incoming)
+from .._validation import check_reduction
+from ._autograd import (_capped, _legacy_reduction, _llm_options, _row_scale, _soft_target_grads,
+                        _stats_fake, _stats_tensors, _times_incoming)
 from ._bridge import (_HALF, _acc_of, _autocast_dtype, _autocast_to, _check_device, _check_dtype,
-                      _check_reduction, _device_of, _none, _to_array, _to_tensor)
+                      _device_of, _none, _to_array, _to_tensor)
+from ._spec import OpSpec, define
 
 
 # ---------------------------------------------------------------------------------------
 # cross_entropy
 # ---------------------------------------------------------------------------------------
 
-@torch.library.custom_op("gpuce::cross_entropy", mutates_args=(), device_types=("cpu", "cuda"))
-def _ce_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
-           ignore_index: int, label_smoothing: float, z_loss: float,
-           logits_grad: bool, softcap: float = 0.0, return_stats: bool = False,
-           check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ce_impl(logits: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
+             ignore_index: int, label_smoothing: float, z_loss: float,
+             logits_grad: bool, softcap: float = 0.0, return_stats: bool = False,
+             check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gpuce.softmax_cross_entropy on (..., C) logits: the loss (logits' dtype), with
     logits_grad the gradient of the loss with respect to the logits (else empty), and with
     return_stats the statistics z_loss, accuracy, lse (else empty)."""
@@ -43,10 +44,9 @@ def _ce_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], reduction: 
                 *_stats_tensors(out[-1], logits, return_stats))
 
 
-@_ce_op.register_fake
 def _ce_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, logits_grad,
              softcap=0.0, return_stats=False, check_labels=True):
-    _check_reduction(reduction)
+    check_reduction(reduction)
     shape = logits.shape[:-1] if reduction == "none" else ()
     return (logits.new_empty(shape),
             logits.new_empty(logits.shape) if logits_grad else _none(logits),
@@ -93,7 +93,7 @@ def _lse_grad(logits, grad_lse, softcap):
     return q
 
 
-def _ce_autograd_backward(ctx, grad_loss, _g_grad, _g_z, _g_acc, grad_lse, _g_predicted):
+def _ce_backward(ctx, grad_loss, _g_grad, _g_z, _g_acc, grad_lse, _g_predicted):
     grad, logits, target, weight = ctx.saved_tensors
     need_x, need_t, need_w = ctx.needs_input_grad[:3]
     reduction = ctx.opts[0]
@@ -103,26 +103,21 @@ def _ce_autograd_backward(ctx, grad_loss, _g_grad, _g_z, _g_acc, grad_lse, _g_pr
     if need_x and not ctx.recompute:
         d_x = _times_incoming(grad, grad_loss, reduction == "none")
     if ctx.recompute or need_t or need_w:
-        d = torch.ops.gpuce.cross_entropy_backward(grad_loss, logits, target, weight, *ctx.opts,
-                                                   ctx.recompute, need_t, need_w, *ctx.llm)
+        d = CROSS_ENTROPY_BACKWARD(grad_loss, logits, target, weight, *ctx.opts, ctx.recompute,
+                                   need_t, need_w, *ctx.llm)
         d_x = d[0] if ctx.recompute else d_x
         d_t, d_w = (d[1] if need_t else None), (d[2] if need_w else None)
     if need_x and grad_lse is not None and ctx.lse_kept:
         d_lse = _lse_grad(logits, grad_lse, ctx.llm[0])
         d_x = (d_lse if d_x is None else d_x.to(d_lse.dtype) + d_lse).to(logits.dtype)
-    return _input_grads("cross_entropy", torch.ops.gpuce.cross_entropy.default, (d_x, d_t, d_w))
+    return d_x, d_t, d_w
 
 
-_ce_op.register_autograd(_ce_autograd_backward, setup_context=_ce_setup_context)
-
-
-@torch.library.custom_op("gpuce::cross_entropy_backward", mutates_args=(),
-                         device_types=("cpu", "cuda"))
-def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                    reduction: str, ignore_index: int, label_smoothing: float, z_loss: float,
-                    logits_grad: bool, target_grad: bool, weight_grad: bool,
-                    softcap: float = 0.0,
-                    check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def _ce_backward_impl(grad_loss: Tensor, logits: Tensor, target: Tensor,
+                      weight: Optional[Tensor], reduction: str, ignore_index: int,
+                      label_smoothing: float, z_loss: float, logits_grad: bool,
+                      target_grad: bool, weight_grad: bool, softcap: float = 0.0,
+                      check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of Σ g·L (g = grad_loss) with respect to the logits (gpuce's fused pass
     again: for a forward pass that did not compute it), the probability target and the
     class weight; empty where not asked for.
@@ -137,8 +132,8 @@ def _ce_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: O
         d_input = _half_rows_grad(grad_loss, logits, target, weight, ignore_index,
                                   label_smoothing, z_loss, softcap, check_labels)
     elif logits_grad:
-        grad = _ce_op(logits, target, weight, reduction, ignore_index, label_smoothing,
-                      z_loss, True, softcap, False, check_labels)[1]
+        grad = _ce_impl(logits, target, weight, reduction, ignore_index, label_smoothing,
+                        z_loss, True, softcap, False, check_labels)[1]
         d_input = _times_incoming(grad, grad_loss, reduction == "none")
     if target_grad or weight_grad:
         c = logits.shape[-1]
@@ -169,13 +164,12 @@ def _half_rows_grad(grad_loss, logits, target, weight, ignore_index, label_smoot
     step = max(1, (1 << 22) // max(c, 1))
     for lo in range(0, x2.shape[0], step):
         hi = min(x2.shape[0], lo + step)
-        grad = _ce_op(x2[lo:hi].to(torch.float32), t2[lo:hi], weight, "none", ignore_index,
-                      label_smoothing, z_loss, True, softcap, False, check_labels)[1]
+        grad = _ce_impl(x2[lo:hi].to(torch.float32), t2[lo:hi], weight, "none", ignore_index,
+                        label_smoothing, z_loss, True, softcap, False, check_labels)[1]
         out[lo:hi] = grad * g2[lo:hi, None]  # float32, then rounded once by the copy
     return out.reshape(logits.shape)
 
 
-@_ce_backward_op.register_fake
 def _ce_backward_fake(grad_loss, logits, target, weight, reduction, ignore_index,
                       label_smoothing, z_loss, logits_grad, target_grad, weight_grad,
                       softcap=0.0, check_labels=True):
@@ -184,7 +178,10 @@ def _ce_backward_fake(grad_loss, logits, target, weight, reduction, ignore_index
             weight.new_empty(weight.shape) if weight_grad else _none(logits))
 
 
-_ce_backward_op.register_autograd(_raise_double_backward("cross_entropy"))
+CROSS_ENTROPY = define(OpSpec("cross_entropy", impl=_ce_impl, fake=_ce_fake,
+                              setup_context=_ce_setup_context, backward=_ce_backward))
+CROSS_ENTROPY_BACKWARD = define(OpSpec("cross_entropy_backward", impl=_ce_backward_impl,
+                                       fake=_ce_backward_fake, first_order_of="cross_entropy"))
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -256,7 +253,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         _check_dtype(weight, "weight")
     _check_device(input, target, weight)
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     prob = target.is_floating_point()
     if prob:
         _check_dtype(target, "target")
@@ -278,7 +275,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     # gradient is known, so that it is rounded once after that scaling (_half_rows_grad)
     fused_grad = grad_mode and input.requires_grad and not (reduction == "none"
                                                             and x.dtype in _HALF)
-    out = _ce_op(x, t, weight, reduction, int(ignore_index), float(label_smoothing),
+    out = CROSS_ENTROPY(x, t, weight, reduction, int(ignore_index), float(label_smoothing),
                  float(z_loss), fused_grad, softcap, return_stats, check_labels)
     if not return_stats:
         return out[0]

@@ -1,6 +1,7 @@
 """gpuce.torch.linear_cross_entropy: the ``gpuce::linear_cross_entropy`` operators (the chunked
-linear model: never the N x C logits), their fakes and autograd, and torch 2.13's
-F.linear_cross_entropy signature (unbatched, K-dimensional out_features, shift)."""
+linear model: never the N x C logits), their spec entries (implementations, fakes, autograd:
+:mod:`._spec`), and torch 2.13's F.linear_cross_entropy signature (unbatched, K-dimensional
+out_features, shift)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from torch import Tensor
 from .. import _results
 from .. import linear as _linear
 from ..softmax import log_softmax as _log_softmax
-from ._autograd import (_capped, _input_grads, _llm_options, _raise_double_backward, _row_scale,
-                        _soft_target_grads, _stats_fake, _stats_tensors, _times_incoming)
+from .._validation import check_reduction
+from ._autograd import (_capped, _llm_options, _row_scale, _soft_target_grads, _stats_fake,
+                        _stats_tensors, _times_incoming)
 from ._bridge import (_HALF, _acc_of, _autocast_dtype, _autocast_to, _check_device, _check_dtype,
-                      _check_reduction, _device_of, _none, _to_array, _to_tensor)
+                      _device_of, _none, _to_array, _to_tensor)
 from ._ce import _lse_grad
+from ._spec import OpSpec, define
 
 
 # ---------------------------------------------------------------------------------------
@@ -43,14 +46,12 @@ def _grad_tensors(grads, x, w, bias):
                  for g, like in zip(grads, (x, w, x if bias is None else bias)))
 
 
-@torch.library.custom_op("gpuce::linear_cross_entropy", mutates_args=(),
-                         device_types=("cpu", "cuda"))
-def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
-            ce_weight: Optional[Tensor], reduction: str, ignore_index: int,
-            label_smoothing: float, z_loss: float, chunk_size: Optional[int], x_grad: bool,
-            need_grad: bool, softcap: float = 0.0, return_stats: bool = False,
-            check_labels: bool = True, acc_loss: bool = False
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _lce_impl(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
+              ce_weight: Optional[Tensor], reduction: str, ignore_index: int,
+              label_smoothing: float, z_loss: float, chunk_size: Optional[int], x_grad: bool,
+              need_grad: bool, softcap: float = 0.0, return_stats: bool = False,
+              check_labels: bool = True, acc_loss: bool = False
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gpuce.linear_cross_entropy: the loss and, with need_grad (reductions "mean" and
     "sum" only), the gradients (dX only with x_grad, db only with a bias) of the loss,
     computed in the same chunked pass, then with return_stats the statistics z_loss,
@@ -75,11 +76,10 @@ def _lce_op(x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
                 + _stats_tensors(st, x, return_stats))
 
 
-@_lce_op.register_fake
 def _lce_fake(x, w, target, bias, ce_weight, reduction, ignore_index, label_smoothing, z_loss,
               chunk_size, x_grad, need_grad, softcap=0.0, return_stats=False,
               check_labels=True, acc_loss=False):
-    _check_reduction(reduction)
+    check_reduction(reduction)
     loss = x.new_empty(x.shape[:1] if reduction == "none" else (),
                        dtype=_acc_of(x.dtype) if acc_loss else x.dtype)
     stats = _stats_fake(x, x.shape[:1], reduction, not target.is_floating_point(), return_stats)
@@ -111,7 +111,7 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.llm = (softcap, check_labels)
 
 
-def _lce_autograd_backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_z, _g_acc, grad_lse,
+def _lce_backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_z, _g_acc, grad_lse,
                            _g_predicted):
     d_x, d_w, d_b, x, w, target, bias, ce_weight = ctx.saved_tensors
     need_x, need_w, need_t, need_b, need_cw = ctx.needs_input_grad[:5]
@@ -120,7 +120,7 @@ def _lce_autograd_backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_z, _g_acc, gr
         d_x = d_w = d_b = d_t = d_cw = None
         need_t = need_cw = False
     elif ctx.recompute:
-        d_x, d_w, d_b = torch.ops.gpuce.linear_cross_entropy_backward(
+        d_x, d_w, d_b = LINEAR_CROSS_ENTROPY_BACKWARD(
             grad_loss, x, w, target, bias, ce_weight, *ctx.opts, need_x, *ctx.llm)
     elif need_x or need_w or need_b:
         d_x, d_w, d_b = (_times_incoming(g, grad_loss) if need else None
@@ -133,15 +133,12 @@ def _lce_autograd_backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_z, _g_acc, gr
         d_b = None if bias is None else d_b.to(bias.dtype)
     d_t = d_cw = None
     if need_t or need_cw:
-        d_t, d_cw = torch.ops.gpuce.linear_cross_entropy_target_backward(
+        d_t, d_cw = LINEAR_CROSS_ENTROPY_TARGET_BACKWARD(
             grad_loss, x, w, target, bias, ce_weight, reduction, label_smoothing, chunk_size,
             need_t, need_cw, ctx.llm[0])
     grads = tuple(g if need else None for g, need in zip((d_x, d_w, d_t, d_b, d_cw),
                                                          (need_x, need_w, need_t, need_b, need_cw)))
-    return _input_grads("linear_cross_entropy", torch.ops.gpuce.linear_cross_entropy.default, grads)
-
-
-_lce_op.register_autograd(_lce_autograd_backward, setup_context=_lce_setup_context)
+    return grads
 
 
 def _linear_lse_grads(x, w, bias, grad_lse, softcap, chunk_size):
@@ -171,13 +168,11 @@ def _linear_lse_grads(x, w, bias, grad_lse, softcap, chunk_size):
     return d_x, d_w, d_b
 
 
-@torch.library.custom_op("gpuce::linear_cross_entropy_backward", mutates_args=(),
-                         device_types=("cpu", "cuda"))
-def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
-                     bias: Optional[Tensor], ce_weight: Optional[Tensor], reduction: str,
-                     ignore_index: int, label_smoothing: float, z_loss: float,
-                     chunk_size: Optional[int], x_grad: bool, softcap: float = 0.0,
-                     check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def _lce_backward_impl(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
+                       bias: Optional[Tensor], ce_weight: Optional[Tensor], reduction: str,
+                       ignore_index: int, label_smoothing: float, z_loss: float,
+                       chunk_size: Optional[int], x_grad: bool, softcap: float = 0.0,
+                       check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of Σ g·L (g = grad_loss) for X (with x_grad), W and the bias (empty
     without one): gpuce's chunked pass again, each gradient row scaled by g_i
     (``grad_row_scale``) before the products for reduction="none", the result scaled by g
@@ -193,7 +188,6 @@ def _lce_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
     return d
 
 
-@_lce_backward_op.register_fake
 def _lce_backward_fake(grad_loss, x, w, target, bias, ce_weight, reduction, ignore_index,
                        label_smoothing, z_loss, chunk_size, x_grad, softcap=0.0,
                        check_labels=True):
@@ -201,16 +195,11 @@ def _lce_backward_fake(grad_loss, x, w, target, bias, ce_weight, reduction, igno
             _none(x) if bias is None else bias.new_empty(bias.shape))
 
 
-_lce_backward_op.register_autograd(_raise_double_backward("linear_cross_entropy"))
-
-
-@torch.library.custom_op("gpuce::linear_cross_entropy_target_backward", mutates_args=(),
-                         device_types=("cpu", "cuda"))
-def _lce_target_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
-                            bias: Optional[Tensor], ce_weight: Optional[Tensor], reduction: str,
-                            label_smoothing: float, chunk_size: Optional[int],
-                            target_grad: bool, weight_grad: bool,
-                            softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+def _lce_target_backward_impl(grad_loss: Tensor, x: Tensor, w: Tensor, target: Tensor,
+                              bias: Optional[Tensor], ce_weight: Optional[Tensor], reduction: str,
+                              label_smoothing: float, chunk_size: Optional[int],
+                              target_grad: bool, weight_grad: bool,
+                              softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """Gradients of Σ g·L for a probability target (N, C) and the class weight ce_weight (as
     in cross_entropy_backward), the logits X Wᵀ + b formed chunk by chunk (rows of
     chunk_size, or about 2^22 logits a chunk): the target gradient is the one N x C output."""
@@ -239,14 +228,21 @@ def _lce_target_backward_op(grad_loss: Tensor, x: Tensor, w: Tensor, target: Ten
     return d_target, (_none(x) if d_weight is None else d_weight.to(ce_weight.dtype))
 
 
-@_lce_target_backward_op.register_fake
 def _lce_target_backward_fake(grad_loss, x, w, target, bias, ce_weight, reduction,
                               label_smoothing, chunk_size, target_grad, weight_grad, softcap=0.0):
     return (target.new_empty(target.shape) if target_grad else _none(x),
             ce_weight.new_empty(ce_weight.shape) if weight_grad else _none(x))
 
 
-_lce_target_backward_op.register_autograd(_raise_double_backward("linear_cross_entropy"))
+LINEAR_CROSS_ENTROPY = define(OpSpec(
+    "linear_cross_entropy", impl=_lce_impl, fake=_lce_fake, setup_context=_lce_setup_context,
+    backward=_lce_backward))
+LINEAR_CROSS_ENTROPY_BACKWARD = define(OpSpec(
+    "linear_cross_entropy_backward", impl=_lce_backward_impl, fake=_lce_backward_fake,
+    first_order_of="linear_cross_entropy"))
+LINEAR_CROSS_ENTROPY_TARGET_BACKWARD = define(OpSpec(
+    "linear_cross_entropy_target_backward", impl=_lce_target_backward_impl,
+    fake=_lce_target_backward_fake, first_order_of="linear_cross_entropy"))
 
 
 def _options_ignored(options):
@@ -342,7 +338,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         if t is not None:
             _check_dtype(t, name)
     _check_device(input, linear_weight, target, bias, ce_weight)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
         raise TypeError(f"chunk_size must be an integer or None, got {type(chunk_size).__name__}")
     if input.dim() < 1:
@@ -428,7 +424,7 @@ def _linear_rows(input, w, target, bias, ce_weight, reduction, prob, opts):
     t = target.reshape(-1, target.shape[-1]) if prob else target.reshape(-1)
     need = torch.is_grad_enabled() and any(v is not None and v.requires_grad
                                            for v in (input, w, bias))
-    out = _lce_op(x, w, t, bias, ce_weight, reduction, ignore_index, label_smoothing, z_loss,
+    out = LINEAR_CROSS_ENTROPY(x, w, t, bias, ce_weight, reduction, ignore_index, label_smoothing, z_loss,
                   chunk_size, need and input.requires_grad, need and reduction != "none",
                   softcap, return_stats, check_labels, acc_loss)
     loss = out[0].reshape(lead) if reduction == "none" else out[0]

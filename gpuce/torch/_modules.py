@@ -6,7 +6,7 @@ import math
 
 import torch
 from ._autograd import _legacy_reduction, _llm_options
-from ._bridge import _check_reduction
+from .._validation import check_reduction
 from ._ce import cross_entropy
 from ._lce import _options_ignored, linear_cross_entropy
 
@@ -53,7 +53,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             raise ValueError(f"weight must have shape {(num_classes,)}, got {tuple(weight.shape)}")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-        _check_reduction(reduction)
+        check_reduction(reduction)
         _options_ignored(options)
         _llm_options(softcap, return_stats, check_labels)  # errors at construction
         self.register_buffer("weight", weight)
