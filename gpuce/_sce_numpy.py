@@ -3,7 +3,9 @@
 Vectorised and chunked over rows: the extra memory is a few chunk x C buffers
 (about 2**18 elements each, per worker thread), never an N x C temporary.  One pass per chunk
 computes the row max, exp, the loss terms and (optionally) the gradient.
-The maths and conventions are those of ``kernels/gpuce_rowstat.cuh``.
+The maths and conventions are those of ``kernels/gpuce_rowstat.cuh``; the row's loss and
+gradient terms (coefficients, loss, the gradient's factor) are :mod:`gpuce._rowterms`, stated
+once there for this path and gpuce.torch's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _rowterms as terms
 from ._results import SceRows, SceStats
 from ._validation import SceArgs, label_error
 
@@ -60,11 +63,10 @@ def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
     """
     n, c = x2.shape
     acc = args.acc
+    ops = terms.ArrayOps(np, acc)
     eps = args.label_smoothing
-    eps_c = eps / c
-    one_minus_eps = 1.0 - eps
     z = args.z_loss
-    w = None if weight is None else weight.astype(acc, copy=False)
+    w = None if weight is None else ops.widen(weight)
 
     if args.kind == "label":
         lbl = target.astype(np.int64, copy=False)
@@ -74,11 +76,13 @@ def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
         bad_label = active & ((lbl < 0) | (lbl >= c))  # only with check_labels=False
         valid = active & ~bad_label
         safe = np.where(valid, lbl, 0)
-        # w_k of each row (0 for ignored and bad rows) and its label term's coefficient (1-eps) w_k
+        # w_k of each row (0 for ignored and bad rows), its label term's coefficient wl (NaN
+        # for a bad label) and the smoothing coefficients (eps/C) w_j
         label_weight = np.where(valid, w[safe] if w is not None else acc.type(1), acc.type(0)).astype(acc)
-        label_coef = np.where(bad_label, np.nan, one_minus_eps * label_weight).astype(acc)
+        label_coef = np.where(bad_label, acc.type(np.nan),
+                              terms.label_coefficients(ops, label_weight, eps)).astype(acc)
         denom = float(label_weight.sum(dtype=np.float64)) if args.denominator is None else 0.0
-        cw = None if eps == 0.0 else (np.full(c, eps_c, acc) if w is None else (eps_c * w).astype(acc))
+        cw = terms.smoothing_coefficients(ops, w, eps, c)
         a_row = acc.type(0) if cw is None else acc.type(cw.sum(dtype=np.float64))
     else:
         active = np.ones(n, bool)
@@ -146,14 +150,8 @@ def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
                 b = np.where(act, b, 0).astype(acc)
             label_coef_chunk = label_coef[r0:r1]
         else:
-            coef = scratch("coef", k)
-            # dtype=acc: a 16-bit target is widened before the product (never computed in
-            # its own dtype, whatever the promotion rules of NumPy or ml_dtypes say)
-            np.multiply(target[r0:r1], acc.type(one_minus_eps), out=coef, dtype=acc,
-                        casting="unsafe")
-            coef += eps_c
-            if w is not None:
-                coef *= w
+            coef = terms.target_coefficients(ops, target[r0:r1], w, eps, c,
+                                             out=scratch("coef", k))
             a_sum = coef.sum(axis=1)
             prod = scratch("prod", k)
             prod.fill(0)
@@ -165,10 +163,8 @@ def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
         s = e.sum(axis=1)
         ls = np.log(s)
         lse = ms + ls
-        lab = np.where(label_coef_chunk != 0, label_coef_chunk * (ls - t), 0)
-        smooth = np.where(a_sum != 0, a_sum * ls - b, 0)
-        zt = z * lse * lse if z != 0 else 0
-        row_loss = lab + smooth + zt
+        zt = terms.z_term(ops, z, lse)
+        row_loss = terms.row_loss(ops, label_coef_chunk, t, ls, a_sum, b, zt)
         bad = ~finite | bad_label[r0:r1]
         row_loss = np.where(bad, np.nan, row_loss)
         loss[r0:r1] = np.where(act, row_loss, 0)
@@ -182,7 +178,7 @@ def softmax_cross_entropy(x2, target, weight, args: SceArgs, grad_out):
                 correct_rows[r0:r1] = np.where(act, ok, np.nan)
         if grad_out is not None:
             # grad = scale * (softmax * G - coef - label_coef [j = k]), softmax = e / s
-            g = label_coef_chunk + a_sum + 2.0 * z * lse
+            g = terms.logit_grad_factor(ops, label_coef_chunk, a_sum, z, lse)
             e *= (g * scale / s).astype(acc)[:, None]
             if args.kind == "label":
                 if cw is not None:

@@ -4,8 +4,10 @@ that makes gradients first-order only."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from .. import _rowterms
 from .. import _validation as _V
 from ._bridge import _acc_of, _none, _to_tensor
 
@@ -76,20 +78,37 @@ def _row_scale(grad_loss, reduction, rows):
     return grad_loss / rows if reduction == "mean" else grad_loss
 
 
+class _TensorOps:
+    """:mod:`gpuce._rowterms`' ops adapter for tensors accumulating in ``acc`` (float32 or
+    float64) on ``device``: scalars are Python floats rounded to ``acc`` (exact there)."""
+
+    xp = torch
+    _ROUND = {torch.float32: np.float32, torch.float64: np.float64}
+
+    def __init__(self, acc, device):
+        self.acc, self.device = acc, device
+        self._round = self._ROUND[acc]
+
+    def scalar(self, v):
+        return float(self._round(v))
+
+    def widen(self, a):
+        return a.to(self.acc)
+
+    def full(self, n, v):
+        return torch.full((n,), self.scalar(v), dtype=self.acc, device=self.device)
+
+    def scaled(self, a, v, out=None):
+        return torch.mul(a.to(self.acc), self.scalar(v), out=out)
+
+
 def _soft_target_grads(log_q, target, weight, scale, label_smoothing, target_grad, weight_grad):
-    """With A_ic = −log q_ic · s_i: ∂/∂p_ic = (1−ε) w_c A_ic and ∂/∂w_c = Σ_i p′_ic A_ic
-    (p′ = (1−ε) p + ε/C), each None where not asked for.  log_q: (..., C), scale: s_i."""
-    c = log_q.shape[-1]
-    a = -log_q * scale
-    d_target = d_weight = None
-    if target_grad:
-        d_target = a * (1.0 - label_smoothing)
-        if weight is not None:
-            d_target = d_target * weight.to(a.dtype)
-    if weight_grad:
-        p = target.to(a.dtype) * (1.0 - label_smoothing) + label_smoothing / c
-        d_weight = (p * a).reshape(-1, c).sum(0)
-    return d_target, d_weight
+    """∂/∂p and ∂/∂w of the loss for probability targets p (:func:`gpuce._rowterms.
+    soft_target_grads`, A_ic = −log q_ic · s_i), each None where not asked for; in log_q's
+    dtype (the accumulation dtype).  log_q: (..., C), scale: s_i (broadcast to log_q)."""
+    ops = _TensorOps(log_q.dtype, log_q.device)
+    return _rowterms.soft_target_grads(ops, -log_q * scale, target, weight, label_smoothing,
+                                       target_grad, weight_grad)
 
 
 class _NoDoubleBackward(torch.autograd.Function):
