@@ -405,6 +405,11 @@ def test_a_new_operator_is_one_spec_entry():
         g2.sum().backward()
     with pytest.raises(TypeError, match="at least 2 arguments"):
         SQUARE(x)
+    with pytest.raises(Exception) as extra:
+        SQUARE(x, 1.0, True, 4)
+    with pytest.raises(Exception) as extra_custom:
+        SQUARE.custom(x, 1.0, True, 4)
+    assert type(extra.value) is type(extra_custom.value)
 
 
 def test_spec_checks():
