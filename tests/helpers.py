@@ -65,3 +65,38 @@ TOL = {
 # The loss of bfloat16 logits is never rounded to bfloat16: it is accumulated and returned in
 # float32 from inputs that float32 holds exactly, so it meets float32's tolerance.
 LOSS_TOL = {**TOL, BFLOAT16: TOL[np.dtype(np.float32)]}
+
+
+def simt_library(folder, wrappers):
+    """The fused kernels' CUDA (gpuce._cuda.fused.SOURCE with its headers pasted) and the C++
+    ``wrappers`` (extern "C" launchers) built for the host SIMT emulator (tests/host/simt.h)
+    into a shared library in ``folder``, loaded with ctypes; skips without g++."""
+    import ctypes
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from gpuce._cuda import fused, source
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++")
+    host = Path(__file__).resolve().parent / "host"
+    src = source.expand(fused.SOURCE)
+    for inc in ("cuda_fp16.h", "cuda_bf16.h", "cooperative_groups.h"):
+        src = src.replace(f"#include <{inc}>", "")
+    src = src.replace("extern __shared__ __align__(16) unsigned char smem_raw[];",
+                      "unsigned char* smem_raw = simt_dyn_smem();")
+    src = re.sub(r"__shared__ (\w+) (\w+)\[([^\]]+)\];", r"\1* \2 = simt_shared<\1>(__COUNTER__, \3);", src)
+    assert "__shared__" not in src.replace("__shared__ arrays", "")
+    head = ('#include "simt.h"\n#define __CUDA_ARCH__ 900\n#define GPUCE_SIMT\n#define __global__\n#define __device__\n'
+            "#define __forceinline__ inline\n#define __align__(n) alignas(n)\n#define __cluster_dims__(...)\n"
+            "#define __launch_bounds__(...)\n#define __restrict__\n")
+    (folder / "fused_host.cpp").write_text(head + src + wrappers)
+    so = folder / "fused_host.so"
+    r = subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-w", f"-I{host}",
+                        str(folder / "fused_host.cpp"), "-o", str(so)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.fail("host build of the fused kernels failed:\n" + r.stderr[-6000:])
+    return ctypes.CDLL(str(so))

@@ -10,22 +10,17 @@ first bad label.
 """
 
 import ctypes
-import re
-import shutil
-import subprocess
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import reference as R
+from helpers import simt_library
 from gpuce._cuda import fused as F
-from gpuce._cuda import source
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-HERE = Path(__file__).resolve().parent
 DEV = F.Device(arch=90, sms=2, smem_optin=227 * 1024)
 NP_DTYPE = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
 
@@ -133,39 +128,20 @@ extern "C" void prologue_{index}_{acc}(unsigned grid, unsigned block, const void
 
 def _tile_ring_wrapper(i, p):
     v = p.variant
-    mode = 1 if v.target == "prob" else 0
+    prob = "true" if v.target == "prob" else "false"  # a second stream (Y), else the keys (KEYS)
+    keys = "false" if v.target == "prob" else "true"
     return f'''
 extern "C" int tile_ring_{i}(int c) {{
     int vb;
-    return GPUCE_TILE_STAGES * gpuce::tile_stage_bytes<{F.CT[v.dtype]}, {F.CT[v.index]}, {mode}>(c, vb);
+    return GPUCE_TILE_STAGES * gpuce::tile_stage_bytes<{F.CT[v.dtype]}, {F.CT[v.index]}, {prob}, {keys}>(c, vb);
 }}'''
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no g++")
-    src = source.expand(F.SOURCE)
-    for inc in ("cuda_fp16.h", "cuda_bf16.h", "cooperative_groups.h"):
-        src = src.replace(f"#include <{inc}>", "")
-    src = src.replace("extern __shared__ __align__(16) unsigned char smem_raw[];",
-                      "unsigned char* smem_raw = simt_dyn_smem();")
-    src = re.sub(r"__shared__ (\w+) (\w+)\[([^\]]+)\];", r"\1* \2 = simt_shared<\1>(__COUNTER__, \3);", src)
-    assert "__shared__" not in src.replace("__shared__ arrays", "")
-    head = ('#include "simt.h"\n#define __CUDA_ARCH__ 900\n#define GPUCE_SIMT\n#define __global__\n#define __device__\n'
-            "#define __forceinline__ inline\n#define __align__(n) alignas(n)\n#define __cluster_dims__(...)\n"
-            "#define __launch_bounds__(...)\n#define __restrict__\n")
-    body = head + src + "".join(_wrapper(i, p) for i, (p, _, _) in enumerate(CASES)) + _prologue_wrapper()
+    body = "".join(_wrapper(i, p) for i, (p, _, _) in enumerate(CASES)) + _prologue_wrapper()
     body += "".join(_tile_ring_wrapper(i, p) for i, (p, _, _) in enumerate(CASES) if p.variant.kind == "tile")
-    d = tmp_path_factory.mktemp("simt")
-    (d / "fused_host.cpp").write_text(body)
-    so = d / "fused_host.so"
-    r = subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-w", f"-I{HERE / 'host'}",
-                        str(d / "fused_host.cpp"), "-o", str(so)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.fail("host build of the fused kernels failed:\n" + r.stderr[-6000:])
-    return ctypes.CDLL(str(so))
+    return simt_library(tmp_path_factory.mktemp("simt"), body)
 
 
 def _inputs(rng, v, n, c):

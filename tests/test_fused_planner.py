@@ -162,7 +162,7 @@ def _source_params(kernel):
 
     from gpuce._cuda import source
 
-    src = source.read_source(F.SOURCE)
+    src = source.expand(F.SOURCE)  # the parameter list is the policy header's
     if kernel == "sce_prologue":
         m = re.search(r"sce_prologue\(([^)]*)\)", src)
         return _params(m.group(1))
