@@ -32,6 +32,7 @@ import numpy as np
 from . import fused
 from .kernels import get_kernel
 from .._results import SceRows, SceStats
+from .._rowterms import ArrayOps, label_coefficients
 from .._validation import SceArgs, first_bad_weight, label_error, raise_bad_weight
 
 
@@ -186,7 +187,7 @@ def _portable_rows(cp, x2, target, weight, args, grad_out):
         ok = (lbl != args.ignore_index) & (lbl >= 0) & (lbl < args.c)
         bad = (lbl != args.ignore_index) & ~ok
         wk = cp.where(ok, w[cp.where(ok, lbl, 0)], 0).astype(acc)  # the denominator's weights
-        wl = cp.where(bad, acc.type(np.nan), wk * acc.type(1.0 - args.label_smoothing)).astype(acc)
+        wl = cp.where(bad, acc.type(np.nan), label_coefficients(ArrayOps(cp, acc), wk, args.label_smoothing)).astype(acc)
         denom = wk.sum(dtype=cp.float64)
         active = lbl != args.ignore_index
     else:
