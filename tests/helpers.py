@@ -1,5 +1,5 @@
-"""Helpers the test modules share: deterministic seeds, torch devices, host copies and
-dtype-keyed tolerances."""
+"""Helpers the test modules share: deterministic seeds, torch devices, host copies,
+dtype-keyed tolerances and the host build of the fused kernels for the SIMT emulator."""
 
 import zlib
 
