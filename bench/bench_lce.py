@@ -8,7 +8,7 @@ gradients dX and dW, on one GPU, at the target shapes (float32, float16 and bflo
 * ``trainer``  the classifier trainer's shape of bench_linear.py, N = 2^20, D = 512, C = 100
 * ``wide``     bench_linear.py's other shape, N = 65536, D = 4096, C = 1000
 
-Providers:
+Providers (bench/providers_lce.py):
 
 * ``gpuce``            gpuce.linear_cross_entropy, automatic chunk size
 * ``gpuce[chunk=K]``   the same with chunk_size=K (the time/memory trade-off; --chunks)
@@ -39,8 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-import gpuce
-from gpuce.benchmark import gpu_time, peak_extra_mib, upsert
+from gpuce.benchmark import gpu_time, load_providers, peak_extra_mib, upsert
 
 CSV = Path(__file__).resolve().parent / "results" / "lce.csv"
 SHAPES = {  # name -> (N, D, C)
@@ -49,62 +48,6 @@ SHAPES = {  # name -> (N, D, C)
     "trainer": (2**20, 512, 100),
     "wide": (65536, 4096, 1000),
 }
-
-
-def _torch_inputs(torch, X, W, y):
-    tx = torch.from_dlpack(X).detach().clone().requires_grad_(True)
-    tw = torch.from_dlpack(W).detach().clone().requires_grad_(True)
-    return tx, tw, torch.from_dlpack(y)
-
-
-def providers(cp, X, W, y, chunks):
-    """name -> zero-argument callable returning its outputs (so the memory probe sees them)."""
-    out = {}
-
-    def three_gemms():
-        f = X @ W.T
-        return f @ W, f.T @ X
-
-    out["three-gemms"] = three_gemms
-
-    def gpuce_call(chunk):
-        return lambda: gpuce.linear_cross_entropy(X, W, y, return_grad=True, check_finite=False,
-                                                  chunk_size=chunk)
-
-    out["gpuce"] = gpuce_call(None)
-    for k in chunks:
-        out[f"gpuce[chunk={k}]"] = gpuce_call(k)
-    try:
-        import torch
-        import torch.nn.functional as F
-    except Exception:
-        return out
-    tx, tw, ty = _torch_inputs(torch, X, W, y)
-
-    def autograd(loss_fn):
-        def run():
-            tx.grad = tw.grad = None
-            loss = loss_fn()
-            loss.backward()
-            return loss, tx.grad, tw.grad
-
-        return run
-
-    out["torch"] = autograd(lambda: F.cross_entropy(F.linear(tx, tw), ty))
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        liger = LigerFusedLinearCrossEntropyLoss()
-        out["liger"] = autograd(lambda: liger(tw, tx, ty))
-    except Exception as e:  # noqa: BLE001
-        print(f"liger: not importable ({type(e).__name__}: {e})")
-    try:
-        from cut_cross_entropy import linear_cross_entropy as cce
-
-        out["cce"] = autograd(lambda: cce(tx, tw, ty))
-    except Exception as e:  # noqa: BLE001
-        print(f"cce: not importable ({type(e).__name__}: {e})")
-    return out
 
 
 def run(dtypes, repeat, chunks, shapes, dry):
@@ -123,6 +66,7 @@ def run(dtypes, repeat, chunks, shapes, dry):
 
 def _run_shape(cp, gpu, dtypes, repeat, chunks, shape):
     n, d, c = shape
+    lce = load_providers("lce")
     rows = []
     for dtype in dtypes:
         rs = cp.random.RandomState(0)
@@ -131,13 +75,13 @@ def _run_shape(cp, gpu, dtypes, repeat, chunks, shape):
         y = rs.randint(0, c, n).astype(cp.int64)
         lower = (n * d + c * d) * np.dtype(dtype).itemsize / 2**20
         res = {}
-        for name, fn in providers(cp, X, W, y, chunks).items():
+        for name, fn in lce.providers(cp, X, W, y, chunks).items():
             try:
                 peak = peak_extra_mib(cp, fn)
                 t = gpu_time(cp, fn, repeat)
             except Exception as e:  # noqa: BLE001  (a provider may not support a dtype)
                 print(f"{name} {dtype}: failed ({type(e).__name__}: {str(e)[:120]})")
-                rows.append(dict(op="linear_ce", provider=name, mode="fwd+bwd", dtype=dtype, N=n,
+                rows.append(dict(op=lce.OP, provider=name, mode="fwd+bwd", dtype=dtype, N=n,
                                  C=c, gpu_name=gpu, note=f"D={d}; failed: {type(e).__name__}"))
                 continue
             res[name] = (t, peak)
@@ -150,7 +94,7 @@ def _run_shape(cp, gpu, dtypes, repeat, chunks, shape):
             tr = t[1] / base[1] if base is not None else float("nan")
             mr = peak / lower
             print(f"| {name} | {t[1]:.2f} | {tr:.2f} | {peak:.0f} | {mr:.2f} |")
-            rows.append(dict(op="linear_ce", provider=name, mode="fwd+bwd", dtype=dtype, N=n, C=c,
+            rows.append(dict(op=lce.OP, provider=name, mode="fwd+bwd", dtype=dtype, N=n, C=c,
                              gpu_name=gpu, p20_ms=f"{t[0]:.3f}", p50_ms=f"{t[1]:.3f}",
                              p80_ms=f"{t[2]:.3f}", peak_extra_mib=f"{peak:.1f}",
                              note=f"D={d}; lower_bound_mib={lower:.1f}; mem_ratio={mr:.3f}; "

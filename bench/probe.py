@@ -41,7 +41,9 @@ def main(argv=None) -> int:
 
     import gpuce
     from gpuce._cuda import fused
-    from gpuce.benchmark import byte_floor, fused_kernel_only
+    from gpuce.benchmark import byte_floor, load_providers
+
+    fused_kernel_only = load_providers("ce").fused_kernel_only
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("."))

@@ -1,16 +1,15 @@
 """Benchmark harness: ``gpuce bench`` / ``python -m bench``.
 
-Sweeps softmax cross-entropy forward+backward (loss and gradient with respect to the
-logits) over C at fixed N*C, for several providers on the same data in the same run:
+The harness is this module: the sweep of softmax cross-entropy forward+backward (loss and
+gradient with respect to the logits) over C at fixed N*C, the timing and memory probes, the
+tidy CSV, the plot and the README table.  The providers (gpuce's paths, naive CuPy, torch
+eager and compiled, Liger-Kernel) are not here: each op's live in one file of the source
+tree's ``bench/`` folder (bench/providers_ce.py for this sweep, bench/providers_lce.py for the
+linear cross-entropy of bench/bench_lce.py), which :func:`load_providers` loads by path.  The
+wheel carries the same files as ``gpuce/bench_providers/`` (pyproject.toml force-includes
+them), so ``gpuce bench`` from an installed wheel finds them too.
 
-    gpuce-fused     the single-read RawKernel family (the plan that ran is in ``note``)
-    gpuce-portable  the ElementwiseKernel / ReductionKernel path
-    naive-cupy      array-op CuPy (max, exp, sum, divide, index)
-    torch-eager     torch.nn.functional.cross_entropy forward + backward, through DLPack
-    torch-compile   the same under torch.compile(dynamic=False) (compiled in the warm-up)
-    liger           Liger-Kernel's LigerCrossEntropyFunction (when importable)
-    copy            a device-to-device copy of the logits: the bandwidth yardstick
-
+A device-to-device copy of the logits (provider ``copy``) is the bandwidth yardstick.
 Metrics: p20 / p50 / p80 ms of the whole call as a user sees it (cupyx.profiler.benchmark,
 CUDA events), its host time per call (``cpu_ms``, the benchmark's cpu_times), for
 gpuce-fused the kernels alone relaunched with the call's arguments (``kernel_ms``), GB/s
@@ -21,17 +20,20 @@ upserted into a tidy CSV keyed by (op, provider, mode, dtype, N, C, gpu_name); t
 the fixed/marginal split (:func:`fixed_marginal`) and the README table are drawn from the
 CSV, never by hand.
 
-``--dry`` runs the same harness with no GPU (NumPy providers, tiny sizes) to check the
+``--dry`` runs the same harness with no GPU (the NumPy provider, tiny sizes) to check the
 machinery: CSV, plot and table.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import csv
 import datetime as _dt
+import functools
+import importlib.util
+import math
 import os
+import sys
 import platform
 import re
 import time
@@ -43,9 +45,6 @@ KEY = ("op", "provider", "mode", "dtype", "N", "C", "gpu_name")
 FIELDS = KEY + ("p20_ms", "p50_ms", "p80_ms", "gbps", "frac_of_copy", "peak_extra_mib", "note",
                 "timestamp", "version", "cpu_ms", "kernel_ms", "floor_ms", "frac_of_floor")
 CLASSES = (10, 100, 1000, 4096, 32768, 131072, 262144)
-# every provider name a sweep can run (--providers is checked against these; "fused[...]"
-# names the pinned fused variants of --variants)
-PROVIDERS = ("gpuce-fused", "gpuce-portable", "naive-cupy", "torch-eager", "torch-compile", "liger")
 BENCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
 TOTALS = (2**28, 2**30)
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -100,107 +99,36 @@ def read_rows(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------ providers
 
-def _gpu_providers(cp, with_torch=True, softcap=None):
-    """Providers of the sweep; with ``softcap`` every provider caps the logits at
-    softcap * tanh(f / softcap) (gpuce in its kernels, torch eagerly, Liger with its option;
-    naive CuPy and torch.compile are left out)."""
-    import gpuce
-
-    provs = {}
-
-    def fused(x, y):
-        return gpuce.softmax_cross_entropy(x, y, return_grad=True, impl="fused", softcap=softcap)
-
-    def portable(x, y):
-        return gpuce.softmax_cross_entropy(x, y, return_grad=True, impl="portable", softcap=softcap)
-
-    def naive(x, y):
-        xf = x.astype(cp.float32)
-        m = xf.max(1, keepdims=True)
-        e = cp.exp(xf - m)
-        s = e.sum(1, keepdims=True)
-        p = e / s
-        rows = cp.arange(x.shape[0])
-        loss = (cp.log(s[:, 0]) + m[:, 0] - xf[rows, y]).mean()
-        p[rows, y] -= 1
-        p /= x.shape[0]
-        return loss, p.astype(x.dtype)
-
-    provs["gpuce-fused"] = fused
-    provs["gpuce-portable"] = portable
-    if softcap is None:
-        provs["naive-cupy"] = naive
-    if with_torch:
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                if softcap is not None:
-                    def capped_ce(t, y):
-                        return torch.nn.functional.cross_entropy(softcap * torch.tanh(t / softcap), y)
-
-                    provs["torch-eager"] = _torch_provider(torch, capped_ce)
-                    liger = _liger_provider(torch, softcap)
-                    if liger is not None:
-                        provs["liger"] = liger
-                    return provs
-                provs["torch-eager"] = _torch_provider(torch)
-                for knob in ("cache_size_limit", "recompile_limit"):  # one compile per shape
-                    if hasattr(torch._dynamo.config, knob):
-                        setattr(torch._dynamo.config, knob, 256)
-                provs["torch-compile"] = _torch_provider(
-                    torch, torch.compile(torch.nn.functional.cross_entropy, dynamic=False))
-                liger = _liger_provider(torch)
-                if liger is not None:
-                    provs["liger"] = liger
-        except Exception:
-            pass
-    return provs
+_PKG_DIR = Path(__file__).resolve().parent
 
 
-def _torch_provider(torch, ce=None):
-    ce = ce or torch.nn.functional.cross_entropy
-    state = {}
-
-    def run(x, y):
-        key = (x.data.ptr, y.data.ptr, x.shape, x.dtype.str)  # a new array may reuse the pointer
-        if state.get("key") != key:
-            t = torch.from_dlpack(x)
-            state.update(key=key, x=t.detach().clone().requires_grad_(True), y=torch.from_dlpack(y))
-        tx = state["x"]
-        tx.grad = None
-        loss = ce(tx, state["y"])
-        loss.backward()
-        return loss, tx.grad
-
-    return run
+def provider_dir() -> Path:
+    """The folder holding the providers_<op>.py files: ``gpuce/bench_providers`` in an
+    installed wheel, the source tree's ``bench/`` otherwise."""
+    for d in (_PKG_DIR / "bench_providers", _PKG_DIR.parent / "bench"):
+        if (d / "providers_ce.py").is_file():
+            return d
+    raise FileNotFoundError("gpuce's benchmark providers were not found: looked in "
+                            f"{_PKG_DIR / 'bench_providers'} and {_PKG_DIR.parent / 'bench'}")
 
 
-def _liger_provider(torch, softcap=None):
+@functools.lru_cache(maxsize=None)
+def load_providers(op: str):
+    """The provider module of ``op`` (``providers_<op>.py`` in :func:`provider_dir`), imported
+    once a process by path, as ``gpuce_bench_providers_<op>``."""
+    path = provider_dir() / f"providers_{op}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no benchmark providers for {op!r}: {path} does not exist")
+    name = f"gpuce_bench_providers_{op}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
     try:
-        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
-    except Exception:
-        return None
-    state = {}
-
-    def run(x, y):
-        key = (x.data.ptr, y.data.ptr, x.shape, x.dtype.str)  # a new array may reuse the pointer
-        if state.get("key") != key:
-            state.update(key=key, x=torch.from_dlpack(x).detach().clone().requires_grad_(True),
-                         y=torch.from_dlpack(y))
-        tx = state["x"]
-        tx.grad = None
-        if softcap is None:
-            loss = LigerCrossEntropyFunction.apply(tx, state["y"], None)  # weight is positional
-        else:  # the keyword API: the Function's positional order changed across Liger releases
-            from liger_kernel.transformers.functional import liger_cross_entropy
-
-            loss = liger_cross_entropy(tx, state["y"], softcap=softcap)
-        loss = loss[0] if isinstance(loss, tuple) else getattr(loss, "loss", loss)
-        loss.backward()
-        return loss, tx.grad
-
-    return run
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -219,28 +147,6 @@ def gpu_time(cp, fn, repeat, with_cpu=False):
     r = benchmark(fn, n_repeat=repeat, n_warmup=2)
     t = np.percentile(r.gpu_times[0] * 1e3, [20, 50, 80])
     return (t, float(np.median(r.cpu_times) * 1e3)) if with_cpu else t
-
-
-def fused_kernel_only(cp, x, y, reduction="mean", grid=None):
-    """A closure relaunching gpuce's fused kernels (the prologue too, for "mean") with the
-    arguments of one ``softmax_cross_entropy(x, y, return_grad=True)`` call, prepared once:
-    no validation, no allocation, no label read-back."""
-    from ._cuda import fused
-    from ._validation import acc_dtype
-
-    acc = acc_dtype(x.dtype)
-    grad = cp.empty_like(x)
-    total = cp.empty((), acc)
-    rows = cp.empty(x.shape[0], acc) if reduction == "none" else None
-    lbl = cp.ascontiguousarray(y)
-
-    def run():
-        return fused.launch(x, lbl, None, None, acc=acc, eps=0.0, z=0.0, softcap=0.0, ignore_index=-100,
-                             reduction=reduction, loss_out=rows, lse_out=None, correct_out=None,
-                             grad_out=grad, total_out=None if rows is not None else total, stats_out=None,
-                             bad_out=None, grid=grid)
-
-    return run
 
 
 def byte_floor(n, c, itemsize, label_bytes, reduction="mean"):
@@ -288,7 +194,8 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
 
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    provs = _gpu_providers(cp, softcap=softcap)
+    ce = load_providers("ce")
+    provs = ce.gpu_providers(cp, softcap=softcap)
     if providers:
         provs = {k: v for k, v in provs.items() if k in providers}
     fixed_n = rows
@@ -306,23 +213,17 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
             try:
                 t, cpu = gpu_time(cp, lambda: fn(x, y), repeat, with_cpu=True)
                 peak = peak_extra_mib(cp, lambda: fn(x, y))
-                note = ""
-                extra[name] = {"cpu_ms": f"{cpu:.4f}"}
-                if name == "gpuce-fused":
-                    from ._cuda import fused
-
-                    note = fused.choose(x, "label", y.dtype.name, None, x, softcap=bool(softcap))[0].describe()
-                    k = gpu_time(cp, fused_kernel_only(cp, x, y), repeat)
-                    extra[name]["kernel_ms"] = f"{k[1]:.4f}"
+                note, more = ce.describe(cp, name, x, y, repeat, softcap)
+                extra[name] = {"cpu_ms": f"{cpu:.4f}", **more}
                 res[name] = (t, peak, note)
             except Exception as e:  # out of memory for a provider: record and go on
                 res[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:80]}")
             cp.get_default_memory_pool().free_all_blocks()
         if variants:
-            res.update(_variant_times(cp, x, y, repeat))
+            res.update(ce.variant_times(cp, x, y, repeat))
         nbytes = 2 * x.itemsize * n * c
         floor = byte_floor(n, c, x.itemsize, y.itemsize) / (nbytes / res["copy"][0][1])  # ms
-        op = "softmax_cross_entropy" if softcap is None else f"softmax_cross_entropy_softcap{softcap:g}"
+        op = ce.OP if softcap is None else f"{ce.OP}_softcap{softcap:g}"
         point = [_row(op if name != "copy" else "copy", name, "full",
                       np.dtype(dtype).name, n, c, gpu, t, nbytes, res["copy"][0], peak, note,
                       floor_ms=floor, **extra.get(name, {}))
@@ -343,35 +244,11 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
     return rows, gpu
 
 
-def _variant_times(cp, x, y, repeat):
-    """Every candidate fused plan but the heuristic's pick, pinned, on the same data."""
-    from ._cuda import fused, sce
-    from ._validation import sce_args
-
-    chosen, _, _ = fused.choose(x, "label", y.dtype.name, None, x)
-    args = sce_args(x, y, reduction="mean", ignore_index=-100, weight=None, label_smoothing=0.0,
-                    z_loss=0.0, return_grad=True, inplace=False)
-    grad = cp.empty_like(x)
-    out = {}
-    for p in fused.candidates_for(x, "label", y.dtype.name, None, grad)[0]:
-        if p.variant == chosen.variant:
-            continue
-        name = f"fused[{p.variant.describe()}]"
-        try:
-            t = gpu_time(cp, lambda: sce.softmax_cross_entropy(x, y, None, args, grad, "fused", p.variant),
-                          repeat)
-            out[name] = (t, None, p.describe())
-        except Exception as e:
-            out[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:80]}")
-        cp.get_default_memory_pool().free_all_blocks()
-    return out
-
-
 def cpu_sweep(classes, totals, dtypes, repeat, note=""):
-    """NumPy providers (gpuce's CPU backend against a copy).  ``--dry`` runs it at tiny sizes
+    """The CPU providers (gpuce's NumPy path) against a copy.  ``--dry`` runs it at tiny sizes
     to check the harness without a GPU; bench/bench_sce_cpu.py at real ones."""
-    import gpuce
-
+    ce = load_providers("ce")
+    provs = ce.cpu_providers()
     name = cpu_name()
     rows = []
     rng = np.random.default_rng(0)
@@ -393,12 +270,13 @@ def cpu_sweep(classes, totals, dtypes, repeat, note=""):
                     return np.percentile(ts, [20, 50, 80])
 
                 copy = timed(lambda: np.copyto(dst, x))
-                sce = timed(lambda: gpuce.softmax_cross_entropy(x, y, return_grad=True))
                 nbytes = 2 * x.itemsize * n * c
                 rows.append(_row("copy", "copy", "full", np.dtype(dtype).name, n, c, name, copy, nbytes,
                                  copy, 0.0, note))
-                rows.append(_row("softmax_cross_entropy", "gpuce-numpy", "full", np.dtype(dtype).name,
-                                 n, c, name, sce, nbytes, copy, None, note))
+                for prov, fn in provs.items():
+                    t = timed(lambda: fn(x, y))
+                    rows.append(_row(ce.OP, prov, "full", np.dtype(dtype).name, n, c, name, t, nbytes,
+                                     copy, None, note))
     return rows, name
 
 
@@ -474,8 +352,8 @@ def table(rows, gpu_name: str, dtype="float32") -> str:
     total_log2 = max(sizes, key=lambda k: (len(sizes[k]), k))
     sel = sizes[total_log2]
     total = 2**total_log2
-    provs = [p for p in ("copy", "gpuce-fused", "gpuce-portable", "naive-cupy", "torch-eager", "torch-compile", "liger",
-                         "gpuce-numpy") if any(r["provider"] == p for r in sel)]
+    ce = load_providers("ce")
+    provs = [p for p in ("copy",) + ce.NAMES + ce.CPU_NAMES if any(r["provider"] == p for r in sel)]
     date = max(r["timestamp"] for r in sel)[:10]
     head = (f"{gpu_name}, {dtype}, N·C ≈ 2^{int(round(np.log2(total)))}, measured {date} "
             f"(p50 ms; × = fraction of the copy's bandwidth)\n\n")
@@ -542,10 +420,12 @@ def fixed_marginal(rows, gpu_name: str, dtype="float32"):
 
 
 def _provider(text: str) -> str:
-    """A --providers name: one of PROVIDERS, or a pinned fused variant ``fused[...]``."""
-    if text in PROVIDERS or (text.startswith("fused[") and text.endswith("]")):
+    """A --providers name: one of the CE providers' NAMES, or a pinned fused variant
+    ``fused[...]``."""
+    names = load_providers("ce").NAMES
+    if text in names or (text.startswith("fused[") and text.endswith("]")):
         return text
-    raise argparse.ArgumentTypeError(f"unknown provider {text!r}; known: {', '.join(PROVIDERS)} "
+    raise argparse.ArgumentTypeError(f"unknown provider {text!r}; known: {', '.join(names)} "
                                      "(and fused[<variant>] with --variants)")
 
 
@@ -580,7 +460,7 @@ def main(argv=None) -> int:
                    metavar="DTYPE",
                    help="logits dtypes (float16, bfloat16, float32, float64); the first one's table is printed")
     p.add_argument("--providers", nargs="+", default=None, type=_provider,
-                   help="only these providers (names as in the CSV: " + ", ".join(PROVIDERS) + ")")
+                   help="only these providers (names as in the CSV: " + ", ".join(load_providers("ce").NAMES) + ")")
     p.add_argument("--repeat", type=parse_count, default=20, help="timed calls a point (after 2 warm-ups)")
     p.add_argument("--results-dir", type=Path, default=None,
                    help="where the CSV and the plot go (default: bench/results of the source tree; "

@@ -72,3 +72,37 @@ def test_lce_plot_has_a_panel_a_shape_and_dtype(tmp_path):
     rows.append(dict(provider="cce", dtype="float32", N=512, C=300, gpu_name="GPU", note="D=64; failed: TypeError"))
     assert lce.plot(rows, tmp_path / "lce.png") == 4  # (512, 1024) x (float32, bfloat16)
     assert (tmp_path / "lce.png").stat().st_size > 0
+
+
+def test_providers_are_found_one_file_an_op():
+    """The source tree's bench/providers_<op>.py, loaded by path once a process; an op with no
+    file is a clear error."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert B.provider_dir() == root / "bench"
+    ce = B.load_providers("ce")
+    assert Path(ce.__file__) == root / "bench" / "providers_ce.py" and B.load_providers("ce") is ce
+    assert ce.OP == "softmax_cross_entropy" and "gpuce-fused" in ce.NAMES and "liger" in ce.NAMES
+    assert set(ce.cpu_providers()) == set(ce.CPU_NAMES)
+    assert B.load_providers("lce").OP == "linear_ce"
+    with pytest.raises(FileNotFoundError, match="no benchmark providers for 'nope'"):
+        B.load_providers("nope")
+
+
+def test_providers_import_neither_cupy_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, gpuce.benchmark as B\n"
+            "B.load_providers('ce'); B.load_providers('lce')\n"
+            "print('cupy' in sys.modules, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_unknown_provider_names_the_known_ones(capsys):
+    with pytest.raises(SystemExit):
+        B.main(["--dry", "--providers", "nope"])
+    err = capsys.readouterr().err
+    assert "unknown provider 'nope'" in err and "gpuce-fused" in err
