@@ -30,10 +30,16 @@ def test_wheel_contains_kernels(wheel):
         assert f"gpuce/kernels/{name}" in names
 
 
-def test_installed_copy_uses_its_own_kernels(wheel, tmp_path):
+def _install(wheel, tmp_path):
+    """The wheel installed into a folder of its own (put first on sys.path by the callers)."""
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True)
+    return target
+
+
+def test_installed_copy_uses_its_own_kernels(wheel, tmp_path):
+    target = _install(wheel, tmp_path)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "import gpuce, gpuce._cuda.source as ks\n"
@@ -58,9 +64,7 @@ def test_installed_copy_benchmarks_with_its_own_providers(wheel, tmp_path):
     """`gpuce bench --dry` from an installed wheel (no source tree on the path) loads the
     providers the wheel carries and writes its CSV."""
     pytest.importorskip("matplotlib")
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                    str(target), str(wheel)], check=True)
+    target = _install(wheel, tmp_path)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "import csv, gpuce.benchmark as B\n"
