@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpuce.benchmark import gpu_time, load_providers, peak_extra_mib, upsert
+from gpuce.benchmark import gpu_time, load_providers, optional_torch, peak_extra_mib, upsert
 
 CSV = Path(__file__).resolve().parent / "results" / "lce.csv"
 SHAPES = {  # name -> (N, D, C)
@@ -75,7 +75,7 @@ def _run_shape(cp, gpu, dtypes, repeat, chunks, shape):
         y = rs.randint(0, c, n).astype(cp.int64)
         lower = (n * d + c * d) * np.dtype(dtype).itemsize / 2**20
         res = {}
-        for name, fn in lce.providers(cp, X, W, y, chunks).items():
+        for name, fn in lce.providers(cp, optional_torch(), X=X, W=W, y=y, chunks=chunks).items():
             try:
                 peak = peak_extra_mib(cp, fn)
                 t = gpu_time(cp, fn, repeat)

@@ -10,8 +10,10 @@ computing the loss and the gradient with respect to the logits of one (N, C) bat
     gpuce-numpy     the CPU path (``--dry`` and bench/bench_sce_cpu.py)
 
 The harness (gpuce.benchmark) loads this file with :func:`gpuce.benchmark.load_providers`
-("ce") and reads: OP, NAMES, CPU_NAMES, :func:`gpu_providers`, :func:`cpu_providers`,
-:func:`describe` and :func:`variant_times`.  Importing it imports neither CuPy nor torch.
+("ce") and reads the interface every provider file has -- OP, NAMES and
+:func:`providers` -- and this op's extras: CPU_NAMES, :func:`describe` (the fused plan and
+the kernel-only time of a measured point) and :func:`variant_times` (``--variants``).
+bench/probe.py uses :func:`fused_kernel_only`.  Importing it imports neither CuPy nor torch.
 """
 
 from __future__ import annotations
@@ -22,13 +24,25 @@ OP = "softmax_cross_entropy"
 # every provider name a sweep can run (--providers is checked against these; "fused[...]"
 # names the pinned fused variants of --variants)
 NAMES = ("gpuce-fused", "gpuce-portable", "naive-cupy", "torch-eager", "torch-compile", "liger")
-CPU_NAMES = ("gpuce-numpy",)  # cpu_providers()' names; NAMES then CPU_NAMES: the table's column order
+CPU_NAMES = ("gpuce-numpy",)  # providers(numpy)'s names; NAMES then CPU_NAMES: the table's column order
 
 
-def gpu_providers(cp, with_torch=True, softcap=None):
-    """name -> fn(x, y) on CuPy logits x and int64 labels y.  With ``softcap`` every provider
+def providers(xp, torch=None, *, softcap=None):
+    """name -> fn(x, y) on logits x and int64 labels y of the array module ``xp``.
+
+    ``xp`` NumPy: gpuce's CPU path (CPU_NAMES).  ``xp`` CuPy: gpuce's two GPU paths, naive
+    CuPy, and with ``torch`` (the module, given when it sees a CUDA device; None leaves them
+    out) torch eager and compiled and Liger where importable.  With ``softcap`` every provider
     caps the logits at softcap * tanh(f / softcap) (gpuce in its kernels, torch eagerly, Liger
     with its option; naive CuPy and torch.compile are left out)."""
+    import numpy as np
+
+    if xp is np:
+        return _cpu_providers()
+    return _gpu_providers(xp, torch, softcap)
+
+
+def _gpu_providers(cp, torch, softcap):
     import gpuce
 
     provs = {}
@@ -55,36 +69,32 @@ def gpu_providers(cp, with_torch=True, softcap=None):
     provs["gpuce-portable"] = portable
     if softcap is None:
         provs["naive-cupy"] = naive
-    if with_torch:
+    if torch is not None:
         try:
-            import torch
+            if softcap is not None:
+                def capped_ce(t, y):
+                    return torch.nn.functional.cross_entropy(softcap * torch.tanh(t / softcap), y)
 
-            if torch.cuda.is_available():
-                if softcap is not None:
-                    def capped_ce(t, y):
-                        return torch.nn.functional.cross_entropy(softcap * torch.tanh(t / softcap), y)
-
-                    provs["torch-eager"] = _torch_provider(torch, capped_ce)
-                    liger = _liger_provider(torch, softcap)
-                    if liger is not None:
-                        provs["liger"] = liger
-                    return provs
-                provs["torch-eager"] = _torch_provider(torch)
-                for knob in ("cache_size_limit", "recompile_limit"):  # one compile per shape
-                    if hasattr(torch._dynamo.config, knob):
-                        setattr(torch._dynamo.config, knob, 256)
-                provs["torch-compile"] = _torch_provider(
-                    torch, torch.compile(torch.nn.functional.cross_entropy, dynamic=False))
-                liger = _liger_provider(torch)
+                provs["torch-eager"] = _torch_provider(torch, capped_ce)
+                liger = _liger_provider(torch, softcap)
                 if liger is not None:
                     provs["liger"] = liger
+                return provs
+            provs["torch-eager"] = _torch_provider(torch)
+            for knob in ("cache_size_limit", "recompile_limit"):  # one compile per shape
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, 256)
+            provs["torch-compile"] = _torch_provider(
+                torch, torch.compile(torch.nn.functional.cross_entropy, dynamic=False))
+            liger = _liger_provider(torch)
+            if liger is not None:
+                provs["liger"] = liger
         except Exception:
             pass
     return provs
 
 
-def cpu_providers():
-    """name -> fn(x, y) on NumPy arrays: gpuce's CPU path (CPU_NAMES)."""
+def _cpu_providers():
     import gpuce
 
     return {"gpuce-numpy": lambda x, y: gpuce.softmax_cross_entropy(x, y, return_grad=True)}

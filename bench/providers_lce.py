@@ -9,13 +9,16 @@ gradients dX and dW of one batch, returning its outputs (so the memory probe see
 * ``liger``            Liger-Kernel's LigerFusedLinearCrossEntropyLoss, where importable
 * ``cce``              Cut Cross-Entropy's linear_cross_entropy, where importable
 
-Loaded by path with ``gpuce.benchmark.load_providers("lce")``; importing it imports neither
-CuPy nor torch.
+Loaded by path with ``gpuce.benchmark.load_providers("lce")``, which bench/bench_lce.py's
+sweep calls; the interface every provider file has: OP, NAMES and :func:`providers`.
+Importing it imports neither CuPy nor torch.
 """
 
 from __future__ import annotations
 
 OP = "linear_ce"
+# every provider name (and "gpuce[chunk=K]" for each chunk size asked for)
+NAMES = ("three-gemms", "gpuce", "torch", "liger", "cce")
 
 
 def _torch_inputs(torch, X, W, y):
@@ -24,8 +27,11 @@ def _torch_inputs(torch, X, W, y):
     return tx, tw, torch.from_dlpack(y)
 
 
-def providers(cp, X, W, y, chunks):
-    """name -> zero-argument callable returning its outputs (so the memory probe sees them)."""
+def providers(cp, torch=None, *, X, W, y, chunks=()):
+    """name -> zero-argument callable returning its outputs (so the memory probe sees them), on
+    CuPy hidden states X (N, D), weights W (C, D) and int64 labels y.  ``torch`` (the module,
+    given when it sees a CUDA device; None leaves them out): torch, Liger and CCE, the last two
+    where importable."""
     import gpuce
 
     out = {}
@@ -43,11 +49,9 @@ def providers(cp, X, W, y, chunks):
     out["gpuce"] = gpuce_call(None)
     for k in chunks:
         out[f"gpuce[chunk={k}]"] = gpuce_call(k)
-    try:
-        import torch
-        import torch.nn.functional as F
-    except Exception:
+    if torch is None:
         return out
+    F = torch.nn.functional
     tx, tw, ty = _torch_inputs(torch, X, W, y)
 
     def autograd(loss_fn):

@@ -5,9 +5,16 @@ gradient with respect to the logits) over C at fixed N*C, the timing and memory 
 tidy CSV, the plot and the README table.  The providers (gpuce's paths, naive CuPy, torch
 eager and compiled, Liger-Kernel) are not here: each op's live in one file of the source
 tree's ``bench/`` folder (bench/providers_ce.py for this sweep, bench/providers_lce.py for the
-linear cross-entropy of bench/bench_lce.py), which :func:`load_providers` loads by path.  The
-wheel carries the same files as ``gpuce/bench_providers/`` (pyproject.toml force-includes
-them), so ``gpuce bench`` from an installed wheel finds them too.
+linear cross-entropy of bench/bench_lce.py).  Every such file has the same small interface:
+``OP`` (the CSV's op), ``NAMES`` (its provider names) and ``providers(xp, torch, **options)``
+-> {name: callable}; the sweeps take the provider module as an argument (``module``, by
+default this op's).
+
+How the providers are found: :func:`load_providers` imports ``providers_<op>.py`` by file
+path from :func:`provider_dir`, never as ``bench.providers_<op>`` (bench/ is a package of the
+source checkout only, not of the wheel).  The wheel carries the same files as
+``gpuce/bench_providers/`` (pyproject.toml force-includes them, as it does kernels/), and
+that folder is looked in first, so ``gpuce bench`` from an installed wheel finds them too.
 
 A device-to-device copy of the logits (provider ``copy``) is the bandwidth yardstick.
 Metrics: p20 / p50 / p80 ms of the whole call as a user sees it (cupyx.profiler.benchmark,
@@ -131,6 +138,17 @@ def load_providers(op: str):
     return mod
 
 
+def optional_torch():
+    """torch when it is importable and sees a CUDA device, else None: the ``torch`` argument
+    of a provider file's ``providers`` (its torch-based providers are left out with None)."""
+    try:
+        import torch
+
+        return torch if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
 # ------------------------------------------------------------------------------ measuring
 
 def _np_dtype(name):
@@ -183,19 +201,20 @@ def peak_extra_mib(cp, fn):
 
 
 def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on_rows=None,
-              variants=False, rows=None, softcap=None):
+              variants=False, rows=None, softcap=None, module=None):
     """Measure every (N*C, dtype, C) point; ``on_rows(rows)`` is called after each point (the
     CLI upserts there, so a sweep cut short by a time limit keeps what it measured).
-    ``variants``: also time every other fused plan that can run the shape (each pinned through
-    the backend's ``variant`` argument), as providers ``fused[<variant>]`` -- the data the
-    planner's order is set from.  ``rows``: a fixed N for every C instead of N = total // C (the small-C
-    target is stated at N = 2^24)."""
+    ``module``: the provider module (default bench/providers_ce.py); ``providers``: only these
+    of its names.  ``variants``: also time every other fused plan that can run the shape (each
+    pinned through the backend's ``variant`` argument), as providers ``fused[<variant>]`` --
+    the data the planner's order is set from.  ``rows``: a fixed N for every C instead of
+    N = total // C (the small-C target is stated at N = 2^24)."""
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    ce = load_providers("ce")
-    provs = ce.gpu_providers(cp, softcap=softcap)
+    ce = module if module is not None else load_providers("ce")
+    provs = ce.providers(cp, optional_torch(), softcap=softcap)
     if providers:
         provs = {k: v for k, v in provs.items() if k in providers}
     fixed_n = rows
@@ -213,7 +232,8 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
             try:
                 t, cpu = gpu_time(cp, lambda: fn(x, y), repeat, with_cpu=True)
                 peak = peak_extra_mib(cp, lambda: fn(x, y))
-                note, more = ce.describe(cp, name, x, y, repeat, softcap)
+                note, more = (ce.describe(cp, name, x, y, repeat, softcap)
+                              if hasattr(ce, "describe") else ("", {}))
                 extra[name] = {"cpu_ms": f"{cpu:.4f}", **more}
                 res[name] = (t, peak, note)
             except Exception as e:  # out of memory for a provider: record and go on
@@ -244,11 +264,12 @@ def gpu_sweep(classes, totals, dtypes, repeat, providers=None, progress=True, on
     return rows, gpu
 
 
-def cpu_sweep(classes, totals, dtypes, repeat, note=""):
-    """The CPU providers (gpuce's NumPy path) against a copy.  ``--dry`` runs it at tiny sizes
-    to check the harness without a GPU; bench/bench_sce_cpu.py at real ones."""
-    ce = load_providers("ce")
-    provs = ce.cpu_providers()
+def cpu_sweep(classes, totals, dtypes, repeat, note="", module=None):
+    """The CPU providers (``module.providers(numpy)``; by default bench/providers_ce.py's:
+    gpuce's NumPy path) against a copy.  ``--dry`` runs it at tiny sizes to check the harness
+    without a GPU; bench/bench_sce_cpu.py at real ones."""
+    ce = module if module is not None else load_providers("ce")
+    provs = ce.providers(np)
     name = cpu_name()
     rows = []
     rng = np.random.default_rng(0)

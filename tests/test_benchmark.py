@@ -84,10 +84,62 @@ def test_providers_are_found_one_file_an_op():
     ce = B.load_providers("ce")
     assert Path(ce.__file__) == root / "bench" / "providers_ce.py" and B.load_providers("ce") is ce
     assert ce.OP == "softmax_cross_entropy" and "gpuce-fused" in ce.NAMES and "liger" in ce.NAMES
-    assert set(ce.cpu_providers()) == set(ce.CPU_NAMES)
     assert B.load_providers("lce").OP == "linear_ce"
     with pytest.raises(FileNotFoundError, match="no benchmark providers for 'nope'"):
         B.load_providers("nope")
+
+
+def test_a_wheels_provider_folder_is_looked_in_first(tmp_path, monkeypatch):
+    """The wheel's layout (gpuce/bench_providers/ beside gpuce/benchmark.py) wins over a bench/
+    folder next to the package; with neither the error names both places."""
+    pkg = tmp_path / "gpuce"
+    for d in (pkg / "bench_providers", tmp_path / "bench"):
+        d.mkdir(parents=True)
+        (d / "providers_ce.py").write_text("OP = 'x'\n")
+    monkeypatch.setattr(B, "_PKG_DIR", pkg)
+    assert B.provider_dir() == pkg / "bench_providers"
+    (pkg / "bench_providers" / "providers_ce.py").unlink()
+    assert B.provider_dir() == tmp_path / "bench"
+    (tmp_path / "bench" / "providers_ce.py").unlink()
+    with pytest.raises(FileNotFoundError, match="bench_providers"):
+        B.provider_dir()
+
+
+def test_every_provider_file_has_the_same_interface():
+    """OP, NAMES and providers(xp, torch, **options) -> {name: callable}, the names among NAMES
+    (callables are only built here: nothing runs, no GPU needed)."""
+    import re
+    import types
+
+    import numpy as np
+
+    files = sorted(B.provider_dir().glob("providers_*.py"))
+    assert {f.stem for f in files} >= {"providers_ce", "providers_lce"}
+    for f in files:
+        mod = B.load_providers(f.stem.removeprefix("providers_"))
+        assert isinstance(mod.OP, str) and mod.OP and isinstance(mod.NAMES, tuple) and mod.NAMES
+        assert callable(mod.providers)
+    ce, lce = B.load_providers("ce"), B.load_providers("lce")
+    fake_cp = types.SimpleNamespace()  # not NumPy: the GPU providers
+    assert set(ce.providers(np)) == set(ce.CPU_NAMES) == {"gpuce-numpy"}
+    assert set(ce.providers(fake_cp, None)) == {"gpuce-fused", "gpuce-portable", "naive-cupy"}
+    assert set(ce.providers(fake_cp, None, softcap=30.0)) == {"gpuce-fused", "gpuce-portable"}
+    assert set(ce.providers(fake_cp, None)) <= set(ce.NAMES)
+    got = lce.providers(fake_cp, None, X=None, W=None, y=None, chunks=[64, 256])
+    assert set(got) == {"three-gemms", "gpuce", "gpuce[chunk=64]", "gpuce[chunk=256]"}
+    assert all(n in lce.NAMES or re.fullmatch(r"gpuce\[chunk=\d+\]", n) for n in got)
+
+
+def test_cpu_sweep_runs_the_provider_module_it_is_given():
+    import types
+
+    toy = types.SimpleNamespace(OP="toy_op", NAMES=("toy",),
+                                providers=lambda xp: {"toy": lambda x, y: xp.exp(x).sum()})
+    rows, name = B.cpu_sweep([10, 100], [2**10], ["float32"], 2, note="toy", module=toy)
+    assert name == B.cpu_name()
+    assert sorted((r["op"], r["provider"], r["C"]) for r in rows) == [
+        ("copy", "copy", 10), ("copy", "copy", 100), ("toy_op", "toy", 10), ("toy_op", "toy", 100)]
+    assert all(float(r["p50_ms"]) > 0 and r["note"] == "toy" for r in rows)
 
 
 def test_providers_import_neither_cupy_nor_torch():

@@ -71,6 +71,7 @@ def test_installed_copy_benchmarks_with_its_own_providers(wheel, tmp_path):
         "d = B.provider_dir(); assert str(d).startswith(sys.argv[1]), d\n"
         "ce = B.load_providers('ce'); assert ce.__file__.startswith(sys.argv[1]), ce.__file__\n"
         "assert B.load_providers('lce').OP == 'linear_ce'\n"
+        "import numpy; print('names', *ce.NAMES, *sorted(ce.providers(numpy)))\n"
         "assert B.main(['--dry', '--results-dir', sys.argv[2], '--no-progress', '--classes', '10']) == 0\n"
         "rows = list(csv.DictReader(open(sys.argv[2] + '/dry_sce.csv')))\n"
         "print(sorted({r['provider'] for r in rows}))\n"
@@ -79,3 +80,4 @@ def test_installed_copy_benchmarks_with_its_own_providers(wheel, tmp_path):
                          text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "['copy', 'gpuce-numpy']" in out.stdout
+    assert "names gpuce-fused gpuce-portable naive-cupy torch-eager torch-compile liger gpuce-numpy" in out.stdout
