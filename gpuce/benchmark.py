@@ -277,7 +277,7 @@ def cpu_sweep(classes, totals, dtypes, repeat, note="", module=None):
         for dtype in dtypes:
             for c in classes:
                 n = max(1, total // c)
-                x = rng.standard_normal((n, c)).astype(dtype)
+                x = rng.standard_normal((n, c)).astype(_np_dtype(dtype))
                 y = rng.integers(0, c, n)
                 dst = np.empty_like(x)
 

@@ -158,3 +158,9 @@ def test_unknown_provider_names_the_known_ones(capsys):
         B.main(["--dry", "--providers", "nope"])
     err = capsys.readouterr().err
     assert "unknown provider 'nope'" in err and "gpuce-fused" in err
+
+
+def test_cpu_sweep_takes_bfloat16_by_name():
+    """``--dry --dtypes bfloat16`` (a name NumPy alone does not know: ml_dtypes')."""
+    rows, _ = B.cpu_sweep([100], [2**10], ["bfloat16"], 2)
+    assert {(r["provider"], r["dtype"]) for r in rows} == {("copy", "bfloat16"), ("gpuce-numpy", "bfloat16")}
