@@ -8,6 +8,7 @@ from .information import cross_entropy, entropy, kl_div
 from .sce import softmax_cross_entropy
 from .linear import LinearGrads, linear_cross_entropy
 from .softmax import log_softmax, logsumexp, softmax
+from .tokens import linear_token_logprobs, token_logprobs
 from ._results import SceStats
 from ._impl import use_impl
 from ._explain import explain
@@ -34,6 +35,8 @@ __all__ = [
     "softmax_cross_entropy",
     "linear_cross_entropy",
     "LinearGrads",
+    "token_logprobs",
+    "linear_token_logprobs",
     "SceStats",
     "use_impl",
     "explain",

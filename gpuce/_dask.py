@@ -33,8 +33,8 @@ from ._backend import all_finite, array_module, is_cupy_array, is_dask_array
 from ._impl import auto_impl, resolve_impl, use_impl
 from ._rows import mean_denominator, sum_squares, weighted_z_loss
 from ._results import LinearGrads, SceStats
-from ._validation import (acc_dtype, check_axis, check_float, check_same_shape, label_error,
-                          linear_args, sce_args)
+from ._validation import (ShapeOnly, acc_dtype, check_axis, check_float, check_same_shape,
+                          label_error, linear_args, sce_args, token_args)
 
 
 def _da():
@@ -504,6 +504,125 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
     dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X)
           if input_grad else None)
     return _outputs(loss, LinearGrads(dX, dW, db), stats, args)
+
+
+# -- token log-probabilities and entropy (gpuce.tokens) ------------------------------------------
+# Row-local: one task a row block runs the in-memory function, nothing is reduced over rows
+# except the linear form's dW and db (the tree of sums, rounded once in the finishing task).
+
+def _token_part(run, x, t, gl, gh, args, row0, opts):
+    _check_block_labels(t, row0, args)
+    out = run(x, t, grad_logprobs=gl, grad_entropy=gh, **opts)
+    out = out if isinstance(out, tuple) else (out,)
+    part = {"logp": out[0], "entropy": out[1] if args.return_entropy else None,
+            "grad": out[-1] if args.return_grad else None}
+    if args.return_grad and not hasattr(part["grad"], "shape"):  # LinearGrads
+        g = part.pop("grad")
+        part.update(dX=g.X, dW=g.W, db=g.bias)
+    return part
+
+
+def _token_inputs(x, name, t, grad_logprobs, grad_entropy):
+    x = _as_dask(x)
+    _rows_only(x, name, what="classes" if name == "logits" else "feature")
+    t = _align_rows(t, x, "target")
+    gl = None if grad_logprobs is None else _align_rows(grad_logprobs, x, "grad_logprobs")
+    gh = None if grad_entropy is None else _align_rows(grad_entropy, x, "grad_entropy")
+    return x, t, gl, gh
+
+
+def _blocks_of(a, count):
+    return [None] * count if a is None else list(a.to_delayed().ravel())
+
+
+def _token_outputs(parts, args, lead_shapes, like, extra):
+    out = (_from_parts(parts, "logp", lead_shapes, args.acc, like),)
+    if args.return_entropy:
+        out += (_from_parts(parts, "entropy", lead_shapes, args.acc, like),)
+    out += extra
+    return out[0] if len(out) == 1 else out
+
+
+def token_logprobs(run, logits, target, *, temperature, return_entropy, softcap, ignore_index,
+                   return_grad, grad_logprobs, grad_entropy):
+    """The dask form of gpuce.token_logprobs: the in-memory call on each row block."""
+    logits, target, gl, gh = _token_inputs(logits, "logits", target, grad_logprobs, grad_entropy)
+    args = token_args(logits, target, temperature=temperature, softcap=softcap,
+                      ignore_index=ignore_index, return_entropy=return_entropy,
+                      return_grad=return_grad)
+    for a, name in ((target, "target"), (gl, "grad_logprobs"), (gh, "grad_entropy")):
+        if a is not None:
+            _rows_only(a, name)
+    array_module(logits._meta, target._meta)  # raises for NumPy mixed with CuPy
+    opts = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+                ignore_index=ignore_index, return_grad=return_grad)
+    k = logits.numblocks[0]
+    parts = [_call(_token_part, "tokens-part", run, x, t, a, b, args, r0, opts)
+             for x, t, a, b, r0 in zip(logits.to_delayed().ravel(), target.to_delayed().ravel(),
+                                       _blocks_of(gl, k), _blocks_of(gh, k), _row_starts(logits))]
+    lead_shapes = [(m,) + tuple(args.lead_shape[1:]) for m in logits.chunks[0]]
+    extra = ()
+    if return_grad:
+        extra = (_from_parts(parts, "grad", [s + (args.c,) for s in lead_shapes], logits.dtype,
+                             logits),)
+    return _token_outputs(parts, args, lead_shapes, logits, extra)
+
+
+def _token_linear_finish(total, W):
+    out = {}
+    if total.get("dW") is not None:
+        out["dW"] = total["dW"].astype(W.dtype, copy=False)  # rounded once
+    if total.get("db") is not None:
+        out["db"] = total["db"].astype(W.dtype, copy=False)
+    return out
+
+
+def linear_token_logprobs(run, X, W, target, *, bias, temperature, return_entropy, softcap,
+                          ignore_index, chunk_size, return_grad, input_grad, grad_logprobs,
+                          grad_entropy, check_finite, _acc_grads=False):
+    """The dask form of gpuce.linear_token_logprobs: the in-memory call on each row block
+    (accumulation-dtype gradients), dW and db summed by a tree and rounded once."""
+    da = _da()
+    W, bias = (v.compute() if is_dask_array(v) else v for v in (W, bias))
+    X, target, gl, gh = _token_inputs(X, "X", target, grad_logprobs, grad_entropy)
+    array_module(X._meta, target._meta, W, bias)  # raises for NumPy mixed with CuPy
+    if target.ndim != 1:
+        raise ValueError(f"target must be (N,) integer tokens, got shape {target.shape}")
+    n, d = X.shape
+    c = W.shape[0]
+    args = token_args(ShapeOnly((n, c), X.dtype), target, temperature=temperature,
+                      softcap=softcap, ignore_index=ignore_index, return_entropy=return_entropy,
+                      return_grad=return_grad)
+    opts = dict(W=_constant(W, "W"), bias=_constant(bias, "bias"), temperature=temperature,
+                return_entropy=return_entropy, softcap=softcap, ignore_index=ignore_index,
+                chunk_size=chunk_size, return_grad=return_grad, input_grad=input_grad,
+                check_finite=check_finite, _acc_grads=True)
+    k = X.numblocks[0]
+    parts = [_call(_token_part, "linear-tokens-part", _linear_tokens_call(run), x, t, a, b, args,
+                   r0, opts)
+             for x, t, a, b, r0 in zip(X.to_delayed().ravel(), target.to_delayed().ravel(),
+                                       _blocks_of(gl, k), _blocks_of(gh, k), _row_starts(X))]
+    lead_shapes = [(m,) for m in X.chunks[0]]
+    extra = ()
+    if return_grad:
+        keep = ("dW",) + (("db",) if bias is not None else ())
+        fin = _call(_token_linear_finish, "linear-tokens-finish", _tree_sum(parts, keep), W)
+        dW = da.from_delayed(fin["dW"], shape=W.shape, dtype=W.dtype, meta=_meta(X, 2, W.dtype))
+        db = (da.from_delayed(fin["db"], shape=(c,), dtype=W.dtype, meta=_meta(X, 1, W.dtype))
+              if bias is not None else None)
+        dX = (_from_parts(parts, "dX", [(m, d) for m in X.chunks[0]], X.dtype, X)
+              if input_grad else None)
+        extra = (LinearGrads(dX, dW, db),)
+    return _token_outputs(parts, args, lead_shapes, X, extra)
+
+
+def _linear_tokens_call(run):
+    """``run(X_block, target_block, W=..., ...)`` as linear_token_logprobs(X, W, target, ...)."""
+    return functools.partial(_run_linear_tokens, run)
+
+
+def _run_linear_tokens(run, x, t, *, W, **opts):
+    return run(x, W, t, **opts)
 
 
 # -- SoftmaxClassifier -------------------------------------------------------------------------

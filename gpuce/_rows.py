@@ -143,6 +143,15 @@ def run_rows(xp, x2, target, weight, args, grad_out, impl="auto", variant=None):
     return out._replace(stats=out.stats._replace(predicted=predicted))
 
 
+def run_token_rows(xp, x2, labels, args, logp_out, entropy_out=None, grad_out=None,
+                   g_logp=None, g_entropy=None):
+    """Token log-probabilities and entropy of validated (N, C) logits (:mod:`gpuce.tokens`),
+    written into the outputs; the gradient into ``grad_out`` when given (it may be ``x2``)."""
+    from ._tokens_rows import token_rows
+
+    token_rows(xp, x2, labels, args, logp_out, entropy_out, grad_out, g_logp, g_entropy)
+
+
 def explain_rows(xp, logits, target, args, impl, walk) -> list:
     """gpuce.explain's lines for the backend and the path :func:`run_rows` takes: NumPy's
     chunked passes, or on CuPy the implementation (and why) and, on the fused path, the

@@ -120,3 +120,30 @@ def soft_target_grads(ops, a, y, w, eps, target_grad, weight_grad):
         c = a.shape[-1]
         d_weight = (smoothed_target(ops, y, eps, c) * a).reshape(-1, c).sum(0)
     return d_target, d_weight
+
+
+# -- token log-probabilities and entropy ---------------------------------------------------------
+#
+# Row i at temperature τ reads u = v / τ (v the capped logits); with m = max u, e_j = u_j − m,
+# s = Σ_j exp(e_j), log s and b = Σ_j exp(e_j) e_j (each term 0 where exp(e_j) = 0):
+#
+#     log p_i = u_k − lse = e_k − log s,        H_i = −Σ_j q_j log q_j = log s − b / s,
+#
+# and for incoming row gradients g_l (of log p) and g_H (of H), with log q_j = e_j − log s,
+#
+#     ∂/∂v_j = (1/τ) (g_l ([j = k] − q_j) − g_H q_j (log q_j + H))
+#            = (1/τ) (g_l [j = k] − q_j (α + g_H e_j)),      α = g_l − g_H b / s,
+#
+# q_j (α + g_H e_j) taken as 0 where q_j = 0 (an entry at −inf).
+
+def token_terms(ops, t, log_s, b, s):
+    """(log p, H) per row from the shifted label value t = e_k, log s, b and s."""
+    return t - log_s, log_s - b / s
+
+
+def token_grad_alpha(ops, g_logp, g_entropy, b, s):
+    """α = g_l − g_H b / s per row (g_l, g_H arrays or None for 0)."""
+    alpha = ops.scalar(0) if g_logp is None else g_logp
+    if g_entropy is not None:
+        alpha = alpha - g_entropy * (b / s)
+    return alpha

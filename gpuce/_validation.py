@@ -358,3 +358,76 @@ def check_linear_args(xp, X, W, y, bias, reg, check_finite=True):
             if a is not None and not all_finite(xp, a):
                 raise ValueError(f"{name} contains NaN or infinity")
     return reg
+
+
+# -- token log-probabilities and entropy (gpuce.tokens) ------------------------------------------
+
+@dataclass(frozen=True)
+class TokenArgs:
+    """Normalised arguments of token_logprobs / linear_token_logprobs.  ``kind`` is always
+    "label" (the label checks of the cross-entropy path read it)."""
+
+    lead_shape: tuple  # logits.shape[:-1]
+    n: int  # rows
+    c: int  # classes
+    acc: np.dtype
+    temperature: float
+    softcap: float  # 0.0 for none
+    ignore_index: int
+    return_entropy: bool
+    return_grad: bool
+    kind: str = "label"
+
+    @property
+    def inv_temperature(self) -> float:
+        return 1.0 / self.temperature
+
+
+def check_temperature(temperature) -> float:
+    """``temperature``: a finite real τ > 0."""
+    t = _real(temperature, "temperature")
+    if not (math.isfinite(t) and t > 0.0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return t
+
+
+def token_args(logits, target, *, temperature, softcap, ignore_index, return_entropy,
+               return_grad) -> TokenArgs:
+    """Every up-front check of token_logprobs (``logits`` may be a :class:`ShapeOnly`)."""
+    check_float(logits, "logits")
+    c = logits.shape[-1]
+    if c < 1:
+        raise ValueError(f"logits must have at least one class along the last axis, got shape {logits.shape}")
+    lead = tuple(logits.shape[:-1])
+    if np.dtype(target.dtype).kind not in "iu":
+        raise TypeError(f"target must be integer token ids (class labels), got {target.dtype}")
+    if tuple(target.shape) != lead:
+        raise ValueError(f"target must have shape logits.shape[:-1] = {lead}, got {tuple(target.shape)}")
+    if isinstance(ignore_index, (bool, np.bool_)):
+        raise TypeError("ignore_index must be an integer, got bool")
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}") from None
+    return TokenArgs(lead, math.prod(lead), c, acc_dtype(logits.dtype),
+                     check_temperature(temperature), check_softcap(softcap), ignore_index,
+                     check_flag(return_entropy, "return_entropy"),
+                     check_flag(return_grad, "return_grad"))
+
+
+def check_row_grads(xp, args: TokenArgs, grad_logprobs, grad_entropy):
+    """The incoming row gradients of token_logprobs' backward: None or real arrays of the
+    rows' shape; returned as flat (N,) arrays in the accumulation dtype (None stays None)."""
+    if (grad_logprobs is not None or grad_entropy is not None) and not args.return_grad:
+        raise ValueError("grad_logprobs / grad_entropy are the incoming gradients of "
+                         "return_grad=True; pass return_grad=True")
+    out = []
+    for g, name in ((grad_logprobs, "grad_logprobs"), (grad_entropy, "grad_entropy")):
+        if g is not None:
+            if not (is_float_dtype(g.dtype) or np.dtype(g.dtype).kind in "iu"):
+                raise TypeError(f"{name} must be a real array, got {g.dtype}")
+            if tuple(g.shape) != args.lead_shape:
+                raise ValueError(f"{name} must have the rows' shape {args.lead_shape}, got {tuple(g.shape)}")
+            g = xp.ascontiguousarray(g.reshape(-1).astype(args.acc, copy=False))
+        out.append(g)
+    return tuple(out)
