@@ -17,7 +17,7 @@ import numpy as np
 from . import _rowterms as terms
 
 NUMPY_BLOCK_ELEMENTS = 1 << 18
-CUPY_BLOCK_ELEMENTS = 1 << 26
+CUPY_BLOCK_ELEMENTS = 1 << 24
 
 
 def token_rows(xp, x2, labels, args, logp_out, entropy_out=None, grad_out=None,

@@ -1,4 +1,5 @@
-"""gpuce.token_logprobs and gpuce.linear_token_logprobs on NumPy (and dask) against a float64
+"""gpuce.token_logprobs and gpuce.linear_token_logprobs on NumPy, CuPy (both GPU paths, with a
+GPU) and dask against a float64
 reference written here from the definitions: u = cap(f) / τ, log p = u_k − logsumexp(u),
 H = −Σ q log q with q = softmax(u), and the gradient of Σ g_l log p + g_H H by the chain rule
 through the softmax's Jacobian (a different route from the implementation's closed form)."""
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpuce
-from helpers import rng_for
+from helpers import rng_for, to_numpy
 
 IGNORE = -100
 
@@ -54,13 +55,15 @@ def rows(rng, n, c, scale=3.0):
 @pytest.mark.parametrize("tau", [0.5, 1.0, 1.7])
 @pytest.mark.parametrize("cap", [None, 4.0])
 @pytest.mark.parametrize("c", [1, 2, 37, 300])
-def test_float64_against_reference(tau, cap, c):
+def test_float64_against_reference(xp, tau, cap, c):
     rng = rng_for("tokens", tau, cap, c)
     f, k = rows(rng, 23, c)
     k[[3, 11]] = IGNORE
     gl, gh = rng.normal(size=23), rng.normal(size=23)
-    logp, ent, grad = gpuce.token_logprobs(f, k, temperature=tau, softcap=cap, return_entropy=True,
-                                           return_grad=True, grad_logprobs=gl, grad_entropy=gh)
+    out = gpuce.token_logprobs(xp.asarray(f), xp.asarray(k), temperature=tau, softcap=cap,
+                               return_entropy=True, return_grad=True,
+                               grad_logprobs=xp.asarray(gl), grad_entropy=xp.asarray(gh))
+    logp, ent, grad = (to_numpy(a) for a in out)
     rl, re, rg = ref_rows(f, k, tau, cap, gl, gh)
     assert logp.dtype == ent.dtype == grad.dtype == np.float64
     np.testing.assert_allclose(logp, rl, rtol=1e-12, atol=1e-12)
@@ -92,7 +95,7 @@ def test_outputs_by_flags_and_leading_dims():
     assert (g0 == 0).all()
 
 
-def test_adversarial_rows():
+def test_adversarial_rows(xp):
     inf, nan = np.inf, np.nan
     f = np.array([
         [1e4, -1e4, 0.0, 5.0],     # huge: q one-hot, H = 0, finite
@@ -107,8 +110,10 @@ def test_adversarial_rows():
     ])
     k = np.array([0, 1, 2, 0, 1, 2, 3, IGNORE, 1])
     gl, gh = np.full(9, 0.7), np.full(9, -0.4)
-    logp, ent, grad = gpuce.token_logprobs(f, k, return_entropy=True, return_grad=True,
-                                           grad_logprobs=gl, grad_entropy=gh)
+    out = gpuce.token_logprobs(xp.asarray(f), xp.asarray(k), return_entropy=True,
+                               return_grad=True, grad_logprobs=xp.asarray(gl),
+                               grad_entropy=xp.asarray(gh))
+    logp, ent, grad = (to_numpy(a) for a in out)
     rl, re, rg = ref_rows(f, k, gl=gl, gh=gh)
     np.testing.assert_allclose(logp, rl, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(ent, re, rtol=1e-12, atol=1e-15)
@@ -134,7 +139,7 @@ def test_n_zero_and_all_ignored():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_16_and_32_bit_against_float64_of_the_same_values(dtype):
+def test_16_and_32_bit_against_float64_of_the_same_values(xp, dtype):
     import ml_dtypes  # noqa: F401 (bfloat16's dtype)
 
     rng = rng_for("tokens-dtype", dtype)
@@ -142,8 +147,10 @@ def test_16_and_32_bit_against_float64_of_the_same_values(dtype):
     k[5] = IGNORE
     f = f.astype(dtype)
     gl, gh = rng.normal(size=40), rng.normal(size=40)
-    logp, ent, grad = gpuce.token_logprobs(f, k, temperature=0.8, return_entropy=True,
-                                           return_grad=True, grad_logprobs=gl, grad_entropy=gh)
+    out = gpuce.token_logprobs(xp.asarray(f), xp.asarray(k), temperature=0.8,
+                               return_entropy=True, return_grad=True,
+                               grad_logprobs=xp.asarray(gl), grad_entropy=xp.asarray(gh))
+    logp, ent, grad = (to_numpy(a) for a in out)
     assert logp.dtype == ent.dtype == np.float32 and grad.dtype == f.dtype
     rl, re, rg = ref_rows(f.astype(np.float64), k, 0.8, None, gl.astype(np.float32),
                           gh.astype(np.float32))
@@ -183,12 +190,13 @@ def test_bad_arguments(bad, err, match):
         gpuce.token_logprobs(f, np.zeros(4, np.int64), **bad)
 
 
-def test_bad_targets():
-    f = np.zeros((4, 5))
+def test_bad_targets(xp):
+    f = xp.zeros((4, 5))
     with pytest.raises(ValueError, match=r"label 5 at position \(2,\)"):
-        gpuce.token_logprobs(f, np.array([0, 1, 5, 2]))
+        gpuce.token_logprobs(f, xp.asarray([0, 1, 5, 2]))
     with pytest.raises(ValueError, match="label -1"):
-        gpuce.token_logprobs(f, np.array([0, -1, 1, 2]))
+        gpuce.token_logprobs(f, xp.asarray([0, -1, 1, 2]))
+    f = np.zeros((4, 5))
     with pytest.raises(TypeError, match="integer"):
         gpuce.token_logprobs(f, np.zeros(4))
     with pytest.raises(ValueError, match="shape"):
@@ -212,13 +220,16 @@ def linear_problem(rng, n=17, d=6, c=41):
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 5, 17])
 @pytest.mark.parametrize("cap", [None, 2.5])
-def test_linear_against_reference(chunk_size, cap):
+def test_linear_against_reference(xp, chunk_size, cap):
     rng = rng_for("tokens-linear", chunk_size, cap)
     X, W, b, k = linear_problem(rng)
     gl, gh = rng.normal(size=17), rng.normal(size=17)
     logp, ent, grads = gpuce.linear_token_logprobs(
-        X, W, k, bias=b, temperature=1.3, softcap=cap, return_entropy=True, return_grad=True,
-        grad_logprobs=gl, grad_entropy=gh, chunk_size=chunk_size)
+        *(xp.asarray(a) for a in (X, W, k)), bias=xp.asarray(b), temperature=1.3, softcap=cap,
+        return_entropy=True, return_grad=True, grad_logprobs=xp.asarray(gl),
+        grad_entropy=xp.asarray(gh), chunk_size=chunk_size)
+    logp, ent = to_numpy(logp), to_numpy(ent)
+    grads = type(grads)(*(to_numpy(a) for a in grads))
     rl, re, rg = ref_rows(X @ W.T + b, k, 1.3, cap, gl, gh)
     np.testing.assert_allclose(logp, rl, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ent, re, rtol=1e-12, atol=1e-12)
@@ -266,15 +277,18 @@ def test_linear_input_grad_false_and_no_bias():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_linear_16_bit(dtype):
+def test_linear_16_bit(xp, dtype):
     import ml_dtypes  # noqa: F401
 
     rng = rng_for("tokens-linear-16", dtype)
     X, W, b, k = linear_problem(rng, n=33, d=16, c=300)
     X, W, b = (a.astype(dtype) for a in (X, W, b))
     gl = np.ones(33)
-    lp, ent, g = gpuce.linear_token_logprobs(X, W, k, bias=b, return_entropy=True,
-                                             return_grad=True, grad_logprobs=gl, chunk_size=8)
+    lp, ent, g = gpuce.linear_token_logprobs(
+        *(xp.asarray(a) for a in (X, W, k)), bias=xp.asarray(b), return_entropy=True,
+        return_grad=True, grad_logprobs=xp.asarray(gl), chunk_size=8)
+    lp, ent = to_numpy(lp), to_numpy(ent)
+    g = type(g)(*(to_numpy(a) for a in g))
     assert lp.dtype == ent.dtype == np.float32
     assert g.X.dtype == g.W.dtype == g.bias.dtype == X.dtype
     X64, W64, b64 = (a.astype(np.float64) for a in (X, W, b))
