@@ -1,7 +1,9 @@
 """Dask arrays chunked by rows: the public functions over NumPy or CuPy chunks.
 
 Row-wise functions (softmax, log_softmax, logsumexp, entropy, cross_entropy, kl_div) map
-over the blocks: only the reduced axis must lie in one chunk.  The losses
+over the blocks: only the reduced axis must lie in one chunk.  softmax_cross_entropy also takes
+logits chunked along the classes: its blocks' partial statistics (gpuce._partials) are combined
+a row block at a time, and each gradient block is formed from the combined rows.  The losses
 (softmax_cross_entropy, linear_cross_entropy) build one task per row block that computes the
 block's loss sum, mean denominator and gradient sums with gpuce's in-memory path, a binary
 tree of tasks that adds those partials, and one task that applies the reduction's scale (the
@@ -29,6 +31,8 @@ import uuid
 
 import numpy as np
 
+from . import _partials as partials
+from . import _rowterms as rowterms
 from ._backend import all_finite, array_module, is_cupy_array, is_dask_array
 from ._impl import auto_impl, resolve_impl, use_impl
 from ._rows import mean_denominator, sum_squares, weighted_z_loss
@@ -347,6 +351,12 @@ def softmax_cross_entropy(run, logits, target, *, reduction, ignore_index, weigh
         raise ValueError("inplace=True is not supported for dask arrays (their blocks are "
                          "computed lazily); use return_grad=True")
     logits = _as_dask(logits)
+    _known_chunks(logits, "logits")
+    if logits.ndim >= 2 and logits.numblocks[-1] > 1:  # the classes in several chunks
+        return _class_chunked_sce(logits, target, reduction=reduction, ignore_index=ignore_index,
+                                  weight=weight, label_smoothing=label_smoothing, z_loss=z_loss,
+                                  return_grad=return_grad, softcap=softcap,
+                                  return_stats=return_stats, check_labels=check_labels)
     _rows_only(logits, "logits")
     target = _align_rows(target, logits, "target")
     args = sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
@@ -379,6 +389,190 @@ def softmax_cross_entropy(run, logits, target, *, reduction, ignore_index, weigh
         grad = (_from_parts(parts, "grad", grad_shapes, logits.dtype, logits, scale=fin["scale"])
                 if return_grad else None)
     stats = _stats_arrays(parts, fin, args, lead_shapes, logits) if args.return_stats else None
+    return _outputs(loss, grad, stats, args)
+
+
+# -- softmax_cross_entropy over chunks of classes ---------------------------------------------------
+# Logits chunked along the class axis (and the rows): each (row block, class block) reports its
+# rows' partial statistics (gpuce._partials), one task a row block combines them in class
+# order and forms the rows' loss terms, a tree adds the row blocks' sums, and each block's
+# gradient is formed from its rows' combined statistics.  The block tasks run the array-
+# generic code on the chunks' module (NumPy, or CuPy's portable path).
+
+def _flat_rows(a, c):
+    return a.reshape(-1, c) if c is not None else a.reshape(-1)
+
+
+def _class_part(x, c0, t, y, w, args):
+    xp = array_module(x)
+    cb = x.shape[-1]
+    wb = None if w is None else w[c0:c0 + cb].astype(args.acc, copy=False)
+    return partials.block_partials(
+        xp, _flat_rows(x, cb), c0, args, labels=None if t is None else _flat_rows(t, None),
+        y=None if y is None else _flat_rows(y, cb), weight=wb)
+
+
+def _class_rows(parts, t, args, row0):
+    """A row block's combined statistics and its loss terms (z-loss apart: its coefficient
+    may wait for the whole call's denominator), with the block's sums."""
+    xp = array_module(parts[0]["m"])
+    if t is not None and args.check_labels:
+        _check_block_labels(t, row0, args)
+    lab = None if t is None else _flat_rows(t, None)
+    comb = partials.combine(xp, parts, args.acc)
+    rows = partials.row_terms(xp, comb, args, labels=lab, z=0.0)
+    active, bad = rows["active"], rows["bad"]
+    counted = active & ~bad if args.kind == "label" else active
+    if args.kind == "label":  # bad labels count as ignored in the denominator
+        lbl = lab.astype(np.int64, copy=False)
+        in_range = active & (lbl >= 0) & (lbl < args.c)
+        denom = float(xp.where(in_range, comb["wk"], 0).sum(dtype=np.float64))
+        count = float(in_range.sum())
+        finite = xp.isfinite(comb["M"])
+        correct = xp.where(active, (finite & in_range & (comb["t"] == comb["M"])).astype(args.acc),
+                           args.acc.type(np.nan))
+    else:
+        denom = count = float(lab.size if lab is not None else comb["M"].size)
+        correct = None
+    lse2 = xp.where(active, rows["lse"] * rows["lse"], args.acc.type(0)).astype(args.acc)
+    return {"loss0": rows["loss"], "lse": rows["lse"], "lse2": lse2, "wl": rows["wl"],
+            "a": comb["a"], "active": active, "bad": bad, "imax": comb["imax"],
+            "correct": correct, "counted_rows": counted,
+            "loss_sum": float(rows["loss"].sum(dtype=np.float64)),
+            "lse2_sum": float(lse2.sum(dtype=np.float64)), "denom": denom, "count": count,
+            "n_correct": 0.0 if correct is None else float(xp.nansum(correct, dtype=np.float64)),
+            "n_counted": float(active.sum()) if args.kind == "label" else 0.0}
+
+
+def _class_scale(total, args, w):
+    """(scale, z′): the reduction's scale and the z-loss coefficient of the whole call."""
+    z = args.z_loss
+    if args.reduction != "mean":
+        return 1.0, z
+    if z and w is not None and args.kind == "label":
+        z = weighted_z_loss(z, total["denom"], total["count"])
+    return args.mean_scale(total["denom"]), z
+
+
+def _class_finish(total, args, w):
+    """The loss, the statistics' sums, the scale and z′ of a "sum"/"mean" call."""
+    scale, z = _class_scale(total, args, w)
+    accuracy = total["n_correct"] / total["n_counted"] if total["n_counted"] else math.nan
+    return {"loss": (total["loss_sum"] + z * total["lse2_sum"]) * scale, "scale": scale, "z": z,
+            "z_loss": z * total["lse2_sum"] * scale, "accuracy": accuracy}
+
+
+def _class_grad(x, c0, t, y, w, rows, fin, args, shape):
+    xp = array_module(x)
+    cb = x.shape[-1]
+    scale, z = fin["scale"], fin["z"]
+    lse = rows["lse"]
+    G = rowterms.logit_grad_factor(rowterms.ArrayOps(xp, args.acc), rows["wl"], rows["a"],
+                                      z, lse)
+    r = {"lse": lse, "G": G, "wl": rows["wl"], "active": rows["active"], "bad": rows["bad"]}
+    wb = None if w is None else w[c0:c0 + cb].astype(args.acc, copy=False)
+    g = partials.block_grad(xp, _flat_rows(x, cb), c0, args, r, scale,
+                     labels=None if t is None else _flat_rows(t, None),
+                     y=None if y is None else _flat_rows(y, cb), weight=wb)
+    return g.astype(x.dtype, copy=False).reshape(shape)  # rounded once
+
+
+def _class_rows_out(rows, fin, key, args, shape):
+    xp = array_module(rows["lse"])
+    if key == "loss":
+        v = rows["loss0"] + args.acc.type(fin["z"]) * rows["lse2"]
+    elif key == "z":
+        v = args.acc.type(fin["z"]) * rows["lse2"]
+    elif key == "predicted":
+        return rows["imax"].reshape(shape)
+    else:
+        v = rows[key]
+    return xp.asarray(v, dtype=args.acc).reshape(shape)
+
+
+def _class_chunked_sce(logits, target, *, reduction, ignore_index, weight, label_smoothing,
+                       z_loss, return_grad, softcap, return_stats, check_labels):
+    da = _da()
+    args = sce_args(logits, target, reduction=reduction, ignore_index=ignore_index, weight=weight,
+                    label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
+                    inplace=False, softcap=softcap, return_stats=return_stats,
+                    check_labels=check_labels)
+    for ax in range(1, logits.ndim - 1):
+        if logits.numblocks[ax] != 1:
+            raise ValueError(
+                f"logits is chunked along axis {ax} (chunks {logits.chunks[ax]}); with the "
+                f"classes in several chunks only the first (rows) and last (classes) axes may "
+                f"be chunked: rechunk axis {ax} whole")
+    if is_dask_array(weight):
+        weight = weight.compute()
+    array_module(logits._meta, target._meta if is_dask_array(target) else target, weight)
+    c = args.c
+    row_chunks, class_chunks = logits.chunks[0], logits.chunks[-1]
+    c0s = np.concatenate([[0], np.cumsum(class_chunks)[:-1]]).astype(int).tolist()
+    if args.kind == "label":
+        t = _align_rows(target, logits, "target")
+        _rows_only(t, "target")
+        ts, ys = list(t.to_delayed().ravel()), [None] * len(row_chunks)
+    else:
+        y = _as_dask(target)
+        if y.shape != logits.shape:
+            raise ValueError(f"probability targets must have the logits' shape {logits.shape}, "
+                             f"got {y.shape}")
+        y = y.rechunk(logits.chunks)
+        ys = y.to_delayed().reshape(len(row_chunks), -1, len(class_chunks))[:, 0, :]
+        ts = [None] * len(row_chunks)
+    xs = logits.to_delayed().reshape(len(row_chunks), -1, len(class_chunks))[:, 0, :]
+    wd = _constant(weight, "weight")
+    row_starts = _row_starts(logits)
+    rows = []
+    for i in range(len(row_chunks)):
+        parts = [_call(_class_part, "class-part", xs[i][j], c0s[j], ts[i],
+                       None if ys[i] is None else ys[i][j], wd, args)
+                 for j in range(len(class_chunks))]
+        rows.append(_call(_class_rows, "class-rows", parts, ts[i], args, row_starts[i]))
+    if args.reduction == "none":  # row-local: nothing waits for the other row blocks
+        fin_d = {"scale": 1.0, "z": args.z_loss}
+    else:
+        keep = ("loss_sum", "lse2_sum", "denom", "count", "n_correct", "n_counted")
+        fin_d = _call(_class_finish, "class-finish", _tree_sum(rows, keep), args, wd)
+    lead = tuple(args.lead_shape[1:])
+    lead_shapes = [(m,) + lead for m in row_chunks]
+
+    def per_row(key, dtype=None):
+        dtype = args.acc if dtype is None else np.dtype(dtype)
+        blocks = [da.from_delayed(_call(_class_rows_out, "class-out", r, fin_d, key, args, shp),
+                                  shape=shp, dtype=dtype, meta=_meta(logits, len(shp), dtype))
+                  for r, shp in zip(rows, lead_shapes)]
+        return da.concatenate(blocks, axis=0)
+
+    def scalar(key):
+        return da.from_delayed(_call(_as_acc, "class-scalar", fin_d[key], args.acc, logits._meta),
+                               shape=(), dtype=args.acc, meta=_meta(logits, 0, args.acc))
+
+    loss = per_row("loss") if args.reduction == "none" else scalar("loss")
+    grad = None
+    if return_grad:
+        grid = []
+        for i, m in enumerate(row_chunks):
+            grid.append([da.from_delayed(
+                _call(_class_grad, "class-grad", xs[i][j], c0s[j], ts[i],
+                      None if ys[i] is None else ys[i][j], wd, rows[i], fin_d, args,
+                      (m,) + lead + (cb,)),
+                shape=(m,) + lead + (cb,), dtype=logits.dtype,
+                meta=_meta(logits, logits.ndim, logits.dtype))
+                for j, cb in enumerate(class_chunks)])
+        grad = da.block(grid) if logits.ndim == 2 else da.concatenate(
+            [da.concatenate(r, axis=-1) for r in grid], axis=0)
+    stats = None
+    if return_stats:
+        lse = per_row("lse")
+        predicted = per_row("predicted", np.int64)
+        if args.reduction == "none":
+            stats = SceStats(per_row("z"), per_row("correct") if args.kind == "label" else None,
+                             lse, predicted)
+        else:
+            stats = SceStats(scalar("z_loss"), scalar("accuracy") if args.kind == "label" else None,
+                             lse, predicted)
     return _outputs(loss, grad, stats, args)
 
 

@@ -256,8 +256,9 @@ def test_bad_chunking_and_labels():
     x = rng.standard_normal((40, 8))
     t = rng.integers(0, 8, 40)
     by_class = da.from_array(x, chunks=(20, 4))
-    with pytest.raises(ValueError, match=r"chunked along the classes axis.*rechunk"):
-        gpuce.softmax_cross_entropy(by_class, t)
+    x3 = da.from_array(x.reshape(40, 2, 4), chunks=(20, 1, 2))  # classes in chunks: rows and classes only
+    with pytest.raises(ValueError, match=r"chunked along axis 1.*rechunk axis 1 whole"):
+        gpuce.softmax_cross_entropy(x3, np.zeros((40, 2), np.int64))
     with pytest.raises(ValueError, match=r"chunked along axis 1.*rechunk"):
         gpuce.softmax(by_class)
     X = da.from_array(rng.standard_normal((40, 6)), chunks=(20, 3))
