@@ -186,7 +186,7 @@ CROSS_ENTROPY_BACKWARD = define(OpSpec("cross_entropy_backward", impl=_ce_backwa
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
-                  return_stats=False, check_labels=True):
+                  return_stats=False, check_labels=True, process_group=None):
     """``torch.nn.functional.cross_entropy`` on gpuce's fused kernels.
 
     Parameters
@@ -215,6 +215,16 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     check_labels : bool, keyword only
         False: a class index outside [0, C) other than ignore_index is not reported (no
         host sync for the check on CUDA); its row's loss and gradient are NaN.
+    process_group : torch.distributed.ProcessGroup, keyword only
+        Vocabulary parallelism: ``input`` holds this rank's contiguous block of the classes
+        (ranks in order, blocks may be uneven), ``target`` the global class indices (or this
+        rank's block of the probabilities) and ``weight`` this rank's block of the class
+        weights.  Every option works; the loss (and the statistics: accuracy and predicted
+        classes are global) is the unsharded call's, with the same bits on every rank, and
+        the gradient is this rank's block.  One collective in the forward (an all-gather
+        of 56 bytes a row from each rank), none in the backward; eager only (torch.compile
+        breaks the graph there); the target and weight get no gradient and the statistics'
+        lse none either.
 
     Returns
     -------
@@ -275,6 +285,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     # gradient is known, so that it is rounded once after that scaling (_half_rows_grad)
     fused_grad = grad_mode and input.requires_grad and not (reduction == "none"
                                                             and x.dtype in _HALF)
+    if process_group is not None:
+        from . import _vocab
+
+        return _vocab.cross_entropy(x, t, weight, process_group, reduction=reduction,
+                                    ignore_index=int(ignore_index),
+                                    label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                                    softcap=softcap or None, return_stats=return_stats,
+                                    check_labels=check_labels)
     out = CROSS_ENTROPY(x, t, weight, reduction, int(ignore_index), float(label_smoothing),
                  float(z_loss), fused_grad, softcap, return_stats, check_labels)
     if not return_stats:

@@ -256,7 +256,7 @@ def _options_ignored(options):
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
                          z_loss=0.0, chunk_size=None, softcap=None, return_stats=False,
-                         check_labels=True, shift=0):
+                         check_labels=True, shift=0, process_group=None):
     """``torch.nn.functional.linear_cross_entropy`` (torch 2.13's signature) without the
     N x C logits: ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``.
 
@@ -295,6 +295,15 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         ignored.  True means 1.  Equal to padding ``target[..., shift:]`` with ignore_index at
         the end.  The per-row results ("none", the statistics) stay aligned with the input
         rows (Cut Cross-Entropy puts its "none" loss at the target's position instead).
+    process_group : torch.distributed.ProcessGroup, keyword only
+        A column-parallel head: ``linear_weight`` (C_local, D), ``linear_bias`` and
+        ``weight`` are this rank's contiguous block of the classes (ranks in order, blocks
+        may be uneven), ``input`` is replicated and ``target`` holds global class indices.
+        Chunked as without it (never more than a chunk of local logits); the loss is the
+        unsharded call's, with the same bits on every rank.  One collective in the forward
+        (an all-gather of 56 bytes a row from each rank); in the backward, the local dW and
+        db and one all-reduce of dX.  Eager only; class-index targets and a 2-D
+        linear_weight.
 
     Returns
     -------
@@ -385,6 +394,17 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     softcap, return_stats, check_labels = _llm_options(softcap, return_stats, check_labels)
     opts = (int(ignore_index), float(label_smoothing), float(z_loss), chunk_size, softcap,
             return_stats, check_labels, cast is not None)
+    if process_group is not None:
+        if out_features or prob:
+            raise ValueError("linear_cross_entropy with process_group takes a (C_local, D) "
+                             "linear_weight and class-index targets")
+        from . import _vocab
+
+        return _vocab.linear_cross_entropy(
+            input, linear_weight, target, bias, ce_weight, process_group, reduction=reduction,
+            ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
+            z_loss=float(z_loss), softcap=softcap or None, return_stats=return_stats,
+            check_labels=check_labels, chunk_size=chunk_size)
     if out_features:
         return _linear_k_dim(input, linear_weight, target, bias, ce_weight, reduction, prob,
                              out_features, opts)
