@@ -25,6 +25,7 @@ this module never imports gpuce.classifier.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import math
 import sys
 import uuid
@@ -652,6 +653,13 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
     if grad_row_scale is not None:
         raise ValueError("grad_row_scale is not supported for dask arrays")
     da = _da()
+    if is_dask_array(W) and W.ndim == 2 and W.numblocks[0] > 1:  # the classes in several chunks
+        return _class_chunked_linear(
+            X, W, y, bias=bias, reg=reg, reduction=reduction, ignore_index=ignore_index,
+            weight=weight, label_smoothing=label_smoothing, z_loss=z_loss,
+            return_grad=return_grad, input_grad=input_grad, check_finite=check_finite,
+            chunk_size=chunk_size, softcap=softcap, return_stats=return_stats,
+            check_labels=check_labels)
     W, bias, weight = (v.compute() if is_dask_array(v) else v for v in (W, bias, weight))
     X = _as_dask(X)
     _rows_only(X, "X", what="feature")
@@ -817,6 +825,179 @@ def _linear_tokens_call(run):
 
 def _run_linear_tokens(run, x, t, *, W, **opts):
     return run(x, W, t, **opts)
+
+
+# -- linear_cross_entropy with W chunked by classes ---------------------------------------------
+# Each (row block of X, class block of W) task forms its logits a chunk at a time and reports the
+# packed partials of its rows (gpuce._vocab, as a rank of a vocabulary-parallel head does); one
+# task a row block combines them in class order; each (row block, class block) task then forms
+# its gradient block again from the combined rows, its share of dX (summed over the class blocks)
+# and its part of dW_j and db_j (summed over the row blocks), each sum rounded once.
+
+def _lin_class_part(X, Wj, b, w, c0, t, args, chunk_size):
+    xp = array_module(X)
+    cb = Wj.shape[0]
+    bj = None if b is None else b[c0:c0 + cb]
+    wj = None if w is None else w[c0:c0 + cb]
+    from . import _vocab
+
+    return _vocab.linear_local_partials(xp, X, xp.ascontiguousarray(Wj), bj, c0,
+                                        replace(args, n=X.shape[0], lead_shape=(X.shape[0],)),
+                                        t, chunk_size, wj)
+
+
+def _lin_class_rows(packed, t, args, row0):
+    from . import _vocab
+
+    xp = array_module(packed[0])
+    return _class_rows(_vocab.unpack(xp, xp.stack(packed), args.acc), t, args, row0)
+
+
+def _lin_class_grad(X, Wj, b, w, c0, t, rows, fin, args, chunk_size, input_grad):
+    from . import _vocab
+
+    xp = array_module(X)
+    cb = Wj.shape[0]
+    bj = None if b is None else b[c0:c0 + cb]
+    wj = None if w is None else w[c0:c0 + cb]
+    G = rowterms.logit_grad_factor(rowterms.ArrayOps(xp, args.acc), rows["wl"], rows["a"],
+                                   fin["z"], rows["lse"])
+    r = {"lse": rows["lse"], "G": G, "wl": rows["wl"], "active": rows["active"],
+         "bad": rows["bad"]}
+    dX, dW, db = _vocab.linear_local_grads(
+        xp, X, xp.ascontiguousarray(Wj), bj, c0,
+        replace(args, n=X.shape[0], lead_shape=(X.shape[0],)), t, r,
+        args.acc.type(fin["scale"]), chunk_size, input_grad=input_grad, weight=wj)
+    return {"dX": dX, "dW": dW, "db": db}
+
+
+def _sum_in_order(values):
+    out = values[0]
+    for v in values[1:]:
+        out = out + v
+    return out
+
+
+def _lin_class_dx(parts, dtype):
+    return _sum_in_order([p["dX"] for p in parts]).astype(dtype)  # rounded once
+
+
+def _lin_class_dw(parts, Wj, reg, key, dtype):
+    total = _sum_in_order([p[key] for p in parts])
+    if key == "dW" and reg:
+        total = total + total.dtype.type(reg) * Wj.astype(total.dtype)
+    return total.astype(dtype)  # rounded once
+
+
+def _lin_class_finish(total, args, w, sumsq, reg):
+    out = _class_finish(total, args, w)
+    if reg:
+        out["loss"] = out["loss"] + 0.5 * reg * float(sumsq)
+    return out
+
+
+def _sumsq_blocks(*blocks):
+    return float(sum(float(sum_squares(array_module(b), b)) for b in blocks))
+
+
+def _class_chunked_linear(X, W, y, *, bias, reg, reduction, ignore_index, weight, label_smoothing,
+                          z_loss, return_grad, input_grad, check_finite, chunk_size, softcap,
+                          return_stats, check_labels):
+    """linear_cross_entropy with W (C, D) a dask array chunked by classes (rows of W), X
+    chunked by rows (or in memory), labels or probability targets."""
+    da = _da()
+    bias, weight = (v.compute() if is_dask_array(v) else v for v in (bias, weight))
+    X = _as_dask(X)
+    _rows_only(X, "X", what="feature")
+    _rows_only(W, "W", what="feature")
+    _known_chunks(W, "W")
+    y = _align_rows(y, X, "y") if y.ndim == 1 else _as_dask(y)
+    array_module(X._meta, y._meta, W._meta, bias, weight)
+    reg, chunk_size, args = linear_args(
+        None, X, W, y, bias=bias, reg=reg, weight=weight, chunk_size=chunk_size,
+        check_finite=False, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, return_grad=return_grad,
+        softcap=softcap, return_stats=return_stats, check_labels=check_labels)
+    if check_finite:
+        for a, name in ((X, "X"), (W, "W")):
+            if not bool(da.isfinite(a).all().compute()):
+                raise ValueError(f"{name} contains NaN or infinity")
+        if bias is not None and not all_finite(array_module(bias), bias):
+            raise ValueError("bias contains NaN or infinity")
+    n, d = X.shape
+    c = W.shape[0]
+    class_chunks = W.chunks[0]
+    c0s = np.concatenate([[0], np.cumsum(class_chunks)[:-1]]).astype(int).tolist()
+    label = args.kind == "label"
+    if label:
+        ts = [[t] * len(class_chunks) for t in y.to_delayed().ravel()]
+    else:
+        y = y.rechunk((X.chunks[0], class_chunks))
+        ts = [list(r) for r in y.to_delayed()]
+    xs = list(X.to_delayed().ravel())
+    ws = list(W.to_delayed().ravel())
+    bd, wd = _constant(bias, "bias"), _constant(weight, "weight")
+    row_starts = _row_starts(X)
+    rows = []
+    for i, xb in enumerate(xs):
+        packed = [_call(_lin_class_part, "lin-class-part", xb, ws[j], bd, wd, c0s[j], ts[i][j],
+                        args, chunk_size) for j in range(len(ws))]
+        rows.append(_call(_lin_class_rows, "lin-class-rows", packed, ts[i][0] if label else None,
+                          args, row_starts[i]))
+    if args.reduction == "none":
+        fin_d = {"scale": 1.0, "z": args.z_loss}
+    else:
+        keep = ("loss_sum", "lse2_sum", "denom", "count", "n_correct", "n_counted")
+        sumsq = _call(_sumsq_blocks, "lin-class-sumsq", *ws) if reg else 0.0
+        fin_d = _call(_lin_class_finish, "lin-class-finish", _tree_sum(rows, keep), args, wd,
+                      sumsq, reg)
+    lead_shapes = [(m,) for m in X.chunks[0]]
+
+    def per_row(key, dtype=None):
+        dtype = args.acc if dtype is None else np.dtype(dtype)
+        return da.concatenate([
+            da.from_delayed(_call(_class_rows_out, "lin-class-out", r, fin_d, key, args, shp),
+                            shape=shp, dtype=dtype, meta=_meta(X, 1, dtype))
+            for r, shp in zip(rows, lead_shapes)], axis=0)
+
+    def scalar(key):
+        return da.from_delayed(_call(_as_acc, "lin-class-scalar", fin_d[key], args.acc, X._meta),
+                               shape=(), dtype=args.acc, meta=_meta(X, 0, args.acc))
+
+    loss = per_row("loss") if args.reduction == "none" else scalar("loss")
+    grads = None
+    if return_grad:
+        parts = [[_call(_lin_class_grad, "lin-class-grad", xs[i], ws[j], bd, wd, c0s[j], ts[i][j],
+                        rows[i], fin_d, args, chunk_size, input_grad)
+                  for j in range(len(ws))] for i in range(len(xs))]
+        dX = None
+        if input_grad:
+            dX = da.concatenate([
+                da.from_delayed(_call(_lin_class_dx, "lin-class-dx", parts[i], X.dtype),
+                                shape=(m, d), dtype=X.dtype, meta=_meta(X, 2, X.dtype))
+                for i, m in enumerate(X.chunks[0])], axis=0)
+        dW = da.concatenate([
+            da.from_delayed(_call(_lin_class_dw, "lin-class-dw", [p[j] for p in parts], ws[j], reg,
+                                  "dW", W.dtype),
+                            shape=(cb, d), dtype=W.dtype, meta=_meta(X, 2, W.dtype))
+            for j, cb in enumerate(class_chunks)], axis=0)
+        db = None
+        if bias is not None:
+            db = da.concatenate([
+                da.from_delayed(_call(_lin_class_dw, "lin-class-db", [p[j] for p in parts], None,
+                                      0.0, "db", X.dtype),
+                                shape=(cb,), dtype=X.dtype, meta=_meta(X, 1, X.dtype))
+                for j, cb in enumerate(class_chunks)], axis=0)
+        grads = LinearGrads(dX, dW, db)
+    stats = None
+    if return_stats:
+        lse, predicted = per_row("lse"), per_row("predicted", np.int64)
+        if args.reduction == "none":
+            stats = SceStats(per_row("z"), per_row("correct") if label else None, lse, predicted)
+        else:
+            stats = SceStats(scalar("z_loss"), scalar("accuracy") if label else None, lse,
+                             predicted)
+    return _outputs(loss, grads, stats, args)
 
 
 # -- SoftmaxClassifier -------------------------------------------------------------------------

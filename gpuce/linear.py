@@ -37,7 +37,7 @@ from ._validation import check_class_weight, check_uint64_labels, linear_args
 DW_ACCUMULATE = {"bfloat16": np.dtype(np.float32), "float16": np.dtype(np.float32)}
 
 
-@backends("X", "y", dask=lambda run, arguments: _dask.linear_cross_entropy(run, **arguments))
+@backends("X", "W", "y", dask=lambda run, arguments: _dask.linear_cross_entropy(run, **arguments))
 def linear_cross_entropy(X, W, y, *, bias=None, reg=0.0, reduction="mean", ignore_index=-100,
                          weight=None, label_smoothing=0.0, z_loss=0.0, return_grad=False,
                          input_grad=True, check_finite=True, chunk_size=None,

@@ -149,3 +149,71 @@ def test_class_chunked_on_a_local_cluster():
     cluster.close()
     equal(got[0], want[0])
     equal(got[1], want[1], rtol=1e-11)
+
+
+# -- linear_cross_entropy with W chunked by classes ---------------------------------------------
+
+def linear_problem(rng, kind, n=30, d=5, c=41):
+    X = rng.normal(size=(n, d))
+    W = rng.normal(size=(c, d))
+    b = rng.normal(size=c)
+    if kind == "label":
+        y = rng.integers(0, c, n)
+        y[3] = -100
+    else:
+        y = rng.dirichlet(np.ones(c), n)
+    return X, W, b, y
+
+
+@pytest.mark.parametrize("kind", ["label", "prob"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("x_chunks", [11, None])
+def test_linear_w_chunked_by_classes_equals_numpy(kind, reduction, x_chunks):
+    rng = rng_for("dask-linear-classes", kind, reduction, x_chunks)
+    X, W, b, y = linear_problem(rng, kind)
+    w = rng.uniform(0.5, 2.0, 41)
+    opts = dict(bias=b, reg=0.0 if reduction == "none" else 0.3, reduction=reduction, weight=w,
+                label_smoothing=0.1, z_loss=0.01, softcap=4.0, return_grad=True,
+                return_stats=True, chunk_size=7)
+    want = gpuce.linear_cross_entropy(X, W, y, **opts)
+    Xd = X if x_chunks is None else da.from_array(X, chunks=(x_chunks, 5))
+    got = gpuce.linear_cross_entropy(Xd, da.from_array(W, chunks=(15, 5)), y, **opts)
+    assert isinstance(got[0], da.Array) and isinstance(got[1].W, da.Array)
+    got = dask.compute(*got)
+    equal(got[0], want[0], rtol=1e-12, atol=1e-12)
+    for a, b_ in zip(got[1], want[1]):
+        equal(a, b_, rtol=1e-11, atol=1e-13)
+    for a, b_ in zip(got[2], want[2]):
+        equal(a, b_)
+
+
+def test_linear_w_chunked_bfloat16_and_input_grad():
+    import ml_dtypes
+
+    rng = rng_for("dask-linear-classes-bf16")
+    X, W, b, y = linear_problem(rng, "label", n=24, d=8, c=50)
+    X, W = X.astype(ml_dtypes.bfloat16), W.astype(ml_dtypes.bfloat16)
+    want_l, want_g = gpuce.linear_cross_entropy(X, W, y, return_grad=True, input_grad=False)
+    got_l, got_g = dask.compute(*gpuce.linear_cross_entropy(
+        da.from_array(X, chunks=(8, 8)), da.from_array(W, chunks=(20, 8)), y, return_grad=True,
+        input_grad=False))
+    assert got_g.X is None and got_g.W.dtype == W.dtype
+    equal(got_l, want_l, rtol=1e-6, atol=1e-7)
+    diff = np.abs(got_g.W.astype(np.float64) - want_g.W.astype(np.float64))
+    assert (diff <= 2.0**-7 * np.abs(want_g.W.astype(np.float64)) + 1e-6).all()
+
+
+def test_linear_w_chunked_errors():
+    rng = rng_for("dask-linear-classes-errors")
+    X, W, b, y = linear_problem(rng, "label")
+    with pytest.raises(ValueError, match="feature axis"):
+        gpuce.linear_cross_entropy(X, da.from_array(W, chunks=(15, 2)), y)
+    Wn = W.copy()
+    Wn[20, 1] = np.nan
+    with pytest.raises(ValueError, match="W contains NaN"):
+        gpuce.linear_cross_entropy(X, da.from_array(Wn, chunks=(15, 5)), y)
+    bad = y.copy()
+    bad[7] = 41
+    loss = gpuce.linear_cross_entropy(X, da.from_array(W, chunks=(15, 5)), bad)
+    with pytest.raises(ValueError, match=r"label 41 at position \(7,\)"):
+        loss.compute()
