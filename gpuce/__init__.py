@@ -9,6 +9,7 @@ from .sce import softmax_cross_entropy
 from .linear import LinearGrads, linear_cross_entropy
 from .softmax import log_softmax, logsumexp, softmax
 from .tokens import linear_token_logprobs, token_logprobs
+from .distillation import distillation_loss, linear_distillation_loss
 from ._results import SceStats
 from ._impl import use_impl
 from ._explain import explain
@@ -37,6 +38,8 @@ __all__ = [
     "LinearGrads",
     "token_logprobs",
     "linear_token_logprobs",
+    "distillation_loss",
+    "linear_distillation_loss",
     "SceStats",
     "use_impl",
     "explain",

@@ -39,7 +39,7 @@ from ._impl import auto_impl, resolve_impl, use_impl
 from ._rows import mean_denominator, sum_squares, weighted_z_loss
 from ._results import LinearGrads, SceStats
 from ._validation import (ShapeOnly, acc_dtype, check_axis, check_float, check_same_shape,
-                          label_error, linear_args, sce_args, token_args)
+                          distill_args, label_error, linear_args, sce_args, token_args)
 
 
 def _da():
@@ -998,6 +998,130 @@ def _class_chunked_linear(X, W, y, *, bias, reg, reduction, ignore_index, weight
             stats = SceStats(scalar("z_loss"), scalar("accuracy") if label else None, lse,
                              predicted)
     return _outputs(loss, grads, stats, args)
+
+
+# -- distillation (gpuce.distillation) ----------------------------------------------------------------
+# Row blocks of the student (the teacher's rows aligned with them): for "mean" the whole call's
+# count of counted rows first (a tree over the target's blocks), which every block divides its
+# loss sum and gradient by before rounding, as the in-memory call does.
+
+def _distill_count(t, ignore_index):
+    if t is None:
+        return {"count": 0.0}
+    t = t.ravel()
+    return {"count": float((t.astype(np.int64) != ignore_index).sum())}
+
+
+def _distill_part(run, s, t_logits, t_idx, t_lp, target, args, opts, count, linear):
+    if args.reduction == "mean":
+        denom = count["count"] if target is not None else float(args.n)
+        opts = dict(opts, _denominator=denom)
+    if linear:
+        out = run(s, opts.pop("W_student"), t_logits, opts.pop("W_teacher"), target, **opts)
+    else:
+        teacher = t_logits if t_idx is None else (t_idx, t_lp)
+        out = run(s, teacher, target, **opts)
+    loss, g = (out if args.return_grad else (out, None))
+    part = {"loss": loss if args.reduction == "none" else loss.astype(np.float64), "grad": g}
+    if linear and g is not None:
+        part.update(dX=g.X, dW=g.W, db=g.bias, grad=None)
+    return part
+
+
+def _distill_inputs(student, name, teacher, target):
+    student = _as_dask(student)
+    _rows_only(student, name, what="classes" if name == "student_logits" else "feature")
+    if isinstance(teacher, tuple):
+        teacher = tuple(_align_rows(a, student, "teacher") for a in teacher)
+    else:
+        teacher = _align_rows(teacher, student, "teacher")
+    if target is not None:
+        target = _align_rows(target, student, "target")
+    return student, teacher, target
+
+
+def _distill_graph(run, student, teacher, target, args, opts, linear):
+    da = _da()
+    k = student.numblocks[0]
+    ts = _blocks_of(target, k)
+    count = {"count": 0.0}
+    if args.reduction == "mean" and target is not None:
+        count = _tree_sum([_call(_distill_count, "distill-count", t, args.ignore_index)
+                           for t in ts], ("count",))
+    if isinstance(teacher, tuple):
+        tl, ti, tp = [None] * k, _blocks_of(teacher[0], k), _blocks_of(teacher[1], k)
+    else:
+        tl, ti, tp = _blocks_of(teacher, k), [None] * k, [None] * k
+    parts = [_call(_distill_part, "distill-part", run, s, a, b, c_, t, args, dict(opts), count,
+                   linear)
+             for s, a, b, c_, t in zip(student.to_delayed().ravel(), tl, ti, tp, ts)]
+    lead_shapes = [(m,) + tuple(args.lead_shape[1:]) for m in student.chunks[0]]
+    if args.reduction == "none":
+        loss = _from_parts(parts, "loss", lead_shapes, args.acc, student)
+    else:
+        total = _tree_sum(parts, ("loss",))
+        loss = da.from_delayed(_call(_as_acc, "distill-total", total["loss"], args.acc,
+                                     student._meta),
+                               shape=(), dtype=args.acc, meta=_meta(student, 0, args.acc))
+    return parts, loss, lead_shapes
+
+
+def distillation_loss(run, student_logits, teacher_logits, target, *, beta, temperature,
+                      ignore_index, reduction, softcap, return_grad, grad_row_scale,
+                      _denominator=None):
+    """The dask form of gpuce.distillation_loss: the in-memory call on each row block."""
+    if grad_row_scale is not None:
+        raise ValueError("grad_row_scale is not supported for dask arrays")
+    S, T, target = _distill_inputs(student_logits, "student_logits", teacher_logits, target)
+    args = distill_args(S, T, target, beta=beta, temperature=temperature,
+                        ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+                        return_grad=return_grad)
+    opts = dict(beta=beta, temperature=temperature, ignore_index=ignore_index,
+                reduction=reduction, softcap=softcap, return_grad=return_grad)
+    parts, loss, lead_shapes = _distill_graph(run, S, T, target, args, opts, linear=False)
+    if not return_grad:
+        return loss
+    grad = _from_parts(parts, "grad", [s + (args.c,) for s in lead_shapes], S.dtype, S)
+    return loss, grad
+
+
+def linear_distillation_loss(run, X_student, W_student, X_teacher, W_teacher, target, *,
+                             bias_student, bias_teacher, chunk_size, beta, temperature,
+                             ignore_index, reduction, softcap, return_grad, input_grad,
+                             check_finite, grad_row_scale, _denominator=None, _acc_grads=False):
+    """The dask form of gpuce.linear_distillation_loss: the in-memory call on each row block
+    (accumulation-dtype gradients), dW and db summed by a tree and rounded once."""
+    if grad_row_scale is not None:
+        raise ValueError("grad_row_scale is not supported for dask arrays")
+    da = _da()
+    W_student, W_teacher, bias_student, bias_teacher = (
+        v.compute() if is_dask_array(v) else v
+        for v in (W_student, W_teacher, bias_student, bias_teacher))
+    Xs, Xt, target = _distill_inputs(X_student, "X_student", X_teacher, target)
+    _rows_only(Xt, "X_teacher", what="feature")
+    n, c = Xs.shape[0], W_student.shape[0]
+    args = distill_args(ShapeOnly((n, c), Xs.dtype), ShapeOnly((n, c), Xt.dtype), target,
+                        beta=beta, temperature=temperature, ignore_index=ignore_index,
+                        reduction=reduction, softcap=softcap, return_grad=return_grad)
+    opts = dict(W_student=_constant(W_student, "W-student"),
+                W_teacher=_constant(W_teacher, "W-teacher"),
+                bias_student=_constant(bias_student, "b-student"),
+                bias_teacher=_constant(bias_teacher, "b-teacher"), chunk_size=chunk_size,
+                beta=beta, temperature=temperature, ignore_index=ignore_index,
+                reduction=reduction, softcap=softcap, return_grad=return_grad,
+                input_grad=input_grad, check_finite=check_finite, _acc_grads=True)
+    parts, loss, _ = _distill_graph(run, Xs, Xt, target, args, opts, linear=True)
+    if not return_grad:
+        return loss
+    keep = ("dW",) + (("db",) if bias_student is not None else ())
+    fin = _call(_token_linear_finish, "distill-finish", _tree_sum(parts, keep), W_student)
+    dW = da.from_delayed(fin["dW"], shape=W_student.shape, dtype=W_student.dtype,
+                         meta=_meta(Xs, 2, W_student.dtype))
+    db = (da.from_delayed(fin["db"], shape=(c,), dtype=W_student.dtype,
+                          meta=_meta(Xs, 1, W_student.dtype)) if bias_student is not None else None)
+    dX = (_from_parts(parts, "dX", [(m, Xs.shape[1]) for m in Xs.chunks[0]], Xs.dtype, Xs)
+          if input_grad else None)
+    return loss, LinearGrads(dX, dW, db)
 
 
 # -- SoftmaxClassifier -------------------------------------------------------------------------

@@ -431,3 +431,81 @@ def check_row_grads(xp, args: TokenArgs, grad_logprobs, grad_entropy):
             g = xp.ascontiguousarray(g.reshape(-1).astype(args.acc, copy=False))
         out.append(g)
     return tuple(out)
+
+
+# -- distillation (gpuce.distillation) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistillArgs:
+    """Normalised arguments of distillation_loss / linear_distillation_loss."""
+
+    lead_shape: tuple
+    n: int
+    c: int
+    acc: np.dtype
+    beta: float
+    temperature: float
+    softcap: float  # 0.0 for none
+    ignore_index: int
+    reduction: str
+    return_grad: bool
+    sparse: bool  # a top-k teacher (indices, log-probabilities)
+    k: int = 0
+    kind: str = "label"  # the label checks read it
+
+    def mean_scale(self, denom) -> float:
+        if self.reduction != "mean":
+            return 1.0
+        return 0.0 if denom == 0 else 1.0 / denom
+
+
+def distill_args(student, teacher, target, *, beta, temperature, ignore_index, reduction,
+                 softcap, return_grad) -> DistillArgs:
+    """Every up-front check of distillation_loss; ``teacher`` an array (dense) or a pair
+    ``(indices, log_probs)`` (sparse); ``student`` may be a :class:`ShapeOnly`."""
+    check_float(student, "student_logits")
+    c = student.shape[-1]
+    if c < 1:
+        raise ValueError(f"student_logits must have at least one class along the last axis, "
+                         f"got shape {tuple(student.shape)}")
+    lead = tuple(student.shape[:-1])
+    sparse = isinstance(teacher, tuple)
+    k = 0
+    if sparse:
+        if len(teacher) != 2:
+            raise ValueError("a sparse teacher is a pair (indices, log_probs)")
+        idx, lp = teacher
+        if np.dtype(idx.dtype).kind not in "iu":
+            raise TypeError(f"the sparse teacher's indices must be integers, got {idx.dtype}")
+        check_float(lp, "the sparse teacher's log_probs")
+        if tuple(idx.shape) != tuple(lp.shape) or tuple(idx.shape[:-1]) != lead:
+            raise ValueError(f"the sparse teacher's indices and log_probs must both have shape "
+                             f"{lead} + (k,), got {tuple(idx.shape)} and {tuple(lp.shape)}")
+        k = idx.shape[-1]
+    else:
+        check_float(teacher, "teacher_logits")
+        if tuple(teacher.shape) != tuple(student.shape):
+            raise ValueError(f"student and teacher logits must have the same shape, got "
+                             f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    b = _real(beta, "beta")
+    if not 0.0 <= b <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if sparse and b != 0.0:
+        raise ValueError("a sparse (top-k) teacher takes beta = 0 (the forward KL over its "
+                         f"support), got beta={beta}")
+    t = check_temperature(temperature)
+    check_reduction(reduction)
+    if isinstance(ignore_index, (bool, np.bool_)):
+        raise TypeError("ignore_index must be an integer, got bool")
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}") from None
+    if target is not None:
+        if np.dtype(target.dtype).kind not in "iu":
+            raise TypeError(f"target must be integer labels (or None), got {target.dtype}")
+        if tuple(target.shape) != lead:
+            raise ValueError(f"target must have shape {lead}, got {tuple(target.shape)}")
+    return DistillArgs(lead, math.prod(lead), c, acc_dtype(student.dtype), b, t,
+                       check_softcap(softcap), ignore_index, reduction,
+                       check_flag(return_grad, "return_grad"), sparse, k)
