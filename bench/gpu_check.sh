@@ -12,8 +12,9 @@
 #   PARTS      which steps, default "tests probe" (about 5 minutes); then "bench" (about 8:
 #              the sweep at 2^30 with every provider, 2^28 for the fixed/marginal split, small C,
 #              the softcap row); then "variants" (every fused variant pinned at 2^28, about 2.5
-#              minutes) and "ncu lce linear demo".  A device call is limited to 10 minutes: one
-#              call a line, each with its own timeout_s.  PARTS="" (set, empty) runs nothing
+#              minutes), "ncu lce linear demo" and "tokens" (alone in its call: TOKENS_ARGS
+#              below).  A device call is limited to 10 minutes: one call a line, each with its
+#              own timeout_s.  PARTS="" (set, empty) runs nothing
 #              but the wheel install; only an unset PARTS means the default.
 #   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5";
 #              add --variants to time every fused variant that fits each shape (fused[...] rows:
@@ -23,7 +24,15 @@
 #              to run only the GPU tests of what changed since the last GPU run)
 #   LCE_ARGS   arguments of bench/bench_lce.py (large-vocabulary linear CE: CCE's shape, an LLM
 #              head, the trainer shapes, three dtypes, a chunk sweep; e.g. LCE_ARGS="--shapes cce")
-#   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE  seconds each step may take (so one slow step cannot eat a
+#   TOKENS_ARGS arguments of bench/bench_tokens.py (part "tokens": token log-probabilities and
+#              entropy from hidden states, log p + H forward and forward+backward, gpuce against the
+#              materialised torch reference, torch.compile and Liger; bf16 N = 4096 and 8192, D = 4096,
+#              V = 128256 and 151936, then fp32 at N = 4096; predicted 5-7 minutes, not yet run;
+#              one device call of its own; rows into $OUT/tokens_gpu.csv after every point, the
+#              plot $OUT/tokens_gpu.png; e.g. TOKENS_ARGS="--dtypes bfloat16" or
+#              "--shape 8192 4096 151936 --modes fwd+bwd"); record it with
+#              `cp gpu_out/tokens_gpu.csv bench/results/`
+#   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE T_TOKENS  seconds each step may take (so one slow step cannot eat a
 #              whole device call; the benchmark upserts its CSV after every point)
 # Liger-Kernel and Cut Cross-Entropy are not on the device image: to compare with them,
 # download their wheels here first (pure Python; --python-version etc. as the image's 3.12)
@@ -98,6 +107,10 @@ if has linear; then
   timeout "${T_LINEAR:-60}" python3 bench/bench_linear.py --gpu 2>&1 | tee /tmp/bench_linear.log
   cp bench/results/linear.csv "$OUT/linear.csv" 2>/dev/null
 fi
+if has tokens; then  # token log p + entropy, linear form (bench/bench_tokens.py); T_TOKENS < a device call
+  timeout "${T_TOKENS:-450}" python3 bench/bench_tokens.py --csv "$OUT/tokens_gpu.csv" --png "$OUT/tokens_gpu.png" \
+    ${TOKENS_ARGS:-} 2>&1 | tee "$OUT/tokens.log"
+fi
 if has lce; then
   timeout "${T_LCE:-420}" python3 bench/bench_lce.py ${LCE_ARGS:-} 2>&1 | tee /tmp/bench_lce.log
   cp bench/results/lce.csv "$OUT/lce.csv" 2>/dev/null
@@ -111,4 +124,5 @@ has demo && grep -E "check:|accuracy|backend" "$OUT/demo.log"
 has bench && grep -E "^\|" "$OUT/bench.log" | tail -12
 has linear && grep -E "ratio" /tmp/bench_linear.log
 has lce && grep -E "^\||^N=" /tmp/bench_lce.log
+has tokens && grep -E "^\||^N=" "$OUT/tokens.log"
 exit $rc
