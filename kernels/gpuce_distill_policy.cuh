@@ -16,8 +16,8 @@
 // lse_S = ms + log Ss, lse_T = ms + log St (the shift cancels in their difference):
 //   beta = 0:  L = X / St - log(St / Ss)      dL/du_j = p_S,j - p_T,j
 //   beta = 1:  L = X / Ss - log(Ss / St)      dL/du_j = p_S,j (log p_S,j - log p_T,j - L)
-// with p_S,j = exp(u_j - lse_S), p_T,j = exp(w_j - lse_T) formed a value at a time (full
-// precision however small), the beta = 1 term 0 where p_S,j == 0.  The gradient written is
+// with p_S,j = exp((u_j - ms) - log Ss), p_T,j = exp((w_j - ms) - log St) formed a value at a
+// time (full precision however small; u_j - lse_S would round at the logits' magnitude), the beta = 1 term 0 where p_S,j == 0.  The gradient written is
 // sigma_i inv_tau dL/du_j, times 1 - tanh^2(S_j / s) with softcap, rounded once to T.
 // The generalised JSD (0 < beta < 1) needs log M_j (both lse first) inside its loss sum and a
 // second row reduction for its gradient: no body has that sweep, so it stays on the array
@@ -87,13 +87,14 @@ struct DisPart {
         return p;
     }
     // Move the sums to the shift ms2 of the maximum m2 (X scales as the sums: its factors
-    // w - u do not depend on the shift).
+    // w - u do not depend on the shift).  A zero sum stays 0: the identity's shift 0 may lie
+    // far above the first values' (exp(ms - ms2) = inf).
     __device__ __forceinline__ void rebase(A m2, A ms2, bool) {
         if (ms != ms2) {
             const A e = ex(ms - ms2);
-            ss *= e;
-            st *= e;
-            x *= e;
+            ss = ss == A(0) ? ss : ss * e;
+            st = st == A(0) ? st : st * e;
+            x = x == A(0) ? x : x * e;
         }
         m = m2;
         ms = ms2;
@@ -127,7 +128,8 @@ struct DisCtx {
 template <typename A>
 struct DisOut {
     bool active, bad, redo;
-    A lse_s, lse_t;  // the row's log-sum-exps
+    A ms;            // the shift; log p = (u - ms) - ls (never u - lse: lse rounds at |u|)
+    A ls, lt;        // log Ss, log St
     A loss;
     A coef;          // sigma_i inv_tau
 };
@@ -225,8 +227,9 @@ struct DisRow {
         o.bad = lb.active && !isfinite(p.m);
         o.redo = lb.active && !o.bad && (p.ss < dis::tiny<A>::value || p.st < dis::tiny<A>::value);
         const A ls = log(p.ss), lt = log(p.st);
-        o.lse_s = p.ms + ls;
-        o.lse_t = p.ms + lt;
+        o.ms = p.ms;
+        o.ls = ls;
+        o.lt = lt;
         o.loss = g.reverse ? p.x / p.ss - (ls - lt) : p.x / p.st - (lt - ls);
         o.coef = lb.coef;
         return o;
@@ -258,8 +261,8 @@ struct DisRow {
                     v = g.softcap * t;
                     dcap = A(1) - t * t;
                 }
-                const A ls = v * g.inv_tau - o.lse_s;                              // log p_S
-                const A lt = softcap_value(yv[k], g.softcap) * g.inv_tau - o.lse_t;  // log p_T
+                const A ls = (v * g.inv_tau - o.ms) - o.ls;                              // log p_S
+                const A lt = (softcap_value(yv[k], g.softcap) * g.inv_tau - o.ms) - o.lt;  // log p_T
                 const A ps = ex(ls);
                 A r;
                 if (g.reverse) r = ps == A(0) ? A(0) : ps * ((ls - lt) - o.loss);
