@@ -11,7 +11,7 @@ bfloat16 of its own, so a CPU tensor's int16 view becomes a NumPy array reinterp
 ``ml_dtypes.bfloat16`` (and results go back the same way); a CUDA one goes through DLPack
 where CuPy takes bfloat16 there, else through the same int16 view.
 
-The work is done by five operators in the ``gpuce`` namespace, each with a fake (meta)
+The cross-entropy work is done by five operators in the ``gpuce`` namespace, each with a fake (meta)
 implementation giving its outputs' shapes and dtypes, so that ``torch.compile`` treats them
 as opaque calls (``fullgraph=True`` traces without a break; nothing of the NumPy/CuPy code is
 traced)::
@@ -41,6 +41,22 @@ traced)::
         Tensor target, Tensor? bias, Tensor? ce_weight, str reduction, float label_smoothing,
         SymInt? chunk_size, bool target_grad, bool weight_grad, float softcap=0.)
         -> (Tensor d_target, Tensor d_ce_weight)
+
+``gpuce.torch.token_logprobs`` and ``gpuce.torch.linear_token_logprobs`` (each token's
+log-probability and the softmax's entropy at a temperature, for RL training; both outputs
+differentiable) are four more, built the same way::
+
+    gpuce::token_logprobs(Tensor logits, Tensor target, float temperature, float softcap,
+        SymInt ignore_index, bool return_entropy) -> (Tensor logp, Tensor entropy)
+    gpuce::token_logprobs_backward(Tensor? grad_logp, Tensor? grad_entropy, Tensor logits,
+        Tensor target, float temperature, float softcap, SymInt ignore_index) -> Tensor
+    gpuce::linear_token_logprobs(Tensor x, Tensor w, Tensor target, Tensor? bias,
+        float temperature, float softcap, SymInt ignore_index, bool return_entropy,
+        SymInt? chunk_size) -> (Tensor logp, Tensor entropy)
+    gpuce::linear_token_logprobs_backward(Tensor? grad_logp, Tensor? grad_entropy, Tensor x,
+        Tensor w, Tensor target, Tensor? bias, float temperature, float softcap,
+        SymInt ignore_index, SymInt? chunk_size, bool x_grad) -> (Tensor d_x, Tensor d_w,
+        Tensor d_b)
 
 The LLM-head options (softcap, 0. for none; return_stats; check_labels) come last, with
 defaults.  The statistics (z-loss part, token accuracy, per-row lse: gpuce.SceStats) are
@@ -73,7 +89,7 @@ through the custom operator.
 The package, by concept: ``_bridge`` (dtypes, tensors to arrays and back, device and
 stream, autocast), ``_autograd`` (what the operators share: statistics outputs, options,
 incoming-gradient scaling, the first-order guard), ``_spec`` (operators from spec entries,
-the routing between eager twin and custom operator), ``_ce`` and ``_lce`` (each loss's
+the routing between eager twin and custom operator), ``_ce``, ``_lce`` and ``_tokens`` (each loss's
 implementation, fake and autograd functions, its spec entries and public function),
 ``_modules`` (the nn.Module forms); the Hugging Face patch is :mod:`gpuce._hf`.
 
@@ -86,8 +102,10 @@ from ._bridge import REDUCTIONS, SUPPORTED_DTYPES, _to_array, _to_tensor  # noqa
 from ._ce import cross_entropy
 from ._lce import linear_cross_entropy
 from ._modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from ._tokens import linear_token_logprobs, token_logprobs
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "CrossEntropyLoss",
+__all__ = ["cross_entropy", "linear_cross_entropy", "token_logprobs", "linear_token_logprobs",
+           "CrossEntropyLoss",
            "LinearCrossEntropyLoss", "patch", "unpatch", "is_patched", "SUPPORTED_DTYPES",
            "REDUCTIONS"]
 
