@@ -459,6 +459,14 @@ class DistillArgs:
         return 0.0 if denom == 0 else 1.0 / denom
 
 
+def check_beta(beta) -> float:
+    """Distillation's ``beta``: a real number in [0, 1]."""
+    b = _real(beta, "beta")
+    if not 0.0 <= b <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    return b
+
+
 def distill_args(student, teacher, target, *, beta, temperature, ignore_index, reduction,
                  softcap, return_grad) -> DistillArgs:
     """Every up-front check of distillation_loss; ``teacher`` an array (dense) or a pair
@@ -487,9 +495,7 @@ def distill_args(student, teacher, target, *, beta, temperature, ignore_index, r
         if tuple(teacher.shape) != tuple(student.shape):
             raise ValueError(f"student and teacher logits must have the same shape, got "
                              f"{tuple(student.shape)} and {tuple(teacher.shape)}")
-    b = _real(beta, "beta")
-    if not 0.0 <= b <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    b = check_beta(beta)
     if sparse and b != 0.0:
         raise ValueError("a sparse (top-k) teacher takes beta = 0 (the forward KL over its "
                          f"support), got beta={beta}")

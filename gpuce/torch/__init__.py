@@ -102,9 +102,11 @@ from ._bridge import REDUCTIONS, SUPPORTED_DTYPES, _to_array, _to_tensor  # noqa
 from ._ce import cross_entropy
 from ._lce import linear_cross_entropy
 from ._modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from ._distill import distillation_loss, linear_distillation_loss
 from ._tokens import linear_token_logprobs, token_logprobs
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "token_logprobs", "linear_token_logprobs",
+           "distillation_loss", "linear_distillation_loss",
            "CrossEntropyLoss",
            "LinearCrossEntropyLoss", "patch", "unpatch", "is_patched", "SUPPORTED_DTYPES",
            "REDUCTIONS"]
