@@ -58,6 +58,24 @@ differentiable) are four more, built the same way::
         SymInt ignore_index, SymInt? chunk_size, bool x_grad) -> (Tensor d_x, Tensor d_w,
         Tensor d_b)
 
+``gpuce.torch.distillation_loss`` and ``gpuce.torch.linear_distillation_loss`` (a student
+against a teacher's softmax; the teacher a constant) are four more::
+
+    gpuce::distillation_loss(Tensor student, Tensor teacher, Tensor? teacher_indices,
+        Tensor? target, float beta, float temperature, SymInt ignore_index, str reduction,
+        float softcap, bool need_grad) -> (Tensor loss, Tensor grad)
+    gpuce::distillation_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher,
+        Tensor? teacher_indices, Tensor? target, float beta, float temperature,
+        SymInt ignore_index, str reduction, float softcap) -> Tensor
+    gpuce::linear_distillation_loss(Tensor xs, Tensor ws, Tensor xt, Tensor wt, Tensor? target,
+        Tensor? bs, Tensor? bt, float beta, float temperature, SymInt ignore_index,
+        str reduction, float softcap, SymInt? chunk_size, bool x_grad, bool need_grad)
+        -> (Tensor loss, Tensor d_x, Tensor d_w, Tensor d_b)
+    gpuce::linear_distillation_loss_backward(Tensor grad_loss, Tensor xs, Tensor ws,
+        Tensor xt, Tensor wt, Tensor? target, Tensor? bs, Tensor? bt, float beta,
+        float temperature, SymInt ignore_index, str reduction, float softcap,
+        SymInt? chunk_size, bool x_grad) -> (Tensor d_x, Tensor d_w, Tensor d_b)
+
 The LLM-head options (softcap, 0. for none; return_stats; check_labels) come last, with
 defaults.  The statistics (z-loss part, token accuracy, per-row lse: gpuce.SceStats) are
 outputs of the forward operators, empty tensors unless return_stats.  z_loss and accuracy
@@ -89,7 +107,7 @@ through the custom operator.
 The package, by concept: ``_bridge`` (dtypes, tensors to arrays and back, device and
 stream, autocast), ``_autograd`` (what the operators share: statistics outputs, options,
 incoming-gradient scaling, the first-order guard), ``_spec`` (operators from spec entries,
-the routing between eager twin and custom operator), ``_ce``, ``_lce`` and ``_tokens`` (each loss's
+the routing between eager twin and custom operator), ``_ce``, ``_lce``, ``_tokens`` and ``_distill`` (each loss's
 implementation, fake and autograd functions, its spec entries and public function),
 ``_modules`` (the nn.Module forms); the Hugging Face patch is :mod:`gpuce._hf`.
 
