@@ -313,6 +313,34 @@ def fake_cases():
         "linear_cross_entropy_target_backward": [
             (go, h, W, p, b, w, "mean", 0.1, 4, True, True),
             (rows, h, W, p, None, w, "none", 0.0, None, False, True, 2.0)],
+        "token_logprobs": [
+            (x3, t3, 0.7, 0.0, -100, True),
+            (x.to(bf), t, 1.0, 3.0, -100, False)],
+        "token_logprobs_backward": [
+            (rows, None, x, t, 1.2, 0.0, -100),
+            (None, rows, x.to(bf), t, 0.9, 2.0, -100)],
+        "linear_token_logprobs": [
+            (h, W, t, b, 1.0, 0.0, -100, True, None),
+            (h.to(bf), W.to(bf), t, None, 0.8, 2.0, -100, False, 4)],
+        "linear_token_logprobs_backward": [
+            (rows, rows, h, W, t, b, 1.0, 0.0, -100, None, True),
+            (None, rows, h.to(bf), W.to(bf), t, None, 0.7, 0.0, -100, 2, False)],
+        "distillation_loss": [
+            (x, x.flip(0), None, t, 0.5, 1.0, -100, "mean", 0.0, True),
+            (x3, x3 * 2, None, None, 1.0, 0.8, -100, "none", 3.0, True),
+            (x.to(bf), x.to(bf), None, t, 0.0, 1.0, -100, "sum", 0.0, False)],
+        "distillation_loss_backward": [
+            (rows, x, x.flip(0), None, t, 0.2, 1.0, -100, "none", 0.0),
+            (go, x.to(bf), x, None, None, 1.0, 1.5, -100, "mean", 2.0)],
+        "linear_distillation_loss": [
+            (h, W, h * 2, W, t, b, None, 0.0, 1.0, -100, "mean", 0.0, None, True, True),
+            (h, W, h, W * 0.5, None, None, b, 0.5, 0.9, -100, "none", 0.0, 2, True, True),
+            (h.to(bf), W.to(bf), h, W, t, None, None, 1.0, 1.0, -100, "sum", 2.0, None, False,
+             True)],
+        "linear_distillation_loss_backward": [
+            (rows, h, W, h * 2, W, t, b, None, 0.0, 1.0, -100, "none", 0.0, None, True),
+            (go, h.to(bf), W.to(bf), h, W, None, None, None, 1.0, 0.8, -100, "mean", 0.0, 2,
+             False)],
     }
 
 
