@@ -217,12 +217,16 @@ def test_check_kernels_compile_error(monkeypatch, capsys):
 def test_compile_jobs_cover_compile_all():
     """The CLI compiles the programs compile_all does (labels only: nothing is compiled here)."""
     pytest.importorskip("cupy")
-    from gpuce._cuda import kernels
+    from gpuce._cuda import kernels, source
 
     jobs = checks.compile_jobs(("sm_80", "sm_90"))
     n_specs = sum(len(s.specializations) for s in kernels.SPECS.values())
-    assert len(jobs) == 2 * n_specs + 2
-    assert jobs[-1][0].startswith("gpuce_sce_fused_sm_90")
+    n_raw = len([p for p in source.all_sources() if p.suffix == ".cu"])
+    assert len(jobs) == 2 * n_specs + 2 * n_raw
+    labels = [label for label, _ in jobs[2 * n_specs:]]
+    for prefix in ("gpuce_sce_fused_", "gpuce_tokens_", "gpuce_distill_"):
+        assert [label.split()[0] for label in labels if label.startswith(prefix)] == \
+            [f"{prefix}sm_80", f"{prefix}sm_90"]
 
 
 # ------------------------------------------------------------------------------- the demo

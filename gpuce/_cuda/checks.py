@@ -5,7 +5,8 @@ ptxas's report (read from NVRTC's program log by :mod:`gpuce._cuda.nvrtc`) gives
 function's registers, stack frame and spill stores/loads.  The rule:
 
 * every program has a ptxas report (registers for at least one entry);
-* the fused kernels (programs ``gpuce_sce_fused_<arch>``, every arch) keep rows in shared
+* the fused kernels (programs ``gpuce_sce_fused_<arch>``, ``gpuce_tokens_<arch>`` and
+  ``gpuce_distill_<arch>``, every arch) keep rows in shared
   memory, not registers, so a float-accumulating instantiation spills nothing and has no stack
   frame -- the register-stage cluster kernel (``sce_cluster_regs``: 16 packs, 64 registers, of
   a float32 row a thread) included, since it dropped the softcap path that spilled it (softcap
@@ -22,10 +23,13 @@ from dataclasses import dataclass
 
 DOUBLE_ABI_SPILL_BUDGET = 128
 FUSED_PROGRAM_PREFIX = "gpuce_sce_fused_"
+# every raw program built on the fused row-state bodies: cross-entropy, token log-probabilities
+# and entropy, distillation (one NVRTC program an arch each)
+FUSED_PROGRAM_PREFIXES = (FUSED_PROGRAM_PREFIX, "gpuce_tokens_", "gpuce_distill_")
 
 
 def is_fused(program: str) -> bool:
-    return program.startswith(FUSED_PROGRAM_PREFIX)
+    return program.startswith(FUSED_PROGRAM_PREFIXES)
 
 
 def accumulates_in_double(expr: str) -> bool:
@@ -82,8 +86,18 @@ def violations(results) -> list[Violation]:
     return out
 
 
+def compile_all(archs=("sm_80", "sm_90")) -> list:
+    """Every program gpuce ships, compiled through NVRTC (no GPU needed): the kernel specs
+    and the fused cross-entropy program (:func:`gpuce._cuda.nvrtc.compile_all`), the token and
+    the distillation programs; the rule above applies to all of them."""
+    from . import distill, nvrtc, tokens
+
+    return (nvrtc.compile_all(archs) + list(tokens.compile_all(tuple(archs)))
+            + list(distill.compile_all(tuple(archs))))
+
+
 def compile_jobs(archs):
-    """The NVRTC programs :func:`gpuce._cuda.nvrtc.compile_all` builds, one callable each (with a
+    """The NVRTC programs :func:`compile_all` builds, one callable each (with a
     label), in the same order, so that a caller can show progress."""
     from . import kernels, nvrtc
 
@@ -98,4 +112,10 @@ def compile_jobs(archs):
     for arch in archs:
         jobs.append((f"{FUSED_PROGRAM_PREFIX}{arch} (every fused variant)",
                      lambda arch=arch: nvrtc.compile_fused((arch,))))
+    from . import distill, tokens
+
+    for mod in (tokens, distill):
+        for arch in archs:
+            jobs.append((f"{mod.PROGRAM_PREFIX}{arch} (every variant)",
+                         lambda mod=mod, arch=arch: list(mod.compile_all((arch,)))))
     return jobs

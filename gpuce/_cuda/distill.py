@@ -263,9 +263,10 @@ def distill_rows_fused(S2, T2, args, active, loss_out, grad_out=None, row_scale=
 PROGRAM_PREFIX = "gpuce_distill_"
 
 
-def compile_all(archs=("sm_80", "sm_90")) -> list:
+@functools.lru_cache(maxsize=None)
+def compile_all(archs=("sm_80", "sm_90")) -> tuple:
     """Every instantiation of :func:`variants` an arch supports, one NVRTC program an arch (the
-    text the runtime compiles), the archs compiled on threads at once: a list of
+    text the runtime compiles, memoized: the suite and ``gpuce check-kernels`` share it), the archs compiled on threads at once: a tuple of
     :class:`gpuce._cuda.nvrtc.CompileResult` named ``gpuce_distill_<arch>``.  No GPU needed."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -279,4 +280,4 @@ def compile_all(archs=("sm_80", "sm_90")) -> list:
         return nvrtc.compile_source(src, f"{PROGRAM_PREFIX}{arch}", arch, ("--std=c++17",), exprs)
 
     with ThreadPoolExecutor(max_workers=len(archs)) as pool:
-        return list(pool.map(one, archs))
+        return tuple(pool.map(one, archs))

@@ -170,7 +170,8 @@ def compile_source(source: str, name: str, arch: str, extra_options=(),
 
 
 def compile_all(archs=("sm_80", "sm_90")) -> list[CompileResult]:
-    """Compile every kernel spec specialization and every shipped ``*.cu`` file."""
+    """Compile every kernel spec specialization and the fused cross-entropy program (every
+    shipped program: :func:`gpuce._cuda.checks.compile_all`)."""
     results = []
     for spec in kernels.SPECS.values():
         for types in spec.specializations:

@@ -281,9 +281,10 @@ def token_rows(x2, labels, *, acc, inv_temperature, softcap, ignore_index, logp_
 PROGRAM_PREFIX = "gpuce_tokens_"
 
 
-def compile_all(archs=("sm_80", "sm_90")) -> list:
+@functools.lru_cache(maxsize=None)
+def compile_all(archs=("sm_80", "sm_90")) -> tuple:
     """Every instantiation of :func:`variants` an arch supports, one NVRTC program an arch (the
-    text the runtime compiles), the archs compiled on threads at once (NVRTC does not hold
+    text the runtime compiles, memoized: the suite and ``gpuce check-kernels`` share it), the archs compiled on threads at once (NVRTC does not hold
     Python's lock): a list of :class:`gpuce._cuda.nvrtc.CompileResult` named
     ``gpuce_tokens_<arch>``.  No GPU needed."""
     from concurrent.futures import ThreadPoolExecutor
@@ -298,4 +299,4 @@ def compile_all(archs=("sm_80", "sm_90")) -> list:
         return nvrtc.compile_source(src, f"{PROGRAM_PREFIX}{arch}", arch, ("--std=c++17",), exprs)
 
     with ThreadPoolExecutor(max_workers=len(archs)) as pool:
-        return list(pool.map(one, archs))
+        return tuple(pool.map(one, archs))
