@@ -12,9 +12,9 @@
 #   PARTS      which steps, default "tests probe" (about 5 minutes); then "bench" (about 8:
 #              the sweep at 2^30 with every provider, 2^28 for the fixed/marginal split, small C,
 #              the softcap row); then "variants" (every fused variant pinned at 2^28, about 2.5
-#              minutes), "ncu lce linear demo" and "tokens" (alone in its call: TOKENS_ARGS
-#              below).  A device call is limited to 10 minutes: one call a line, each with its
-#              own timeout_s.  PARTS="" (set, empty) runs nothing
+#              minutes), "ncu lce linear demo", "tokens" and "distill" (each alone in its call:
+#              TOKENS_ARGS, DISTILL_ARGS below).  A device call is limited to 10 minutes: one
+#              call a line, each with its own timeout_s.  PARTS="" (set, empty) runs nothing
 #              but the wheel install; only an unset PARTS means the default.
 #   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5";
 #              add --variants to time every fused variant that fits each shape (fused[...] rows:
@@ -32,7 +32,14 @@
 #              plot $OUT/tokens_gpu.png; e.g. TOKENS_ARGS="--dtypes bfloat16" or
 #              "--shape 8192 4096 151936 --modes fwd+bwd"); record it with
 #              `cp gpu_out/tokens_gpu.csv bench/results/`
-#   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE T_TOKENS  seconds each step may take (so one slow step cannot eat a
+#   DISTILL_ARGS arguments of bench/bench_distill.py (part "distill": the linear distillation step,
+#              forward KL (beta 0) and generalised JSD (beta 0.5), forward + backward, gpuce against the
+#              GEMMs alone, the materialised torch reference, torch.compile, gpuce.torch and Liger where
+#              present; bf16 N = 8192, D = 4096, V = 128256 and 151936; not yet run; one device call
+#              of its own; rows into $OUT/distill_gpu.csv after every point, the plot
+#              $OUT/distill_gpu.png; e.g. DISTILL_ARGS="--betas 0" or "--shape 8192 4096 151936");
+#              record it with `cp gpu_out/distill_gpu.csv bench/results/`
+#   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE T_TOKENS T_DISTILL  seconds each step may take (so one slow step cannot eat a
 #              whole device call; the benchmark upserts its CSV after every point)
 # Liger-Kernel and Cut Cross-Entropy are not on the device image: to compare with them,
 # download their wheels here first (pure Python; --python-version etc. as the image's 3.12)
@@ -111,6 +118,10 @@ if has tokens; then  # token log p + entropy, linear form (bench/bench_tokens.py
   timeout "${T_TOKENS:-450}" python3 bench/bench_tokens.py --csv "$OUT/tokens_gpu.csv" --png "$OUT/tokens_gpu.png" \
     ${TOKENS_ARGS:-} 2>&1 | tee "$OUT/tokens.log"
 fi
+if has distill; then  # the linear distillation step (bench/bench_distill.py); T_DISTILL < a device call
+  timeout "${T_DISTILL:-450}" python3 bench/bench_distill.py --csv "$OUT/distill_gpu.csv" --png "$OUT/distill_gpu.png" \
+    ${DISTILL_ARGS:-} 2>&1 | tee "$OUT/distill.log"
+fi
 if has lce; then
   timeout "${T_LCE:-420}" python3 bench/bench_lce.py ${LCE_ARGS:-} 2>&1 | tee /tmp/bench_lce.log
   cp bench/results/lce.csv "$OUT/lce.csv" 2>/dev/null
@@ -125,4 +136,5 @@ has bench && grep -E "^\|" "$OUT/bench.log" | tail -12
 has linear && grep -E "ratio" /tmp/bench_linear.log
 has lce && grep -E "^\||^N=" /tmp/bench_lce.log
 has tokens && grep -E "^\||^N=" "$OUT/tokens.log"
+has distill && grep -E "^\||^N=" "$OUT/distill.log"
 exit $rc
