@@ -1,5 +1,7 @@
 """Distillation losses of (N, C) student and teacher logits, a block of rows at a time: the
-NumPy backend (the tests' oracle) and the portable CuPy path, one array-generic implementation.
+NumPy backend (the tests' oracle) and the CuPy rows the fused distillation kernels do not take
+(the portable path, the generalised JSD, a sparse teacher, and what
+:func:`gpuce._rows.distill_route` leaves to the array rows), one array-generic implementation.
 
 Per row, in the accumulation dtype, with u = cap(S) / τ and w = cap(T) / τ (cap(f) =
 s tanh(f / s) with a softcap, else f), log p_S = u − lse(u), log p_T = w − lse(w):

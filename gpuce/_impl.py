@@ -42,8 +42,11 @@ def use_impl(impl: str):
     ----------
     impl : {"fused", "portable"}
         The GPU implementation of softmax cross-entropy: "fused" (the default; one read of
-        the logits) or "portable" (ElementwiseKernel / ReductionKernel, two reads).  NumPy
-        arrays always take the NumPy path.
+        the logits) or "portable" (ElementwiseKernel / ReductionKernel, two reads).  It also
+        picks the rows of token_logprobs and distillation_loss (and their linear forms):
+        "fused" launches their fused kernels where those take the call
+        (:func:`gpuce._rows.token_route`, :func:`gpuce._rows.distill_route`), "portable" runs
+        their array rows.  NumPy arrays always take the NumPy path.
 
     Examples
     --------

@@ -1,12 +1,17 @@
 """The row work whose code differs by backend, each decision written once: the label range
 check, the "mean" reduction's denominator, the L2 penalty's sum of squares, the softmax cross-
-entropy rows (NumPy or CuPy backend), the block walk's block size, the bias gradient's column
-sums and the row-wise softmax / log_softmax / logsumexp.  Used by the block walk (gpuce.sce),
-the chunked linear model (gpuce.linear), the row-wise functions (gpuce.softmax), explain
-(gpuce._explain) and the dask blocks (gpuce._dask); the modules above call these and do not
-branch on the backend themselves."""
+entropy rows (NumPy or CuPy backend), the token log-probability and distillation rows (on CuPy
+the fused kernels where :func:`token_route` / :func:`distill_route` say they take the call, the
+array rows otherwise), the block walk's block size, the bias gradient's column sums and the
+row-wise softmax / log_softmax / logsumexp.  Used by the block walk (gpuce.sce), the chunked
+linear model (gpuce.linear), token log-probabilities (gpuce.tokens), distillation
+(gpuce.distillation), the row-wise functions (gpuce.softmax), explain (gpuce._explain) and the
+dask blocks (gpuce._dask); the modules above call these and do not branch on the backend
+themselves."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -143,13 +148,185 @@ def run_rows(xp, x2, target, weight, args, grad_out, impl="auto", variant=None):
     return out._replace(stats=out.stats._replace(predicted=predicted))
 
 
+class Route(NamedTuple):
+    """Which rows a token or distillation call on CuPy arrays runs: ``path`` "fused" (the
+    fused kernels) or "array" (the array-generic rows), and why."""
+
+    path: str
+    reason: str
+
+
+def layout(a):
+    """What the routing reads of an array: (dtype name, shape, strides in bytes); None stays
+    None."""
+    return None if a is None else (a.dtype.name, tuple(a.shape), tuple(a.strides))
+
+
+def _kernel_rows(lay, row_unit: int) -> str | None:
+    """Why the fused kernels cannot walk the (N, C) rows of ``lay`` (None when they can): the
+    columns must be contiguous (any column stride with C = 1) and the row stride a
+    non-negative whole number of ``row_unit``-byte elements (the kernels take it in elements
+    of the logits' dtype)."""
+    from ._cuda.fused import ITEMSIZE
+
+    name, shape, strides = lay
+    if len(shape) != 2:
+        return f"{len(shape)}-D, not (N, C)"
+    own = ITEMSIZE[name]
+    if shape[1] > 1 and strides[1] != own:
+        return f"a column stride of {strides[1]} bytes (the kernels read contiguous rows)"
+    if shape[0] > 1 and (strides[0] < 0 or strides[0] % row_unit or strides[0] % own):
+        return f"a row stride of {strides[0]} bytes"
+    return None
+
+
+def token_route(impl: str, acc: str, ignore_index: int, logits, grad=None) -> Route:
+    """Whether :func:`run_token_rows` on CuPy arrays launches the fused token kernels
+    (:func:`gpuce._cuda.tokens.token_rows`) or runs the array rows
+    (:func:`gpuce._tokens_rows.token_rows`): the one place this is decided.  Pure: it reads
+    ``impl`` ("fused" or "portable", as :func:`gpuce._impl.resolve_impl` gives it), the
+    accumulation dtype's name, ignore_index and the :func:`layout` of the (N, C) logits and
+    of the gradient output (None without one), so the CPU tests call it with plain values.
+
+    The fused kernels take logits of float16, bfloat16, float32 or float64 accumulating in
+    their own accumulation dtype; at most ``MAX_ROWS`` rows and ``MAX_CLASSES`` classes;
+    contiguous rows at any row stride (:func:`_kernel_rows`); labels of any integer dtype
+    (int32 and int64 read as they are, others converted to int64); an ignore_index in the
+    int64 range whose lower 32 bits name no class; a gradient of (N, C) in the logits' dtype
+    or the accumulation dtype, contiguous rows.  Anything else runs the array rows."""
+    from ._cuda import fused as F
+    from ._cuda import tokens as K
+
+    if impl != "fused":
+        return Route("array", f"impl {impl!r} (gpuce.use_impl): the portable path runs the array rows")
+    dtype, shape, _ = logits
+    n, c = shape
+    if dtype not in F.DTYPES:
+        return Route("array", f"{dtype} logits (the fused token kernels take {', '.join(F.DTYPES)})")
+    if acc != F.ACC[dtype]:
+        return Route("array", f"{dtype} logits accumulating in {acc}, not {F.ACC[dtype]}")
+    if n > K.MAX_ROWS:
+        return Route("array", f"{n} rows (the fused token kernels take at most {K.MAX_ROWS})")
+    if c > F.MAX_CLASSES:
+        return Route("array", f"{c} classes (the fused kernels take at most {F.MAX_CLASSES})")
+    if not -(2**63) <= ignore_index < 2**63:
+        return Route("array", f"ignore_index {ignore_index} is outside the int64 range")
+    try:
+        K._check_ignore_index(ignore_index, c)
+    except ValueError:
+        return Route("array", f"ignore_index {ignore_index}'s lower 32 bits name a class (the "
+                              f"fused token kernels compare those)")
+    why = _kernel_rows(logits, F.ITEMSIZE[dtype])
+    if why:
+        return Route("array", f"the logits have {why}")
+    if grad is not None:
+        gname, gshape, _ = grad
+        if gshape != (n, c) or gname not in (dtype, acc):
+            return Route("array", f"a gradient output of {gname} {gshape} (the fused token kernels "
+                                  f"write ({n}, {c}) of {dtype} or {acc})")
+        why = _kernel_rows(grad, F.ITEMSIZE[dtype])
+        if why:
+            return Route("array", f"the gradient output has {why}")
+    return Route("fused", f"{dtype} logits, {acc} accumulation: gpuce._cuda.tokens.token_rows, "
+                          f"one launch")
+
+
 def run_token_rows(xp, x2, labels, args, logp_out, entropy_out=None, grad_out=None,
                    g_logp=None, g_entropy=None):
     """Token log-probabilities and entropy of validated (N, C) logits (:mod:`gpuce.tokens`),
-    written into the outputs; the gradient into ``grad_out`` when given (it may be ``x2``)."""
+    written into the outputs; the gradient into ``grad_out`` when given (it may be ``x2``).
+    ``labels`` are checked by the caller (in [0, C) or ignore_index).  NumPy: the array rows.
+    CuPy: the fused token kernels where :func:`token_route` says they take the call (impl
+    "auto" as :func:`gpuce.use_impl` sets it), the array rows otherwise."""
+    if xp is not np and token_route(resolve_impl(), args.acc.name, args.ignore_index,
+                                    layout(x2), layout(grad_out)).path == "fused":
+        from ._cuda.tokens import token_rows as fused_rows
+
+        fused_rows(x2, labels, acc=args.acc, inv_temperature=args.inv_temperature,
+                   softcap=args.softcap, ignore_index=args.ignore_index, logp_out=logp_out,
+                   entropy_out=entropy_out, grad_out=grad_out, g_logp=g_logp, g_entropy=g_entropy)
+        return
     from ._tokens_rows import token_rows
 
     token_rows(xp, x2, labels, args, logp_out, entropy_out, grad_out, g_logp, g_entropy)
+
+
+def distill_route(impl: str, beta: float, sparse: bool, acc: str, student, teacher,
+                  grad=None) -> Route:
+    """Whether :func:`run_distill_rows` on CuPy arrays launches the fused distillation kernels
+    (:func:`gpuce._cuda.distill.distill_rows_fused`) or runs the array rows
+    (:func:`gpuce._distill_rows.dense_rows`): the one place this is decided.  Pure: it reads
+    ``impl`` ("fused" or "portable"), β, whether the teacher is sparse, the accumulation
+    dtype's name and the :func:`layout` of the (N, C) student and teacher logits and of the
+    gradient output (None without one).
+
+    The fused kernels take β = 0 (forward KL) and β = 1 (reverse KL) of a dense teacher;
+    student and teacher of one dtype (float16, bfloat16, float32 or float64) and one shape,
+    accumulating in that dtype's accumulation dtype; at most ``MAX_CLASSES`` classes;
+    contiguous rows at any row stride (:func:`_kernel_rows`); a gradient of the student's
+    dtype and shape, contiguous rows.  Anything else (the generalised JSD, a float32 student
+    with a float64 teacher, ...) runs the array rows."""
+    from ._cuda import distill as K
+    from ._cuda import fused as F
+
+    if impl != "fused":
+        return Route("array", f"impl {impl!r} (gpuce.use_impl): the portable path runs the array rows")
+    if float(beta) not in K.BETAS:
+        return Route("array", f"beta={beta}: the fused distillation kernels do beta = 0 and 1 "
+                              f"(the generalised JSD runs on the array rows)")
+    if sparse:
+        return Route("array", "a sparse (top-k) teacher")
+    dtype, shape, _ = student
+    tname, tshape, _ = teacher
+    if dtype not in F.DTYPES:
+        return Route("array", f"a {dtype} student (the fused kernels take {', '.join(F.DTYPES)})")
+    if tname != dtype or tshape != shape:
+        return Route("array", f"student {dtype} {shape}, teacher {tname} {tshape} (the fused "
+                              f"kernels take one dtype and one shape)")
+    if acc != F.ACC[dtype]:
+        return Route("array", f"{dtype} logits accumulating in {acc}, not {F.ACC[dtype]}")
+    n, c = shape
+    if c > F.MAX_CLASSES:
+        return Route("array", f"{c} classes (the fused kernels take at most {F.MAX_CLASSES})")
+    for lay, what in ((student, "the student"), (teacher, "the teacher")):
+        why = _kernel_rows(lay, F.ITEMSIZE[dtype])
+        if why:
+            return Route("array", f"{what} has {why}")
+    if grad is not None:
+        gname, gshape, _ = grad
+        if gname != dtype or gshape != (n, c):
+            return Route("array", f"a gradient output of {gname} {gshape} (the fused kernels "
+                                  f"write the student's dtype and shape)")
+        why = _kernel_rows(grad, F.ITEMSIZE[dtype])
+        if why:
+            return Route("array", f"the gradient output has {why}")
+    kl = "forward" if float(beta) == 0.0 else "reverse"
+    return Route("fused", f"{kl} KL of {dtype} logits: gpuce._cuda.distill.distill_rows_fused, "
+                          f"one launch")
+
+
+def run_distill_rows(xp, S2, T2, args, active, loss_out, grad_out=None, row_scale=None):
+    """Distillation rows of validated (N, C) student and dense teacher logits
+    (:mod:`gpuce.distillation`): the loss per row into ``loss_out`` and, with ``grad_out``,
+    ∂(Σ σ_i L_i)/∂S (σ = ``row_scale``: (N,) accumulation-dtype rows or a number) into it (it
+    may be ``S2``); ``active``: (N,) booleans, False for an ignored row.  NumPy: the array
+    rows (:func:`gpuce._distill_rows.dense_rows`).  CuPy: the fused kernels where
+    :func:`distill_route` says they take the call (impl "auto" as :func:`gpuce.use_impl`
+    sets it), the array rows otherwise -- and should the kernels' host code still refuse the
+    call (NotImplementedError, raised before anything is launched or written), the array
+    rows too."""
+    from ._distill_rows import dense_rows
+
+    if xp is not np and distill_route(resolve_impl(), args.beta, args.sparse, args.acc.name,
+                                      layout(S2), layout(T2), layout(grad_out)).path == "fused":
+        from ._cuda.distill import distill_rows_fused
+
+        try:
+            distill_rows_fused(S2, T2, args, active, loss_out, grad_out, row_scale)
+            return
+        except NotImplementedError:
+            pass  # refused before any launch: nothing written, the array rows below
+    dense_rows(xp, S2, T2, args, active, loss_out, grad_out, row_scale)
 
 
 def explain_rows(xp, logits, target, args, impl, walk) -> list:

@@ -1,5 +1,7 @@
 """Token log-probabilities and entropy of (N, C) logits, a block of rows at a time: the NumPy
-backend (the tests' oracle) and the portable CuPy path, one array-generic implementation.
+backend (the tests' oracle) and the CuPy rows the fused token kernels do not take (the portable
+path, and what :func:`gpuce._rows.token_route` leaves to the array rows), one array-generic
+implementation.
 
 Per block of rows, in the accumulation dtype (float32 for 16-bit logits, float64 for float64),
 in one scratch buffer the size of the block (or straight in the gradient output when it has

@@ -12,7 +12,9 @@ with a softcap, applied to both before the temperature; the identity without):
 
 No τ² factor is applied (multiply the loss by τ² yourself to keep the gradient's scale across
 temperatures, as Hinton et al. suggest).  The gradient is with respect to the student's logits;
-the teacher is a constant.  Row formulas: :mod:`gpuce._distill_rows`.
+the teacher is a constant.  Row formulas: :mod:`gpuce._distill_rows`.  The dense rows run
+through :func:`gpuce._rows.run_distill_rows`: on CuPy arrays the fused kernels take the forward
+and reverse KL (:func:`gpuce._rows.distill_route` says when), the array rows the rest.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ._chunks import chunk_rows, run_chunks
 from ._blas import gemm
 from ._dispatch import backends
 from ._results import LinearGrads
+from ._rows import run_distill_rows
 from ._validation import (ShapeOnly, check_chunk_size, check_flag, check_linear_args,
                           distill_args, label_error)
 
@@ -149,7 +152,7 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, beta=0.0, 
         _check_sparse(xp, T[0], T[1], args)
     active = _active_rows(xp, target, args)
     sigma, denom = _row_scale(xp, args, active, grad_row_scale, _denominator)
-    from ._distill_rows import dense_rows, sparse_rows
+    from ._distill_rows import sparse_rows
 
     c = args.c
     S2 = S.reshape(args.n, c)
@@ -159,7 +162,7 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, beta=0.0, 
         sparse_rows(xp, S2, T[0].reshape(args.n, args.k), T[1].reshape(args.n, args.k), args,
                     active, loss_rows, grad, sigma)
     else:
-        dense_rows(xp, S2, T.reshape(args.n, c), args, active, loss_rows, grad, sigma)
+        run_distill_rows(xp, S2, T.reshape(args.n, c), args, active, loss_rows, grad, sigma)
     loss = _reduce(xp, args, loss_rows, denom)
     if not args.return_grad:
         return loss
@@ -221,7 +224,6 @@ def linear_distillation_loss(X_student, W_student, X_teacher, W_teacher, target=
                       grads_bytes=grads_bytes)
     teacher_buf = xp.empty((min(rows, n), c), t_acc) if n else None
     loss_rows = xp.empty(n, acc)
-    from ._distill_rows import dense_rows
 
     def row_op(s, e, f):
         ft = teacher_buf[:e - s]
@@ -230,8 +232,8 @@ def linear_distillation_loss(X_student, W_student, X_teacher, W_teacher, target=
         gemm(xp, "N", "T", xp.ascontiguousarray(Xt[s:e]), Wt, ft, 1.0,
              0.0 if bt is None else 1.0)
         sig = sigma[s:e] if getattr(sigma, "ndim", 0) == 1 else sigma
-        dense_rows(xp, f, ft, args, active[s:e], loss_rows[s:e],
-                   f if args.return_grad else None, sig)
+        run_distill_rows(xp, f, ft, args, active[s:e], loss_rows[s:e],
+                         f if args.return_grad else None, sig)
 
     run_chunks(xp, Xs, Ws, bs, acc, rows, row_op, dW=dW, dX=dX, db=db)
     loss = _reduce(xp, args, loss_rows, denom)
