@@ -714,7 +714,9 @@ def linear_cross_entropy(run, X, W, y, *, bias, reg, reduction, ignore_index, we
 
 def _token_part(run, x, t, gl, gh, args, row0, opts):
     _check_block_labels(t, row0, args)
-    out = run(x, t, grad_logprobs=gl, grad_entropy=gh, **opts)
+    opts = dict(opts)
+    with use_impl(opts.pop("impl")):  # the choice in force when the graph was built
+        out = run(x, t, grad_logprobs=gl, grad_entropy=gh, **opts)
     out = out if isinstance(out, tuple) else (out,)
     part = {"logp": out[0], "entropy": out[1] if args.return_entropy else None,
             "grad": out[-1] if args.return_grad else None}
@@ -757,7 +759,7 @@ def token_logprobs(run, logits, target, *, temperature, return_entropy, softcap,
             _rows_only(a, name)
     array_module(logits._meta, target._meta)  # raises for NumPy mixed with CuPy
     opts = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
-                ignore_index=ignore_index, return_grad=return_grad)
+                ignore_index=ignore_index, return_grad=return_grad, impl=auto_impl())
     k = logits.numblocks[0]
     parts = [_call(_token_part, "tokens-part", run, x, t, a, b, args, r0, opts)
              for x, t, a, b, r0 in zip(logits.to_delayed().ravel(), target.to_delayed().ravel(),
@@ -798,7 +800,7 @@ def linear_token_logprobs(run, X, W, target, *, bias, temperature, return_entrop
     opts = dict(W=_constant(W, "W"), bias=_constant(bias, "bias"), temperature=temperature,
                 return_entropy=return_entropy, softcap=softcap, ignore_index=ignore_index,
                 chunk_size=chunk_size, return_grad=return_grad, input_grad=input_grad,
-                check_finite=check_finite, _acc_grads=True)
+                check_finite=check_finite, _acc_grads=True, impl=auto_impl())
     k = X.numblocks[0]
     parts = [_call(_token_part, "linear-tokens-part", _linear_tokens_call(run), x, t, a, b, args,
                    r0, opts)
@@ -1016,11 +1018,13 @@ def _distill_part(run, s, t_logits, t_idx, t_lp, target, args, opts, count, line
     if args.reduction == "mean":
         denom = count["count"] if target is not None else float(args.n)
         opts = dict(opts, _denominator=denom)
-    if linear:
-        out = run(s, opts.pop("W_student"), t_logits, opts.pop("W_teacher"), target, **opts)
-    else:
-        teacher = t_logits if t_idx is None else (t_idx, t_lp)
-        out = run(s, teacher, target, **opts)
+    opts = dict(opts)
+    with use_impl(opts.pop("impl")):  # the choice in force when the graph was built
+        if linear:
+            out = run(s, opts.pop("W_student"), t_logits, opts.pop("W_teacher"), target, **opts)
+        else:
+            teacher = t_logits if t_idx is None else (t_idx, t_lp)
+            out = run(s, teacher, target, **opts)
     loss, g = (out if args.return_grad else (out, None))
     part = {"loss": loss if args.reduction == "none" else loss.astype(np.float64), "grad": g}
     if linear and g is not None:
@@ -1052,6 +1056,7 @@ def _distill_graph(run, student, teacher, target, args, opts, linear):
         tl, ti, tp = [None] * k, _blocks_of(teacher[0], k), _blocks_of(teacher[1], k)
     else:
         tl, ti, tp = _blocks_of(teacher, k), [None] * k, [None] * k
+    opts = dict(opts, impl=auto_impl())  # the choice in force now, applied by each block
     parts = [_call(_distill_part, "distill-part", run, s, a, b, c_, t, args, dict(opts), count,
                    linear)
              for s, a, b, c_, t in zip(student.to_delayed().ravel(), tl, ti, tp, ts)]
