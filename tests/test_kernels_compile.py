@@ -88,3 +88,28 @@ def test_every_fused_variant_compiled(results):
     # the sm_90 build carries the cluster variants, the sm_80 one cannot
     assert any("sce_cluster" in e for e in fused["sm_90"].lowered)
     assert not any("sce_cluster" in e for e in fused["sm_80"].lowered)
+
+
+@pytest.mark.parametrize("module,cluster", [("tokens", "tok_cluster"), ("distill", "dis_cluster")])
+def test_every_policy_program_variant_compiled(results, module, cluster):
+    """The token and distillation programs (the fused bodies through their row-state policies):
+    every variant the runtime builds its modules from (``variants()``) is in the program of
+    each arch it supports, with a ptxas report, the cluster ones on sm_90 only, within the
+    planner's static shared-memory bound and the launch bound of 512 threads a block (at most
+    128 registers a thread).  The spill rule is test_fused_kernels_within_the_spill_rule's."""
+    import importlib
+
+    from gpuce._cuda import fused as F
+
+    mod = importlib.import_module(f"gpuce._cuda.{module}")
+    programs = {r.arch: r for r in results if r.name.startswith(mod.PROGRAM_PREFIX)}
+    assert set(programs) == {"sm_80", "sm_90"}
+    for arch, r in programs.items():
+        cc = int(arch.split("_")[1])
+        assert set(r.lowered) == {v.expr() for v in mod.variants() if cc >= v.min_arch}
+        for expr, entry in r.lowered.items():
+            assert entry in r.registers, f"{expr} has no ptxas entry for {arch}"
+            assert r.registers[entry] <= 128, f"{arch} {expr}: {r.registers[entry]} registers"
+        assert r.smem and all(b <= F.STATIC_SMEM for b in r.smem.values()), r.smem
+    assert any(cluster in e for e in programs["sm_90"].lowered)
+    assert not any(cluster in e for e in programs["sm_80"].lowered)

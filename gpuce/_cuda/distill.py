@@ -32,8 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import fused as F
+from .program import PolicyProgram
 
 SOURCE = "gpuce_distill.cu"
+PROGRAM_PREFIX = "gpuce_distill_"
 
 KINDS = ("warp", "block", "cluster", "twopass")
 BETAS = (0.0, 1.0)  # the fused β values; others raise NotImplementedError
@@ -87,6 +89,9 @@ def variants():
     return out
 
 
+PROGRAM = PolicyProgram(SOURCE, PROGRAM_PREFIX, variants)
+
+
 @dataclass(frozen=True)
 class DisPlan:
     """A variant and its launch shape (cross-entropy's plan of the same kind for probability
@@ -111,11 +116,6 @@ class DisPlan:
         return s + f" {self.shape.smem // 1024}KiB"
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled() -> frozenset:
-    return frozenset(variants())
-
-
 @functools.lru_cache(maxsize=4096)
 def candidates(dtype: str, c: int, vec: int, dev: F.Device, shifted: bool = False) -> tuple:
     """Every :class:`DisPlan` that runs rows of ``c`` classes, the preferred first: the
@@ -127,43 +127,16 @@ def candidates(dtype: str, c: int, vec: int, dev: F.Device, shifted: bool = Fals
         if ce.kind not in KINDS or ce.regs or (ce.kind == "twopass" and ce.cluster):
             continue
         v = DisVariant(ce.kind, dtype, ce.vec, ce.group, ce.cluster)
-        if v in _compiled():
+        if v in PROGRAM.compiled:
             out.append(DisPlan(v, p))
     return tuple(out)
 
 
 # ------------------------------------------------------------------------------------ runtime
 
-@functools.lru_cache(maxsize=None)
-def _module(exprs: tuple):
-    import cupy
-
-    from . import source
-
-    return cupy.RawModule(code=source.expand(SOURCE), options=("--std=c++17",), name_expressions=exprs)
-
-
-@functools.lru_cache(maxsize=None)
-def function(expr: str):
-    """The RawKernel of ``expr``, made once a process (one module an instantiation, as
-    :func:`gpuce._cuda.fused.function`)."""
-    return _module((expr,)).get_function(expr)
-
-
-@functools.lru_cache(maxsize=1024)
-def _blocks_per_sm(dev_id: int, expr: str, threads: int, smem: int, shape: F.Plan) -> int:
-    """Blocks of ``expr`` an SM holds (the driver's occupancy API, after the shared-memory
-    limit is raised; the estimate from threads and shared memory where it cannot answer)."""
-    from cupy_backends.cuda.api import driver
-
-    fn = F._prepare(function(expr), smem)
-    try:
-        per_sm = int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, smem))
-    except Exception:  # noqa: BLE001
-        per_sm = 0
-    if per_sm < 1:
-        return F.occupancy_estimate(shape, F.current_device())
-    return min(F.MAX_BLOCKS_PER_SM, per_sm)
+# the program's compiled set, kernels, occupancy and offline compile (gpuce._cuda.program)
+function = PROGRAM.function
+_blocks_per_sm = PROGRAM.blocks_per_sm
 
 
 def distill_rows_fused(S2, T2, args, active, loss_out, grad_out=None, row_scale=None) -> None:
@@ -260,24 +233,4 @@ def distill_rows_fused(S2, T2, args, active, loss_out, grad_out=None, row_scale=
 
 # ------------------------------------------------------------------------------ offline compile
 
-PROGRAM_PREFIX = "gpuce_distill_"
-
-
-@functools.lru_cache(maxsize=None)
-def compile_all(archs=("sm_80", "sm_90")) -> tuple:
-    """Every instantiation of :func:`variants` an arch supports, one NVRTC program an arch (the
-    text the runtime compiles, memoized: the suite and ``gpuce check-kernels`` share it), the archs compiled on threads at once: a tuple of
-    :class:`gpuce._cuda.nvrtc.CompileResult` named ``gpuce_distill_<arch>``.  No GPU needed."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from . import nvrtc, source
-
-    src = source.expand(SOURCE)
-
-    def one(arch):
-        cc = int(arch.split("_")[1])
-        exprs = [v.expr() for v in variants() if cc >= v.min_arch]
-        return nvrtc.compile_source(src, f"{PROGRAM_PREFIX}{arch}", arch, ("--std=c++17",), exprs)
-
-    with ThreadPoolExecutor(max_workers=len(archs)) as pool:
-        return tuple(pool.map(one, archs))
+compile_all = PROGRAM.compile_all

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import fused as F
+from .program import PolicyProgram
 
 SOURCE = "gpuce_tokens.cu"
+PROGRAM_PREFIX = "gpuce_tokens_"
 
 INDEXES = ("int32", "int64")
 MAX_ROWS = 2**31 - 2  # the kernels' key packs row + 1 into 32 bits
@@ -92,6 +94,9 @@ def variants():
     return out
 
 
+PROGRAM = PolicyProgram(SOURCE, PROGRAM_PREFIX, variants)
+
+
 @dataclass(frozen=True)
 class TokPlan:
     """A variant and its launch shape (cross-entropy's plan of the same kind: threads, packs a
@@ -115,11 +120,6 @@ class TokPlan:
         return s + f" {self.shape.smem // 1024}KiB"
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled() -> frozenset:
-    return frozenset(variants())
-
-
 @functools.lru_cache(maxsize=4096)
 def candidates(dtype: str, index: str, grad: str, c: int, vec: int, dev: F.Device, shifted: bool = False) -> tuple:
     """Every :class:`TokPlan` that runs rows of ``c`` classes, the preferred first: the
@@ -132,43 +132,16 @@ def candidates(dtype: str, index: str, grad: str, c: int, vec: int, dev: F.Devic
         if ce.kind not in KINDS or ce.regs:
             continue
         v = TokVariant(ce.kind, dtype, index, grad, ce.vec, ce.group, ce.cluster)
-        if v in _compiled():
+        if v in PROGRAM.compiled:
             out.append(TokPlan(v, p))
     return tuple(out)
 
 
 # ------------------------------------------------------------------------------------ runtime
 
-@functools.lru_cache(maxsize=None)
-def _module(exprs: tuple):
-    import cupy
-
-    from . import source
-
-    return cupy.RawModule(code=source.expand(SOURCE), options=("--std=c++17",), name_expressions=exprs)
-
-
-@functools.lru_cache(maxsize=None)
-def function(expr: str):
-    """The RawKernel of ``expr``, made once a process (one module an instantiation, as
-    :func:`gpuce._cuda.fused.function`)."""
-    return _module((expr,)).get_function(expr)
-
-
-@functools.lru_cache(maxsize=1024)
-def _blocks_per_sm(dev_id: int, expr: str, threads: int, smem: int, shape: F.Plan) -> int:
-    """Blocks of ``expr`` an SM holds (the driver's occupancy API, after the shared-memory
-    limit is raised; the estimate from threads and shared memory where it cannot answer)."""
-    from cupy_backends.cuda.api import driver
-
-    fn = F._prepare(function(expr), smem)
-    try:
-        per_sm = int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, smem))
-    except Exception:  # noqa: BLE001
-        per_sm = 0
-    if per_sm < 1:
-        return F.occupancy_estimate(shape, F.current_device())
-    return min(F.MAX_BLOCKS_PER_SM, per_sm)
+# the program's compiled set, kernels, occupancy and offline compile (gpuce._cuda.program)
+function = PROGRAM.function
+_blocks_per_sm = PROGRAM.blocks_per_sm
 
 
 def _check_ignore_index(ignore_index: int, c: int) -> None:
@@ -278,25 +251,4 @@ def token_rows(x2, labels, *, acc, inv_temperature, softcap, ignore_index, logp_
 
 # ------------------------------------------------------------------------------ offline compile
 
-PROGRAM_PREFIX = "gpuce_tokens_"
-
-
-@functools.lru_cache(maxsize=None)
-def compile_all(archs=("sm_80", "sm_90")) -> tuple:
-    """Every instantiation of :func:`variants` an arch supports, one NVRTC program an arch (the
-    text the runtime compiles, memoized: the suite and ``gpuce check-kernels`` share it), the archs compiled on threads at once (NVRTC does not hold
-    Python's lock): a list of :class:`gpuce._cuda.nvrtc.CompileResult` named
-    ``gpuce_tokens_<arch>``.  No GPU needed."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from . import nvrtc, source
-
-    src = source.expand(SOURCE)
-
-    def one(arch):
-        cc = int(arch.split("_")[1])
-        exprs = [v.expr() for v in variants() if cc >= v.min_arch]
-        return nvrtc.compile_source(src, f"{PROGRAM_PREFIX}{arch}", arch, ("--std=c++17",), exprs)
-
-    with ThreadPoolExecutor(max_workers=len(archs)) as pool:
-        return tuple(pool.map(one, archs))
+compile_all = PROGRAM.compile_all
