@@ -12,8 +12,8 @@
 #   PARTS      which steps, default "tests probe" (about 5 minutes); then "bench" (about 8:
 #              the sweep at 2^30 with every provider, 2^28 for the fixed/marginal split, small C,
 #              the softcap row); then "variants" (every fused variant pinned at 2^28, about 2.5
-#              minutes), "ncu lce linear demo", "tokens" and "distill" (each alone in its call:
-#              TOKENS_ARGS, DISTILL_ARGS below).  A device call is limited to 10 minutes: one
+#              minutes), "ncu lce linear demo", "tokens", "distill" and "distill_logits" (each alone in its
+#              call: TOKENS_ARGS, DISTILL_ARGS, DISTILL_LOGITS_ARGS below).  A device call is limited to 10 minutes: one
 #              call a line, each with its own timeout_s.  PARTS="" (set, empty) runs nothing
 #              but the wheel install; only an unset PARTS means the default.
 #   BENCH_ARGS narrows the sweep, e.g. BENCH_ARGS="--totals 2**28 --dtypes float32 --repeat 5";
@@ -39,7 +39,16 @@
 #              of its own; rows into $OUT/distill_gpu.csv after every point, the plot
 #              $OUT/distill_gpu.png; e.g. DISTILL_ARGS="--betas 0" or "--shape 8192 4096 151936");
 #              record it with `cp gpu_out/distill_gpu.csv bench/results/`
-#   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE T_TOKENS T_DISTILL  seconds each step may take (so one slow step cannot eat a
+#   DISTILL_LOGITS_ARGS arguments of bench/bench_distill_logits.py (part "distill_logits": the
+#              dense-logits distillation loss, forward + backward w.r.t. the student's (N, V) logits,
+#              beta 0 and 0.5, gpuce and gpuce.torch against the eager torch reference, torch.compile
+#              and Liger's LigerJSD / LigerKLDIVLoss where present and computing the same quantity;
+#              N = 8192, V = 32768, 65536, 131072, bf16 then fp32, each against a timed copy of the
+#              student's logits; not yet run; one device call of its own (12 torch.compile compiles:
+#              if T_DISTILL_LOGITS cuts it off, run DISTILL_LOGITS_ARGS="--dtypes float32" in a second
+#              call); rows into $OUT/distill_logits_gpu.csv after every point); record it with
+#              `cp gpu_out/distill_logits_gpu.csv bench/results/`
+#   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE T_TOKENS T_DISTILL T_DISTILL_LOGITS  seconds each step may take (so one slow step cannot eat a
 #              whole device call; the benchmark upserts its CSV after every point)
 # Liger-Kernel and Cut Cross-Entropy are not on the device image: to compare with them,
 # download their wheels here first (pure Python; --python-version etc. as the image's 3.12)
@@ -122,6 +131,10 @@ if has distill; then  # the linear distillation step (bench/bench_distill.py); T
   timeout "${T_DISTILL:-450}" python3 bench/bench_distill.py --csv "$OUT/distill_gpu.csv" --png "$OUT/distill_gpu.png" \
     ${DISTILL_ARGS:-} 2>&1 | tee "$OUT/distill.log"
 fi
+if has distill_logits; then  # the dense-logits distillation step (bench/bench_distill_logits.py); < a device call
+  timeout "${T_DISTILL_LOGITS:-480}" python3 bench/bench_distill_logits.py --csv "$OUT/distill_logits_gpu.csv" \
+    ${DISTILL_LOGITS_ARGS:-} 2>&1 | tee "$OUT/distill_logits.log"
+fi
 if has lce; then
   timeout "${T_LCE:-420}" python3 bench/bench_lce.py ${LCE_ARGS:-} 2>&1 | tee /tmp/bench_lce.log
   cp bench/results/lce.csv "$OUT/lce.csv" 2>/dev/null
@@ -137,4 +150,5 @@ has linear && grep -E "ratio" /tmp/bench_linear.log
 has lce && grep -E "^\||^N=" /tmp/bench_lce.log
 has tokens && grep -E "^\||^N=" "$OUT/tokens.log"
 has distill && grep -E "^\||^N=" "$OUT/distill.log"
+has distill_logits && grep -E "^\||^N=" "$OUT/distill_logits.log"
 exit $rc
