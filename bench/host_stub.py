@@ -109,7 +109,7 @@ def install(host: StubHost, setattr_=setattr, per_sm: int = 2):
     setattr_(fused, "_occupancy_on", lambda dev_id, expr, threads, smem: per_sm)
     setattr_(fused, "_clusters_on", lambda dev_id, expr, threads, smem, cl: None)
     setattr_(fused, "_RECIPES", {})
-    setattr_(fused, "_WORKSPACES", {})
+    setattr_(fused, "_WORKSPACES", fused._ThreadWorkspaces())
     return dev
 
 

@@ -106,6 +106,38 @@ def test_two_streams_keep_their_own_workspace():
         assert o.get() == want[i]
 
 
+def test_threads_on_the_per_thread_default_stream_keep_their_own_workspace():
+    """Two host threads on CuPy's per-thread default stream (one handle, two streams running
+    at once), each with "mean" calls (the prologue's denominator travels in the workspace):
+    the results of the calls made one at a time, bit for bit."""
+    import threading
+
+    import cupy as cp
+
+    x, y = _inputs(cp, 4096, 1000, seed="ptds")
+    y[::5] = -100  # another denominator for each half
+    want = [gpuce.softmax_cross_entropy(x[i::2], y[i::2]).get() for i in range(2)]
+    got = [[], []]
+    errors = []
+
+    def calls(i):
+        try:
+            with cp.cuda.Stream.ptds:
+                outs = [gpuce.softmax_cross_entropy(x[i::2], y[i::2]) for _ in range(20)]
+                got[i] = [o.get() for o in outs]
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=calls, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        assert len(got[i]) == 20 and all(g == want[i] for g in got[i])
+
+
 def test_explain_says_which_kernel():
     import cupy as cp
 

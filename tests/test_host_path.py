@@ -9,6 +9,8 @@ two launches, nothing else on the stream), and that a call whose launch recipe i
 (gpuce._cuda.fused.recipe) passes its own arrays, never a previous call's.
 """
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -53,7 +55,7 @@ def _inputs(host, n, c, dtype=np.float32, index=np.int64):
 def test_default_call_is_two_launches_with_its_own_arrays(host):
     x, y = _inputs(host, 4096, 1000)
     loss, grad = gpuce.softmax_cross_entropy(x, y, return_grad=True, check_labels=False)
-    ws = F._WORKSPACES[(0, 0)][0]
+    ws = F._WORKSPACES.by_stream[(0, 0)][0]
     # the gradient, the workspace (the first call on this stream only) and the 0-d loss:
     # nothing else
     assert [a.shape for a in host.allocations] == [(4096, 1000), ws.shape, ()]
@@ -221,3 +223,55 @@ def test_a_given_denominator_is_passed_at_launch_not_remembered(host):
         assert a["inv_from_ws"] == 0
         assert a["inv_denom"] == (0.0 if denominator == 0 else 1.0 / denominator)
     assert len(F._RECIPES) == 1
+
+
+class _PerThreadDefaultStream:
+    """CuPy's per-thread default stream as every thread sees it: the one handle 2
+    (cudaStreamPerThread), each thread's launches on its own stream."""
+
+    ptr = 2
+
+    def is_capturing(self):
+        return False
+
+
+class _ByThread(list):
+    """host.launches that remember which host thread made each launch."""
+
+    def append(self, launch):
+        super().append((threading.current_thread(), launch))
+
+
+def test_threads_sharing_a_stream_handle_get_their_own_workspace(host, monkeypatch):
+    """Two host threads on CuPy's per-thread default stream (one handle, two streams): each
+    thread's prologue and fused kernel share the thread's workspace (the denominator, the
+    ticket and the partial slots), and the two threads' workspaces are different buffers.  A
+    workspace keyed by (device, stream handle) alone gave both threads one buffer."""
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: _PerThreadDefaultStream())
+    host.launches = _ByThread()
+    x, y = _inputs(host, 4096, 1000)
+    errors = []
+
+    def calls():
+        try:
+            for _ in range(3):
+                gpuce.softmax_cross_entropy(x, y, check_labels=False)  # "mean": prologue + kernel
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=calls) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    kind = F.plan("float32", "label", "int64", 1000, 4, H100).variant.kind
+    used = {}
+    for thread, (expr, _, _, args, _) in host.launches:
+        ws = _named(args, "sce_prologue" if expr == F.prologue_expr("int64", "float32") else kind)["ws"]
+        used.setdefault(thread, set()).add(id(ws))
+    assert len(host.launches) == 2 * 3 * 2 and len(used) == 2
+    (a,), (b,) = used.values()  # one workspace a thread, for all its launches
+    assert a != b
+    # the main thread has none yet: its first call makes its own
+    assert (0, 2) not in F._WORKSPACES.by_stream

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -455,22 +456,42 @@ def tile_vec_for(dtype: str, c: int, *arrays) -> int | None:
     return VEC_MAX[dtype] if all(arr.data.ptr % 16 == 0 for arr in arrays) else 1
 
 
-_WORKSPACES = {}
+class _ThreadWorkspaces(threading.local):
+    """This host thread's launch workspaces, by (device, stream handle)."""
+
+    def __init__(self):
+        self.by_stream = {}
+
+
+_WORKSPACES = _ThreadWorkspaces()
 
 
 def workspace(cp):
-    """The launch workspace of the current device and stream (zeroed once; every launch leaves
-    it as it found it).  Calls on one stream run in order, so they can share it."""
+    """The launch workspace of the current device and stream for this host thread (zeroed once;
+    every launch leaves it as it found it).
+
+    It is a thread's own, not a stream's: under CuPy's per-thread default stream
+    (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``) every thread's stream has the one handle 2, and
+    two threads that share a stream object can interleave their launches (one call's prologue,
+    another's, then the first call's fused kernel reading the denominator in the workspace).
+    Calls a thread makes on one stream run in order, so they share it; a thread's workspaces go
+    with the thread.
+
+    A CUDA graph that captured gpuce calls holds the capturing thread's workspace: replay it on
+    the stream it was captured on (or one ordered with it), never two replays at once, and never
+    beside uncaptured gpuce calls of that thread on that stream that could run concurrently with
+    the replay (their tickets and partial slots would mix)."""
     stream = cp.cuda.get_current_stream()
     key = (device_id(), stream.ptr)
-    ws = _WORKSPACES.get(key)
+    mine = _WORKSPACES.by_stream
+    ws = mine.get(key)
     if ws is None:  # the stream object is kept alive with its workspace
         if stream.is_capturing():
             raise RuntimeError("gpuce's first fused call on a stream cannot be inside a CUDA graph "
                                "capture (its workspace is zeroed then): make one call on the "
-                               "stream before capturing")
-        ws = _WORKSPACES[key] = (cp.zeros(WS_PARTIALS + WS_WORDS * current_device().sms * MAX_BLOCKS_PER_SM,
-                                          cp.int64), stream)
+                               "stream, from the same host thread, before capturing")
+        ws = mine[key] = (cp.zeros(WS_PARTIALS + WS_WORDS * current_device().sms * MAX_BLOCKS_PER_SM,
+                                   cp.int64), stream)
     return ws[0]
 
 
