@@ -44,8 +44,17 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& r) {
 // half2, and the results are rounded to nearest even two at a time.
 template <typename T> struct is_bf16 { static constexpr bool value = false; };
 template <> struct is_bf16<__nv_bfloat16> { static constexpr bool value = true; };
-#if defined(__CUDA_ARCH__) && !defined(GPUCE_SIMT)
+// The host emulator (GPUCE_SIMT) runs these paths too: its lds128 / ldg128 / stg128 are
+// 16-byte memcpys that fail on an address off its 16-byte boundary, and tests/host/simt.h
+// gives the bit conversions below (__half2, __hiloint2double, ...) memcpy-exact forms, so a
+// lane or word swap here fails on the CPU.
+#if defined(__CUDA_ARCH__)
 #define GPUCE_WORDS 1
+#if defined(GPUCE_SIMT)
+__device__ __forceinline__ void lds128(const void* p, unsigned (&w)[4]) { simt_words_load(p, w); }
+__device__ __forceinline__ void ldg128(const void* p, unsigned (&w)[4]) { simt_words_load(p, w); }
+__device__ __forceinline__ void stg128(void* p, const unsigned (&w)[4]) { simt_words_store(p, w); }
+#else
 __device__ __forceinline__ void lds128(const void* p, unsigned (&w)[4]) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
@@ -61,6 +70,7 @@ __device__ __forceinline__ void stg128(void* p, const unsigned (&w)[4]) {
     asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
                  : "memory");
 }
+#endif
 __device__ __forceinline__ void to_vals(const unsigned (&w)[4], float (&v)[4]) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(w[i]);

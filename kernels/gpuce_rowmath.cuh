@@ -26,6 +26,8 @@ __device__ __forceinline__ float nanmax_fast<float>(float a, float b) {
     float r;
     asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
     return r;
+#elif defined(GPUCE_SIMT)
+    return simt_max_nan(a, b);  // the instruction's result: the canonical NaN, +0 above -0
 #else
     return nanmax(a, b);
 #endif

@@ -219,3 +219,61 @@ inline unsigned long long simt_load_relaxed(const unsigned long long* p) {
     return std::atomic_ref<unsigned long long>(*const_cast<unsigned long long*>(p)).load();
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { tl_block->warps[threadIdx.x / 32]->bar.arrive_and_wait(); }
+
+// ---- the 16-byte word paths of gpuce_io.cuh and max.NaN, as the device computes them: the
+// vector loads and stores as 16-byte memcpys (an address off its 16-byte boundary faults on
+// the device: here it aborts), the paired 16-bit types with x in the low half of their word,
+// a double's words low first
+#include <cstdio>
+#include <cstdlib>
+inline void simt_check_16(const void* p) {
+    if (reinterpret_cast<uintptr_t>(p) % 16) {
+        std::fprintf(stderr, "simt: 16-byte access at %p, off its 16-byte boundary\n", p);
+        std::abort();
+    }
+}
+inline void simt_words_load(const void* p, unsigned (&w)[4]) {
+    simt_check_16(p);
+    std::memcpy(w, p, 16);
+}
+inline void simt_words_store(void* p, const unsigned (&w)[4]) {
+    simt_check_16(p);
+    std::memcpy(p, w, 16);
+}
+struct float2 {
+    float x, y;
+};
+struct alignas(4) __half2 {
+    __half x, y;
+};
+struct alignas(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+static_assert(sizeof(__half2) == 4 && sizeof(__nv_bfloat162) == 4, "paired 16-bit types are one word");
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+    return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
+inline double __hiloint2double(int hi, int lo) {
+    const uint64_t u = (uint64_t(uint32_t(hi)) << 32) | uint32_t(lo);
+    double d;
+    std::memcpy(&d, &u, 8);
+    return d;
+}
+inline int __double2loint(double d) {
+    uint64_t u;
+    std::memcpy(&u, &d, 8);
+    return int(uint32_t(u));
+}
+inline int __double2hiint(double d) {
+    uint64_t u;
+    std::memcpy(&u, &d, 8);
+    return int(uint32_t(u >> 32));
+}
+// max.NaN.f32: the canonical NaN when either input is NaN; +0 is above -0
+inline float simt_max_nan(float a, float b) {
+    if (std::isnan(a) || std::isnan(b)) return __uint_as_float(0x7fffffffu);
+    if (a == b) return std::signbit(a) ? b : a;
+    return a > b ? a : b;
+}
