@@ -25,8 +25,30 @@ def check_impl(impl) -> str:
 
 
 def resolve_impl(impl="auto") -> str:
-    """The concrete implementation ("fused" or "portable") a call with ``impl`` runs."""
+    """The concrete implementation ("fused" or "portable") a call with ``impl`` asks for."""
     return _auto.get() if check_impl(impl) == "auto" else impl
+
+
+FUSED_MIN_ARCH = 80  # cp.async, bfloat16 arithmetic, max.NaN: what the fused kernels need
+
+
+def fused_runs_here() -> bool:
+    """Whether the current CUDA device can run the fused kernels (compute capability 8.0 or
+    later: A100, H100, the RTX 30 series on); one runtime call after the first."""
+    from ._cuda.fused import _device, device_id
+
+    return _device(device_id()).arch >= FUSED_MIN_ARCH
+
+
+def device_impl(impl="auto") -> str:
+    """The implementation a call on CuPy arrays runs on the current device: :func:`resolve_impl`,
+    except that "fused" runs the portable kernels on a device below compute capability 8.0
+    (a V100 or a T4: the fused kernels need cp.async, bfloat16 arithmetic and max.NaN).  The
+    results are the same; ``gpuce.explain`` says which ran and why."""
+    chosen = resolve_impl(impl)
+    if chosen == "fused" and not fused_runs_here():
+        return "portable"
+    return chosen
 
 
 def auto_impl() -> str:
@@ -46,7 +68,9 @@ def use_impl(impl: str):
         picks the rows of token_logprobs and distillation_loss (and their linear forms):
         "fused" launches their fused kernels where those take the call
         (:func:`gpuce._rows.token_route`, :func:`gpuce._rows.distill_route`), "portable" runs
-        their array rows.  NumPy arrays always take the NumPy path.
+        their array rows.  NumPy arrays always take the NumPy path.  On a device below
+        compute capability 8.0 the fused kernels cannot run, and "fused" runs the portable
+        kernels (the token and distillation array rows) instead.
 
     Examples
     --------

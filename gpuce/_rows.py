@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._blocks import row_blocks
-from ._impl import auto_impl, resolve_impl
+from ._impl import FUSED_MIN_ARCH, auto_impl, device_impl, resolve_impl
 from ._validation import acc_dtype
 
 # Logits without an (N, C) view are walked in blocks of about this many elements (one block
@@ -142,7 +142,7 @@ def run_rows(xp, x2, target, weight, args, grad_out, impl="auto", variant=None):
     else:
         from ._cuda.sce import softmax_cross_entropy as run
 
-        out = run(x2, target, weight, args, grad_out, impl=resolve_impl(impl), variant=variant)
+        out = run(x2, target, weight, args, grad_out, impl=device_impl(impl), variant=variant)
     if predicted is None:
         return out
     return out._replace(stats=out.stats._replace(predicted=predicted))
@@ -184,7 +184,7 @@ def token_route(impl: str, acc: str, ignore_index: int, logits, grad=None) -> Ro
     """Whether :func:`run_token_rows` on CuPy arrays launches the fused token kernels
     (:func:`gpuce._cuda.tokens.token_rows`) or runs the array rows
     (:func:`gpuce._tokens_rows.token_rows`): the one place this is decided.  Pure: it reads
-    ``impl`` ("fused" or "portable", as :func:`gpuce._impl.resolve_impl` gives it), the
+    ``impl`` ("fused" or "portable", as :func:`gpuce._impl.device_impl` gives it), the
     accumulation dtype's name, ignore_index and the :func:`layout` of the (N, C) logits and
     of the gradient output (None without one), so the CPU tests call it with plain values.
 
@@ -238,7 +238,7 @@ def run_token_rows(xp, x2, labels, args, logp_out, entropy_out=None, grad_out=No
     ``labels`` are checked by the caller (in [0, C) or ignore_index).  NumPy: the array rows.
     CuPy: the fused token kernels where :func:`token_route` says they take the call (impl
     "auto" as :func:`gpuce.use_impl` sets it), the array rows otherwise."""
-    if xp is not np and token_route(resolve_impl(), args.acc.name, args.ignore_index,
+    if xp is not np and token_route(device_impl(), args.acc.name, args.ignore_index,
                                     layout(x2), layout(grad_out)).path == "fused":
         from ._cuda.tokens import token_rows as fused_rows
 
@@ -317,7 +317,7 @@ def run_distill_rows(xp, S2, T2, args, active, loss_out, grad_out=None, row_scal
     rows too."""
     from ._distill_rows import dense_rows
 
-    if xp is not np and distill_route(resolve_impl(), args.beta, args.sparse, args.acc.name,
+    if xp is not np and distill_route(device_impl(), args.beta, args.sparse, args.acc.name,
                                       layout(S2), layout(T2), layout(grad_out)).path == "fused":
         from ._cuda.distill import distill_rows_fused
 
@@ -343,6 +343,10 @@ def explain_rows(xp, logits, target, args, impl, walk) -> list:
     why = (f"impl={impl!r}" if impl != "auto" else
            f"impl='auto' means {auto_impl()!r} here" + ("" if auto_impl() == "fused" else
                                                      " (set by gpuce.use_impl)"))
+    if chosen == "fused" and device_impl(impl) == "portable":
+        chosen = "portable"
+        why += (f"; the fused kernels need compute capability {FUSED_MIN_ARCH // 10}.0 or later, this "
+                f"device has less")
     if chosen == "fused" and args.kind == "prob" and target.dtype != logits.dtype:
         chosen = "portable"
         why += (f"; probability targets of {target.dtype} with {logits.dtype} logits are read "

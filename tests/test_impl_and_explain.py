@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpuce
-from gpuce import _impl, sce
+from gpuce import _impl, _rows, sce
 
 
 def test_use_impl_sets_auto_for_the_block_only():
@@ -73,6 +73,7 @@ def test_run_rows_passes_the_chosen_impl_to_the_gpu_backend(monkeypatch):
     calls = []
     monkeypatch.setattr(cuda_sce, "softmax_cross_entropy",
                         lambda *args, impl, **kw: calls.append(impl) or "rows")
+    monkeypatch.setattr(_impl, "fused_runs_here", lambda: True)
     fake = _FakeDeviceModule()
     args = types.SimpleNamespace(return_stats=False)
     assert sce.run_rows(fake, None, None, None, args, None) == "rows"
@@ -80,6 +81,35 @@ def test_run_rows_passes_the_chosen_impl_to_the_gpu_backend(monkeypatch):
         sce.run_rows(fake, None, None, None, args, None)
         sce.run_rows(fake, None, None, None, args, None, impl="fused")
     assert calls == ["fused", "portable", "fused"]
+
+
+@pytest.mark.parametrize("arch,runs", [(70, False), (75, False), (80, True), (86, True), (90, True)])
+def test_fused_needs_compute_capability_8(monkeypatch, arch, runs):
+    """Below compute capability 8.0 (a V100, a T4) the fused kernels cannot run (cp.async,
+    bfloat16 arithmetic, max.NaN): every request for them runs the portable kernels there,
+    the token and distillation rows take their array rows, and explain says why."""
+    pytest.importorskip("cupy")
+    from gpuce._cuda import fused as F
+    from gpuce._cuda import sce as cuda_sce
+
+    monkeypatch.setattr(F, "_device", lambda dev_id: F.Device(arch=arch, sms=80, smem_optin=96 * 1024))
+    monkeypatch.setattr(F, "device_id", lambda: 0)
+    assert _impl.fused_runs_here() is runs
+    calls = []
+    monkeypatch.setattr(cuda_sce, "softmax_cross_entropy",
+                        lambda *args, impl, **kw: calls.append(impl) or "rows")
+    fake = _FakeDeviceModule()
+    args = types.SimpleNamespace(return_stats=False)
+    sce.run_rows(fake, None, None, None, args, None)
+    sce.run_rows(fake, None, None, None, args, None, impl="fused")
+    sce.run_rows(fake, None, None, None, args, None, impl="portable")
+    want = "fused" if runs else "portable"
+    assert calls == [want, want, "portable"]
+    assert _impl.device_impl() == want and _impl.resolve_impl() == "fused"
+    a = types.SimpleNamespace(kind="label", n=0)
+    lines = _rows.explain_rows(fake, None, None, a, "auto", walk=False)
+    assert lines[1].startswith(f"path: {want} ")
+    assert ("compute capability 8.0" in lines[1]) is (not runs)
 
 
 def test_dask_graph_takes_the_choice_in_force_when_built(monkeypatch):

@@ -173,9 +173,10 @@ class _FakeXp:
 
 @pytest.fixture
 def recorders(monkeypatch):
-    from gpuce import _distill_rows, _tokens_rows
+    from gpuce import _distill_rows, _impl, _tokens_rows
     from gpuce._cuda import distill, tokens
 
+    monkeypatch.setattr(_impl, "fused_runs_here", lambda: True)  # a device of sm_80 or later
     calls = []
     monkeypatch.setattr(tokens, "token_rows", lambda *a, **k: calls.append(("fused-tokens", a, k)))
     monkeypatch.setattr(_tokens_rows, "token_rows", lambda *a, **k: calls.append(("array-tokens", a, k)))
@@ -209,6 +210,22 @@ def test_run_token_rows_follows_the_route(recorders):
     recorders.clear()
     _rows.run_token_rows(np, x, lab, _targs(6, 10), logp, ent, grad)  # NumPy: always the array rows
     assert recorders.pop()[0] == "array-tokens"
+
+
+def test_below_compute_capability_8_the_array_rows_run(recorders, monkeypatch):
+    """A device that cannot run the fused kernels (below sm_80): the token and distillation
+    rows take the array rows whatever impl says."""
+    from gpuce import _impl
+
+    monkeypatch.setattr(_impl, "fused_runs_here", lambda: False)
+    x = np.zeros((6, 10), np.float32)
+    lab = np.zeros(6, np.int64)
+    logp, ent = np.empty(6, np.float32), np.empty(6, np.float32)
+    S, T = np.zeros((6, 10), np.float32), np.ones((6, 10), np.float32)
+    with gpuce.use_impl("fused"):
+        _rows.run_token_rows(_FakeXp, x, lab, _targs(6, 10), logp, ent, None)
+        _rows.run_distill_rows(_FakeXp, S, T, _dargs("float32", 6, 10, 0.0), np.ones(6, bool), logp)
+    assert [c[0] for c in recorders] == ["array-tokens", "array-distill"]
 
 
 def test_run_distill_rows_follows_the_route(recorders, monkeypatch):
