@@ -748,7 +748,7 @@ def _token_outputs(parts, args, lead_shapes, like, extra):
 
 
 def token_logprobs(run, logits, target, *, temperature, return_entropy, softcap, ignore_index,
-                   return_grad, grad_logprobs, grad_entropy):
+                   return_grad, grad_logprobs, grad_entropy, _labels_checked=False):
     """The dask form of gpuce.token_logprobs: the in-memory call on each row block."""
     logits, target, gl, gh = _token_inputs(logits, "logits", target, grad_logprobs, grad_entropy)
     args = token_args(logits, target, temperature=temperature, softcap=softcap,
@@ -783,7 +783,7 @@ def _token_linear_finish(total, W):
 
 def linear_token_logprobs(run, X, W, target, *, bias, temperature, return_entropy, softcap,
                           ignore_index, chunk_size, return_grad, input_grad, grad_logprobs,
-                          grad_entropy, check_finite, _acc_grads=False):
+                          grad_entropy, check_finite, _acc_grads=False, _labels_checked=False):
     """The dask form of gpuce.linear_token_logprobs: the in-memory call on each row block
     (accumulation-dtype gradients), dW and db summed by a tree and rounded once."""
     da = _da()
@@ -1073,7 +1073,7 @@ def _distill_graph(run, student, teacher, target, args, opts, linear):
 
 def distillation_loss(run, student_logits, teacher_logits, target, *, beta, temperature,
                       ignore_index, reduction, softcap, return_grad, grad_row_scale,
-                      _denominator=None):
+                      _denominator=None, _labels_checked=False):
     """The dask form of gpuce.distillation_loss: the in-memory call on each row block."""
     if grad_row_scale is not None:
         raise ValueError("grad_row_scale is not supported for dask arrays")
@@ -1093,7 +1093,8 @@ def distillation_loss(run, student_logits, teacher_logits, target, *, beta, temp
 def linear_distillation_loss(run, X_student, W_student, X_teacher, W_teacher, target, *,
                              bias_student, bias_teacher, chunk_size, beta, temperature,
                              ignore_index, reduction, softcap, return_grad, input_grad,
-                             check_finite, grad_row_scale, _denominator=None, _acc_grads=False):
+                             check_finite, grad_row_scale, _denominator=None, _acc_grads=False,
+                             _labels_checked=False):
     """The dask form of gpuce.linear_distillation_loss: the in-memory call on each row block
     (accumulation-dtype gradients), dW and db summed by a tree and rounded once."""
     if grad_row_scale is not None:

@@ -32,12 +32,15 @@ from ._validation import (ShapeOnly, check_chunk_size, check_flag, check_linear_
                           distill_args, label_error)
 
 
-def _active_rows(xp, target, args):
-    """Rows that count: not ignored (all rows without a target); labels checked first."""
+def _active_rows(xp, target, args, check=True):
+    """Rows that count: not ignored (all rows without a target); labels checked first (one
+    sync on CuPy) unless ``check`` is False (the caller checked these labels already)."""
     if target is None:
         return xp.ones(args.n, bool)
     t = target.reshape(-1).astype(np.int64, copy=False)
     active = t != args.ignore_index
+    if not check:
+        return active
     bad = active & ((t < 0) | (t >= args.c))
     if args.n and bool(bad.any()):
         pos = int(xp.argmax(bad))
@@ -97,7 +100,7 @@ def _check_row_scale(args, grad_row_scale):
           dask=lambda run, arguments: _dask.distillation_loss(run, **arguments))
 def distillation_loss(student_logits, teacher_logits, target=None, *, beta=0.0, temperature=1.0,
                       ignore_index=-100, reduction="mean", softcap=None, return_grad=False,
-                      grad_row_scale=None, _denominator=None):
+                      grad_row_scale=None, _denominator=None, _labels_checked=False):
     r"""The distillation loss of student logits against a teacher's (module docstring).
 
     Parameters
@@ -150,7 +153,7 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, beta=0.0, 
     _check_row_scale(args, grad_row_scale)
     if args.sparse:
         _check_sparse(xp, T[0], T[1], args)
-    active = _active_rows(xp, target, args)
+    active = _active_rows(xp, target, args, check=not _labels_checked)
     sigma, denom = _row_scale(xp, args, active, grad_row_scale, _denominator)
     from ._distill_rows import sparse_rows
 
@@ -175,7 +178,8 @@ def linear_distillation_loss(X_student, W_student, X_teacher, W_teacher, target=
                              bias_student=None, bias_teacher=None, chunk_size=None, beta=0.0,
                              temperature=1.0, ignore_index=-100, reduction="mean", softcap=None,
                              return_grad=False, input_grad=True, check_finite=True,
-                             grad_row_scale=None, _denominator=None, _acc_grads=False):
+                             grad_row_scale=None, _denominator=None, _acc_grads=False,
+                             _labels_checked=False):
     r""":func:`distillation_loss` of the student's logits X_student W_studentᵀ (+ bias) against
     the teacher's X_teacher W_teacherᵀ (+ bias), a chunk of rows at a time: neither model's
     N × C logits exist whole (two chunk buffers of chunk × C in the accumulation dtype).
@@ -209,7 +213,7 @@ def linear_distillation_loss(X_student, W_student, X_teacher, W_teacher, target=
                         beta=beta, temperature=temperature, ignore_index=ignore_index,
                         reduction=reduction, softcap=softcap, return_grad=return_grad)
     _check_row_scale(args, grad_row_scale)
-    active = _active_rows(xp, target, args)
+    active = _active_rows(xp, target, args, check=not _labels_checked)
     sigma, denom = _row_scale(xp, args, active, grad_row_scale, _denominator)
     acc = args.acc
     Ws, Wt = xp.ascontiguousarray(Ws), xp.ascontiguousarray(Wt)

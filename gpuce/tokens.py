@@ -43,7 +43,8 @@ def _outputs(args, logp, entropy, grad):
 @backends("logits", "target", "grad_logprobs", "grad_entropy",
           dask=lambda run, arguments: _dask.token_logprobs(run, **arguments))
 def token_logprobs(logits, target, *, temperature=1.0, return_entropy=False, softcap=None,
-                   ignore_index=-100, return_grad=False, grad_logprobs=None, grad_entropy=None):
+                   ignore_index=-100, return_grad=False, grad_logprobs=None, grad_entropy=None,
+                   _labels_checked=False):
     r"""Each token's log-probability under softmax(logits / temperature), and the entropy of
     that softmax, per row.
 
@@ -92,7 +93,7 @@ def token_logprobs(logits, target, *, temperature=1.0, return_entropy=False, sof
                       return_grad=return_grad)
     g_logp, g_entropy = check_row_grads(xp, args, grad_logprobs, grad_entropy)
     check_uint64_labels(xp, target, args)
-    if args.n:
+    if args.n and not _labels_checked:  # the torch backward's labels were checked forward
         check_labels(xp, target, args)
     c = args.c
     x2 = logits.reshape(args.n, c)
@@ -111,7 +112,7 @@ def token_logprobs(logits, target, *, temperature=1.0, return_entropy=False, sof
 def linear_token_logprobs(X, W, target, *, bias=None, temperature=1.0, return_entropy=False,
                           softcap=None, ignore_index=-100, chunk_size=None, return_grad=False,
                           input_grad=True, grad_logprobs=None, grad_entropy=None,
-                          check_finite=True, _acc_grads=False):
+                          check_finite=True, _acc_grads=False, _labels_checked=False):
     r""":func:`token_logprobs` of the logits f = X Wᵀ (+ bias), never holding all N × C of them.
 
     The logits are formed a chunk of ``chunk_size`` rows at a time (as
@@ -162,7 +163,7 @@ def linear_token_logprobs(X, W, target, *, bias=None, temperature=1.0, return_en
                       return_grad=return_grad)
     g_logp, g_entropy = check_row_grads(xp, args, grad_logprobs, grad_entropy)
     check_uint64_labels(xp, target, args)
-    if n:
+    if n and not _labels_checked:
         check_labels(xp, target, args)
     acc = args.acc
     W = xp.ascontiguousarray(W)

@@ -99,6 +99,34 @@ def test_without_a_target_and_the_sparse_teacher(reduction):
     close(torch.autograd.grad(got, S, go)[0], torch.autograd.grad(want, S, go)[0], "sparse gradient")
 
 
+def test_the_backward_does_not_check_the_labels_again(monkeypatch):
+    """The target is checked once, by the forward (on CUDA each check is a host sync); the
+    backward reruns the rows without it, eager and through the custom operators."""
+    import gpuce.distillation as D
+
+    checked = []
+    real = D._active_rows
+    monkeypatch.setattr(D, "_active_rows", lambda xp, t, args, check=True: checked.append(check) or
+                        real(xp, t, args, check))
+    g = gen("checked")
+    S = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    T = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    xs = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    xt, wt = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, IGNORE, 8, 0])
+
+    def run():  # reduction "none": the backward runs the rows again (a mean scales a saved one)
+        gt.distillation_loss(S, T, t, reduction="none").sum().backward()
+        gt.linear_distillation_loss(xs, ws, xt, wt, t, reduction="none").sum().backward()
+        assert checked == [True, False, True, False]  # forward checks, backward does not
+        checked.clear()
+
+    run()
+    with _spec.through_custom_ops():
+        run()
+
+
 def test_student_equal_to_teacher_gives_zero():
     g = gen("equal")
     S = torch.randn(6, 17, generator=g, dtype=torch.float64) * 5

@@ -248,6 +248,31 @@ def test_dispatcher_path_equals_the_eager_path():
         assert torch.equal(a, c)
 
 
+def test_the_backward_does_not_check_the_labels_again(monkeypatch):
+    """The labels are checked once, by the forward (on CUDA each check is a host sync); the
+    backward reruns the rows without it, through both the eager and the dispatcher path."""
+    import gpuce.tokens
+
+    checks = []
+    real = gpuce.tokens.check_labels
+    monkeypatch.setattr(gpuce.tokens, "check_labels", lambda *a: checks.append(1) or real(*a))
+    f, t, x, w, b = _cases(gen("checked"))
+    gl, gh = torch.linspace(0.5, 1.5, 4, dtype=torch.float64), torch.linspace(-1, 1, 4, dtype=torch.float64)
+
+    def run():
+        a = gt.token_logprobs(f, t, return_entropy=True)
+        c = gt.linear_token_logprobs(x, w, t, bias=b, return_entropy=True)
+        assert len(checks) == 2  # the two forwards
+        grads(a, (f,), gl, gh)
+        grads(c, (x, w, b), gl, gh)
+        assert len(checks) == 2  # no more in the backwards
+        checks.clear()
+
+    run()
+    with _spec.through_custom_ops():
+        run()
+
+
 def test_opcheck():
     from torch.library import opcheck
 

@@ -101,7 +101,8 @@ def _dl_backward_impl(grad_loss: Tensor, student: Tensor, teacher: Tensor,
                                  _to_array(target), beta=beta, temperature=temperature,
                                  ignore_index=ignore_index, reduction=reduction,
                                  softcap=softcap or None, return_grad=True,
-                                 grad_row_scale=_to_array(grad_loss) if rows else None)
+                                 grad_row_scale=_to_array(grad_loss) if rows else None,
+                                 _labels_checked=True)  # checked by the forward: no sync
         grad = _to_tensor(out[1], student.dtype)
     return grad if rows else _times_incoming(grad, grad_loss)
 
@@ -197,7 +198,7 @@ def _ldl_backward_impl(grad_loss: Tensor, xs: Tensor, ws: Tensor, xt: Tensor, wt
             bias_teacher=_to_array(bt), chunk_size=chunk_size, beta=beta,
             temperature=temperature, ignore_index=ignore_index, reduction=reduction,
             softcap=softcap or None, return_grad=True, input_grad=x_grad, check_finite=False,
-            grad_row_scale=_to_array(grad_loss) if rows else None)
+            grad_row_scale=_to_array(grad_loss) if rows else None, _labels_checked=True)
         d_x, d_w, d_b = _grad_tensors(out[1], xs, ws, bs)
     if rows:
         return d_x, d_w, d_b

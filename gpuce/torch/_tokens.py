@@ -87,7 +87,8 @@ def _tok_backward_impl(grad_logp: Optional[Tensor], grad_entropy: Optional[Tenso
         g_logp, g_entropy = _incoming(grad_logp, grad_entropy)
         out = _token_logprobs(_to_array(logits), _to_array(target), temperature=temperature,
                               softcap=softcap or None, ignore_index=ignore_index,
-                              return_grad=True, grad_logprobs=g_logp, grad_entropy=g_entropy)
+                              return_grad=True, grad_logprobs=g_logp, grad_entropy=g_entropy,
+                              _labels_checked=True)  # checked by the forward: no sync
         return _to_tensor(out[-1], logits.dtype)
 
 
@@ -160,7 +161,8 @@ def _ltok_backward_impl(grad_logp: Optional[Tensor], grad_entropy: Optional[Tens
             _to_array(x), _to_array(w), _to_array(target), bias=_to_array(bias),
             temperature=temperature, softcap=softcap or None, ignore_index=ignore_index,
             chunk_size=chunk_size, return_grad=True, input_grad=x_grad,
-            grad_logprobs=g_logp, grad_entropy=g_entropy, check_finite=False)
+            grad_logprobs=g_logp, grad_entropy=g_entropy, check_finite=False,
+            _labels_checked=True)
         grads = out[-1]
         return (_none(x) if grads.X is None else _to_tensor(grads.X, x.dtype),
                 _to_tensor(grads.W, w.dtype),
