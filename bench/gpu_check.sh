@@ -9,10 +9,12 @@
 #   (CONTRIBUTING.md, "On a GPU machine").
 # Usage on the GPU machine:  bash bench/gpu_check.sh
 #   OUT        where logs go (default ./gpu_out)
-#   PARTS      which steps, default "tests probe" (about 5 minutes); then "bench" (about 8:
+#   PARTS      which steps, default "tests probe" (the suite alone may need two calls: see
+#              GPUCE_TEST_SHARD); then "bench" (about 8:
 #              the sweep at 2^30 with every provider, 2^28 for the fixed/marginal split, small C,
 #              the softcap row); then "variants" (every fused variant pinned at 2^28, about 2.5
-#              minutes), "ncu lce linear demo", "tokens", "distill" and "distill_logits" (each alone in its
+#              minutes, then C >= 4096 again with the release/acquire cluster exchange,
+#              GPUCE_XCHG_ORDERED=1, about 2 more: its own call), "ncu lce linear demo", "tokens", "distill", "distill_logits" and "memcheck" (each alone in its
 #              call: TOKENS_ARGS, DISTILL_ARGS, DISTILL_LOGITS_ARGS below).  A device call is limited to 10 minutes: one
 #              call a line, each with its own timeout_s.  PARTS="" (set, empty) runs nothing
 #              but the wheel install; only an unset PARTS means the default.
@@ -22,6 +24,10 @@
 #   PYTEST_ARGS default "-n 8 --timeout 120" (pytest-xdist and pytest-timeout are on the image)
 #   TESTS      test paths, default "tests" (e.g. TESTS="tests/test_linear_chunked.py tests/test_torch.py"
 #              to run only the GPU tests of what changed since the last GPU run)
+#   GPUCE_TEST_SHARD  "i/k": the i-th of k fixed shares of the tests (tests/conftest.py). The GPU
+#              suite is about 2600 tests (with every variant's first NVRTC compile): run part
+#              "tests" as two device calls, GPUCE_TEST_SHARD=1/2 then 2/2 (with "probe" in the
+#              second), T_TESTS each; a share that still times out: 1/4 .. 4/4
 #   LCE_ARGS   arguments of bench/bench_lce.py (large-vocabulary linear CE: CCE's shape, an LLM
 #              head, the trainer shapes, three dtypes, a chunk sweep; e.g. LCE_ARGS="--shapes cce")
 #   TOKENS_ARGS arguments of bench/bench_tokens.py (part "tokens": token log-probabilities and
@@ -48,6 +54,11 @@
 #              if T_DISTILL_LOGITS cuts it off, run DISTILL_LOGITS_ARGS="--dtypes float32" in a second
 #              call); rows into $OUT/distill_logits_gpu.csv after every point); record it with
 #              `cp gpu_out/distill_logits_gpu.csv bench/results/`
+#   memcheck   part "memcheck": every fused kernel under compute-sanitizer (bench/memcheck.py), first on
+#              arrays with 16 spare bytes a side (any report fails it), then on exact-size arrays
+#              (the edge granules' reads past the end expected: counted); RACECHECK=1 adds racecheck.
+#              Firecracker machines only (gVisor's compute-sanitizer refuses the device).
+#              One device call of its own, after part "tests" (its compiled kernels are cached)
 #   T_TESTS T_DEMO T_BENCH T_LINEAR T_LCE T_TOKENS T_DISTILL T_DISTILL_LOGITS  seconds each step may take (so one slow step cannot eat a
 #              whole device call; the benchmark upserts its CSV after every point)
 # Liger-Kernel and Cut Cross-Entropy are not on the device image: to compare with them,
@@ -70,9 +81,10 @@ python3 -c "import cupy, gpuce; print('cupy', cupy.__version__, 'devices', cupy.
 rc=0
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 if has tests; then
-  timeout "${T_TESTS:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:--n 8 --timeout 120} \
+  timeout "${T_TESTS:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:--n 8 --timeout 120} \
     ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   rc=${PIPESTATUS[0]}
+  [[ $rc == 124 ]] && echo "part tests: cut off at T_TESTS=${T_TESTS:-420} s: split it (GPUCE_TEST_SHARD=1/2, 2/2)"
 fi
 if has probe; then  # the fused path's costs, one table (bench/probe.py)
   timeout "${T_PROBE:-90}" python3 bench/probe.py --out "$OUT" 2>&1 | tee "$OUT/probe.log" | tail -30
@@ -96,6 +108,11 @@ if has variants; then  # every fused variant that fits each shape, pinned (the p
   timeout "${T_VARIANTS:-150}" python3 -m bench --no-progress --results-dir "$OUT/variants" --repeat 5 --totals 2**28 \
     --classes 10 100 1000 4096 32768 131072 262144 --dtypes float32 bfloat16 --providers gpuce-fused --variants \
     2>&1 | tee "$OUT/variants.log" | grep -E "N=" | tr ',' '\n' | grep -E "N=|fused"
+  # the cluster kernels again with the release/acquire exchange (GPUCE_XCHG_ORDERED, see
+  # kernels/gpuce_team.cuh): adopted only if these rows match the ones above
+  GPUCE_XCHG_ORDERED=1 timeout "${T_VARIANTS:-150}" python3 -m bench --no-progress --results-dir "$OUT/variants_ordered" \
+    --repeat 5 --totals 2**28 --classes 4096 32768 131072 262144 --dtypes float32 bfloat16 --providers gpuce-fused \
+    --variants 2>&1 | tee "$OUT/variants_ordered.log" | grep -E "N=" | tr ',' '\n' | grep -E "N=|fused\[cluster|fused\[twopass"
 fi
 if has ncu; then  # hardware counters of one fused launch (Firecracker machines: ncu works there)
   timeout "${T_NCU:-120}" ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
@@ -118,6 +135,23 @@ for p in fused.candidates_for(x, 'label', y.dtype.name, None, g)[0]:
     print(p.describe()); sce.softmax_cross_entropy(x, y, None, args, g, 'fused', p.variant)
 cp.cuda.Device().synchronize()
 " > "$OUT/ncu_large.log" 2>&1; tail -60 "$OUT/ncu_large.log"
+fi
+if has memcheck; then  # every fused kernel under compute-sanitizer (bench/memcheck.py; Firecracker machines)
+  # masked arrays (16 spare bytes a side, pool off): any report is a real out-of-bounds access
+  timeout "${T_MEMCHECK:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+    python3 bench/memcheck.py > "$OUT/memcheck.log" 2>&1
+  echo "memcheck rc=$?"; tail -25 "$OUT/memcheck.log"
+  # the same kernels on exact-size arrays: the edge granules' reads past an array's end are
+  # expected here (counted for the record, not a failure)
+  timeout "${T_MEMCHECK:-300}" compute-sanitizer --tool memcheck --print-limit 1000 \
+    python3 bench/memcheck.py --tight > "$OUT/memcheck_tight.log" 2>&1
+  echo "memcheck --tight: $(grep -c 'Invalid __global__ read of size 16' "$OUT/memcheck_tight.log") reads of" \
+    "16 bytes past an allocation, $(grep -c 'Invalid __global__ write' "$OUT/memcheck_tight.log") invalid writes"
+  if [[ -n "${RACECHECK:-}" ]]; then  # shared-memory races (slow: opt in with RACECHECK=1)
+    timeout "${T_MEMCHECK:-300}" compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/memcheck.py \
+      > "$OUT/racecheck.log" 2>&1
+    echo "racecheck rc=$?"; tail -15 "$OUT/racecheck.log"
+  fi
 fi
 if has linear; then
   timeout "${T_LINEAR:-60}" python3 bench/bench_linear.py --gpu 2>&1 | tee /tmp/bench_linear.log

@@ -181,13 +181,26 @@ __device__ __forceinline__ int cluster_block_rank() {
 }
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+// The exchange's tagged words: each 64-bit word carries its value and its row's tag, so a
+// reader needs nothing but the word itself.  A slot is written again two rows later, after
+// the writer has seen the reader's words of the row between, which the reader stored after
+// reading the slot: that order holds on the hardware through the control dependency of the
+// poll loops, but it is not a release/acquire pair in PTX's memory model.  GPUCE_XCHG_ORDERED
+// makes it one (st.release.cluster / ld.acquire.cluster).  Not the default: on sm_90 (ptxas
+// 13.0) each release store becomes MEMBAR.ALL.GPU + CGAERRBAR, waiting on the thread's pending
+// global stores, and each acquire poll a CCTL.IVALL that empties the SM's L1: a cost a row to
+// be timed (gpu_check.sh part variants runs both) before it can be called free.
 __device__ __forceinline__ void st_remote_tagged(unsigned long long* local_addr, int rank, unsigned long long v) {
 #if defined(GPUCE_SIMT)
     simt_store_remote(local_addr, rank, v);
 #else
     unsigned addr = (unsigned)__cvta_generic_to_shared(local_addr), raddr;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(raddr) : "r"(addr), "r"(rank));
+#if defined(GPUCE_XCHG_ORDERED)
+    asm volatile("st.release.cluster.shared::cluster.u64 [%0], %1;\n" ::"r"(raddr), "l"(v) : "memory");
+#else
     asm volatile("st.relaxed.cluster.shared::cluster.u64 [%0], %1;\n" ::"r"(raddr), "l"(v) : "memory");
+#endif
 #endif
 }
 
@@ -197,7 +210,11 @@ __device__ __forceinline__ unsigned long long ld_tagged(const unsigned long long
 #else
     unsigned long long v;
     const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+#if defined(GPUCE_XCHG_ORDERED)
+    asm volatile("ld.acquire.cluster.shared::cta.u64 %0, [%1];\n" : "=l"(v) : "r"(addr) : "memory");
+#else
     asm volatile("ld.relaxed.cluster.shared::cta.u64 %0, [%1];\n" : "=l"(v) : "r"(addr) : "memory");
+#endif
     return v;
 #endif
 }

@@ -113,3 +113,23 @@ def test_every_policy_program_variant_compiled(results, module, cluster):
         assert r.smem and all(b <= F.STATIC_SMEM for b in r.smem.values()), r.smem
     assert any(cluster in e for e in programs["sm_90"].lowered)
     assert not any(cluster in e for e in programs["sm_80"].lowered)
+
+
+def test_the_ordered_cluster_exchange_compiles_within_the_spill_rule(monkeypatch):
+    """GPUCE_XCHG_ORDERED (release stores, acquire polls in the cluster exchange: the form part
+    variants of gpu_check.sh times beside the default) compiles for sm_90 for every cluster
+    instantiation, within the spill rule; the runtime passes the define only when asked."""
+    from gpuce._cuda import fused as F
+
+    monkeypatch.delenv("GPUCE_XCHG_ORDERED", raising=False)
+    assert F.compile_options() == ("--std=c++17",)
+    monkeypatch.setenv("GPUCE_XCHG_ORDERED", "1")
+    opts = F.compile_options()
+    assert opts == ("--std=c++17", "-DGPUCE_XCHG_ORDERED")
+    exprs = [v.expr() for v in F.variants() if v.cluster]
+    assert any("cluster" in e for e in exprs) and any("twopass" in e for e in exprs)
+    r = nvrtc.compile_source(source.expand(F.SOURCE), "gpuce_sce_fused_sm_90", "sm_90", opts, exprs)
+    assert len(r.lowered) == len(exprs) and r.registers
+    assert "st.release.cluster" in source.expand(F.SOURCE)
+    bad = checks.violations([r])
+    assert not bad, "the ordered exchange breaks the spill rule:\n" + "\n".join(map(str, bad))

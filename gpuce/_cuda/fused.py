@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 from dataclasses import dataclass
 
@@ -327,11 +328,20 @@ def explain_plan(p: Plan, c: int, n: int, dev: Device, per_sm: int, clusters: in
 
 # ------------------------------------------------------------------------------------ runtime
 
+def compile_options() -> tuple:
+    """NVRTC options of the fused program.  ``GPUCE_XCHG_ORDERED=1`` in the environment (read
+    when a kernel is first compiled) builds the cluster exchange with release/acquire stores
+    and polls: a benchmark experiment (gpu_check.sh part variants), not a user setting; see
+    kernels/gpuce_team.cuh."""
+    ordered = os.environ.get("GPUCE_XCHG_ORDERED", "") == "1"
+    return ("--std=c++17",) + (("-DGPUCE_XCHG_ORDERED",) if ordered else ())
+
+
 @functools.lru_cache(maxsize=None)
 def _module(exprs: tuple):
     import cupy
 
-    return cupy.RawModule(code=source.expand(SOURCE), options=("--std=c++17",),
+    return cupy.RawModule(code=source.expand(SOURCE), options=compile_options(),
                           name_expressions=exprs)
 
 
