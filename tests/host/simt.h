@@ -224,6 +224,7 @@ inline void __syncwarp(unsigned = 0xffffffffu) { tl_block->warps[threadIdx.x / 3
 // vector loads and stores as 16-byte memcpys (an address off its 16-byte boundary faults on
 // the device: here it aborts), the paired 16-bit types with x in the low half of their word,
 // a double's words low first
+#include <bit>
 #include <cstdio>
 #include <cstdlib>
 inline void simt_check_16(const void* p) {
@@ -256,21 +257,10 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
     return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
 }
 inline double __hiloint2double(int hi, int lo) {
-    const uint64_t u = (uint64_t(uint32_t(hi)) << 32) | uint32_t(lo);
-    double d;
-    std::memcpy(&d, &u, 8);
-    return d;
+    return std::bit_cast<double>((uint64_t(uint32_t(hi)) << 32) | uint32_t(lo));
 }
-inline int __double2loint(double d) {
-    uint64_t u;
-    std::memcpy(&u, &d, 8);
-    return int(uint32_t(u));
-}
-inline int __double2hiint(double d) {
-    uint64_t u;
-    std::memcpy(&u, &d, 8);
-    return int(uint32_t(u >> 32));
-}
+inline int __double2loint(double d) { return int(uint32_t(std::bit_cast<uint64_t>(d))); }
+inline int __double2hiint(double d) { return int(uint32_t(std::bit_cast<uint64_t>(d) >> 32)); }
 // max.NaN.f32: the canonical NaN when either input is NaN; +0 is above -0
 inline float simt_max_nan(float a, float b) {
     if (std::isnan(a) || std::isnan(b)) return __uint_as_float(0x7fffffffu);
