@@ -175,6 +175,20 @@ def row_terms(xp, comb, args, labels=None, z=None):
             "active": active, "bad": bad}
 
 
+def _finish_grad(g, dcap, rows, out):
+    """A gradient block's last steps: through the cap, NaN rows for bad rows, 0 for ignored
+    ones; into ``out`` (rounded once to its dtype) where given."""
+    with np.errstate(all="ignore"):
+        if dcap is not None:
+            g *= dcap
+        g[rows["bad"]] = np.nan
+        g[~rows["active"]] = 0
+    if out is None:
+        return g
+    out[...] = g
+    return out
+
+
 def block_grad(xp, xb, c0, args, rows, scale, labels=None, y=None, weight=None, out=None):
     """The block's gradient σ (exp(v − lse) G − coef − wl [j = k]) (times 1 − tanh²(f / s)
     with a softcap), σ = ``scale`` (a number or an (n,) array of row scales), from
@@ -198,11 +212,122 @@ def block_grad(xp, xb, c0, args, rows, scale, labels=None, y=None, weight=None, 
             r = xp.flatnonzero(inside)
             wl = (rows["wl"] * (sig.ravel() if sig.ndim else sig)).astype(acc)
             v[r, local[r]] -= wl[r] if wl.ndim else wl
-        if dcap is not None:
-            v *= dcap
-        v[rows["bad"]] = acc.type(np.nan)
-        v[~rows["active"]] = 0
-    if out is None:
-        return v
-    out[...] = v
-    return out
+    return _finish_grad(v, dcap, rows, out)
+
+
+# -- token rows: log p and entropy (gpuce.tokens) -------------------------------------------------
+#
+# For the tempered values u = cap(f) / τ of the block, a block reports m = max u, s = Σ exp(u − m̂),
+# h = Σ exp(u − m̂) (u − m̂) (terms with exp = 0 are 0) and t = u_k where the row's token k falls
+# in the block (else 0).  ``token_combine`` folds them in block order, M, M̂ and r = exp(m̂ − M̂)
+# as above: S = Σ r s, b = Σ r (h + s (m̂ − M̂)) (blocks with s = 0 add 0), t = Σ t; then
+# log p = (t − M̂) − log S and H = log S − b / S, and a block's gradient is
+# (1/τ) (g_l [j = k] − q_j (α + g_H e_j)) with e_j = u_j − M̂, q_j = exp(e_j) / S and
+# α = g_l − g_H b / S (gpuce._rowterms, "token log-probabilities and entropy").
+
+TOKEN_FIELDS = ("m", "s", "h", "t")
+
+
+def _tempered(xp, xb, args):
+    """(u, dcap): the block's capped, tempered values in the accumulation dtype."""
+    u, dcap = _capped(xp, xb, args)
+    if args.inv_temperature != 1:
+        u *= args.acc.type(args.inv_temperature)
+    return u, dcap
+
+
+def _token_label(xp, labels, c0, cb, args):
+    lbl = labels.astype(np.int64, copy=False)
+    local = lbl - c0
+    inside = (lbl != args.ignore_index) & (local >= 0) & (local < cb)
+    return inside, xp.where(inside, local, 0)
+
+
+def token_block_partials(xp, xb, c0, args, labels):
+    """The token statistics m, s, h, t (a dict of (n,) accumulation-dtype arrays) of the
+    logits block ``xb`` (n, cb) holding classes [c0, c0 + cb); ``labels`` the (n,) global
+    tokens, checked by the caller."""
+    acc = args.acc
+    n, cb = xb.shape
+    zero = acc.type(0)
+    with np.errstate(all="ignore"):
+        u, _ = _tempered(xp, xb, args)
+        m = u.max(axis=1) if cb else xp.full(n, -np.inf, acc)
+        ms = xp.where(xp.isfinite(m), m, zero).astype(acc)
+        inside, local = _token_label(xp, labels, c0, cb, args)
+        t = xp.where(inside, u[xp.arange(n), local] if cb else zero, zero).astype(acc)
+        u -= ms[:, None]
+        p = xp.exp(u)
+        s = p.sum(axis=1).astype(acc)
+        h = xp.where(p > 0, p * u, zero).sum(axis=1).astype(acc)
+    return {"m": m.astype(acc), "s": s, "h": h, "t": t}
+
+
+def token_combine(xp, parts, acc):
+    """The whole row's M, M̂, S, b and t from its blocks' token partials, in block order."""
+    acc = np.dtype(acc)
+    zero = acc.type(0)
+    with np.errstate(all="ignore"):
+        M = parts[0]["m"]
+        for p in parts[1:]:
+            M = xp.maximum(M, p["m"])  # NaN propagates
+        MS = xp.where(xp.isfinite(M), M, zero).astype(acc)
+        S = xp.zeros_like(MS)
+        b = xp.zeros_like(MS)
+        t = xp.zeros_like(MS)
+        for p in parts:
+            ms = xp.where(xp.isfinite(p["m"]), p["m"], zero).astype(acc)
+            d = ms - MS
+            r = xp.exp(d)
+            empty = p["s"] == 0  # an empty or all −inf block adds 0
+            S = S + xp.where(empty, zero, r * p["s"]).astype(acc)
+            b = b + xp.where(empty, zero, r * (p["h"] + p["s"] * d)).astype(acc)
+            t = t + p["t"]
+    return {"M": M, "MS": MS, "S": S, "b": b, "t": t}
+
+
+def token_row_terms(xp, comb, args, labels):
+    """Per row: ``logp`` and ``entropy`` (0 for ignored rows, NaN where the row's maximum is
+    not finite), ``log_s``, ``active`` and ``bad``."""
+    acc = args.acc
+    ops = terms.ArrayOps(xp, acc)
+    with np.errstate(all="ignore"):
+        log_s = xp.log(comb["S"])
+        logp, ent = terms.token_terms(ops, comb["t"] - comb["MS"], log_s, comb["b"], comb["S"])
+        active = labels.astype(np.int64, copy=False) != args.ignore_index
+        bad = ~xp.isfinite(comb["M"])
+        nan, zero = acc.type(np.nan), acc.type(0)
+        logp = xp.where(active, xp.where(bad, nan, logp), zero).astype(acc)
+        ent = xp.where(active, xp.where(bad, nan, ent), zero).astype(acc)
+    return {"logp": logp, "entropy": ent, "log_s": log_s, "MS": comb["MS"], "S": comb["S"],
+            "b": comb["b"], "active": active, "bad": bad}
+
+
+def token_block_grad(xp, xb, c0, args, rows, labels, g_logp=None, g_entropy=None, out=None):
+    """The block's gradient of Σ g_l log p + g_H H from :func:`token_row_terms`' ``rows``
+    (g_logp, g_entropy: (n,) accumulation-dtype arrays, None for 0); ignored rows 0, bad rows
+    NaN; into ``out`` (rounded once to its dtype) where given."""
+    acc = args.acc
+    ops = terms.ArrayOps(xp, acc)
+    n, cb = xb.shape
+    inv_tau = acc.type(args.inv_temperature)
+    with np.errstate(all="ignore"):
+        e, dcap = _tempered(xp, xb, args)
+        e -= rows["MS"][:, None]
+        q = xp.exp(e)
+        q *= (inv_tau / rows["S"]).astype(acc)[:, None]  # q_j / τ
+        alpha = xp.asarray(terms.token_grad_alpha(ops, g_logp, g_entropy, rows["b"], rows["S"]),
+                           dtype=acc).reshape(-1, 1)
+        if g_entropy is not None:
+            e *= g_entropy[:, None]
+            e += alpha
+        else:
+            e[...] = alpha
+        xp.multiply(q, e, out=e)
+        e[q == 0] = 0
+        xp.negative(e, out=e)
+        if g_logp is not None and cb:
+            inside, local = _token_label(xp, labels, c0, cb, args)
+            r = xp.flatnonzero(inside)
+            e[r, local[r]] += (inv_tau * g_logp[r]).astype(acc)
+    return _finish_grad(e, dcap, rows, out)

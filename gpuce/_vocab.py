@@ -149,3 +149,29 @@ def linear_local_grads(xp, X, W, bias, c0, args, target, rows_all, row_scale, ch
 
     run_chunks(xp, X, W, bias, acc, rows, row_op, dW=dW, dX=dX, db=db)
     return dX, dW, db
+
+
+# -- token log-probabilities and entropy (gpuce.tokens) -------------------------------------------
+
+TOKEN_PACKED = partials.TOKEN_FIELDS  # m, s, h, t: 32 bytes a row from each holder
+
+
+def token_local_partials(xp, x2, c0, args, labels):
+    """This holder's packed (N, 4) float64 token partials of its logits block ``x2``
+    (N, C_local), classes [c0, c0 + C_local) of ``args.c``; ``labels`` the (N,) global tokens."""
+    part = partials.token_block_partials(xp, x2, c0, args, labels)
+    return xp.stack([part[k].astype(np.float64) for k in TOKEN_PACKED], axis=1)
+
+
+def token_combine_rows(xp, gathered, args, labels):
+    """Every row's log p, H and what the gradient needs (:func:`gpuce._partials.token_row_terms`)
+    from the gathered (H, N, 4) partials, combined in holder order."""
+    acc = args.acc
+    parts = [{k: gathered[h, :, i].astype(acc) for i, k in enumerate(TOKEN_PACKED)}
+             for h in range(gathered.shape[0])]
+    return partials.token_row_terms(xp, partials.token_combine(xp, parts, acc), args, labels)
+
+
+def token_local_grad(xp, x2, c0, args, rows, labels, g_logp=None, g_entropy=None, out=None):
+    """This holder's gradient block of Σ g_l log p + g_H H from the combined ``rows``."""
+    return partials.token_block_grad(xp, x2, c0, args, rows, labels, g_logp, g_entropy, out=out)

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel cross-entropy over torch.distributed (gloo, spawned CPU processes, world
+"""Vocabulary-parallel cross-entropy and token log-probabilities over torch.distributed (gloo, spawned CPU processes, world
 sizes 1 to 4, uneven class blocks such as 507 classes over 4 ranks): every option against the
 unsharded gpuce.torch call, the loss's bits equal on every rank, the gradient blocks
 concatenated equal the unsharded gradient, and the collectives counted (one all-gather in the
@@ -115,11 +115,43 @@ def test_linear_head_equals_unsharded(ranks, case):
                 np.testing.assert_allclose(got_v, want_v.detach().double().numpy(), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("case", W.TOKEN_CASES, ids=[c[0] for c in W.TOKEN_CASES])
+def test_token_logprobs_equal_unsharded(ranks, case):
+    """log p and H on every rank equal the unsharded call's (the same bits on every rank),
+    the gradient blocks concatenated equal its gradient; one all-gather forward, nothing
+    backward.  The rows include a −inf logit and an ignored token."""
+    world, sizes, res = ranks
+    name, dtype, opts = case
+    logits, labels, *_ = W.problem(N, sum(sizes), D)
+    x = logits.to(getattr(torch, dtype)).clone().requires_grad_(True)
+    out = gt.token_logprobs(x, labels, **opts)
+    logp, ent = out if opts.get("return_entropy") else (out, None)
+    obj = (logp * torch.linspace(0.5, 1.5, logp.numel(), dtype=logp.dtype)).sum()
+    if ent is not None:
+        obj = obj + (ent * torch.linspace(-1, 1, ent.numel(), dtype=ent.dtype)).sum()
+    obj.backward()
+    # the outputs are float32 for bfloat16 logits: float32's bound for them, bfloat16's for
+    # the gradient (rounded once to the logits' dtype)
+    rtol, atol = bound("float32" if dtype == "bfloat16" else dtype)
+    for r in range(world):
+        got = res[r][name]
+        np.testing.assert_allclose(got["logp"], logp.detach().double().numpy(), rtol=rtol, atol=atol)
+        if ent is not None:
+            np.testing.assert_allclose(got["ent"], ent.detach().double().numpy(), rtol=rtol, atol=atol)
+        assert got["logp_bits"] == res[0][name]["logp_bits"]
+        assert got["fwd"] == ["all_gather"] and got["bwd"] == []
+    grad = np.concatenate([res[r][name]["grad"] for r in range(world)], axis=1)
+    grtol, gatol = bound(dtype)
+    np.testing.assert_allclose(grad, x.grad.double().numpy(), rtol=grtol, atol=gatol * 10)
+
+
 def test_bad_label_raises_before_the_collective(ranks):
     world, sizes, res = ranks
     for r in range(world):
         msg, calls = res[r]["bad_label"]
         assert "label" in msg and "position (4,)" in msg and calls == []
+        msg, calls = res[r]["bad_token"]
+        assert "position (4,)" in msg and calls == []
 
 
 def test_array_decomposition_matches_whole_rows():
@@ -148,12 +180,58 @@ def test_array_decomposition_matches_whole_rows():
         np.testing.assert_allclose(g, want_g, rtol=1e-11, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cuts", [[0, 37], [0, 1, 10, 10, 30, 37], [0, 18, 37]])
+def test_token_array_decomposition_matches_whole_rows(dtype, cuts):
+    """The token partials of class blocks (one empty), combined in order, give the whole
+    rows' log p, H and gradient (gpuce._tokens_rows) with a NaN row, an all −inf row, a −inf
+    token and an ignored row, with and without temperature and softcap."""
+    from gpuce._tokens_rows import token_rows
+    from gpuce._validation import token_args
+
+    rng = np.random.default_rng(5)
+    n, c = 9, 37
+    x = (rng.standard_normal((n, c)) * 3).astype(dtype)
+    x[2, 5] = -np.inf
+    x[4, :] = -np.inf
+    x[6, 3] = np.nan
+    lab = rng.integers(0, c, n)
+    lab[3] = -100
+    lab[2] = 5  # the token sits on the −inf logit: log p = −inf
+    gl = np.linspace(0.5, 1.5, n).astype(dtype)
+    gh = np.linspace(-1, 1, n).astype(dtype)
+    for cap, tau in ((None, 1.0), (5.0, 0.7)):
+        args = token_args(ShapeOnly((n, c), x.dtype), lab, temperature=tau, softcap=cap,
+                          ignore_index=-100, return_entropy=True, return_grad=True)
+        lp, h, g = np.empty(n, dtype), np.empty(n, dtype), np.empty((n, c), dtype)
+        token_rows(np, x, lab, args, lp, h, g, gl, gh)
+        blocks = list(zip(cuts[:-1], cuts[1:]))
+        packed = np.stack([V.token_local_partials(np, x[:, a:b], a, args, lab) for a, b in blocks])
+        assert packed.shape == (len(blocks), n, 4) and packed.dtype == np.float64
+        rows = V.token_combine_rows(np, packed, args, lab)
+        got = np.concatenate([V.token_local_grad(np, x[:, a:b], a, args, rows, lab, gl, gh)
+                              for a, b in blocks], axis=1)
+        tol = dict(rtol=1e-12, atol=1e-13) if dtype == "float64" else dict(rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(rows["logp"], lp, **tol)
+        np.testing.assert_allclose(rows["entropy"], h, **tol)
+        np.testing.assert_allclose(got, g, **tol)
+        assert np.isnan(rows["logp"][6]) and np.isnan(got[6]).all()
+        assert rows["logp"][3] == 0 and rows["entropy"][3] == 0 and not got[3].any()
+        if cap is None:  # a softcap makes −inf logits −s: finite rows
+            assert np.isnan(rows["logp"][4]) and np.isnan(got[4]).all()
+            assert rows["logp"][2] == -np.inf
+        else:
+            assert np.isfinite(rows["logp"][[2, 4]]).all()
+
+
 def test_process_group_errors():
     x = torch.zeros(3, 4)
     t = torch.zeros(3, dtype=torch.long)
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             gt.cross_entropy(x, t, process_group=object())
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            gt.token_logprobs(x, t, process_group=object())
     with pytest.raises(ValueError, match="process_group"):
         gt.linear_cross_entropy(torch.zeros(3, 2), torch.zeros(4, 2), torch.zeros(3, 4),
                                 process_group=object())
@@ -192,5 +270,15 @@ def test_cuda_world_size_one(backend, tmp_path):
         torch.testing.assert_close(lin, ref, rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(xl.grad, xr.grad, rtol=2e-5, atol=1e-6)
         torch.testing.assert_close(wl.grad, wr.grad, rtol=2e-5, atol=1e-6)
+        xt = logits.float().to(dev).requires_grad_(True)
+        lp, h = gt.token_logprobs(xt, labels.to(dev), return_entropy=True, temperature=0.8,
+                                  process_group=dist.group.WORLD)
+        (lp.sum() + h.sum()).backward()
+        xu = logits.float().to(dev).requires_grad_(True)
+        lpu, hu = gt.token_logprobs(xu, labels.to(dev), return_entropy=True, temperature=0.8)
+        (lpu.sum() + hu.sum()).backward()
+        torch.testing.assert_close(lp, lpu, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(h, hu, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(xt.grad, xu.grad, rtol=2e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()

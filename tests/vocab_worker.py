@@ -34,6 +34,14 @@ LINEAR_CASES = [
     ("lin_bf16", "bfloat16", dict(reduction="sum", chunk_size=8)),
 ]
 
+TOKEN_CASES = [
+    # (name, dtype, options of gpuce.torch.token_logprobs)
+    ("tok", "float64", dict(return_entropy=True)),
+    ("tok_tau_cap", "float64", dict(return_entropy=True, temperature=0.7, softcap=5.0)),
+    ("tok_logp", "float64", dict(temperature=1.3)),
+    ("tok_bf16", "bfloat16", dict(return_entropy=True, softcap=5.0)),
+]
+
 
 def problem(n, c, d, seed=7):
     g = torch.Generator().manual_seed(seed)
@@ -127,6 +135,23 @@ def run(rank, world, sizes, n, d, init, out):
                              db=bs.grad.double().numpy(), fwd=fwd, bwd=bwd,
                              stats=None if st is None else [
                                  None if v is None else v.double().numpy() for v in st])
+    for name, dtype, opts in TOKEN_CASES:
+        xs = logits[:, lo:hi].to(_dtype(dtype)).clone().requires_grad_(True)
+        mark = len(counter.calls)
+        out_ = gt.token_logprobs(xs, labels, process_group=dist.group.WORLD, **opts)
+        logp, ent = out_ if opts.get("return_entropy") else (out_, None)
+        fwd = counter.calls[mark:]
+        mark = len(counter.calls)
+        gl = torch.linspace(0.5, 1.5, logp.numel(), dtype=logp.dtype)
+        obj = (logp * gl).sum()
+        if ent is not None:
+            obj = obj + (ent * torch.linspace(-1, 1, ent.numel(), dtype=ent.dtype)).sum()
+        obj.backward()
+        bwd = counter.calls[mark:]
+        results[name] = dict(logp=logp.detach().double().numpy(),
+                             logp_bits=logp.detach().view(torch.uint8).numpy().tobytes(),
+                             ent=None if ent is None else ent.detach().double().numpy(),
+                             grad=xs.grad.double().numpy(), fwd=fwd, bwd=bwd)
     # a bad label raises the same ValueError on every rank, before any collective
     mark = len(counter.calls)
     bad = labels.clone()
@@ -136,6 +161,12 @@ def run(rank, world, sizes, n, d, init, out):
         results["bad_label"] = None
     except ValueError as e:
         results["bad_label"] = (str(e), counter.calls[mark:])
+    mark = len(counter.calls)
+    try:
+        gt.token_logprobs(logits[:, lo:hi], bad, process_group=dist.group.WORLD)
+        results["bad_token"] = None
+    except ValueError as e:
+        results["bad_token"] = (str(e), counter.calls[mark:])
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

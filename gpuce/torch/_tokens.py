@@ -208,7 +208,7 @@ def _result(out, return_entropy):
 
 
 def token_logprobs(logits, target, *, temperature=1.0, return_entropy=False, softcap=None,
-                   ignore_index=-100):
+                   ignore_index=-100, process_group=None):
     r"""Each token's log-probability under softmax(logits / temperature) and, with
     ``return_entropy``, the entropy of that softmax, per row: gpuce's rows as a torch
     operator, both outputs differentiable.
@@ -230,6 +230,14 @@ def token_logprobs(logits, target, *, temperature=1.0, return_entropy=False, sof
     softcap : float > 0, optional
     ignore_index : int
         Rows whose token equals it give log p = 0 and H = 0, and no gradient.
+    process_group : torch.distributed.ProcessGroup, keyword only
+        Vocabulary parallelism: ``logits`` holds this rank's contiguous block of the classes
+        (blocks in rank order, sizes may differ) and ``target`` the global token ids, the same
+        on every rank.  One all-gather of 32 bytes a row from each rank in the forward (the
+        rows' partial statistics, combined in rank order: the same bits on every rank), none
+        in the backward, which returns this rank's gradient block.  Eager only
+        (``torch.compile`` breaks the graph around it); the default process group is
+        ``torch.distributed.group.WORLD``.
 
     Returns
     -------
@@ -257,6 +265,12 @@ def token_logprobs(logits, target, *, temperature=1.0, return_entropy=False, sof
                                                                   ignore_index, return_entropy)
     if _autocast_dtype(logits) is not None:
         logits = _autocast_to(logits, torch.float32)
+    if process_group is not None:
+        from . import _vocab
+
+        return _vocab.token_logprobs(logits, target, process_group, temperature=temperature,
+                                     softcap=softcap, ignore_index=ignore_index,
+                                     return_entropy=return_entropy)
     out = TOKEN_LOGPROBS(logits, target, temperature, softcap, ignore_index, return_entropy)
     return _result(out, return_entropy)
 

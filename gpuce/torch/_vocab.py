@@ -1,5 +1,7 @@
 """Vocabulary-parallel cross-entropy over torch.distributed: ``cross_entropy(...,
-process_group=group)`` and ``linear_cross_entropy(..., process_group=group)``.
+process_group=group)`` and ``linear_cross_entropy(..., process_group=group)``; token
+log-probabilities and entropy the same way, ``token_logprobs(..., process_group=group)``
+(an (N, 4) all-gather: m, s, h, t, 32 bytes a row from each rank; no collective backward).
 
 Each rank holds a contiguous block of the classes, in rank order (rank r holds classes
 [Σ_{q<r} C_q, Σ_{q≤r} C_q); the blocks may be uneven: their sizes are gathered once per group
@@ -24,7 +26,7 @@ from .. import _results
 from .. import _vocab as V
 from .._backend import array_module
 from .._rows import check_labels
-from .._validation import ShapeOnly, check_class_weight, check_uint64_labels, sce_args
+from .._validation import ShapeOnly, check_class_weight, check_uint64_labels, sce_args, token_args
 from ._bridge import _to_array, _to_tensor
 
 _SIZES: dict = {}
@@ -223,3 +225,52 @@ def linear_cross_entropy(x, w, target, bias, ce_weight, group, *, reduction, ign
     z = st.z_loss.reshape(lead) if reduction == "none" else st.z_loss
     acc = st.accuracy.reshape(lead) if reduction == "none" else st.accuracy
     return loss, _results.SceStats(z, acc, st.lse.reshape(lead), st.predicted.reshape(lead))
+
+
+class _VocabTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, target, opts, group):
+        xa, ta = _to_array(x2), _to_array(target)
+        xp = array_module(xa)
+        n, c_local = x2.shape
+        c0, c = _layout(group, c_local, x2.device)
+        args = token_args(ShapeOnly((n, c), xa.dtype), ta, return_entropy=True, return_grad=True,
+                          **opts)
+        if n:  # every rank checks the same global tokens before the collective: no hang
+            check_uint64_labels(xp, ta, args)
+            check_labels(xp, ta, args)
+        packed = V.token_local_partials(xp, xa, c0, args, ta)
+        rows = V.token_combine_rows(xp, _gather(packed, group, x2.device), args, ta)
+        ctx.set_materialize_grads(False)  # None for an output that is not used
+        ctx.save_for_backward(x2, target)
+        ctx.state = (c0, args, rows)
+        return _to_tensor(rows["logp"]), _to_tensor(rows["entropy"])
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None
+        x2, target = ctx.saved_tensors
+        c0, args, rows = ctx.state
+        xa, ta = _to_array(x2), _to_array(target)
+        xp = array_module(xa)
+        tdt = torch.float64 if args.acc.itemsize == 8 else torch.float32
+
+        def incoming(g):
+            return None if g is None else _to_array(g.detach().to(tdt).contiguous().reshape(-1))
+
+        out = V.token_local_grad(xp, xa, c0, args, rows, ta, incoming(grad_logp),
+                                 incoming(grad_entropy))
+        return _to_tensor(out.astype(xa.dtype, copy=False)), None, None, None
+
+
+def token_logprobs(x, target, group, *, temperature, softcap, ignore_index, return_entropy):
+    """The vocabulary-parallel form of gpuce.torch.token_logprobs, classes last in ``x`` (this
+    rank's block); ``target`` the global tokens, the same on every rank."""
+    _check_group(group)
+    c_local = x.shape[-1]
+    lead = x.shape[:-1]
+    opts = dict(temperature=temperature, softcap=softcap or None, ignore_index=ignore_index)
+    logp, ent = _VocabTokens.apply(x.reshape(-1, c_local), target.reshape(-1), opts, group)
+    logp, ent = logp.reshape(lead), ent.reshape(lead)
+    return (logp, ent) if return_entropy else logp
