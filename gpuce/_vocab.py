@@ -109,46 +109,59 @@ def local_grad(xp, x2, c0, args, rows, row_scale, target=None, weight=None, out=
 
 # -- the linear head split by classes -------------------------------------------------------------
 
-def linear_local_partials(xp, X, W, bias, c0, args, target, chunk_size=None, weight=None):
-    """The packed (N, 7) partials of this holder's logits X W_localᵀ (+ b_local), formed a
-    chunk of rows at a time (never N x C_local at once)."""
+def _linear_partials(xp, X, W, bias, args, chunk_size, width, block):
+    """(N, width) float64 partials of the logits X W_localᵀ (+ b_local), a chunk of rows at a
+    time: ``block(f, chunk_args, s, e)`` packs rows [s, e) from their logits f."""
     n = X.shape[0]
-    out = xp.empty((n, len(PACKED)), np.float64)
-    c = W.shape[0]
-    rows = chunk_rows(xp, X, c, args.acc, chunk_size, backward=False,
+    out = xp.empty((n, width), np.float64)
+    rows = chunk_rows(xp, X, W.shape[0], args.acc, chunk_size, backward=False,
                       grads_bytes=W.nbytes + X.nbytes)
 
     def row_op(s, e, f):
-        out[s:e] = local_partials(xp, f, c0, replace(args, n=e - s, lead_shape=(e - s,)),
-                                  target[s:e], weight)
+        out[s:e] = block(f, replace(args, n=e - s, lead_shape=(e - s,)), s, e)
 
     run_chunks(xp, X, W, bias, args.acc, rows, row_op)
     return out
 
 
-def linear_local_grads(xp, X, W, bias, c0, args, target, rows_all, row_scale, chunk_size=None,
-                       input_grad=True, weight=None):
-    """(dX share, dW_local, db_local) of this holder from the combined rows: each chunk's
-    logits formed again, its gradient block in place, then the driver's GEMMs.  The dX share
-    is G W_local: the caller sums it over the holders."""
+def _linear_grads(xp, X, W, bias, args, chunk_size, input_grad, block):
+    """(dX share, dW_local, db_local) from the combined rows: each chunk's logits f formed
+    again, ``block(f, chunk_args, s, e)`` writes its gradient block over f, then the driver's
+    GEMMs.  The dX share is G W_local: the caller sums it over the holders."""
     n, d = X.shape
-    c = W.shape[0]
     acc = args.acc
     dW = xp.zeros(W.shape, acc)
     dX = xp.empty((n, d), acc) if input_grad else None
-    db = xp.zeros(c, acc) if bias is not None else None
-    rows = chunk_rows(xp, X, c, acc, chunk_size, backward=True,
+    db = xp.zeros(W.shape[0], acc) if bias is not None else None
+    rows = chunk_rows(xp, X, W.shape[0], acc, chunk_size, backward=True,
                       grads_bytes=dW.nbytes + (dX.nbytes if dX is not None else 0))
-    per_row = getattr(row_scale, "ndim", 0) == 1
 
     def row_op(s, e, f):
-        sub = {k: v[s:e] for k, v in rows_all.items()}
-        sig = row_scale[s:e] if per_row else row_scale
-        local_grad(xp, f, c0, replace(args, n=e - s, lead_shape=(e - s,)), sub, sig,
-                   target[s:e], weight, out=f)
+        block(f, replace(args, n=e - s, lead_shape=(e - s,)), s, e)
 
     run_chunks(xp, X, W, bias, acc, rows, row_op, dW=dW, dX=dX, db=db)
     return dX, dW, db
+
+
+def linear_local_partials(xp, X, W, bias, c0, args, target, chunk_size=None, weight=None):
+    """The packed (N, 7) partials of this holder's logits X W_localᵀ (+ b_local), formed a
+    chunk of rows at a time (never N x C_local at once)."""
+    return _linear_partials(xp, X, W, bias, args, chunk_size, len(PACKED),
+                            lambda f, a, s, e: local_partials(xp, f, c0, a, target[s:e], weight))
+
+
+def linear_local_grads(xp, X, W, bias, c0, args, target, rows_all, row_scale, chunk_size=None,
+                       input_grad=True, weight=None):
+    """(dX share, dW_local, db_local) of this holder from the combined rows (the dX share is
+    G W_local: the caller sums it over the holders)."""
+    per_row = getattr(row_scale, "ndim", 0) == 1
+
+    def block(f, a, s, e):
+        sub = {k: v[s:e] for k, v in rows_all.items()}
+        local_grad(xp, f, c0, a, sub, row_scale[s:e] if per_row else row_scale, target[s:e],
+                   weight, out=f)
+
+    return _linear_grads(xp, X, W, bias, args, chunk_size, input_grad, block)
 
 
 # -- token log-probabilities and entropy (gpuce.tokens) -------------------------------------------
@@ -175,3 +188,22 @@ def token_combine_rows(xp, gathered, args, labels):
 def token_local_grad(xp, x2, c0, args, rows, labels, g_logp=None, g_entropy=None, out=None):
     """This holder's gradient block of Σ g_l log p + g_H H from the combined ``rows``."""
     return partials.token_block_grad(xp, x2, c0, args, rows, labels, g_logp, g_entropy, out=out)
+
+
+def token_linear_local_partials(xp, X, W, bias, c0, args, labels, chunk_size=None):
+    """The packed (N, 4) token partials of this holder's logits X W_localᵀ (+ b_local), a
+    chunk of rows at a time (never N x C_local at once)."""
+    return _linear_partials(xp, X, W, bias, args, chunk_size, len(TOKEN_PACKED),
+                            lambda f, a, s, e: token_local_partials(xp, f, c0, a, labels[s:e]))
+
+
+def token_linear_local_grads(xp, X, W, bias, c0, args, labels, rows_all, g_logp=None,
+                             g_entropy=None, chunk_size=None, input_grad=True):
+    """(dX share, dW_local, db_local) of Σ g_l log p + g_H H for this holder from the combined
+    rows (the dX share is G W_local: the caller sums it over the holders)."""
+    def block(f, a, s, e):
+        sub = {k: v[s:e] for k, v in rows_all.items()}
+        token_local_grad(xp, f, c0, a, sub, labels[s:e], None if g_logp is None else g_logp[s:e],
+                         None if g_entropy is None else g_entropy[s:e], out=f)
+
+    return _linear_grads(xp, X, W, bias, args, chunk_size, input_grad, block)

@@ -115,6 +115,18 @@ def test_linear_head_equals_unsharded(ranks, case):
                 np.testing.assert_allclose(got_v, want_v.detach().double().numpy(), rtol=rtol, atol=atol)
 
 
+def _check_token_outputs(res, name, dtype, logp, ent, bwd):
+    """Every rank's log p and H equal the unsharded ones (float32 outputs for bfloat16 inputs:
+    float32's bound) with the same bits on every rank; one all-gather forward, ``bwd`` after."""
+    rtol, atol = bound("float32" if dtype == "bfloat16" else dtype)
+    for got in (r[name] for r in res):
+        np.testing.assert_allclose(got["logp"], logp.detach().double().numpy(), rtol=rtol, atol=atol)
+        if ent is not None:
+            np.testing.assert_allclose(got["ent"], ent.detach().double().numpy(), rtol=rtol, atol=atol)
+        assert got["logp_bits"] == res[0][name]["logp_bits"]
+        assert got["fwd"] == ["all_gather"] and got["bwd"] == bwd
+
+
 @pytest.mark.parametrize("case", W.TOKEN_CASES, ids=[c[0] for c in W.TOKEN_CASES])
 def test_token_logprobs_equal_unsharded(ranks, case):
     """log p and H on every rank equal the unsharded call's (the same bits on every rank),
@@ -126,23 +138,35 @@ def test_token_logprobs_equal_unsharded(ranks, case):
     x = logits.to(getattr(torch, dtype)).clone().requires_grad_(True)
     out = gt.token_logprobs(x, labels, **opts)
     logp, ent = out if opts.get("return_entropy") else (out, None)
-    obj = (logp * torch.linspace(0.5, 1.5, logp.numel(), dtype=logp.dtype)).sum()
-    if ent is not None:
-        obj = obj + (ent * torch.linspace(-1, 1, ent.numel(), dtype=ent.dtype)).sum()
-    obj.backward()
-    # the outputs are float32 for bfloat16 logits: float32's bound for them, bfloat16's for
-    # the gradient (rounded once to the logits' dtype)
-    rtol, atol = bound("float32" if dtype == "bfloat16" else dtype)
-    for r in range(world):
-        got = res[r][name]
-        np.testing.assert_allclose(got["logp"], logp.detach().double().numpy(), rtol=rtol, atol=atol)
-        if ent is not None:
-            np.testing.assert_allclose(got["ent"], ent.detach().double().numpy(), rtol=rtol, atol=atol)
-        assert got["logp_bits"] == res[0][name]["logp_bits"]
-        assert got["fwd"] == ["all_gather"] and got["bwd"] == []
+    W.token_objective(logp, ent).backward()
+    _check_token_outputs(res, name, dtype, logp, ent, bwd=[])
     grad = np.concatenate([res[r][name]["grad"] for r in range(world)], axis=1)
     grtol, gatol = bound(dtype)
     np.testing.assert_allclose(grad, x.grad.double().numpy(), rtol=grtol, atol=gatol * 10)
+
+
+@pytest.mark.parametrize("case", W.LINEAR_TOKEN_CASES, ids=[c[0] for c in W.LINEAR_TOKEN_CASES])
+def test_linear_token_logprobs_equal_unsharded(ranks, case):
+    """The column-parallel head: log p and H on every rank equal the unsharded call's (the same
+    bits everywhere); dX on every rank, dW and db blocks concatenated, equal its gradients; one
+    all-gather forward, one all-reduce (dX) backward."""
+    world, sizes, res = ranks
+    name, dtype, opts = case
+    _, labels, _, _, x, w, b = W.problem(N, sum(sizes), D)
+    dt = getattr(torch, dtype)
+    xs, ws, bs = (v.to(dt).clone().requires_grad_(True) for v in (x, w, b))
+    out = gt.linear_token_logprobs(xs, ws, labels, bias=bs, **opts)
+    logp, ent = out if opts.get("return_entropy") else (out, None)
+    W.token_objective(logp, ent).backward()
+    _check_token_outputs(res, name, dtype, logp, ent, bwd=["all_reduce"])
+    grtol, gatol = bound(dtype)
+    for r in range(world):
+        np.testing.assert_allclose(res[r][name]["dx"], xs.grad.double().numpy(), rtol=grtol,
+                                   atol=gatol * 10)
+    dw = np.concatenate([res[r][name]["dw"] for r in range(world)])
+    db = np.concatenate([res[r][name]["db"] for r in range(world)])
+    np.testing.assert_allclose(dw, ws.grad.double().numpy(), rtol=grtol, atol=gatol * 10)
+    np.testing.assert_allclose(db, bs.grad.double().numpy(), rtol=grtol, atol=gatol * 10)
 
 
 def test_bad_label_raises_before_the_collective(ranks):

@@ -41,6 +41,11 @@ TOKEN_CASES = [
     ("tok_logp", "float64", dict(temperature=1.3)),
     ("tok_bf16", "bfloat16", dict(return_entropy=True, softcap=5.0)),
 ]
+LINEAR_TOKEN_CASES = [
+    ("ltok", "float64", dict(return_entropy=True, temperature=0.8, softcap=4.0, chunk_size=5)),
+    ("ltok_logp", "float64", dict(chunk_size=7)),
+    ("ltok_bf16", "bfloat16", dict(return_entropy=True, chunk_size=8)),
+]
 
 
 def problem(n, c, d, seed=7):
@@ -56,6 +61,28 @@ def problem(n, c, d, seed=7):
     w = torch.randn(c, d, generator=g, dtype=torch.float64) * 0.5
     b = torch.randn(c, generator=g, dtype=torch.float64)
     return logits, labels, probs, weight, x, w, b
+
+
+def token_objective(logp, ent):
+    """Σ g_l log p + g_H H with fixed incoming gradients (g_H's of both signs)."""
+    obj = (logp * torch.linspace(0.5, 1.5, logp.numel(), dtype=logp.dtype)).sum()
+    if ent is not None:
+        obj = obj + (ent * torch.linspace(-1, 1, ent.numel(), dtype=ent.dtype)).sum()
+    return obj
+
+
+def _token_result(counter, opts, call):
+    """Run a token call (``call(opts)``) and its backward: outputs, bits and collectives."""
+    mark = len(counter.calls)
+    out = call(opts)
+    logp, ent = out if opts.get("return_entropy") else (out, None)
+    fwd = counter.calls[mark:]
+    mark = len(counter.calls)
+    token_objective(logp, ent).backward()
+    return dict(logp=logp.detach().double().numpy(),
+                logp_bits=logp.detach().view(torch.uint8).numpy().tobytes(),
+                ent=None if ent is None else ent.detach().double().numpy(),
+                fwd=fwd, bwd=counter.calls[mark:])
 
 
 def blocks(sizes):
@@ -137,21 +164,15 @@ def run(rank, world, sizes, n, d, init, out):
                                  None if v is None else v.double().numpy() for v in st])
     for name, dtype, opts in TOKEN_CASES:
         xs = logits[:, lo:hi].to(_dtype(dtype)).clone().requires_grad_(True)
-        mark = len(counter.calls)
-        out_ = gt.token_logprobs(xs, labels, process_group=dist.group.WORLD, **opts)
-        logp, ent = out_ if opts.get("return_entropy") else (out_, None)
-        fwd = counter.calls[mark:]
-        mark = len(counter.calls)
-        gl = torch.linspace(0.5, 1.5, logp.numel(), dtype=logp.dtype)
-        obj = (logp * gl).sum()
-        if ent is not None:
-            obj = obj + (ent * torch.linspace(-1, 1, ent.numel(), dtype=ent.dtype)).sum()
-        obj.backward()
-        bwd = counter.calls[mark:]
-        results[name] = dict(logp=logp.detach().double().numpy(),
-                             logp_bits=logp.detach().view(torch.uint8).numpy().tobytes(),
-                             ent=None if ent is None else ent.detach().double().numpy(),
-                             grad=xs.grad.double().numpy(), fwd=fwd, bwd=bwd)
+        results[name] = _token_result(counter, opts, lambda o: gt.token_logprobs(
+            xs, labels, process_group=dist.group.WORLD, **o))
+        results[name]["grad"] = xs.grad.double().numpy()
+    for name, dtype, opts in LINEAR_TOKEN_CASES:
+        xs, ws, bs = (v.to(_dtype(dtype)).clone().requires_grad_(True) for v in (x, w[lo:hi], b[lo:hi]))
+        results[name] = _token_result(counter, opts, lambda o: gt.linear_token_logprobs(
+            xs, ws, labels, bias=bs, process_group=dist.group.WORLD, **o))
+        results[name].update(dx=xs.grad.double().numpy(), dw=ws.grad.double().numpy(),
+                             db=bs.grad.double().numpy())
     # a bad label raises the same ValueError on every rank, before any collective
     mark = len(counter.calls)
     bad = labels.clone()

@@ -277,7 +277,7 @@ def token_logprobs(logits, target, *, temperature=1.0, return_entropy=False, sof
 
 def linear_token_logprobs(input, weight, target, *, bias=None, temperature=1.0,
                           return_entropy=False, softcap=None, ignore_index=-100,
-                          chunk_size=None):
+                          chunk_size=None, process_group=None):
     r""":func:`token_logprobs` of the logits ``input @ weight.T (+ bias)``, straight from the
     hidden states: the logits are formed a chunk of rows at a time (forward and backward) and
     never exist whole.
@@ -291,6 +291,11 @@ def linear_token_logprobs(input, weight, target, *, bias=None, temperature=1.0,
         As :func:`token_logprobs`.
     chunk_size : int, optional
         Rows a chunk (chosen from the problem and free memory when None).
+    process_group : torch.distributed.ProcessGroup, keyword only
+        A column-parallel head: ``weight`` (C_r, D) and ``bias`` are this rank's rows (blocks
+        in rank order), ``input`` and ``target`` the same on every rank.  One all-gather of 32
+        bytes a row from each rank forward; backward, dW and db of the rank's rows locally and
+        one all-reduce of dX.  Eager only.
 
     Returns
     -------
@@ -327,6 +332,15 @@ def linear_token_logprobs(input, weight, target, *, bias=None, temperature=1.0,
     if dt is not None:
         input, weight, bias = (_autocast_to(v, dt) for v in (input, weight, bias))
     x2 = input.reshape(-1, input.shape[-1])
+    if process_group is not None:
+        from . import _vocab
+
+        out = _vocab.linear_token_logprobs(x2, weight, target.reshape(-1), bias, process_group,
+                                           temperature=temperature, softcap=softcap,
+                                           ignore_index=ignore_index, return_entropy=True,
+                                           chunk_size=chunk_size)
+        logp = out[0].reshape(lead)
+        return (logp, out[1].reshape(lead)) if return_entropy else logp
     out = LINEAR_TOKEN_LOGPROBS(x2, weight, target.reshape(-1), bias, temperature, softcap,
                                 ignore_index, return_entropy, chunk_size)
     logp = out[0].reshape(lead)

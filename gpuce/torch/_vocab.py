@@ -158,6 +158,20 @@ def cross_entropy(x, target, weight, group, *, reduction, ignore_index, label_sm
     return loss, _results.SceStats(z, acc, lse, st.predicted.reshape(lead))
 
 
+def _head_grads(dX, dW, db, x, w, bias, group):
+    """(dX, dW, db) tensors of a column-parallel head from this rank's arrays: dX (None when
+    not wanted) is this rank's share G W_local, summed over the ranks by the backward's one
+    collective."""
+    gx = None
+    if dX is not None:
+        gx = _to_tensor(dX).to(x.device)
+        dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=group)
+        gx = gx.to(x.dtype)
+    gw = _to_tensor(dW).to(w.dtype)
+    gb = None if db is None else _to_tensor(db).to(bias.dtype)
+    return gx, gw, gb
+
+
 class _VocabLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, target, ce_weight, opts, chunk_size, group, holder):
@@ -189,14 +203,7 @@ class _VocabLinearCE(torch.autograd.Function):
         dX, dW, db = V.linear_local_grads(xp, xa, xp.ascontiguousarray(wa), ba, c0, args, ta,
                                           rows, sig, chunk_size, input_grad=want_x,
                                           weight=cwa)
-        gx = None
-        if want_x:  # this rank's share G W_local, summed over the ranks: the one collective
-            gx = _to_tensor(dX).to(x.device)
-            dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=group)
-            gx = gx.to(x.dtype)
-        gw = _to_tensor(dW).to(w.dtype)
-        gb = None if db is None else _to_tensor(db).to(bias.dtype)
-        return gx, gw, gb, None, None, None, None, None, None
+        return _head_grads(dX, dW, db, x, w, bias, group) + (None,) * 6
 
 
 def linear_cross_entropy(x, w, target, bias, ce_weight, group, *, reduction, ignore_index,
@@ -273,4 +280,56 @@ def token_logprobs(x, target, group, *, temperature, softcap, ignore_index, retu
     opts = dict(temperature=temperature, softcap=softcap or None, ignore_index=ignore_index)
     logp, ent = _VocabTokens.apply(x.reshape(-1, c_local), target.reshape(-1), opts, group)
     logp, ent = logp.reshape(lead), ent.reshape(lead)
+    return (logp, ent) if return_entropy else logp
+
+
+class _VocabLinearTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, target, opts, chunk_size, group):
+        xa, wa, ba, ta = (_to_array(v) for v in (x, w, bias, target))
+        xp = array_module(xa)
+        n = x.shape[0]
+        c0, c = _layout(group, w.shape[0], x.device)
+        args = token_args(ShapeOnly((n, c), xa.dtype), ta, return_entropy=True, return_grad=True,
+                          **opts)
+        if n:  # every rank checks the same global tokens before the collective: no hang
+            check_uint64_labels(xp, ta, args)
+            check_labels(xp, ta, args)
+        wa = xp.ascontiguousarray(wa)
+        packed = V.token_linear_local_partials(xp, xa, wa, ba, c0, args, ta, chunk_size)
+        rows = V.token_combine_rows(xp, _gather(packed, group, x.device), args, ta)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, w, bias, target)
+        ctx.state = (c0, args, rows, chunk_size, group)
+        return _to_tensor(rows["logp"]), _to_tensor(rows["entropy"])
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        none = (None,) * 7
+        if grad_logp is None and grad_entropy is None:
+            return none
+        x, w, bias, target = ctx.saved_tensors
+        c0, args, rows, chunk_size, group = ctx.state
+        xa, wa, ba, ta = (_to_array(v) for v in (x, w, bias, target))
+        xp = array_module(xa)
+        tdt = torch.float64 if args.acc.itemsize == 8 else torch.float32
+
+        def incoming(g):
+            return None if g is None else _to_array(g.detach().to(tdt).contiguous().reshape(-1))
+
+        want_x = ctx.needs_input_grad[0]
+        dX, dW, db = V.token_linear_local_grads(xp, xa, xp.ascontiguousarray(wa), ba, c0, args, ta,
+                                                rows, incoming(grad_logp), incoming(grad_entropy),
+                                                chunk_size, input_grad=want_x)
+        return _head_grads(dX, dW, db, x, w, bias, group) + none[3:]
+
+
+def linear_token_logprobs(x, w, target, bias, group, *, temperature, softcap, ignore_index,
+                          return_entropy, chunk_size):
+    """The vocabulary-parallel form of gpuce.torch.linear_token_logprobs: ``w`` (C_local, D)
+    and ``bias`` (C_local,) this rank's rows of the head, ``x`` (N, D) replicated, ``target``
+    the global tokens."""
+    _check_group(group)
+    opts = dict(temperature=temperature, softcap=softcap or None, ignore_index=ignore_index)
+    logp, ent = _VocabLinearTokens.apply(x, w, bias, target, opts, chunk_size, group)
     return (logp, ent) if return_entropy else logp
