@@ -304,5 +304,14 @@ def test_cuda_world_size_one(backend, tmp_path):
         torch.testing.assert_close(lp, lpu, rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(h, hu, rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(xt.grad, xu.grad, rtol=2e-5, atol=1e-6)
+        heads = [(x.float().to(dev).requires_grad_(True), w.float().to(dev).requires_grad_(True))
+                 for _ in range(2)]
+        outs = [gt.linear_token_logprobs(hx, hw, labels.to(dev), return_entropy=True, **kw)
+                for (hx, hw), kw in zip(heads, ({"process_group": dist.group.WORLD}, {}))]
+        for lp_, h_ in outs:
+            (lp_.sum() + h_.sum()).backward()
+        torch.testing.assert_close(outs[0], outs[1], rtol=2e-6, atol=1e-6)
+        for a, b_ in zip(heads[0], heads[1]):
+            torch.testing.assert_close(a.grad, b_.grad, rtol=2e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
