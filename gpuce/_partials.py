@@ -236,13 +236,6 @@ def _tempered(xp, xb, args):
     return u, dcap
 
 
-def _token_label(xp, labels, c0, cb, args):
-    lbl = labels.astype(np.int64, copy=False)
-    local = lbl - c0
-    inside = (lbl != args.ignore_index) & (local >= 0) & (local < cb)
-    return inside, xp.where(inside, local, 0)
-
-
 def token_block_partials(xp, xb, c0, args, labels):
     """The token statistics m, s, h, t (a dict of (n,) accumulation-dtype arrays) of the
     logits block ``xb`` (n, cb) holding classes [c0, c0 + cb); ``labels`` the (n,) global
@@ -254,7 +247,7 @@ def token_block_partials(xp, xb, c0, args, labels):
         u, _ = _tempered(xp, xb, args)
         m = u.max(axis=1) if cb else xp.full(n, -np.inf, acc)
         ms = xp.where(xp.isfinite(m), m, zero).astype(acc)
-        inside, local = _token_label(xp, labels, c0, cb, args)
+        _, inside, local, _ = _label_parts(xp, labels, c0, cb, args)
         t = xp.where(inside, u[xp.arange(n), local] if cb else zero, zero).astype(acc)
         u -= ms[:, None]
         p = xp.exp(u)
@@ -327,7 +320,7 @@ def token_block_grad(xp, xb, c0, args, rows, labels, g_logp=None, g_entropy=None
         e[q == 0] = 0
         xp.negative(e, out=e)
         if g_logp is not None and cb:
-            inside, local = _token_label(xp, labels, c0, cb, args)
+            _, inside, local, _ = _label_parts(xp, labels, c0, cb, args)
             r = xp.flatnonzero(inside)
             e[r, local[r]] += (inv_tau * g_logp[r]).astype(acc)
     return _finish_grad(e, dcap, rows, out)

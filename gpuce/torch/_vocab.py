@@ -97,6 +97,23 @@ def _stats(res, args, like):
                              _to_tensor(res["predicted"]))
 
 
+def _token_args(xp, xa, ta, c, opts):
+    """The token rows' arguments over the global C; every rank checks the same global tokens
+    before the collective, so a bad one raises everywhere and no rank hangs."""
+    n = xa.shape[0]
+    args = token_args(ShapeOnly((n, c), xa.dtype), ta, return_entropy=True, return_grad=True, **opts)
+    if n:
+        check_uint64_labels(xp, ta, args)
+        check_labels(xp, ta, args)
+    return args
+
+
+def _row_grads(args, *grads):
+    """The incoming gradients as arrays of the accumulation dtype (None stays None)."""
+    tdt = torch.float64 if args.acc.itemsize == 8 else torch.float32
+    return tuple(None if g is None else _to_array(g.detach().to(tdt).contiguous()) for g in grads)
+
+
 class _VocabCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, target, weight, opts, group, holder):
@@ -122,8 +139,7 @@ class _VocabCE(torch.autograd.Function):
         c0, args, rows, scale = ctx.state
         xa, ta, wa = _to_array(x2), _to_array(target), _to_array(weight)
         xp = array_module(xa)
-        g = _to_array(grad_loss.detach().to(torch.float64 if args.acc.itemsize == 8
-                                             else torch.float32).contiguous())
+        g, = _row_grads(args, grad_loss)
         sig = g.reshape(-1) if args.reduction == "none" else g * args.acc.type(scale)
         out = V.local_grad(xp, xa, c0, args, rows, sig, ta, wa)
         return _to_tensor(out.astype(xa.dtype, copy=False)), None, None, None, None, None
@@ -196,8 +212,7 @@ class _VocabLinearCE(torch.autograd.Function):
         c0, args, rows, scale, chunk_size, group = ctx.state
         xa, wa, ba, ta, cwa = (_to_array(v) for v in (x, w, bias, target, ce_weight))
         xp = array_module(xa)
-        g = _to_array(grad_loss.detach().to(torch.float64 if args.acc.itemsize == 8
-                                             else torch.float32).contiguous())
+        g, = _row_grads(args, grad_loss)
         sig = g.reshape(-1) if args.reduction == "none" else g * args.acc.type(scale)
         want_x = ctx.needs_input_grad[0]
         dX, dW, db = V.linear_local_grads(xp, xa, xp.ascontiguousarray(wa), ba, c0, args, ta,
@@ -239,13 +254,8 @@ class _VocabTokens(torch.autograd.Function):
     def forward(ctx, x2, target, opts, group):
         xa, ta = _to_array(x2), _to_array(target)
         xp = array_module(xa)
-        n, c_local = x2.shape
-        c0, c = _layout(group, c_local, x2.device)
-        args = token_args(ShapeOnly((n, c), xa.dtype), ta, return_entropy=True, return_grad=True,
-                          **opts)
-        if n:  # every rank checks the same global tokens before the collective: no hang
-            check_uint64_labels(xp, ta, args)
-            check_labels(xp, ta, args)
+        c0, c = _layout(group, x2.shape[1], x2.device)
+        args = _token_args(xp, xa, ta, c, opts)
         packed = V.token_local_partials(xp, xa, c0, args, ta)
         rows = V.token_combine_rows(xp, _gather(packed, group, x2.device), args, ta)
         ctx.set_materialize_grads(False)  # None for an output that is not used
@@ -261,13 +271,7 @@ class _VocabTokens(torch.autograd.Function):
         c0, args, rows = ctx.state
         xa, ta = _to_array(x2), _to_array(target)
         xp = array_module(xa)
-        tdt = torch.float64 if args.acc.itemsize == 8 else torch.float32
-
-        def incoming(g):
-            return None if g is None else _to_array(g.detach().to(tdt).contiguous().reshape(-1))
-
-        out = V.token_local_grad(xp, xa, c0, args, rows, ta, incoming(grad_logp),
-                                 incoming(grad_entropy))
+        out = V.token_local_grad(xp, xa, c0, args, rows, ta, *_row_grads(args, grad_logp, grad_entropy))
         return _to_tensor(out.astype(xa.dtype, copy=False)), None, None, None
 
 
@@ -288,13 +292,8 @@ class _VocabLinearTokens(torch.autograd.Function):
     def forward(ctx, x, w, bias, target, opts, chunk_size, group):
         xa, wa, ba, ta = (_to_array(v) for v in (x, w, bias, target))
         xp = array_module(xa)
-        n = x.shape[0]
         c0, c = _layout(group, w.shape[0], x.device)
-        args = token_args(ShapeOnly((n, c), xa.dtype), ta, return_entropy=True, return_grad=True,
-                          **opts)
-        if n:  # every rank checks the same global tokens before the collective: no hang
-            check_uint64_labels(xp, ta, args)
-            check_labels(xp, ta, args)
+        args = _token_args(xp, xa, ta, c, opts)
         wa = xp.ascontiguousarray(wa)
         packed = V.token_linear_local_partials(xp, xa, wa, ba, c0, args, ta, chunk_size)
         rows = V.token_combine_rows(xp, _gather(packed, group, x.device), args, ta)
@@ -312,15 +311,9 @@ class _VocabLinearTokens(torch.autograd.Function):
         c0, args, rows, chunk_size, group = ctx.state
         xa, wa, ba, ta = (_to_array(v) for v in (x, w, bias, target))
         xp = array_module(xa)
-        tdt = torch.float64 if args.acc.itemsize == 8 else torch.float32
-
-        def incoming(g):
-            return None if g is None else _to_array(g.detach().to(tdt).contiguous().reshape(-1))
-
-        want_x = ctx.needs_input_grad[0]
         dX, dW, db = V.token_linear_local_grads(xp, xa, xp.ascontiguousarray(wa), ba, c0, args, ta,
-                                                rows, incoming(grad_logp), incoming(grad_entropy),
-                                                chunk_size, input_grad=want_x)
+                                                rows, *_row_grads(args, grad_logp, grad_entropy),
+                                                chunk_size, input_grad=ctx.needs_input_grad[0])
         return _head_grads(dX, dW, db, x, w, bias, group) + none[3:]
 
 
